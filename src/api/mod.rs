@@ -1,0 +1,3 @@
+//! Handlers, one module per area of API.md.
+
+pub mod ops;

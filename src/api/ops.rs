@@ -1,0 +1,53 @@
+//! Operations endpoints (API.md §5): unsigned, for load balancers and Prometheus.
+
+use std::time::Duration;
+
+use hyper::header::HeaderValue;
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::http::{response, Body};
+use crate::store;
+
+/// How long a readiness probe waits for each store.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub fn healthz() -> Result<Response<Body>, ApiError> {
+    response::json(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+pub async fn readyz(app: &App) -> Result<Response<Body>, ApiError> {
+    let mut redis = app.redis();
+    let (redis_ok, pg_ok) = tokio::join!(
+        tokio::time::timeout(READY_PROBE_TIMEOUT, store::redis::ping(&mut redis)),
+        tokio::time::timeout(READY_PROBE_TIMEOUT, store::pg::ping(&app.pg)),
+    );
+    let redis_ok = matches!(redis_ok, Ok(Ok(())));
+    let pg_ok = matches!(pg_ok, Ok(Ok(())));
+    let what = match (redis_ok, pg_ok) {
+        (true, true) => {
+            return response::json(
+                StatusCode::OK,
+                &json!({"status": "ready", "redis": "ok", "postgres": "ok"}),
+            )
+        }
+        (false, true) => "redis",
+        (true, false) => "postgres",
+        (false, false) => "redis and postgres",
+    };
+    Err(ApiError::Unavailable {
+        what,
+        retry_after_secs: 1,
+    })
+}
+
+pub fn metrics(app: &App) -> Result<Response<Body>, ApiError> {
+    let text = app.metrics.render();
+    Ok(response::bytes(
+        StatusCode::OK,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        text,
+    ))
+}

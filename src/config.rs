@@ -1,0 +1,337 @@
+//! Layered configuration: `config/default.toml` (compiled in), then the file named in
+//! `CARDGATE_CONFIG`, then `CARDGATE_*` environment variables.
+//!
+//! The environment is passed in as a map rather than read here, so tests never touch
+//! the process environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const ENV_PREFIX: &str = "CARDGATE";
+const ENV_CONFIG_FILE: &str = "CARDGATE_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn setting(name: &str, why: impl std::fmt::Display) -> Self {
+        ConfigError(format!("{name}: {why}"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub listen: String,
+    pub redis_url: SecretString,
+    pub database_url: SecretString,
+    pub master_key: Option<SecretString>,
+    pub jwt_secret: Option<SecretString>,
+    pub bootstrap_admin: Option<SecretString>,
+    pub currency: String,
+    pub redis_prefix: String,
+    pub http: HttpConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub admin: AdminConfig,
+    pub tiers: BTreeMap<String, Tier>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub json_body_max_bytes: usize,
+    pub import_body_max_bytes: u64,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub import_read_timeout_ms: u64,
+    pub connections_max: usize,
+    pub shutdown_grace_ms: u64,
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub connect_timeout_ms: u64,
+    pub response_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub priority: u32,
+    pub orders_per_second: u32,
+    pub orders_burst: u32,
+    pub reads_per_second: u32,
+    pub reads_burst: u32,
+    pub max_quantity: u32,
+    pub max_batch: u32,
+}
+
+/// Settings checked and decoded once at start-up.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub listen: SocketAddr,
+    pub master_key: Option<[u8; 32]>,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Config {
+    /// Loads from the process environment. Only `main` calls this.
+    pub fn from_process_env() -> Result<Self, ConfigError> {
+        Self::load(&std::env::vars().collect())
+    }
+
+    pub fn load(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        let mut override_tiers = None;
+        if let Some(path) = env.get(ENV_CONFIG_FILE).filter(|p| !p.is_empty()) {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::setting(ENV_CONFIG_FILE, format!("cannot read {path}: {e}"))
+            })?;
+            let table: toml::Table = text.parse().map_err(|e| {
+                ConfigError::setting(ENV_CONFIG_FILE, format!("{path} is not valid TOML: {e}"))
+            })?;
+            override_tiers = table.get("tiers").cloned();
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        // Only our own names: CARDGATE_CONFIG and the dev script's helpers are not settings.
+        let env_settings: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("CARDGATE_")
+                    && *k != ENV_CONFIG_FILE
+                    && !k.starts_with("CARDGATE_DEV_")
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .separator("__")
+                .prefix_separator("_")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("http.trusted_proxies")
+                .source(Some(env_settings)),
+        );
+        let raw = builder.build().map_err(describe)?;
+        let mut config: Config = raw.try_deserialize().map_err(describe)?;
+
+        // A tier table in the override file replaces the default one whole, instead of
+        // being merged key by key: an operator who writes [tiers.gold] means that table.
+        if let Some(toml::Value::Table(tiers)) = override_tiers {
+            for (name, table) in tiers {
+                let tier: Tier = table
+                    .try_into()
+                    .map_err(|e| ConfigError::setting(&format!("tiers.{name}"), e))?;
+                config.tiers.insert(name, tier);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Checks every setting and decodes the ones used in binary form. Messages name the
+    /// setting and never echo a secret's value.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            ConfigError::setting(
+                "listen (CARDGATE_LISTEN)",
+                "must be an address like 127.0.0.1:8080",
+            )
+        })?;
+        if !self.redis_url.expose_secret().starts_with("redis://")
+            && !self.redis_url.expose_secret().starts_with("rediss://")
+        {
+            return Err(ConfigError::setting(
+                "redis_url (CARDGATE_REDIS_URL)",
+                "must be a redis:// URL",
+            ));
+        }
+        if self
+            .database_url
+            .expose_secret()
+            .parse::<tokio_postgres::Config>()
+            .is_err()
+        {
+            return Err(ConfigError::setting(
+                "database_url (CARDGATE_DATABASE_URL)",
+                "must be a postgres:// URL or a libpq connection string",
+            ));
+        }
+        let master_key = match &self.master_key {
+            None => None,
+            Some(k) => Some(parse_master_key(k.expose_secret()).ok_or_else(|| {
+                ConfigError::setting(
+                    "master_key (CARDGATE_MASTER_KEY)",
+                    "must be 64 hexadecimal characters (32 bytes)",
+                )
+            })?),
+        };
+        if let Some(secret) = &self.jwt_secret {
+            if secret.expose_secret().len() < 32 {
+                return Err(ConfigError::setting(
+                    "jwt_secret (CARDGATE_JWT_SECRET)",
+                    "must be at least 32 characters",
+                ));
+            }
+        }
+        if let Some(admin) = &self.bootstrap_admin {
+            match admin.expose_secret().split_once(':') {
+                Some((user, pass)) if !user.is_empty() && pass.len() >= 8 => {}
+                _ => {
+                    return Err(ConfigError::setting(
+                        "bootstrap_admin (CARDGATE_BOOTSTRAP_ADMIN)",
+                        "must be user:password with a password of at least 8 characters",
+                    ))
+                }
+            }
+        }
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::setting(
+                "currency",
+                "must be a three-letter upper-case code such as CNY",
+            ));
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}']) {
+            return Err(ConfigError::setting(
+                "redis_prefix",
+                "must be non-empty and free of braces",
+            ));
+        }
+        let h = &self.http;
+        positive("http.json_body_max_bytes", h.json_body_max_bytes as u64)?;
+        positive("http.import_body_max_bytes", h.import_body_max_bytes)?;
+        positive("http.header_read_timeout_ms", h.header_read_timeout_ms)?;
+        positive("http.body_read_timeout_ms", h.body_read_timeout_ms)?;
+        positive("http.import_read_timeout_ms", h.import_read_timeout_ms)?;
+        positive("http.connections_max", h.connections_max as u64)?;
+        positive("postgres.pool_size", self.postgres.pool_size as u64)?;
+        positive(
+            "postgres.connect_timeout_ms",
+            self.postgres.connect_timeout_ms,
+        )?;
+        positive(
+            "postgres.statement_timeout_ms",
+            self.postgres.statement_timeout_ms,
+        )?;
+        positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
+        positive("redis.response_timeout_ms", self.redis.response_timeout_ms)?;
+        positive("admin.token_ttl_secs", self.admin.token_ttl_secs)?;
+        let trusted_proxies = h
+            .trusted_proxies
+            .iter()
+            .map(|p| {
+                parse_cidr(p).ok_or_else(|| {
+                    ConfigError::setting(
+                        "http.trusted_proxies",
+                        format!("{p:?} is not an IP or CIDR"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.tiers.is_empty() {
+            return Err(ConfigError::setting("tiers", "at least one tier is needed"));
+        }
+        for (name, t) in &self.tiers {
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ConfigError::setting(
+                    &format!("tiers.{name}"),
+                    "tier names use [A-Za-z0-9_-]",
+                ));
+            }
+            for (field, v) in [
+                ("orders_per_second", t.orders_per_second),
+                ("orders_burst", t.orders_burst),
+                ("reads_per_second", t.reads_per_second),
+                ("reads_burst", t.reads_burst),
+                ("max_quantity", t.max_quantity),
+                ("max_batch", t.max_batch),
+            ] {
+                positive(&format!("tiers.{name}.{field}"), v as u64)?;
+            }
+            if t.max_batch > 100 {
+                return Err(ConfigError::setting(
+                    &format!("tiers.{name}.max_batch"),
+                    "at most 100",
+                ));
+            }
+        }
+        Ok(Validated {
+            listen,
+            master_key,
+            trusted_proxies,
+        })
+    }
+
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+fn positive(name: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::setting(name, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+fn parse_master_key(hex_key: &str) -> Option<[u8; 32]> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_key.trim(), &mut key).ok()?;
+    Some(key)
+}
+
+/// An address or a CIDR block; a bare address is a /32 or /128.
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
+}
+
+/// The `config` crate's errors name the key and the expected type; values of secret
+/// settings are strings, so a type error never carries one, but a parse failure is
+/// rephrased to be sure nothing beyond the key leaks.
+fn describe(e: config::ConfigError) -> ConfigError {
+    let text = e.to_string();
+    for secret in [
+        "master_key",
+        "jwt_secret",
+        "bootstrap_admin",
+        "database_url",
+        "redis_url",
+    ] {
+        if text.contains(secret) {
+            return ConfigError::setting(secret, "has an invalid value");
+        }
+    }
+    ConfigError(text)
+}

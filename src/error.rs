@@ -1,0 +1,203 @@
+//! The one error type of the HTTP surface and its one mapping to API.md §2.
+//!
+//! Client faults carry a message meant for the client. Server faults carry their cause
+//! for the log only: the client sees an opaque message and the request id.
+
+use std::borrow::Cow;
+
+use hyper::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidRequest(Cow<'static, str>),
+    #[error("missing or malformed Authorization header")]
+    MissingAuthorization,
+    #[error("timestamp outside the allowed window")]
+    TimestampOutOfWindow,
+    #[error("invalid signature")]
+    InvalidSignature,
+    #[error("nonce already used")]
+    NonceReused,
+    #[error("address not allowed")]
+    IpNotAllowed,
+    #[error("account suspended")]
+    AccountSuspended,
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("this role may not do that")]
+    Forbidden,
+    #[error("insufficient balance")]
+    InsufficientBalance,
+    #[error("{0}")]
+    NotFound(Cow<'static, str>),
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("{0}")]
+    Conflict(Cow<'static, str>),
+    #[error("not enough stock")]
+    OutOfStock,
+    #[error("merchant_order_no was already used with a different sku or quantity")]
+    IdempotencyConflict,
+    #[error("the current unit price is above max_unit_price")]
+    PriceChanged,
+    #[error("an order with this merchant_order_no is still being processed")]
+    OrderInProgress,
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("request body was not received in time")]
+    SlowBody,
+    #[error("{0}")]
+    UnsupportedMediaType(&'static str),
+    #[error("{0}")]
+    QuantityOutOfRange(Cow<'static, str>),
+    #[error("product is not on sale")]
+    ProductUnavailable,
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("overloaded, retry later")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("{what} unavailable, retry later")]
+    Unavailable {
+        what: &'static str,
+        retry_after_secs: u64,
+    },
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(msg: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::InvalidRequest(msg.into())
+    }
+
+    pub fn not_found(what: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::NotFound(what.into())
+    }
+
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(e.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) | InvalidRequest(_) | SlowBody => StatusCode::BAD_REQUEST,
+            MissingAuthorization | TimestampOutOfWindow | InvalidSignature | NonceReused
+            | Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            IpNotAllowed | AccountSuspended | Forbidden => StatusCode::FORBIDDEN,
+            InsufficientBalance => StatusCode::PAYMENT_REQUIRED,
+            NotFound(_) => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Conflict(_) | OutOfStock | IdempotencyConflict | PriceChanged | OrderInProgress => {
+                StatusCode::CONFLICT
+            }
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            QuantityOutOfRange(_) | ProductUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Overloaded { .. } | Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) => "invalid_json",
+            InvalidRequest(_) | SlowBody => "invalid_request",
+            MissingAuthorization => "missing_authorization",
+            TimestampOutOfWindow => "timestamp_out_of_window",
+            InvalidSignature => "invalid_signature",
+            NonceReused => "nonce_reused",
+            IpNotAllowed => "ip_not_allowed",
+            AccountSuspended => "account_suspended",
+            Unauthenticated(_) => "unauthenticated",
+            Forbidden => "forbidden",
+            InsufficientBalance => "insufficient_balance",
+            NotFound(_) => "not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            Conflict(_) => "conflict",
+            OutOfStock => "out_of_stock",
+            IdempotencyConflict => "idempotency_conflict",
+            PriceChanged => "price_changed",
+            OrderInProgress => "order_in_progress",
+            PayloadTooLarge => "payload_too_large",
+            UnsupportedMediaType(_) => "unsupported_media_type",
+            QuantityOutOfRange(_) => "quantity_out_of_range",
+            ProductUnavailable => "product_unavailable",
+            RateLimited { .. } => "rate_limited",
+            Overloaded { .. } => "overloaded",
+            Unavailable { .. } => "unavailable",
+            Internal(_) => "internal_error",
+        }
+    }
+
+    /// Seconds for the `Retry-After` header, where the answer invites a retry.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after_secs }
+            | ApiError::Overloaded { retry_after_secs }
+            | ApiError::Unavailable {
+                retry_after_secs, ..
+            } => Some((*retry_after_secs).max(1)),
+            ApiError::OrderInProgress => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection must be closed after answering: the rest of the request
+    /// body was not read, so the stream is no longer at a request boundary.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ApiError::PayloadTooLarge | ApiError::SlowBody)
+    }
+
+    /// The message shown to the client. Server faults never show their cause.
+    pub fn client_message(&self) -> String {
+        match self {
+            ApiError::Internal(_) => "internal error".to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Timeout(_) | deadpool_postgres::PoolError::Backend(_) => {
+                tracing::warn!(error = %e, "postgres unavailable");
+                ApiError::Unavailable {
+                    what: "database",
+                    retry_after_secs: 1,
+                }
+            }
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_connection_refusal()
+        {
+            tracing::warn!(error = %e, "redis unavailable");
+            ApiError::Unavailable {
+                what: "redis",
+                retry_after_secs: 1,
+            }
+        } else {
+            ApiError::Internal(e.into())
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Reading request bodies: content type, size and time limits enforced while streaming.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::http::request::Parts;
+use hyper::Request;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// Whether the request declares a body at all (a length, or chunked transfer).
+fn has_body(parts: &Parts) -> bool {
+    match parts.headers.get(CONTENT_LENGTH) {
+        Some(len) => len.to_str().ok().and_then(|l| l.trim().parse::<u64>().ok()) != Some(0),
+        None => parts.headers.contains_key(hyper::header::TRANSFER_ENCODING),
+    }
+}
+
+/// Whether the declared content type is `want` (parameters such as `charset` allowed).
+pub fn content_type_is(parts: &Parts, want: &str) -> bool {
+    parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+/// Reads a JSON route's body: `application/json` or nothing, at most `limit` bytes, all of
+/// it within `timeout`. The size is checked against `Content-Length` first and then again
+/// on every frame, so a lying or chunked client is cut off as soon as it passes the limit.
+pub async fn read_json_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<(Parts, Bytes), ApiError> {
+    let (parts, body) = req.into_parts();
+    if !has_body(&parts) {
+        return Ok((parts, Bytes::new()));
+    }
+    if !content_type_is(&parts, "application/json") {
+        return Err(ApiError::UnsupportedMediaType(
+            "Content-Type must be application/json",
+        ));
+    }
+    let bytes = read_limited(&parts, body, limit, timeout).await?;
+    Ok((parts, bytes))
+}
+
+async fn read_limited(
+    parts: &Parts,
+    body: Incoming,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::SlowBody),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge)
+        }
+        Ok(Err(_)) => Err(ApiError::invalid("request body could not be read")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Parses a JSON body. Broken JSON is `invalid_json`; well-formed JSON of the wrong shape
+/// is `invalid_request` with serde's message, which names the offending field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::InvalidJson("request body is empty".into()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
+        _ => ApiError::InvalidJson(e.to_string()),
+    })
+}

@@ -1,0 +1,118 @@
+//! The HTTP/1.1 server: accept loop, per-request bookkeeping, graceful shutdown.
+
+pub mod body;
+pub mod response;
+pub mod router;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::app::App;
+use crate::telemetry;
+
+pub use response::Body;
+
+/// What every handler knows about the request besides the request itself.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub request_id: String,
+    pub peer: SocketAddr,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and gives in-flight requests
+/// up to `http.shutdown_grace_ms` to finish.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .keep_alive(true)
+        // Slowloris on headers: the connection is dropped when a request's headers take
+        // longer than this. Slow bodies are bounded per route in `body`.
+        .header_read_timeout(Duration::from_millis(
+            app.config.http.header_read_timeout_ms,
+        ));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // A semaphore rather than a counter: the permit travels with the connection task and
+    // is released however that task ends.
+    let connections = Arc::new(Semaphore::new(app.config.http.connections_max));
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning on the error.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::counter!("cardgate_http_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |req| handle(app.clone(), peer, req));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    let grace = Duration::from_millis(app.config.http.shutdown_grace_ms);
+    tracing::info!("shutting down: no longer accepting, draining in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "in-flight requests did not finish within the grace period"
+        );
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let _in_flight = telemetry::InFlight::enter();
+    let ctx = Ctx {
+        request_id: response::new_request_id(),
+        peer,
+    };
+    let method = telemetry::method_label(req.method());
+    let (route, result) = router::dispatch(&app, &ctx, req).await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            if let crate::error::ApiError::Internal(cause) = &e {
+                tracing::error!(request_id = %ctx.request_id, route, error = format!("{cause:#}"), "request failed");
+            }
+            response::error(&e, &ctx.request_id)
+        }
+    };
+    response::set_request_id(&mut resp, &ctx.request_id);
+    telemetry::record_request(route, method, resp.status().as_u16(), started.elapsed());
+    Ok(resp)
+}

@@ -1,0 +1,87 @@
+//! Building answers: JSON bodies, the API.md §2 error body, request ids.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use rand::Rng;
+use serde::Serialize;
+
+use crate::error::ApiError;
+
+pub type Body = Full<Bytes>;
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+pub fn new_request_id() -> String {
+    let bytes: [u8; 12] = rand::thread_rng().gen();
+    let mut id = String::with_capacity(28);
+    id.push_str("req_");
+    id.push_str(&hex::encode(bytes));
+    id
+}
+
+pub fn set_request_id(resp: &mut Response<Body>, request_id: &str) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+}
+
+pub fn json<T: Serialize + ?Sized>(
+    status: StatusCode,
+    value: &T,
+) -> Result<Response<Body>, ApiError> {
+    let body = serde_json::to_vec(value).map_err(ApiError::internal)?;
+    Ok(bytes(status, JSON, body))
+}
+
+pub fn bytes(
+    status: StatusCode,
+    content_type: HeaderValue,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, content_type);
+    resp
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+}
+
+pub fn error(e: &ApiError, request_id: &str) -> Response<Body> {
+    let message = e.client_message();
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: e.code(),
+            message: &message,
+            request_id,
+        },
+    };
+    // Serialising three strings cannot fail; fall back to a fixed body all the same.
+    let body = serde_json::to_vec(&body)
+        .unwrap_or_else(|_| b"{\"error\":{\"code\":\"internal_error\"}}".to_vec());
+    let mut resp = bytes(e.status(), JSON, body);
+    if let Some(secs) = e.retry_after_secs() {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let ApiError::MethodNotAllowed { allow } = e {
+        resp.headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    }
+    if e.closes_connection() {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}

@@ -1,0 +1,55 @@
+//! cardgate: API gateway and delivery engine for digital-goods wholesale.
+//!
+//! `main` reads the configuration and calls [`run`]; everything else is a library so
+//! that tests drive the real server on a port of their own.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// A gateway that is connected, migrated and bound, ready to serve.
+pub struct Server {
+    app: Arc<app::App>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Validates `config`, migrates Postgres and connects to Redis. The listener is
+    /// already bound, so tests can bind port 0 and learn the address first.
+    pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Server> {
+        let app = app::App::build(config).await?;
+        Ok(Server { app, listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        http::serve(self.listener, self.app, shutdown).await;
+        Ok(())
+    }
+}
+
+/// Builds and runs a gateway on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Server::build(config, listener).await?.run(shutdown).await
+}

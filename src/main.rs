@@ -1,0 +1,73 @@
+use std::process::ExitCode;
+
+use cardgate::{telemetry, Config};
+use tokio::net::TcpListener;
+
+const USAGE: &str = "usage: cardgate [serve]\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
+
+fn main() -> ExitCode {
+    let command = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "serve".to_string());
+    if command == "-h" || command == "--help" {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    if command != "serve" {
+        eprintln!("unknown command {command:?}\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    telemetry::init_logging();
+    let config = match Config::from_process_env().and_then(|c| c.validate().map(|v| (c, v))) {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("cardgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cardgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config.0, config.1.listen)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cardgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let server = cardgate::Server::build(config, listener).await?;
+    tracing::info!(addr = %server.local_addr()?, "cardgate listening");
+    server.run(shutdown_signal()).await?;
+    tracing::info!("cardgate stopped");
+    Ok(())
+}
+
+/// SIGTERM (orchestrators) or SIGINT (a terminal).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,5 @@
+//! Connections to the two stores: Postgres (the record) and Redis (the hot path).
+
+pub mod keys;
+pub mod pg;
+pub mod redis;

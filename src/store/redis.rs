@@ -1,0 +1,31 @@
+//! Redis: one multiplexed connection that reconnects by itself.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::ExposeSecret;
+
+use crate::config::Config;
+
+pub async fn connect(config: &Config) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(config.redis_url.expose_secret())
+        .context("redis_url is not a valid Redis URL")?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(config.redis.connect_timeout_ms)))
+        .set_response_timeout(Some(Duration::from_millis(
+            config.redis.response_timeout_ms,
+        )))
+        // Reconnection is retried in the background; requests in the meantime fail fast
+        // and answer 503 rather than queueing behind a dead server.
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    client
+        .get_connection_manager_with_config(manager_config)
+        .await
+        .context("connecting to Redis (redis_url)")
+}
+
+pub async fn ping(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    redis::cmd("PING").query_async::<()>(conn).await
+}

@@ -1,0 +1,128 @@
+//! Prometheus metrics and logging set-up.
+//!
+//! One recorder per process: `metrics` has a single global recorder, so every server in
+//! the process (several in the test binary) shares it and its handle.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use hyper::Method;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets (seconds): fine below 25 ms, where the targets are.
+const LATENCY_BUCKETS_S: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_S)
+                .expect("bucket list is non-empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder was installed first, as a host program may do;
+            // then its recorder gets the metrics and ours stays empty.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "cardgate_http_requests_total",
+        "HTTP requests answered, by route, method and status"
+    );
+    metrics::describe_histogram!(
+        "cardgate_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "time from request headers to response, by route, method and status"
+    );
+    metrics::describe_gauge!(
+        "cardgate_http_requests_in_flight",
+        "requests being handled now"
+    );
+    metrics::describe_counter!(
+        "cardgate_http_connections_refused_total",
+        "connections closed at once because http.connections_max were open"
+    );
+}
+
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        // Arbitrary client-chosen methods would make the label unbounded.
+        _ => "other",
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        402 => "402",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        s if s < 300 => "2xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub fn record_request(route: &'static str, method: &'static str, status: u16, elapsed: Duration) {
+    let status = status_label(status);
+    metrics::counter!("cardgate_http_requests_total", "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("cardgate_http_request_duration_seconds", "route" => route, "method" => method, "status" => status)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Counts a request as in flight for as long as it lives, however its handler ends.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn enter() -> Self {
+        metrics::gauge!("cardgate_http_requests_in_flight").increment(1.0);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("cardgate_http_requests_in_flight").decrement(1.0);
+    }
+}
+
+/// Logs to stderr, filtered by `CARDGATE_LOG` (or `RUST_LOG`), `info` by default.
+pub fn init_logging() {
+    let filter = std::env::var("CARDGATE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,279 @@
+//! `spawn_app()`: the real server on port 0 over real Redis and Postgres.
+//!
+//! `scripts/dev test` exports CARDGATE_REDIS_URL and CARDGATE_DATABASE_URL. Each app gets
+//! a fresh database named `cgt_<random>` on that server and a Redis prefix of its own, so
+//! tests run in parallel without sharing state.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cardgate::Config;
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub fn env_url(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with `scripts/dev test`"))
+}
+
+pub fn random_suffix() -> String {
+    let n: u64 = rand::thread_rng().gen();
+    format!("{n:016x}")
+}
+
+/// Replaces the database name at the end of a postgres:// URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{db}")
+}
+
+pub async fn create_database() -> String {
+    let base = env_url("CARDGATE_DATABASE_URL");
+    let name = format!("cgt_{}", random_suffix());
+    let (client, conn) =
+        tokio_postgres::connect(&with_database(&base, "postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect to Postgres");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    with_database(&base, &name)
+}
+
+/// The settings every test app starts from; `overrides` may change any of them.
+pub fn test_env(database_url: &str) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    env.insert("CARDGATE_LISTEN".into(), "127.0.0.1:0".into());
+    env.insert("CARDGATE_REDIS_URL".into(), env_url("CARDGATE_REDIS_URL"));
+    env.insert("CARDGATE_DATABASE_URL".into(), database_url.to_string());
+    env.insert(
+        "CARDGATE_REDIS_PREFIX".into(),
+        format!("t{}", random_suffix()),
+    );
+    env.insert(
+        "CARDGATE_MASTER_KEY".into(),
+        hex::encode(rand::thread_rng().gen::<[u8; 32]>()),
+    );
+    env.insert(
+        "CARDGATE_JWT_SECRET".into(),
+        hex::encode(rand::thread_rng().gen::<[u8; 32]>()),
+    );
+    env.insert(
+        "CARDGATE_BOOTSTRAP_ADMIN".into(),
+        "root:root-password-1".into(),
+    );
+    env
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub database_url: String,
+    pub env: HashMap<String, String>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(overrides: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+    let database_url = create_database().await;
+    let mut env = test_env(&database_url);
+    overrides(&mut env);
+    start(env).await
+}
+
+/// Starts a server with exactly these settings (a second instance may share a database).
+pub async fn start(env: HashMap<String, String>) -> TestApp {
+    let config = Config::load(&env).expect("test config loads");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = cardgate::Server::build(config, listener)
+        .await
+        .expect("server builds");
+    let addr = server.local_addr().expect("local addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client,
+        database_url: env["CARDGATE_DATABASE_URL"].clone(),
+        env,
+        shutdown: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Asks the server to stop and waits for it to return.
+    pub async fn shutdown(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.handle.take() {
+            Some(h) => h.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+
+    pub fn begin_shutdown(&mut self) -> JoinHandle<anyhow::Result<()>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.take().expect("server running")
+    }
+
+    pub async fn db(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to test database");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Reads an API.md error body and checks its shape.
+pub async fn error_of(resp: reqwest::Response) -> (u16, String, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let header_id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .expect("X-Request-Id on every answer");
+    let body: serde_json::Value = resp.json().await.expect("error body is JSON");
+    let err = &body["error"];
+    assert_eq!(
+        err["request_id"].as_str(),
+        Some(header_id.as_str()),
+        "body request_id matches the header: {body}"
+    );
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error has a message: {body}"
+    );
+    let code = err["code"].as_str().expect("error has a code").to_string();
+    (status, code, body)
+}
+
+/// A redis-server of the test's own, on a free loopback port, so that it can be
+/// stopped and started under a gateway without disturbing other tests.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = PrivateRedis { port, child: None };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/dev installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("private redis did not start");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: one binary, every test against a real gateway on its own port, with
+//! its own Postgres database and Redis key prefix (see `helpers`).
+
+mod helpers;
+
+mod config;
+mod http_surface;
+mod ops;
