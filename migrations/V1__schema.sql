@@ -121,33 +121,53 @@ CREATE TABLE balance_ledger (
     reference     text        NOT NULL CHECK (length(reference) BETWEEN 1 AND 128),
     note          text,
     actor         text,
-    balance_after bigint      NOT NULL DEFAULT 0,
+    -- Set by ledger_apply for adjustments and refunds (the answer an idempotent replay
+    -- repeats); left NULL for order debits, which are written in bulk.
+    balance_after bigint,
     created_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT ledger_idempotency UNIQUE (reseller_id, kind, reference)
 );
 CREATE INDEX balance_ledger_reseller ON balance_ledger (reseller_id, id);
 
+-- AFTER, not BEFORE: a BEFORE trigger also fires for rows that ON CONFLICT DO NOTHING
+-- then skips, which would move the balance for an insert that never happened.
 CREATE FUNCTION ledger_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    after bigint;
 BEGIN
     UPDATE balances SET balance = balance + NEW.amount, updated_at = now()
      WHERE reseller_id = NEW.reseller_id
-    RETURNING balance INTO NEW.balance_after;
+    RETURNING balance INTO after;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no balance row for reseller %', NEW.reseller_id;
     END IF;
-    RETURN NEW;
+    IF NEW.kind <> 'order' THEN
+        UPDATE balance_ledger SET balance_after = after WHERE id = NEW.id;
+    END IF;
+    RETURN NULL;
 END $$;
-CREATE TRIGGER ledger_apply BEFORE INSERT ON balance_ledger
+CREATE TRIGGER ledger_apply AFTER INSERT ON balance_ledger
     FOR EACH ROW EXECUTE FUNCTION ledger_apply();
 
+-- Append-only: the one update allowed is ledger_apply filling in balance_after once.
 CREATE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND OLD.balance_after IS NULL
+       AND (NEW.id, NEW.reseller_id, NEW.amount, NEW.kind, NEW.reference, NEW.note, NEW.actor, NEW.created_at)
+           IS NOT DISTINCT FROM
+           (OLD.id, OLD.reseller_id, OLD.amount, OLD.kind, OLD.reference, OLD.note, OLD.actor, OLD.created_at) THEN
+        RETURN NEW;
+    END IF;
     RAISE EXCEPTION 'balance_ledger is append-only';
 END $$;
 CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON balance_ledger
     FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE FUNCTION ledger_no_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'balance_ledger is append-only';
+END $$;
 CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON balance_ledger
-    FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only();
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_no_truncate();
 
 -- A balance starts at zero and moves only when the ledger trigger moves it
 -- (pg_trigger_depth() is 1 for a direct UPDATE, 2 from inside ledger_apply).

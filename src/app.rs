@@ -6,8 +6,11 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
+use secrecy::ExposeSecret;
 
+use crate::auth::admin::Tokens;
 use crate::config::{Config, Validated};
+use crate::crypto::Crypto;
 use crate::store::{self, keys::Keys};
 use crate::telemetry;
 
@@ -18,6 +21,8 @@ pub struct App {
     pub redis: ConnectionManager,
     pub keys: Keys,
     pub metrics: PrometheusHandle,
+    pub crypto: Crypto,
+    pub tokens: Tokens,
 }
 
 impl App {
@@ -27,19 +32,66 @@ impl App {
         let metrics = telemetry::prometheus();
         store::pg::migrate(&config).await?;
         let pg = store::pg::pool(&config)?;
-        store::pg::ping(&pg)
-            .await
-            .context("Postgres is not answering")?;
+        store::pg::ping(&pg).await.context("Postgres is not answering")?;
         let redis = store::redis::connect(&config).await?;
         let keys = Keys::new(&config.redis_prefix);
-        Ok(Arc::new(App {
+        let crypto = Crypto::new(&settings.master_key);
+        let jwt_secret = config
+            .jwt_secret
+            .as_ref()
+            .map(|s| s.expose_secret().as_bytes().to_vec())
+            .unwrap_or_default();
+        let tokens = Tokens::new(&jwt_secret, std::time::Duration::from_secs(config.admin.token_ttl_secs));
+        let app = App {
             config,
             settings,
             pg,
             redis,
             keys,
             metrics,
-        }))
+            crypto,
+            tokens,
+        };
+        app.bootstrap_admin().await?;
+        Ok(Arc::new(app))
+    }
+
+    /// Creates the `CARDGATE_BOOTSTRAP_ADMIN` account when no admin account exists yet.
+    async fn bootstrap_admin(&self) -> anyhow::Result<()> {
+        let Some(spec) = &self.config.bootstrap_admin else {
+            return Ok(());
+        };
+        let Some((user, password)) = spec.expose_secret().split_once(':') else {
+            return Ok(());
+        };
+        let client = self.pg.get().await?;
+        if client
+            .query_opt("SELECT 1 FROM admins WHERE role = 'admin' LIMIT 1", &[])
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let hash = crate::auth::admin::hash_password(password).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let created = client
+            .execute(
+                "INSERT INTO admins (username, password_hash, role) VALUES ($1, $2, 'admin') ON CONFLICT (username) DO NOTHING",
+                &[&user, &hash],
+            )
+            .await?;
+        if created == 1 {
+            crate::audit::record(
+                &client,
+                &crate::audit::Actor::system(),
+                "admin.bootstrap",
+                Some(user),
+                None,
+                serde_json::json!({}),
+            )
+            .await?;
+            tracing::info!(username = user, "created the bootstrap admin");
+        }
+        Ok(())
     }
 
     /// A Redis handle for one request; clones share the one multiplexed connection.

@@ -93,7 +93,7 @@ pub struct Tier {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub listen: SocketAddr,
-    pub master_key: Option<[u8; 32]>,
+    pub master_key: [u8; 32],
     pub trusted_proxies: Vec<IpNet>,
 }
 
@@ -104,29 +104,22 @@ impl Config {
     }
 
     pub fn load(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         let mut override_tiers = None;
         if let Some(path) = env.get(ENV_CONFIG_FILE).filter(|p| !p.is_empty()) {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::setting(ENV_CONFIG_FILE, format!("cannot read {path}: {e}"))
-            })?;
-            let table: toml::Table = text.parse().map_err(|e| {
-                ConfigError::setting(ENV_CONFIG_FILE, format!("{path} is not valid TOML: {e}"))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::setting(ENV_CONFIG_FILE, format!("cannot read {path}: {e}")))?;
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| ConfigError::setting(ENV_CONFIG_FILE, format!("{path} is not valid TOML: {e}")))?;
             override_tiers = table.get("tiers").cloned();
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         // Only our own names: CARDGATE_CONFIG and the dev script's helpers are not settings.
         let env_settings: HashMap<String, String> = env
             .iter()
-            .filter(|(k, _)| {
-                k.starts_with("CARDGATE_")
-                    && *k != ENV_CONFIG_FILE
-                    && !k.starts_with("CARDGATE_DEV_")
-            })
+            .filter(|(k, _)| k.starts_with("CARDGATE_") && *k != ENV_CONFIG_FILE && !k.starts_with("CARDGATE_DEV_"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
@@ -157,12 +150,10 @@ impl Config {
     /// Checks every setting and decodes the ones used in binary form. Messages name the
     /// setting and never echo a secret's value.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
-        let listen: SocketAddr = self.listen.parse().map_err(|_| {
-            ConfigError::setting(
-                "listen (CARDGATE_LISTEN)",
-                "must be an address like 127.0.0.1:8080",
-            )
-        })?;
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| ConfigError::setting("listen (CARDGATE_LISTEN)", "must be an address like 127.0.0.1:8080"))?;
         if !self.redis_url.expose_secret().starts_with("redis://")
             && !self.redis_url.expose_secret().starts_with("rediss://")
         {
@@ -182,22 +173,27 @@ impl Config {
                 "must be a postgres:// URL or a libpq connection string",
             ));
         }
-        let master_key = match &self.master_key {
-            None => None,
-            Some(k) => Some(parse_master_key(k.expose_secret()).ok_or_else(|| {
-                ConfigError::setting(
-                    "master_key (CARDGATE_MASTER_KEY)",
-                    "must be 64 hexadecimal characters (32 bytes)",
-                )
-            })?),
-        };
-        if let Some(secret) = &self.jwt_secret {
-            if secret.expose_secret().len() < 32 {
+        let master_key = self
+            .master_key
+            .as_ref()
+            .ok_or_else(|| ConfigError::setting("master_key (CARDGATE_MASTER_KEY)", "is required"))
+            .and_then(|k| {
+                parse_master_key(k.expose_secret()).ok_or_else(|| {
+                    ConfigError::setting(
+                        "master_key (CARDGATE_MASTER_KEY)",
+                        "must be 64 hexadecimal characters (32 bytes)",
+                    )
+                })
+            })?;
+        match &self.jwt_secret {
+            None => return Err(ConfigError::setting("jwt_secret (CARDGATE_JWT_SECRET)", "is required")),
+            Some(secret) if secret.expose_secret().len() < 32 => {
                 return Err(ConfigError::setting(
                     "jwt_secret (CARDGATE_JWT_SECRET)",
                     "must be at least 32 characters",
-                ));
+                ))
             }
+            Some(_) => {}
         }
         if let Some(admin) = &self.bootstrap_admin {
             match admin.expose_secret().split_once(':') {
@@ -230,14 +226,8 @@ impl Config {
         positive("http.import_read_timeout_ms", h.import_read_timeout_ms)?;
         positive("http.connections_max", h.connections_max as u64)?;
         positive("postgres.pool_size", self.postgres.pool_size as u64)?;
-        positive(
-            "postgres.connect_timeout_ms",
-            self.postgres.connect_timeout_ms,
-        )?;
-        positive(
-            "postgres.statement_timeout_ms",
-            self.postgres.statement_timeout_ms,
-        )?;
+        positive("postgres.connect_timeout_ms", self.postgres.connect_timeout_ms)?;
+        positive("postgres.statement_timeout_ms", self.postgres.statement_timeout_ms)?;
         positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
         positive("redis.response_timeout_ms", self.redis.response_timeout_ms)?;
         positive("admin.token_ttl_secs", self.admin.token_ttl_secs)?;
@@ -245,12 +235,8 @@ impl Config {
             .trusted_proxies
             .iter()
             .map(|p| {
-                parse_cidr(p).ok_or_else(|| {
-                    ConfigError::setting(
-                        "http.trusted_proxies",
-                        format!("{p:?} is not an IP or CIDR"),
-                    )
-                })
+                parse_cidr(p)
+                    .ok_or_else(|| ConfigError::setting("http.trusted_proxies", format!("{p:?} is not an IP or CIDR")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if self.tiers.is_empty() {
@@ -277,10 +263,7 @@ impl Config {
                 positive(&format!("tiers.{name}.{field}"), v as u64)?;
             }
             if t.max_batch > 100 {
-                return Err(ConfigError::setting(
-                    &format!("tiers.{name}.max_batch"),
-                    "at most 100",
-                ));
+                return Err(ConfigError::setting(&format!("tiers.{name}.max_batch"), "at most 100"));
             }
         }
         Ok(Validated {

@@ -60,10 +60,7 @@ pub enum ApiError {
     #[error("overloaded, retry later")]
     Overloaded { retry_after_secs: u64 },
     #[error("{what} unavailable, retry later")]
-    Unavailable {
-        what: &'static str,
-        retry_after_secs: u64,
-    },
+    Unavailable { what: &'static str, retry_after_secs: u64 },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -85,15 +82,14 @@ impl ApiError {
         use ApiError::*;
         match self {
             InvalidJson(_) | InvalidRequest(_) | SlowBody => StatusCode::BAD_REQUEST,
-            MissingAuthorization | TimestampOutOfWindow | InvalidSignature | NonceReused
-            | Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            MissingAuthorization | TimestampOutOfWindow | InvalidSignature | NonceReused | Unauthenticated(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             IpNotAllowed | AccountSuspended | Forbidden => StatusCode::FORBIDDEN,
             InsufficientBalance => StatusCode::PAYMENT_REQUIRED,
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Conflict(_) | OutOfStock | IdempotencyConflict | PriceChanged | OrderInProgress => {
-                StatusCode::CONFLICT
-            }
+            Conflict(_) | OutOfStock | IdempotencyConflict | PriceChanged | OrderInProgress => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QuantityOutOfRange(_) | ProductUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
@@ -140,9 +136,7 @@ impl ApiError {
         match self {
             ApiError::RateLimited { retry_after_secs }
             | ApiError::Overloaded { retry_after_secs }
-            | ApiError::Unavailable {
-                retry_after_secs, ..
-            } => Some((*retry_after_secs).max(1)),
+            | ApiError::Unavailable { retry_after_secs, .. } => Some((*retry_after_secs).max(1)),
             ApiError::OrderInProgress => Some(1),
             _ => None,
         }
@@ -186,11 +180,7 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 
 impl From<redis::RedisError> for ApiError {
     fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_timeout()
-            || e.is_connection_refusal()
-        {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
             tracing::warn!(error = %e, "redis unavailable");
             ApiError::Unavailable {
                 what: "redis",

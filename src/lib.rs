@@ -6,9 +6,15 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod balance;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod http;
+pub mod ids;
+pub mod stock;
 pub mod store;
 pub mod telemetry;
 
@@ -46,10 +52,6 @@ impl Server {
 }
 
 /// Builds and runs a gateway on `listener` until `shutdown` resolves.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     Server::build(config, listener).await?.run(shutdown).await
 }

@@ -6,9 +6,7 @@ use tokio::net::TcpListener;
 const USAGE: &str = "usage: cardgate [serve]\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
 
 fn main() -> ExitCode {
-    let command = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "serve".to_string());
+    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_string());
     if command == "-h" || command == "--help" {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
@@ -25,10 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cardgate: cannot start the runtime: {e}");

@@ -13,8 +13,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Latency buckets (seconds): fine below 25 ms, where the targets are.
 const LATENCY_BUCKETS_S: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 pub fn prometheus() -> PrometheusHandle {
@@ -44,10 +43,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "time from request headers to response, by route, method and status"
     );
-    metrics::describe_gauge!(
-        "cardgate_http_requests_in_flight",
-        "requests being handled now"
-    );
+    metrics::describe_gauge!("cardgate_http_requests_in_flight", "requests being handled now");
     metrics::describe_counter!(
         "cardgate_http_connections_refused_total",
         "connections closed at once because http.connections_max were open"

@@ -1,3 +1,4 @@
 //! Handlers, one module per area of API.md.
 
+pub mod admin;
 pub mod ops;

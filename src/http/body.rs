@@ -7,7 +7,6 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::http::request::Parts;
-use hyper::Request;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -33,30 +32,17 @@ pub fn content_type_is(parts: &Parts, want: &str) -> bool {
 /// Reads a JSON route's body: `application/json` or nothing, at most `limit` bytes, all of
 /// it within `timeout`. The size is checked against `Content-Length` first and then again
 /// on every frame, so a lying or chunked client is cut off as soon as it passes the limit.
-pub async fn read_json_body(
-    req: Request<Incoming>,
-    limit: usize,
-    timeout: Duration,
-) -> Result<(Parts, Bytes), ApiError> {
-    let (parts, body) = req.into_parts();
-    if !has_body(&parts) {
-        return Ok((parts, Bytes::new()));
+pub async fn read_json_body(parts: &Parts, body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    if !has_body(parts) {
+        return Ok(Bytes::new());
     }
-    if !content_type_is(&parts, "application/json") {
-        return Err(ApiError::UnsupportedMediaType(
-            "Content-Type must be application/json",
-        ));
+    if !content_type_is(parts, "application/json") {
+        return Err(ApiError::UnsupportedMediaType("Content-Type must be application/json"));
     }
-    let bytes = read_limited(&parts, body, limit, timeout).await?;
-    Ok((parts, bytes))
+    read_limited(parts, body, limit, timeout).await
 }
 
-async fn read_limited(
-    parts: &Parts,
-    body: Incoming,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
+async fn read_limited(parts: &Parts, body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
@@ -67,9 +53,7 @@ async fn read_limited(
     }
     match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Err(_) => Err(ApiError::SlowBody),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge)
-        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
         Ok(Err(_)) => Err(ApiError::invalid("request body could not be read")),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }

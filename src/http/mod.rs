@@ -1,6 +1,7 @@
 //! The HTTP/1.1 server: accept loop, per-request bookkeeping, graceful shutdown.
 
 pub mod body;
+pub mod query;
 pub mod response;
 pub mod router;
 
@@ -29,6 +30,38 @@ pub struct Ctx {
     pub peer: SocketAddr,
 }
 
+impl Ctx {
+    /// The client's address: the TCP peer, or the last address of `X-Forwarded-For` not
+    /// added by a trusted proxy when the peer is one (only those may speak for a client).
+    pub fn client_ip(&self, app: &App, headers: &hyper::HeaderMap) -> std::net::IpAddr {
+        let peer = self.peer.ip();
+        let trusted = |ip: &std::net::IpAddr| app.settings.trusted_proxies.iter().any(|n| n.contains(ip));
+        if !trusted(&peer) {
+            return peer;
+        }
+        let mut client = peer;
+        let hops = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>();
+        for hop in hops.iter().rev() {
+            match hop.parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !trusted(&ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        client
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting and gives in-flight requests
 /// up to `http.shutdown_grace_ms` to finish.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
@@ -37,9 +70,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         .keep_alive(true)
         // Slowloris on headers: the connection is dropped when a request's headers take
         // longer than this. Slow bodies are bounded per route in `body`.
-        .header_read_timeout(Duration::from_millis(
-            app.config.http.header_read_timeout_ms,
-        ));
+        .header_read_timeout(Duration::from_millis(app.config.http.header_read_timeout_ms));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // A semaphore rather than a counter: the permit travels with the connection task and
     // is released however that task ends.
@@ -79,10 +110,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     drop(listener);
     let grace = Duration::from_millis(app.config.http.shutdown_grace_ms);
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
             "in-flight requests did not finish within the grace period"
@@ -90,11 +118,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     }
 }
 
-async fn handle(
-    app: Arc<App>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = telemetry::InFlight::enter();
     let ctx = Ctx {

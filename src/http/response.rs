@@ -27,19 +27,12 @@ pub fn set_request_id(resp: &mut Response<Body>, request_id: &str) {
     }
 }
 
-pub fn json<T: Serialize + ?Sized>(
-    status: StatusCode,
-    value: &T,
-) -> Result<Response<Body>, ApiError> {
+pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
     let body = serde_json::to_vec(value).map_err(ApiError::internal)?;
     Ok(bytes(status, JSON, body))
 }
 
-pub fn bytes(
-    status: StatusCode,
-    content_type: HeaderValue,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
+pub fn bytes(status: StatusCode, content_type: HeaderValue, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, content_type);
@@ -68,20 +61,17 @@ pub fn error(e: &ApiError, request_id: &str) -> Response<Body> {
         },
     };
     // Serialising three strings cannot fail; fall back to a fixed body all the same.
-    let body = serde_json::to_vec(&body)
-        .unwrap_or_else(|_| b"{\"error\":{\"code\":\"internal_error\"}}".to_vec());
+    let body = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":{\"code\":\"internal_error\"}}".to_vec());
     let mut resp = bytes(e.status(), JSON, body);
     if let Some(secs) = e.retry_after_secs() {
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     if let ApiError::MethodNotAllowed { allow } = e {
         resp.headers_mut()
             .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
     }
     if e.closes_connection() {
-        resp.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }

@@ -20,6 +20,23 @@ pub enum Route {
     Healthz,
     Readyz,
     Metrics,
+    AdminLogin,
+    AdminCreateAdmin,
+    AdminPatchAdmin(String),
+    AdminProducts,
+    AdminCreateProduct,
+    AdminProduct(String),
+    AdminPatchProduct(String),
+    AdminImportCodes(String),
+    AdminVoidCodes(String),
+    AdminResellers,
+    AdminCreateReseller,
+    AdminReseller(String),
+    AdminPatchReseller(String),
+    AdminCreateKey(String),
+    AdminRevokeKey(String),
+    AdminAdjustBalance(String),
+    AdminAudit,
 }
 
 impl Route {
@@ -29,6 +46,19 @@ impl Route {
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
+            Route::AdminLogin => "/admin/v1/login",
+            Route::AdminCreateAdmin => "/admin/v1/admins",
+            Route::AdminPatchAdmin(_) => "/admin/v1/admins/{username}",
+            Route::AdminProducts | Route::AdminCreateProduct => "/admin/v1/products",
+            Route::AdminProduct(_) | Route::AdminPatchProduct(_) => "/admin/v1/products/{sku}",
+            Route::AdminImportCodes(_) => "/admin/v1/products/{sku}/codes",
+            Route::AdminVoidCodes(_) => "/admin/v1/products/{sku}/codes/void",
+            Route::AdminResellers | Route::AdminCreateReseller => "/admin/v1/resellers",
+            Route::AdminReseller(_) | Route::AdminPatchReseller(_) => "/admin/v1/resellers/{id}",
+            Route::AdminCreateKey(_) => "/admin/v1/resellers/{id}/keys",
+            Route::AdminRevokeKey(_) => "/admin/v1/keys/{key_id}",
+            Route::AdminAdjustBalance(_) => "/admin/v1/resellers/{id}/balance",
+            Route::AdminAudit => "/admin/v1/audit",
         }
     }
 }
@@ -49,15 +79,55 @@ pub fn resolve(method: &Method, path: &str) -> Result<Route, ApiError> {
         [Some("healthz"), None, ..] => allow(method, GET, Route::Healthz)?,
         [Some("readyz"), None, ..] => allow(method, GET, Route::Readyz)?,
         [Some("metrics"), None, ..] => allow(method, GET, Route::Metrics)?,
+        [Some("admin"), Some("v1"), Some(a), b, c, d] => admin(method, a, b, c, d)?,
         _ => return Err(ApiError::not_found("no such route")),
     };
     Ok(route)
+}
+
+fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&str>) -> Result<Route, ApiError> {
+    let m = method;
+    Ok(match (a, b, c, d) {
+        ("login", None, None, None) => allow(m, POST, Route::AdminLogin)?,
+        ("admins", None, None, None) => allow(m, POST, Route::AdminCreateAdmin)?,
+        ("admins", Some(u), None, None) => allow(m, PATCH, Route::AdminPatchAdmin(param(u)?.into()))?,
+        ("products", None, None, None) => match *m {
+            Method::POST => Route::AdminCreateProduct,
+            _ => allow(m, GET_POST, Route::AdminProducts)?,
+        },
+        ("products", Some(sku), None, None) => match *m {
+            Method::PATCH => Route::AdminPatchProduct(param(sku)?.into()),
+            _ => allow(m, GET_PATCH, Route::AdminProduct(param(sku)?.into()))?,
+        },
+        ("products", Some(sku), Some("codes"), None) => allow(m, POST, Route::AdminImportCodes(param(sku)?.into()))?,
+        ("products", Some(sku), Some("codes"), Some("void")) => {
+            allow(m, POST, Route::AdminVoidCodes(param(sku)?.into()))?
+        }
+        ("resellers", None, None, None) => match *m {
+            Method::POST => Route::AdminCreateReseller,
+            _ => allow(m, GET_POST, Route::AdminResellers)?,
+        },
+        ("resellers", Some(id), None, None) => match *m {
+            Method::PATCH => Route::AdminPatchReseller(param(id)?.into()),
+            _ => allow(m, GET_PATCH, Route::AdminReseller(param(id)?.into()))?,
+        },
+        ("resellers", Some(id), Some("keys"), None) => allow(m, POST, Route::AdminCreateKey(param(id)?.into()))?,
+        ("resellers", Some(id), Some("balance"), None) => allow(m, POST, Route::AdminAdjustBalance(param(id)?.into()))?,
+        ("keys", Some(k), None, None) => allow(m, DELETE, Route::AdminRevokeKey(param(k)?.into()))?,
+        ("audit", None, None, None) => allow(m, GET, Route::AdminAudit)?,
+        _ => return Err(ApiError::not_found("no such route")),
+    })
 }
 
 /// The methods one path answers, as the `Allow` header spells them.
 struct Methods(&'static [Method], &'static str);
 
 const GET: Methods = Methods(&[Method::GET, Method::HEAD], "GET, HEAD");
+const POST: Methods = Methods(&[Method::POST], "POST");
+const PATCH: Methods = Methods(&[Method::PATCH], "PATCH");
+const DELETE: Methods = Methods(&[Method::DELETE], "DELETE");
+const GET_POST: Methods = Methods(&[Method::GET, Method::HEAD], "GET, HEAD, POST");
+const GET_PATCH: Methods = Methods(&[Method::GET, Method::HEAD], "GET, HEAD, PATCH");
 
 fn allow(method: &Method, allowed: Methods, route: Route) -> Result<Route, ApiError> {
     if allowed.0.contains(method) {
@@ -68,7 +138,6 @@ fn allow(method: &Method, allowed: Methods, route: Route) -> Result<Route, ApiEr
 }
 
 /// A path segment decoded for use as a parameter; invalid UTF-8 is a client error.
-#[allow(dead_code)]
 pub fn param(seg: &str) -> Result<Cow<'_, str>, ApiError> {
     percent_decode_str(seg)
         .decode_utf8()
@@ -85,12 +154,29 @@ pub async fn dispatch(
         Err(e) => return (UNMATCHED, Err(e)),
     };
     let name = route.name();
+    use api::admin::{audit, codes, products, resellers, session};
     let result = match route {
         Route::Healthz => api::ops::healthz(),
         Route::Readyz => api::ops::readyz(app).await,
         Route::Metrics => api::ops::metrics(app),
+        Route::AdminLogin => session::login(app, ctx, req).await,
+        Route::AdminCreateAdmin => session::create_admin(app, ctx, req).await,
+        Route::AdminPatchAdmin(u) => session::patch_admin(app, ctx, req, &u).await,
+        Route::AdminProducts => products::list(app, ctx, req).await,
+        Route::AdminCreateProduct => products::create(app, ctx, req).await,
+        Route::AdminProduct(sku) => products::get(app, ctx, req, &sku).await,
+        Route::AdminPatchProduct(sku) => products::patch(app, ctx, req, &sku).await,
+        Route::AdminImportCodes(sku) => codes::import(app, ctx, req, &sku).await,
+        Route::AdminVoidCodes(sku) => codes::void(app, ctx, req, &sku).await,
+        Route::AdminResellers => resellers::list(app, ctx, req).await,
+        Route::AdminCreateReseller => resellers::create(app, ctx, req).await,
+        Route::AdminReseller(id) => resellers::get(app, ctx, req, &id).await,
+        Route::AdminPatchReseller(id) => resellers::patch(app, ctx, req, &id).await,
+        Route::AdminCreateKey(id) => resellers::create_key(app, ctx, req, &id).await,
+        Route::AdminRevokeKey(k) => resellers::revoke_key(app, ctx, req, &k).await,
+        Route::AdminAdjustBalance(id) => resellers::adjust_balance(app, ctx, req, &id).await,
+        Route::AdminAudit => audit::list(app, ctx, req).await,
     };
-    let _ = ctx;
     (name, result)
 }
 
@@ -114,10 +200,7 @@ mod tests {
             resolve(&Method::GET, "/a/b/c/d/e/f/g"),
             Err(ApiError::NotFound(_))
         ));
-        assert!(matches!(
-            resolve(&Method::GET, "*"),
-            Err(ApiError::NotFound(_))
-        ));
+        assert!(matches!(resolve(&Method::GET, "*"), Err(ApiError::NotFound(_))));
     }
 
     #[test]

@@ -27,6 +27,21 @@ impl Keys {
         k
     }
 
+    /// List of sellable codes of a product: elements are [`crate::stock::element`]s.
+    pub fn stock(&self, product_id: i64) -> String {
+        self.key(&["stock", &product_id.to_string()])
+    }
+
+    /// A reseller's hot balance in minor units: Postgres balance less orders in flight.
+    pub fn balance(&self, reseller_pk: i64) -> String {
+        self.key(&["bal", &reseller_pk.to_string()])
+    }
+
+    /// Failed logins of one operator username, expiring with the lock-out window.
+    pub fn login_failures(&self, username: &str) -> String {
+        self.key(&["loginfail", username])
+    }
+
     /// Written when the Redis state was last rebuilt from Postgres; its absence means
     /// Redis lost its data.
     pub fn epoch(&self) -> String {
@@ -42,5 +57,7 @@ mod tests {
     fn keys_carry_the_shard_tag() {
         let k = Keys::new("cg");
         assert_eq!(k.epoch(), "cg:{s0}:epoch");
+        assert_eq!(k.stock(7), "cg:{s0}:stock:7");
+        assert_eq!(k.balance(3), "cg:{s0}:bal:3");
     }
 }

@@ -25,10 +25,7 @@ fn pg_config(config: &Config) -> anyhow::Result<tokio_postgres::Config> {
     pg.connect_timeout(Duration::from_millis(config.postgres.connect_timeout_ms));
     pg.application_name("cardgate");
     // A statement stuck behind a lock or a sick server must not hold a request forever.
-    pg.options(format!(
-        "-c statement_timeout={}",
-        config.postgres.statement_timeout_ms
-    ));
+    pg.options(format!("-c statement_timeout={}", config.postgres.statement_timeout_ms));
     Ok(pg)
 }
 

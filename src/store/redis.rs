@@ -9,13 +9,10 @@ use secrecy::ExposeSecret;
 use crate::config::Config;
 
 pub async fn connect(config: &Config) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(config.redis_url.expose_secret())
-        .context("redis_url is not a valid Redis URL")?;
+    let client = redis::Client::open(config.redis_url.expose_secret()).context("redis_url is not a valid Redis URL")?;
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(config.redis.connect_timeout_ms)))
-        .set_response_timeout(Some(Duration::from_millis(
-            config.redis.response_timeout_ms,
-        )))
+        .set_response_timeout(Some(Duration::from_millis(config.redis.response_timeout_ms)))
         // Reconnection is retried in the background; requests in the meantime fail fast
         // and answer 503 rather than queueing behind a dead server.
         .set_number_of_retries(2)

@@ -5,6 +5,7 @@ use cardgate::Config;
 fn base_env() -> HashMap<String, String> {
     let mut env = HashMap::new();
     env.insert("CARDGATE_MASTER_KEY".into(), "ab".repeat(32));
+    env.insert("CARDGATE_JWT_SECRET".into(), "j".repeat(32));
     env
 }
 
@@ -45,25 +46,23 @@ fn a_bad_master_key_names_the_setting_and_never_echoes_it() {
 }
 
 #[test]
+fn the_master_key_and_jwt_secret_are_required() {
+    for key in ["CARDGATE_MASTER_KEY", "CARDGATE_JWT_SECRET"] {
+        let mut env = base_env();
+        env.remove(key);
+        let err = load(&env).unwrap_err();
+        assert!(err.contains(key) && err.contains("required"), "{err}");
+    }
+}
+
+#[test]
 fn bad_values_name_their_setting() {
     for (key, value, named) in [
         ("CARDGATE_LISTEN", "not-an-address", "CARDGATE_LISTEN"),
-        (
-            "CARDGATE_HTTP__JSON_BODY_MAX_BYTES",
-            "0",
-            "http.json_body_max_bytes",
-        ),
-        (
-            "CARDGATE_HTTP__JSON_BODY_MAX_BYTES",
-            "lots",
-            "json_body_max_bytes",
-        ),
+        ("CARDGATE_HTTP__JSON_BODY_MAX_BYTES", "0", "http.json_body_max_bytes"),
+        ("CARDGATE_HTTP__JSON_BODY_MAX_BYTES", "lots", "json_body_max_bytes"),
         ("CARDGATE_JWT_SECRET", "short", "CARDGATE_JWT_SECRET"),
-        (
-            "CARDGATE_BOOTSTRAP_ADMIN",
-            "no-colon-here",
-            "CARDGATE_BOOTSTRAP_ADMIN",
-        ),
+        ("CARDGATE_BOOTSTRAP_ADMIN", "no-colon-here", "CARDGATE_BOOTSTRAP_ADMIN"),
         ("CARDGATE_CURRENCY", "yuan", "currency"),
         ("CARDGATE_REDIS_URL", "http://x", "CARDGATE_REDIS_URL"),
     ] {
@@ -110,15 +109,9 @@ max_batch = 10
     let config = load(&env).unwrap();
     assert_eq!(config.currency, "USD");
     let gold = &config.tiers["gold"];
-    assert_eq!(
-        (gold.priority, gold.orders_burst, gold.max_batch),
-        (99, 2, 6)
-    );
+    assert_eq!((gold.priority, gold.orders_burst, gold.max_batch), (99, 2, 6));
     assert_eq!(config.tiers["platinum"].priority, 50);
-    assert_eq!(
-        config.tiers["silver"].priority, 20,
-        "untouched defaults stay"
-    );
+    assert_eq!(config.tiers["silver"].priority, 20, "untouched defaults stay");
 
     // A partial tier table is an error naming the tier, not a silent merge.
     std::fs::write(&file, "[tiers.gold]\npriority = 1\n").unwrap();
@@ -130,10 +123,7 @@ max_batch = 10
 #[test]
 fn a_missing_override_file_is_an_error_naming_it() {
     let mut env = base_env();
-    env.insert(
-        "CARDGATE_CONFIG".into(),
-        "/nonexistent/cardgate.toml".into(),
-    );
+    env.insert("CARDGATE_CONFIG".into(), "/nonexistent/cardgate.toml".into());
     let err = load(&env).unwrap_err();
     assert!(err.contains("CARDGATE_CONFIG"), "{err}");
 }

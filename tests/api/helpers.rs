@@ -18,8 +18,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub fn env_url(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with `scripts/dev test`"))
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with `scripts/dev test`"))
 }
 
 pub fn random_suffix() -> String {
@@ -36,10 +35,9 @@ pub fn with_database(url: &str, db: &str) -> String {
 pub async fn create_database() -> String {
     let base = env_url("CARDGATE_DATABASE_URL");
     let name = format!("cgt_{}", random_suffix());
-    let (client, conn) =
-        tokio_postgres::connect(&with_database(&base, "postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("connect to Postgres");
+    let (client, conn) = tokio_postgres::connect(&with_database(&base, "postgres"), tokio_postgres::NoTls)
+        .await
+        .expect("connect to Postgres");
     tokio::spawn(conn);
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -54,10 +52,7 @@ pub fn test_env(database_url: &str) -> HashMap<String, String> {
     env.insert("CARDGATE_LISTEN".into(), "127.0.0.1:0".into());
     env.insert("CARDGATE_REDIS_URL".into(), env_url("CARDGATE_REDIS_URL"));
     env.insert("CARDGATE_DATABASE_URL".into(), database_url.to_string());
-    env.insert(
-        "CARDGATE_REDIS_PREFIX".into(),
-        format!("t{}", random_suffix()),
-    );
+    env.insert("CARDGATE_REDIS_PREFIX".into(), format!("t{}", random_suffix()));
     env.insert(
         "CARDGATE_MASTER_KEY".into(),
         hex::encode(rand::thread_rng().gen::<[u8; 32]>()),
@@ -66,10 +61,7 @@ pub fn test_env(database_url: &str) -> HashMap<String, String> {
         "CARDGATE_JWT_SECRET".into(),
         hex::encode(rand::thread_rng().gen::<[u8; 32]>()),
     );
-    env.insert(
-        "CARDGATE_BOOTSTRAP_ADMIN".into(),
-        "root:root-password-1".into(),
-    );
+    env.insert("CARDGATE_BOOTSTRAP_ADMIN".into(), "root:root-password-1".into());
     env
 }
 
@@ -98,9 +90,7 @@ pub async fn spawn_app_with(overrides: impl FnOnce(&mut HashMap<String, String>)
 pub async fn start(env: HashMap<String, String>) -> TestApp {
     let config = Config::load(&env).expect("test config loads");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let server = cardgate::Server::build(config, listener)
-        .await
-        .expect("server builds");
+    let server = cardgate::Server::build(config, listener).await.expect("server builds");
     let addr = server.local_addr().expect("local addr");
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(server.run(async move {
@@ -127,11 +117,7 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request")
+        self.client.get(self.url(path)).send().await.expect("request")
     }
 
     /// Asks the server to stop and waits for it to return.
@@ -235,10 +221,7 @@ impl PrivateRedis {
             .expect("redis-server on PATH (scripts/dev installs it)");
         self.child = Some(child);
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -275,5 +258,105 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub const ROOT_USER: &str = "root";
+pub const ROOT_PASSWORD: &str = "root-password-1";
+
+impl TestApp {
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let resp = self
+            .client
+            .post(self.url("/admin/v1/login"))
+            .json(&serde_json::json!({"username": user, "password": password}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "login as {user}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn root_token(&self) -> String {
+        self.login(ROOT_USER, ROOT_PASSWORD).await
+    }
+
+    pub async fn admin(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut req = self.client.request(method, self.url(path)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// POSTs and returns the JSON answer, asserting the status.
+    pub async fn admin_ok(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        status: u16,
+    ) -> serde_json::Value {
+        let resp = self.admin(token, method, path, body).await;
+        let got = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(got, status, "{path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub async fn create_product(&self, token: &str, sku: &str) -> serde_json::Value {
+        self.admin_ok(
+            token,
+            reqwest::Method::POST,
+            "/admin/v1/products",
+            Some(
+                serde_json::json!({"sku": sku, "name": format!("Product {sku}"), "face_value": 10000,
+                "base_price": 9800, "tier_prices": {"gold": 9650}, "max_quantity": 100}),
+            ),
+            201,
+        )
+        .await
+    }
+
+    pub async fn import_codes(&self, token: &str, sku: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/admin/v1/products/{sku}/codes")))
+            .bearer_auth(token)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn create_reseller(&self, token: &str, tier: &str) -> serde_json::Value {
+        self.admin_ok(
+            token,
+            reqwest::Method::POST,
+            "/admin/v1/resellers",
+            Some(serde_json::json!({"name": "Shop", "tier": tier})),
+            201,
+        )
+        .await
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.env["CARDGATE_REDIS_URL"].as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    pub fn redis_prefix(&self) -> &str {
+        &self.env["CARDGATE_REDIS_PREFIX"]
     }
 }

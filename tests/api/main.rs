@@ -3,6 +3,8 @@
 
 mod helpers;
 
+mod admin;
 mod config;
 mod http_surface;
+mod import;
 mod ops;

@@ -30,17 +30,12 @@ async fn readyz_turns_503_naming_redis_while_redis_is_down_and_recovers() {
     redis.stop();
     let resp = app.get("/readyz").await;
     assert_eq!(
-        resp.headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()),
+        resp.headers().get("retry-after").and_then(|v| v.to_str().ok()),
         Some("1")
     );
     let (status, code, body) = error_of(resp).await;
     assert_eq!((status, code.as_str()), (503, "unavailable"));
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("redis"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("redis"), "{body}");
     // The process itself is still up.
     assert_eq!(app.get("/healthz").await.status(), 200);
 
@@ -59,10 +54,9 @@ async fn readyz_turns_503_naming_postgres_when_its_database_is_gone() {
     // Dropping the app's database (forcing its connections closed) is Postgres becoming
     // unreachable for this gateway without stopping the shared server.
     let base = env_url("CARDGATE_DATABASE_URL");
-    let (admin, conn) =
-        tokio_postgres::connect(&with_database(&base, "postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
+    let (admin, conn) = tokio_postgres::connect(&with_database(&base, "postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let db = app.database_url.rsplit_once('/').unwrap().1.to_string();
     admin
@@ -74,10 +68,7 @@ async fn readyz_turns_503_naming_postgres_when_its_database_is_gone() {
     let (status, code, body) = error_of(resp).await;
     assert_eq!((status, code.as_str()), (503, "unavailable"));
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("postgres"),
+        body["error"]["message"].as_str().unwrap().contains("postgres"),
         "{body}"
     );
 }
@@ -89,17 +80,18 @@ async fn metrics_count_requests_by_route_and_status_with_latency_and_in_flight()
     app.get("/no-such-route").await;
     let text = app.get("/metrics").await.text().await.unwrap();
     assert!(
-        text.contains(
-            r#"cardgate_http_requests_total{route="/healthz",method="GET",status="200"}"#
-        ),
+        text.contains(r#"cardgate_http_requests_total{route="/healthz",method="GET",status="200"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"cardgate_http_requests_total{route="unmatched",method="GET",status="404"}"#),
         "{text}"
     );
     assert!(
         text.contains(
-            r#"cardgate_http_requests_total{route="unmatched",method="GET",status="404"}"#
+            r#"cardgate_http_request_duration_seconds_bucket{route="/healthz",method="GET",status="200",le="0.005"}"#
         ),
         "{text}"
     );
-    assert!(text.contains(r#"cardgate_http_request_duration_seconds_bucket{route="/healthz",method="GET",status="200",le="0.005"}"#), "{text}");
     assert!(text.contains("cardgate_http_requests_in_flight"), "{text}");
 }

@@ -1,0 +1,57 @@
+//! `GET /admin/v1/audit`: the audit log, newest first, paged by cursor.
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::json;
+
+use super::authorize;
+use crate::app::App;
+use crate::auth::admin::Need;
+use crate::error::ApiError;
+use crate::http::query::{rfc3339, Query};
+use crate::http::{response, Body, Ctx};
+
+const PAGE_DEFAULT: i64 = 100;
+const PAGE_MAX: i64 = 1000;
+
+pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, _) = req.into_parts();
+    authorize(app, ctx, &parts, Need::ReadAudit).await?;
+    let q = Query::parse(parts.uri.query())?;
+    let limit = q.int("limit")?.unwrap_or(PAGE_DEFAULT);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit must be 1 to {PAGE_MAX}")));
+    }
+    let cursor = q.int("cursor")?;
+    let client = app.pg.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, at, actor, actor_kind, action, target, ip, detail FROM audit_log
+             WHERE ($1::text IS NULL OR actor = $1) AND ($2::text IS NULL OR action = $2)
+               AND ($3::timestamptz IS NULL OR at >= $3) AND ($4::timestamptz IS NULL OR at < $4)
+               AND ($5::bigint IS NULL OR id < $5)
+             ORDER BY id DESC LIMIT $6",
+            &[
+                &q.get("actor"),
+                &q.get("action"),
+                &q.time("from")?,
+                &q.time("to")?,
+                &cursor,
+                &limit,
+            ],
+        )
+        .await?;
+    let entries: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({"id": r.get::<_, i64>(0), "at": rfc3339(r.get(1)), "actor": r.get::<_, &str>(2),
+                   "actor_kind": r.get::<_, &str>(3), "action": r.get::<_, &str>(4),
+                   "target": r.get::<_, Option<&str>>(5), "ip": r.get::<_, Option<&str>>(6),
+                   "detail": r.get::<_, serde_json::Value>(7)})
+        })
+        .collect();
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.get::<_, i64>(0).to_string()))
+        .flatten();
+    response::json(StatusCode::OK, &json!({"entries": entries, "next_cursor": next_cursor}))
+}

@@ -1,0 +1,87 @@
+//! Stock: streamed code import and voiding.
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{authorize, json, products::id_of};
+use crate::app::App;
+use crate::audit;
+use crate::auth::admin::Need;
+use crate::error::ApiError;
+use crate::http::{body, response, Body, Ctx};
+use crate::stock::import::Importer;
+use crate::stock::void;
+
+/// Codes named in one void call.
+const VOID_CODES_MAX: usize = 10_000;
+
+pub async fn import(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    if !body::content_type_is(&parts, "text/plain") {
+        return Err(ApiError::UnsupportedMediaType(
+            "Content-Type must be text/plain, one code per line",
+        ));
+    }
+    let client = app.pg.get().await?;
+    let product_id = id_of(&client, sku).await?;
+    drop(client);
+    let importer = Importer {
+        pg: &app.pg,
+        redis: app.redis(),
+        crypto: &app.crypto,
+        keys: &app.keys,
+        product_id,
+    };
+    let report = importer
+        .run(
+            body,
+            app.config.http.import_body_max_bytes,
+            Duration::from_millis(app.config.http.import_read_timeout_ms),
+        )
+        .await?;
+    let client = app.pg.get().await?;
+    audit::record(
+        &client,
+        &actor,
+        "codes.import",
+        Some(sku),
+        None,
+        serde_json::to_value(report).map_err(ApiError::internal)?,
+    )
+    .await?;
+    response::json(StatusCode::OK, &report)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoidRequest {
+    codes: Option<Vec<String>>,
+    #[serde(default)]
+    all_available: bool,
+}
+
+pub async fn void(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let v: VoidRequest = json(app, &parts, body).await?;
+    let client = app.pg.get().await?;
+    let product_id = id_of(&client, sku).await?;
+    let report = match (v.codes, v.all_available) {
+        (Some(codes), false) if !codes.is_empty() && codes.len() <= VOID_CODES_MAX => {
+            void::void_codes(&app.pg, app.redis(), &app.crypto, &app.keys, product_id, &codes).await?
+        }
+        (None, true) => void::void_all_available(&app.pg, app.redis(), &app.keys, product_id).await?,
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "give either codes (1 to {VOID_CODES_MAX}) or all_available: true"
+            )))
+        }
+    };
+    audit::record(&client, &actor, "codes.void", Some(sku), None, json!(report)).await?;
+    response::json(StatusCode::OK, &report)
+}

@@ -1,0 +1,365 @@
+//! Resellers, their API keys and balances.
+
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_postgres::Row;
+
+use super::{authorize, json, nullable};
+use crate::app::App;
+use crate::audit;
+use crate::auth::admin::Need;
+use crate::balance::{self, ADJUSTMENT_MAX_ABS};
+use crate::config::parse_cidr;
+use crate::crypto::Purpose;
+use crate::error::ApiError;
+use crate::http::query::rfc3339;
+use crate::http::{response, Body, Ctx};
+use crate::ids;
+
+const ALLOWLIST_MAX: usize = 100;
+const URL_MAX_BYTES: usize = 2048;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewReseller {
+    name: String,
+    tier: String,
+    #[serde(default)]
+    ip_allowlist: Vec<String>,
+    callback_url: Option<String>,
+    #[serde(default)]
+    low_balance_threshold: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResellerPatch {
+    name: Option<String>,
+    tier: Option<String>,
+    status: Option<String>,
+    ip_allowlist: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    callback_url: Option<Option<String>>,
+    low_balance_threshold: Option<i64>,
+}
+
+fn check_tier(app: &App, tier: &str) -> Result<(), ApiError> {
+    if !app.config.tiers.contains_key(tier) {
+        return Err(ApiError::invalid(format!("tier: unknown tier {tier:?}")));
+    }
+    Ok(())
+}
+
+/// Normalised CIDRs (a bare address becomes a /32 or /128).
+fn check_allowlist(list: &[String]) -> Result<Vec<String>, ApiError> {
+    if list.len() > ALLOWLIST_MAX {
+        return Err(ApiError::invalid(format!(
+            "ip_allowlist holds at most {ALLOWLIST_MAX} entries"
+        )));
+    }
+    list.iter()
+        .map(|c| {
+            parse_cidr(c)
+                .map(|n| n.to_string())
+                .ok_or_else(|| ApiError::invalid(format!("ip_allowlist: {c:?} is not an IP address or CIDR")))
+        })
+        .collect()
+}
+
+fn check_url(url: &str) -> Result<(), ApiError> {
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.len() <= URL_MAX_BYTES
+        && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some());
+    if !ok {
+        return Err(ApiError::invalid("callback_url must be an http(s) URL"));
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name must be 1 to 200 characters"));
+    }
+    Ok(())
+}
+
+fn check_threshold(t: i64) -> Result<(), ApiError> {
+    if t < 0 {
+        return Err(ApiError::invalid("low_balance_threshold must be zero or more"));
+    }
+    Ok(())
+}
+
+const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
+     r.low_balance_threshold, r.created_at, r.updated_at, b.balance";
+
+fn reseller_json(r: &Row, currency: &str) -> Value {
+    json!({
+        "reseller_id": r.get::<_, &str>(1), "name": r.get::<_, &str>(2), "tier": r.get::<_, &str>(3),
+        "status": r.get::<_, &str>(4), "ip_allowlist": r.get::<_, Vec<String>>(5),
+        "callback_url": r.get::<_, Option<&str>>(6), "low_balance_threshold": r.get::<_, i64>(7),
+        "balance": r.get::<_, i64>(10), "currency": currency,
+        "created_at": rfc3339(r.get(8)), "updated_at": rfc3339(r.get(9)),
+    })
+}
+
+async fn load(client: &deadpool_postgres::Client, reseller_id: &str) -> Result<Row, ApiError> {
+    let sql = format!(
+        "SELECT {RESELLER_COLUMNS} FROM resellers r JOIN balances b ON b.reseller_id = r.id WHERE r.reseller_id = $1"
+    );
+    client
+        .query_opt(&sql, &[&reseller_id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such reseller"))
+}
+
+pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let new: NewReseller = json(app, &parts, body).await?;
+    check_name(&new.name)?;
+    check_tier(app, &new.tier)?;
+    let allowlist = check_allowlist(&new.ip_allowlist)?;
+    if let Some(u) = &new.callback_url {
+        check_url(u)?;
+    }
+    check_threshold(new.low_balance_threshold)?;
+
+    let reseller_id = ids::reseller_id();
+    let webhook_secret = ids::webhook_secret();
+    let sealed = app.crypto.encrypt(
+        Purpose::WebhookSecret {
+            reseller_id: &reseller_id,
+        },
+        webhook_secret.as_bytes(),
+    );
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let pk: i64 = tx
+        .query_one(
+            "INSERT INTO resellers (reseller_id, name, tier, ip_allowlist, callback_url, low_balance_threshold, webhook_secret_enc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[&reseller_id, &new.name, &new.tier, &allowlist, &new.callback_url, &new.low_balance_threshold, &sealed],
+        )
+        .await?
+        .get(0);
+    tx.execute("INSERT INTO balances (reseller_id) VALUES ($1)", &[&pk])
+        .await?;
+    audit::record(
+        &tx,
+        &actor,
+        "reseller.create",
+        Some(&reseller_id),
+        None,
+        json!({"tier": new.tier}),
+    )
+    .await?;
+    tx.commit().await?;
+    // The hot balance starts at zero; NX so a rebuild that already ran is not undone.
+    let mut redis = app.redis();
+    redis::cmd("SET")
+        .arg(app.keys.balance(pk))
+        .arg(0)
+        .arg("NX")
+        .query_async::<()>(&mut redis)
+        .await?;
+
+    let row = load(&client, &reseller_id).await?;
+    let mut body = reseller_json(&row, &app.config.currency);
+    body["webhook_secret"] = Value::String(webhook_secret);
+    response::json(StatusCode::CREATED, &body)
+}
+
+pub async fn patch(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    reseller_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let p: ResellerPatch = json(app, &parts, body).await?;
+    if let Some(n) = &p.name {
+        check_name(n)?;
+    }
+    if let Some(t) = &p.tier {
+        check_tier(app, t)?;
+    }
+    if let Some(s) = &p.status {
+        if s != "active" && s != "suspended" {
+            return Err(ApiError::invalid("status must be active or suspended"));
+        }
+    }
+    let allowlist = p.ip_allowlist.as_deref().map(check_allowlist).transpose()?;
+    if let Some(Some(u)) = &p.callback_url {
+        check_url(u)?;
+    }
+    if let Some(t) = p.low_balance_threshold {
+        check_threshold(t)?;
+    }
+    let (set_url, url) = match &p.callback_url {
+        Some(u) => (true, u.clone()),
+        None => (false, None),
+    };
+    let client = app.pg.get().await?;
+    let n = client
+        .execute(
+            "UPDATE resellers SET name = coalesce($2, name), tier = coalesce($3, tier), status = coalesce($4, status),
+                    ip_allowlist = coalesce($5, ip_allowlist),
+                    callback_url = CASE WHEN $6 THEN $7 ELSE callback_url END,
+                    low_balance_threshold = coalesce($8, low_balance_threshold), updated_at = now()
+             WHERE reseller_id = $1",
+            &[
+                &reseller_id,
+                &p.name,
+                &p.tier,
+                &p.status,
+                &allowlist,
+                &set_url,
+                &url,
+                &p.low_balance_threshold,
+            ],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("no such reseller"));
+    }
+    audit::record(
+        &client,
+        &actor,
+        "reseller.update",
+        Some(reseller_id),
+        None,
+        json!({"tier": p.tier, "status": p.status, "ip_allowlist": allowlist, "callback_url_changed": set_url}),
+    )
+    .await?;
+    let row = load(&client, reseller_id).await?;
+    response::json(StatusCode::OK, &reseller_json(&row, &app.config.currency))
+}
+
+pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>, reseller_id: &str) -> Result<Response<Body>, ApiError> {
+    let (parts, _) = req.into_parts();
+    authorize(app, ctx, &parts, Need::Read).await?;
+    let client = app.pg.get().await?;
+    let row = load(&client, reseller_id).await?;
+    response::json(StatusCode::OK, &reseller_json(&row, &app.config.currency))
+}
+
+pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, _) = req.into_parts();
+    authorize(app, ctx, &parts, Need::Read).await?;
+    let client = app.pg.get().await?;
+    let sql =
+        format!("SELECT {RESELLER_COLUMNS} FROM resellers r JOIN balances b ON b.reseller_id = r.id ORDER BY r.id");
+    let rows = client.query(&sql, &[]).await?;
+    let list: Vec<Value> = rows.iter().map(|r| reseller_json(r, &app.config.currency)).collect();
+    response::json(StatusCode::OK, &json!({"resellers": list}))
+}
+
+pub async fn create_key(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    reseller_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (parts, _) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let client = app.pg.get().await?;
+    let pk: i64 = load(&client, reseller_id).await?.get(0);
+    let key_id = ids::key_id();
+    let secret = ids::api_secret();
+    let sealed = app
+        .crypto
+        .encrypt(Purpose::ApiSecret { key_id: &key_id }, secret.as_bytes());
+    let created_at: time::OffsetDateTime = client
+        .query_one(
+            "INSERT INTO api_keys (key_id, reseller_id, secret_enc) VALUES ($1, $2, $3) RETURNING created_at",
+            &[&key_id, &pk, &sealed],
+        )
+        .await?
+        .get(0);
+    audit::record(
+        &client,
+        &actor,
+        "key.create",
+        Some(&key_id),
+        None,
+        json!({"reseller_id": reseller_id}),
+    )
+    .await?;
+    let mut resp = response::json(
+        StatusCode::CREATED,
+        &json!({"key_id": key_id, "secret": secret, "reseller_id": reseller_id, "created_at": rfc3339(created_at)}),
+    )?;
+    // The one answer that carries the secret must not be kept by any cache.
+    resp.headers_mut()
+        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+pub async fn revoke_key(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    key_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (parts, _) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let client = app.pg.get().await?;
+    let row = client
+        .query_opt(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING revoked_at",
+            &[&key_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such key"))?;
+    audit::record(&client, &actor, "key.revoke", Some(key_id), None, json!({})).await?;
+    let revoked_at: time::OffsetDateTime = row.get(0);
+    response::json(
+        StatusCode::OK,
+        &json!({"key_id": key_id, "revoked": true, "revoked_at": rfc3339(revoked_at)}),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adjustment {
+    amount: i64,
+    reference: String,
+    note: Option<String>,
+}
+
+pub async fn adjust_balance(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    reseller_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let a: Adjustment = json(app, &parts, body).await?;
+    if a.amount == 0 || a.amount.abs() > ADJUSTMENT_MAX_ABS {
+        return Err(ApiError::invalid(format!(
+            "amount must be non-zero and at most {ADJUSTMENT_MAX_ABS} in size"
+        )));
+    }
+    if a.reference.trim().is_empty() || a.reference.len() > 128 {
+        return Err(ApiError::invalid("reference must be 1 to 128 bytes"));
+    }
+    if a.note.as_ref().is_some_and(|n| n.len() > 1000) {
+        return Err(ApiError::invalid("note must be at most 1000 bytes"));
+    }
+    let client = app.pg.get().await?;
+    let pk: i64 = load(&client, reseller_id).await?.get(0);
+    drop(client);
+    let adjusted = balance::adjust(app, &actor, pk, reseller_id, a.amount, &a.reference, a.note.as_deref()).await?;
+    let mut resp = response::json(StatusCode::OK, &adjusted)?;
+    if adjusted.replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}

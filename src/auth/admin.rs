@@ -1,0 +1,200 @@
+//! Operator authentication: Argon2id passwords, HS256 tokens, roles.
+//!
+//! The token proves who the caller is; the role is read from Postgres on every request,
+//! so disabling an account or changing its role takes effect at once. The admin API is
+//! not on the hot path, and one indexed lookup is cheap next to that guarantee.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use hyper::header::AUTHORIZATION;
+use hyper::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Operator,
+    Auditor,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    pub fn may(self, need: Need) -> bool {
+        match need {
+            Need::Read => true,
+            Need::Write => matches!(self, Role::Admin | Role::Operator),
+            Need::ManageAdmins => self == Role::Admin,
+            Need::ReadAudit => matches!(self, Role::Admin | Role::Auditor),
+        }
+    }
+}
+
+/// What a route needs of the caller's role.
+#[derive(Debug, Clone, Copy)]
+pub enum Need {
+    /// Catalogue, stock, resellers, orders: read.
+    Read,
+    /// Catalogue, stock, resellers, orders, balances: change.
+    Write,
+    /// Operator accounts.
+    ManageAdmins,
+    /// The audit log.
+    ReadAudit,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub username: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl Tokens {
+    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        // Only HS256: a token naming another algorithm (`none` included) is refused.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub", "iat"]);
+        Tokens {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            ttl,
+        }
+    }
+
+    /// A token for `username` and its expiry (Unix seconds).
+    pub fn issue(&self, username: &str) -> Result<(String, u64), ApiError> {
+        let now = unix_now();
+        let exp = now + self.ttl.as_secs();
+        let claims = Claims {
+            sub: username.to_string(),
+            iat: now,
+            exp,
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(ApiError::internal)?;
+        Ok((token, exp))
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|_| ApiError::Unauthenticated("missing, expired or invalid token"))
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthenticated("missing bearer token"))
+}
+
+pub fn hash_password(password: &str) -> Result<String, ApiError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing a password: {e}")))
+}
+
+/// Verifies `password` against a stored PHC string. With no stored hash (unknown user)
+/// it verifies against a fixed dummy hash, so both cases cost the same time.
+pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let dummy = DUMMY.get_or_init(|| hash_password("cardgate-dummy-password").unwrap_or_default());
+    let hash = stored.unwrap_or(dummy);
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let ok = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
+    ok && stored.is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_may_what_api_md_says() {
+        assert!(
+            Role::Admin.may(Need::ManageAdmins) && Role::Admin.may(Need::Write) && Role::Admin.may(Need::ReadAudit)
+        );
+        assert!(Role::Operator.may(Need::Write) && !Role::Operator.may(Need::ManageAdmins));
+        assert!(Role::Auditor.may(Need::Read) && !Role::Auditor.may(Need::Write) && Role::Auditor.may(Need::ReadAudit));
+    }
+
+    #[test]
+    fn passwords_verify_only_against_their_hash() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", Some(&h)));
+        assert!(!verify_password("wrong", Some(&h)));
+        assert!(!verify_password("cardgate-dummy-password", None));
+    }
+
+    #[test]
+    fn tokens_verify_only_with_their_secret_and_before_expiry() {
+        let t = Tokens::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
+        let (token, _) = t.issue("alice").unwrap();
+        assert_eq!(t.verify(&token).unwrap().sub, "alice");
+        let other = Tokens::new(b"fedcba9876543210fedcba9876543210", Duration::from_secs(60));
+        assert!(other.verify(&token).is_err());
+        let expired = Tokens::new(b"0123456789abcdef0123456789abcdef", Duration::ZERO);
+        let claims = Claims {
+            sub: "alice".into(),
+            iat: 1,
+            exp: 2,
+        };
+        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &expired.encoding).unwrap();
+        assert!(t.verify(&old).is_err());
+    }
+}

@@ -1,0 +1,67 @@
+//! Query strings: decoded pairs for handlers (signing uses the raw form, see `auth`).
+
+use std::borrow::Cow;
+
+use percent_encoding::percent_decode_str;
+
+use crate::error::ApiError;
+
+fn decode(s: &str) -> Result<String, ApiError> {
+    let plus: Cow<'_, str> = if s.contains('+') {
+        Cow::Owned(s.replace('+', " "))
+    } else {
+        Cow::Borrowed(s)
+    };
+    percent_decode_str(&plus)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| ApiError::invalid("query string is not valid UTF-8"))
+}
+
+/// Decoded `name=value` pairs; a later duplicate name wins.
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub fn parse(raw: Option<&str>) -> Result<Query, ApiError> {
+        let mut pairs = Vec::new();
+        for part in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            pairs.push((decode(k)?, decode(v)?));
+        }
+        Ok(Query(pairs))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// An RFC 3339 time parameter.
+    pub fn time(&self, name: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time")))
+            })
+            .transpose()
+    }
+
+    pub fn int(&self, name: &str) -> Result<Option<i64>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| ApiError::invalid(format!("{name} must be an integer")))
+            })
+            .transpose()
+    }
+}
+
+/// RFC 3339 in UTC, to the second, as every time in the API is written.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,145 @@
+//! Streamed code import: lines are encrypted and inserted in batches, each batch then
+//! pushed onto the product's Redis stock list.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+use super::lines::{Line, Splitter};
+use crate::crypto::{Crypto, Purpose};
+use crate::error::ApiError;
+use crate::store::keys::Keys;
+
+/// Codes per Postgres statement: large enough to amortise the round trip and the commit,
+/// small enough that a batch's memory (a few MB) stays bounded.
+pub const IMPORT_BATCH_CODES_MAX: usize = 5000;
+
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ImportReport {
+    pub imported: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+}
+
+pub struct Importer<'a> {
+    pub pg: &'a Pool,
+    pub redis: ConnectionManager,
+    pub crypto: &'a Crypto,
+    pub keys: &'a Keys,
+    pub product_id: i64,
+}
+
+struct Batch {
+    hashes: Vec<Vec<u8>>,
+    sealed: Vec<Vec<u8>>,
+}
+
+impl Importer<'_> {
+    /// Reads `body` to its end within `timeout` and at most `limit` bytes.
+    pub async fn run(&self, mut body: Incoming, limit: u64, timeout: Duration) -> Result<ImportReport, ApiError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut report = ImportReport::default();
+        let mut splitter = Splitter::default();
+        let mut batch = Batch {
+            hashes: Vec::new(),
+            sealed: Vec::new(),
+        };
+        let mut read: u64 = 0;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(ApiError::SlowBody),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(ApiError::invalid("request body could not be read")),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            read += data.len() as u64;
+            if read > limit {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            self.split(&mut splitter, &data, false, &mut batch, &mut report);
+            if batch.hashes.len() >= IMPORT_BATCH_CODES_MAX {
+                self.flush(&mut batch, &mut report).await?;
+            }
+        }
+        self.split(&mut splitter, &Bytes::new(), true, &mut batch, &mut report);
+        self.flush(&mut batch, &mut report).await?;
+        Ok(report)
+    }
+
+    fn split(&self, splitter: &mut Splitter, data: &[u8], last: bool, batch: &mut Batch, report: &mut ImportReport) {
+        let purpose = Purpose::Code {
+            product_id: self.product_id,
+        };
+        let mut emit = |line: Line<'_>| match line {
+            Line::Code(code) => {
+                batch.hashes.push(self.crypto.code_hash(code.as_bytes()).to_vec());
+                batch.sealed.push(self.crypto.encrypt(purpose, code.as_bytes()));
+            }
+            Line::Rejected => report.rejected += 1,
+            Line::Blank => {}
+        };
+        splitter.push(data, &mut emit);
+        if last {
+            splitter.finish(&mut emit);
+        }
+    }
+
+    /// Inserts the batch, skipping codes the product already has (in this body or
+    /// before), and pushes the new ones onto the Redis stock list before committing:
+    /// if Redis refuses, nothing of the batch is kept and the import can simply be re-run.
+    async fn flush(&self, batch: &mut Batch, report: &mut ImportReport) -> Result<(), ApiError> {
+        if batch.hashes.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.pg.get().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "INSERT INTO codes (product_id, code_hash, code_enc)
+                 SELECT $1, h, e FROM unnest($2::bytea[], $3::bytea[]) AS t(h, e)
+                 ON CONFLICT (product_id, code_hash) DO NOTHING
+                 RETURNING id, code_enc",
+                &[&self.product_id, &batch.hashes, &batch.sealed],
+            )
+            .await?;
+        let elements: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| super::element(r.get(0), r.get::<_, &[u8]>(1)))
+            .collect();
+        if !elements.is_empty() {
+            let mut redis = self.redis.clone();
+            redis::cmd("RPUSH")
+                .arg(self.keys.stock(self.product_id))
+                .arg(&elements)
+                .query_async::<()>(&mut redis)
+                .await?;
+        }
+        if let Err(e) = tx.commit().await {
+            // The codes are in Redis but not in Postgres: take them back out so nothing
+            // unrecorded can be sold, then report the failure.
+            let mut redis = self.redis.clone();
+            let mut pipe = redis::pipe();
+            for el in &elements {
+                pipe.cmd("LREM")
+                    .arg(self.keys.stock(self.product_id))
+                    .arg(1)
+                    .arg(el)
+                    .ignore();
+            }
+            let _ = pipe.query_async::<()>(&mut redis).await;
+            return Err(e.into());
+        }
+        report.imported += elements.len() as u64;
+        report.duplicates += (batch.hashes.len() - elements.len()) as u64;
+        metrics::counter!("cardgate_codes_imported_total").increment(elements.len() as u64);
+        batch.hashes.clear();
+        batch.sealed.clear();
+        Ok(())
+    }
+}

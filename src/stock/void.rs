@@ -1,0 +1,112 @@
+//! Voiding unsold codes (a bad batch from a supplier): out of Redis first, so a code
+//! being voided cannot be reserved meanwhile, then marked voided in Postgres.
+
+use deadpool_postgres::Pool;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+use crate::crypto::Crypto;
+use crate::error::ApiError;
+use crate::store::keys::Keys;
+
+/// Elements popped per round when voiding everything.
+const VOID_ALL_CHUNK: usize = 1000;
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct VoidReport {
+    pub voided: u64,
+    /// Not a code of this product.
+    pub not_found: u64,
+    /// Delivered, already voided, or reserved by an order in flight.
+    pub not_available: u64,
+}
+
+pub async fn void_codes(
+    pg: &Pool,
+    mut redis: ConnectionManager,
+    crypto: &Crypto,
+    keys: &Keys,
+    product_id: i64,
+    codes: &[String],
+) -> Result<VoidReport, ApiError> {
+    let mut hashes: Vec<Vec<u8>> = codes
+        .iter()
+        .map(|c| crypto.code_hash(c.trim().as_bytes()).to_vec())
+        .collect();
+    hashes.sort();
+    hashes.dedup();
+    let client = pg.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, code_enc, status FROM codes WHERE product_id = $1 AND code_hash = ANY($2)",
+            &[&product_id, &hashes],
+        )
+        .await?;
+    let mut report = VoidReport {
+        not_found: (hashes.len() - rows.len()) as u64,
+        ..Default::default()
+    };
+    let available: Vec<_> = rows.iter().filter(|r| r.get::<_, &str>(2) == "available").collect();
+    report.not_available += (rows.len() - available.len()) as u64;
+    if available.is_empty() {
+        return Ok(report);
+    }
+    let mut pipe = redis::pipe();
+    for r in &available {
+        pipe.cmd("LREM")
+            .arg(keys.stock(product_id))
+            .arg(1)
+            .arg(super::element(r.get(0), r.get::<_, &[u8]>(1)));
+    }
+    let removed: Vec<i64> = pipe.query_async(&mut redis).await?;
+    let ids: Vec<i64> = available
+        .iter()
+        .zip(&removed)
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, _)| r.get(0))
+        .collect();
+    // Available in Postgres yet not in the Redis list: reserved by an order in flight.
+    report.not_available += (available.len() - ids.len()) as u64;
+    report.voided = mark_voided(&client, &ids).await?;
+    Ok(report)
+}
+
+pub async fn void_all_available(
+    pg: &Pool,
+    mut redis: ConnectionManager,
+    keys: &Keys,
+    product_id: i64,
+) -> Result<VoidReport, ApiError> {
+    let client = pg.get().await?;
+    let mut report = VoidReport::default();
+    loop {
+        let popped: Option<Vec<Vec<u8>>> = redis::cmd("LPOP")
+            .arg(keys.stock(product_id))
+            .arg(VOID_ALL_CHUNK)
+            .query_async(&mut redis)
+            .await?;
+        let Some(popped) = popped.filter(|p| !p.is_empty()) else {
+            break;
+        };
+        let ids: Vec<i64> = popped
+            .iter()
+            .filter_map(|e| super::parse_element(e).map(|(id, _)| id))
+            .collect();
+        report.voided += mark_voided(&client, &ids).await?;
+    }
+    Ok(report)
+}
+
+async fn mark_voided(client: &deadpool_postgres::Client, ids: &[i64]) -> Result<u64, ApiError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let n = client
+        .execute(
+            "UPDATE codes SET status = 'voided', voided_at = now() WHERE id = ANY($1) AND status = 'available'",
+            &[&ids],
+        )
+        .await?;
+    metrics::counter!("cardgate_codes_voided_total").increment(n);
+    Ok(n)
+}

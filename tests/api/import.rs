@@ -1,0 +1,214 @@
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn stock_len(app: &TestApp, sku: &str) -> i64 {
+    let db = app.db().await;
+    let pid: i64 = db
+        .query_one("SELECT id FROM products WHERE sku = $1", &[&sku])
+        .await
+        .unwrap()
+        .get(0);
+    let mut redis = app.redis().await;
+    redis::cmd("LLEN")
+        .arg(format!("{}:{{s0}}:stock:{pid}", app.redis_prefix()))
+        .query_async(&mut redis)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn import_counts_every_edge_case_and_stocks_redis() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    app.create_product(&t, "g1").await;
+    let long = "L".repeat(513);
+    let exact = "E".repeat(512);
+    let mut body = b"\xEF\xBB\xBFAAAA-0001\r\n  AAAA-0002  \r\n\r\n   \nAAAA-0001\n".to_vec();
+    body.extend_from_slice(format!("{long}\n{exact}\n").as_bytes());
+    body.extend_from_slice(b"\xC3\x28bad\nAAAA-0003");
+    let resp = app.import_codes(&t, "g1", body).await;
+    assert_eq!(resp.status(), 200);
+    let report: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(report, json!({"imported": 4, "duplicates": 1, "rejected": 2}));
+    assert_eq!(stock_len(&app, "g1").await, 4);
+
+    // Codes already known for the SKU are duplicates; the same code under another SKU is not.
+    let again = app
+        .import_codes(&t, "g1", "AAAA-0001\nAAAA-0004\n")
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(again, json!({"imported": 1, "duplicates": 1, "rejected": 0}));
+    app.create_product(&t, "g2").await;
+    let other = app
+        .import_codes(&t, "g2", "AAAA-0001\n")
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(other["imported"], 1);
+    assert_eq!(stock_len(&app, "g1").await, 5);
+
+    let p = app.admin_ok(&t, Method::GET, "/admin/v1/products/g1", None, 200).await;
+    assert_eq!(p["stock"]["available"], 5);
+
+    let resp = app
+        .client
+        .post(app.url("/admin/v1/products/g1/codes"))
+        .bearer_auth(&t)
+        .json(&json!(["x"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    assert_eq!(app.import_codes(&t, "nope", "x\n").await.status(), 404);
+}
+
+#[tokio::test]
+async fn neither_postgres_nor_redis_holds_a_plaintext_code_or_secret() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    app.create_product(&t, "secret-sku").await;
+    let codes: Vec<String> = (0..50).map(|i| format!("PLAINTEXT-CODE-{i:04}-XYZ")).collect();
+    app.import_codes(&t, "secret-sku", codes.join("\n")).await;
+    let r = app.create_reseller(&t, "gold").await;
+    let webhook_secret = r["webhook_secret"].as_str().unwrap().to_string();
+    let k = app
+        .admin_ok(
+            &t,
+            Method::POST,
+            &format!("/admin/v1/resellers/{}/keys", r["reseller_id"].as_str().unwrap()),
+            None,
+            201,
+        )
+        .await;
+    let api_secret = k["secret"].as_str().unwrap().to_string();
+
+    // Every column of every table, as text (bytea as hex and as escaped bytes).
+    let db = app.db().await;
+    let tables: Vec<String> = db
+        .query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut dump = String::new();
+    for table in tables {
+        for row in db.query(&format!("SELECT t::text FROM {table} t"), &[]).await.unwrap() {
+            dump.push_str(row.get::<_, &str>(0));
+        }
+        for row in db
+            .query(
+                &format!("SELECT encode(convert_to(t::text, 'UTF8'), 'escape') FROM {table} t"),
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            dump.push_str(row.get::<_, &str>(0));
+        }
+    }
+    assert!(dump.len() > 1000);
+    let needles =
+        codes
+            .iter()
+            .map(String::as_str)
+            .chain([api_secret.as_str(), webhook_secret.as_str(), "PLAINTEXT-CODE"]);
+    for needle in needles.clone() {
+        assert!(!dump.contains(needle), "{needle} found in Postgres");
+        let hex_needle = hex::encode(needle);
+        assert!(!dump.contains(&hex_needle), "{needle} found hex-encoded in Postgres");
+    }
+
+    let mut redis = app.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", app.redis_prefix()))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let mut raw = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await.unwrap();
+        if kind == "list" {
+            let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            items.into_iter().for_each(|i| raw.extend(i));
+        } else if kind == "string" {
+            let v: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
+            raw.extend(v);
+        }
+    }
+    assert!(raw.len() > 50 * 28, "stock is in Redis");
+    for needle in needles {
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} found in Redis"
+        );
+    }
+}
+
+#[tokio::test]
+async fn voiding_named_codes_and_all_available() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    app.create_product(&t, "v1").await;
+    app.import_codes(&t, "v1", "C1\nC2\nC3\nC4\n").await;
+    let report = app
+        .admin_ok(
+            &t,
+            Method::POST,
+            "/admin/v1/products/v1/codes/void",
+            Some(json!({"codes": ["C1", "C2", "NOPE"]})),
+            200,
+        )
+        .await;
+    assert_eq!(report, json!({"voided": 2, "not_found": 1, "not_available": 0}));
+    let again = app
+        .admin_ok(
+            &t,
+            Method::POST,
+            "/admin/v1/products/v1/codes/void",
+            Some(json!({"codes": ["C1"]})),
+            200,
+        )
+        .await;
+    assert_eq!(again["not_available"], 1);
+    assert_eq!(stock_len(&app, "v1").await, 2);
+    let all = app
+        .admin_ok(
+            &t,
+            Method::POST,
+            "/admin/v1/products/v1/codes/void",
+            Some(json!({"all_available": true})),
+            200,
+        )
+        .await;
+    assert_eq!(all["voided"], 2);
+    assert_eq!(stock_len(&app, "v1").await, 0);
+    let p = app.admin_ok(&t, Method::GET, "/admin/v1/products/v1", None, 200).await;
+    assert_eq!(p["stock"], json!({"available": 0, "delivered": 0, "voided": 4}));
+    // A voided code re-imported stays a duplicate: it is never sold again.
+    let re = app
+        .import_codes(&t, "v1", "C1\n")
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(re["duplicates"], 1);
+    let (s, _, _) = error_of(
+        app.admin(&t, Method::POST, "/admin/v1/products/v1/codes/void", Some(json!({})))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 400);
+}
