@@ -9,8 +9,11 @@ use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
 
 use crate::auth::admin::Tokens;
+use crate::auth::keys::KeyCache;
+use crate::catalogue::Catalogue;
 use crate::config::{Config, Validated};
 use crate::crypto::Crypto;
+use crate::ratelimit::RateLimits;
 use crate::store::{self, keys::Keys};
 use crate::telemetry;
 
@@ -23,6 +26,11 @@ pub struct App {
     pub metrics: PrometheusHandle,
     pub crypto: Crypto,
     pub tokens: Tokens,
+    /// For connections of their own (pub/sub), apart from the shared multiplexed one.
+    pub redis_client: redis::Client,
+    pub key_cache: KeyCache,
+    pub catalogue: Catalogue,
+    pub rate_limits: RateLimits,
 }
 
 impl App {
@@ -42,6 +50,8 @@ impl App {
             .map(|s| s.expose_secret().as_bytes().to_vec())
             .unwrap_or_default();
         let tokens = Tokens::new(&jwt_secret, std::time::Duration::from_secs(config.admin.token_ttl_secs));
+        let redis_client = redis::Client::open(config.redis_url.expose_secret()).context("redis_url")?;
+        let rate_limits = RateLimits::new(&config.tiers);
         let app = App {
             config,
             settings,
@@ -51,8 +61,14 @@ impl App {
             metrics,
             crypto,
             tokens,
+            redis_client,
+            key_cache: KeyCache::default(),
+            catalogue: Catalogue::default(),
+            rate_limits,
         };
         app.bootstrap_admin().await?;
+        app.key_cache.reload(&app.pg, &app.crypto).await?;
+        app.catalogue.reload(&app.pg).await?;
         Ok(Arc::new(app))
     }
 

@@ -9,13 +9,16 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod balance;
+pub mod catalogue;
 pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod ratelimit;
 pub mod stock;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 
 use std::future::Future;
@@ -46,7 +49,15 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains in-flight requests and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        // Background tasks live exactly as long as the server: aborted when it returns.
+        let tasks = [
+            tokio::spawn(sync::listen(self.app.clone())),
+            tokio::spawn(sync::refresh_periodically(self.app.clone())),
+        ];
         http::serve(self.listener, self.app, shutdown).await;
+        for t in tasks {
+            t.abort();
+        }
         Ok(())
     }
 }

@@ -2,3 +2,4 @@
 
 pub mod admin;
 pub mod ops;
+pub mod v1;

@@ -37,6 +37,9 @@ pub enum Route {
     AdminRevokeKey(String),
     AdminAdjustBalance(String),
     AdminAudit,
+    Products,
+    Product(String),
+    Balance,
 }
 
 impl Route {
@@ -59,6 +62,9 @@ impl Route {
             Route::AdminRevokeKey(_) => "/admin/v1/keys/{key_id}",
             Route::AdminAdjustBalance(_) => "/admin/v1/resellers/{id}/balance",
             Route::AdminAudit => "/admin/v1/audit",
+            Route::Products => "/v1/products",
+            Route::Product(_) => "/v1/products/{sku}",
+            Route::Balance => "/v1/balance",
         }
     }
 }
@@ -80,6 +86,9 @@ pub fn resolve(method: &Method, path: &str) -> Result<Route, ApiError> {
         [Some("readyz"), None, ..] => allow(method, GET, Route::Readyz)?,
         [Some("metrics"), None, ..] => allow(method, GET, Route::Metrics)?,
         [Some("admin"), Some("v1"), Some(a), b, c, d] => admin(method, a, b, c, d)?,
+        [Some("v1"), Some("products"), None, ..] => allow(method, GET, Route::Products)?,
+        [Some("v1"), Some("products"), Some(sku), None, ..] => allow(method, GET, Route::Product(param(sku)?.into()))?,
+        [Some("v1"), Some("balance"), None, ..] => allow(method, GET, Route::Balance)?,
         _ => return Err(ApiError::not_found("no such route")),
     };
     Ok(route)
@@ -176,6 +185,9 @@ pub async fn dispatch(
         Route::AdminRevokeKey(k) => resellers::revoke_key(app, ctx, req, &k).await,
         Route::AdminAdjustBalance(id) => resellers::adjust_balance(app, ctx, req, &id).await,
         Route::AdminAudit => audit::list(app, ctx, req).await,
+        Route::Products => api::v1::reads::products(app, ctx, req).await,
+        Route::Product(sku) => api::v1::reads::product(app, ctx, req, &sku).await,
+        Route::Balance => api::v1::reads::balance(app, ctx, req).await,
     };
     (name, result)
 }

@@ -42,6 +42,11 @@ impl Keys {
         self.key(&["loginfail", username])
     }
 
+    /// A spent request nonce of one API key (expires after the replay window).
+    pub fn nonce(&self, key_id: &str, nonce: &str) -> String {
+        self.key(&["nonce", key_id, nonce])
+    }
+
     /// Written when the Redis state was last rebuilt from Postgres; its absence means
     /// Redis lost its data.
     pub fn epoch(&self) -> String {

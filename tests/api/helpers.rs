@@ -360,3 +360,97 @@ impl TestApp {
         &self.env["CARDGATE_REDIS_PREFIX"]
     }
 }
+
+pub struct ResellerKey {
+    pub reseller_id: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+pub fn nonce() -> String {
+    format!("n{}{}", random_suffix(), random_suffix())
+}
+
+impl TestApp {
+    /// A reseller of `tier` with one API key and `balance` credited.
+    pub async fn reseller_with_key(&self, token: &str, tier: &str, body: serde_json::Value) -> ResellerKey {
+        let mut b = serde_json::json!({"name": "Shop", "tier": tier});
+        if let (Some(b), Some(extra)) = (b.as_object_mut(), body.as_object()) {
+            b.extend(extra.clone());
+        }
+        let r = self
+            .admin_ok(token, reqwest::Method::POST, "/admin/v1/resellers", Some(b), 201)
+            .await;
+        let rid = r["reseller_id"].as_str().unwrap().to_string();
+        let k = self
+            .admin_ok(
+                token,
+                reqwest::Method::POST,
+                &format!("/admin/v1/resellers/{rid}/keys"),
+                None,
+                201,
+            )
+            .await;
+        ResellerKey {
+            reseller_id: rid,
+            key_id: k["key_id"].as_str().unwrap().into(),
+            secret: k["secret"].as_str().unwrap().into(),
+        }
+    }
+
+    /// A request signed now with a fresh nonce.
+    pub async fn signed(
+        &self,
+        key: &ResellerKey,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> reqwest::Response {
+        self.signed_at(key, method, path, body, now_secs(), &nonce(), &[]).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn signed_at(
+        &self,
+        key: &ResellerKey,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&str>,
+        timestamp: i64,
+        nonce: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let body = body.unwrap_or("");
+        let message = cardgate::auth::signing::Message {
+            timestamp,
+            nonce,
+            method: method.as_str(),
+            path,
+            query,
+            body: body.as_bytes(),
+        };
+        let auth = cardgate::auth::signing::authorization(&key.key_id, key.secret.as_bytes(), &message);
+        let mut req = self
+            .client
+            .request(method, self.url(path_and_query))
+            .header("authorization", auth);
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json").body(body.to_string());
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+}

@@ -4,7 +4,10 @@
 mod helpers;
 
 mod admin;
+mod binary;
 mod config;
 mod http_surface;
 mod import;
 mod ops;
+mod reseller_api;
+mod signing;

@@ -177,6 +177,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     )
     .await?;
     tx.commit().await?;
+    crate::sync::changed(app).await;
     let product = load(&client, app, &p.sku)
         .await?
         .ok_or_else(|| ApiError::not_found("no such product"))?;
@@ -265,6 +266,7 @@ pub async fn patch(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> R
     )
     .await?;
     tx.commit().await?;
+    crate::sync::changed(app).await;
     let product = load(&client, app, sku)
         .await?
         .ok_or_else(|| ApiError::not_found("no such product"))?;

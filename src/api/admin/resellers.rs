@@ -236,6 +236,7 @@ pub async fn patch(
         json!({"tier": p.tier, "status": p.status, "ip_allowlist": allowlist, "callback_url_changed": set_url}),
     )
     .await?;
+    crate::sync::changed(app).await;
     let row = load(&client, reseller_id).await?;
     response::json(StatusCode::OK, &reseller_json(&row, &app.config.currency))
 }
@@ -290,6 +291,7 @@ pub async fn create_key(
         json!({"reseller_id": reseller_id}),
     )
     .await?;
+    crate::sync::changed(app).await;
     let mut resp = response::json(
         StatusCode::CREATED,
         &json!({"key_id": key_id, "secret": secret, "reseller_id": reseller_id, "created_at": rfc3339(created_at)}),
@@ -317,6 +319,7 @@ pub async fn revoke_key(
         .await?
         .ok_or_else(|| ApiError::not_found("no such key"))?;
     audit::record(&client, &actor, "key.revoke", Some(key_id), None, json!({})).await?;
+    crate::sync::changed(app).await;
     let revoked_at: time::OffsetDateTime = row.get(0);
     response::json(
         StatusCode::OK,

@@ -1,0 +1,89 @@
+//! Reseller API (API.md §3): every route signed, rate-limited by tier.
+
+pub mod reads;
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::{Request, Response};
+
+use crate::app::App;
+use crate::auth::reseller::{authenticate, Caller};
+use crate::error::ApiError;
+use crate::http::{body, Body, Ctx};
+use crate::ratelimit::{Class, Headers, Outcome};
+
+pub struct Signed {
+    pub caller: Caller,
+    pub parts: hyper::http::request::Parts,
+    pub body: bytes::Bytes,
+}
+
+/// Reads the body (it is signed), authenticates, takes `tokens` from the caller's
+/// bucket of `class`, then runs `handler`; the `RateLimit-*` headers go on every answer
+/// that got as far as the limiter, refusals included.
+pub async fn signed<F, Fut>(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    class: Class,
+    handler: F,
+) -> Result<Response<Body>, ApiError>
+where
+    F: FnOnce(Signed) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Body>, ApiError>>,
+{
+    let (parts, body) = req.into_parts();
+    let body = body::read_json_body(
+        &parts,
+        body,
+        app.config.http.json_body_max_bytes,
+        Duration::from_millis(app.config.http.body_read_timeout_ms),
+    )
+    .await?;
+    let caller = authenticate(app, ctx, &parts, &body).await?;
+    let headers = match app
+        .rate_limits
+        .check(&caller.reseller.tier, class, caller.reseller.pk, 1)
+    {
+        None => None,
+        Some(Outcome::Allowed(h)) => Some(h),
+        Some(Outcome::Refused {
+            headers,
+            retry_after_secs,
+        }) => {
+            metrics::counter!("cardgate_rate_limited_total", "tier" => caller.reseller.tier.clone(),
+                "class" => class_label(class))
+            .increment(1);
+            let mut resp = crate::http::response::error(&ApiError::RateLimited { retry_after_secs }, &ctx.request_id);
+            set_headers(&mut resp, headers);
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            return Ok(resp);
+        }
+    };
+    let result = handler(Signed { caller, parts, body }).await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => crate::http::response::error(&e, &ctx.request_id),
+    };
+    if let Some(h) = headers {
+        set_headers(&mut resp, h);
+    }
+    Ok(resp)
+}
+
+fn class_label(c: Class) -> &'static str {
+    match c {
+        Class::Reads => "reads",
+        Class::Writes => "writes",
+    }
+}
+
+fn set_headers(resp: &mut Response<Body>, h: Headers) {
+    let hs = resp.headers_mut();
+    hs.insert("ratelimit-limit", HeaderValue::from(h.limit));
+    hs.insert("ratelimit-remaining", HeaderValue::from(h.remaining));
+    hs.insert("ratelimit-reset", HeaderValue::from(h.reset_secs));
+}

@@ -1,0 +1,181 @@
+//! `CG1-HMAC-SHA256` request signing (API.md §1).
+//!
+//! Parsing is strict and allocation-light: the header is split into its four parameters
+//! (any order, optional spaces, double-quoted values), and anything else is
+//! `missing_authorization` without panicking.
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+pub const SCHEME: &str = "CG1-HMAC-SHA256";
+pub const TIMESTAMP_WINDOW_SECS: i64 = 300;
+pub const NONCE_TTL_SECS: u64 = 600;
+
+/// The parameters of an `Authorization: CG1-HMAC-SHA256 ...` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthHeader<'a> {
+    pub key_id: &'a str,
+    pub timestamp: i64,
+    pub nonce: &'a str,
+    /// 32 bytes, decoded from lower- or upper-case hex.
+    pub signature: [u8; 32],
+}
+
+/// Parses the header value, or `None` for anything API.md calls `missing_authorization`.
+pub fn parse_header(value: &str) -> Option<AuthHeader<'_>> {
+    let rest = value.strip_prefix(SCHEME)?;
+    // The scheme must be followed by whitespace, then parameters.
+    if !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    let (mut key_id, mut timestamp, mut nonce, mut signature) = (None, None, None, None);
+    for param in rest.split(',') {
+        let (name, quoted) = param.trim_matches([' ', '\t']).split_once('=')?;
+        let value = quoted.strip_prefix('"')?.strip_suffix('"')?;
+        if value.contains('"') {
+            return None;
+        }
+        let slot = match name {
+            "key_id" => &mut key_id,
+            "timestamp" => &mut timestamp,
+            "nonce" => &mut nonce,
+            "signature" => &mut signature,
+            _ => return None,
+        };
+        if slot.replace(value).is_some() {
+            return None; // a parameter given twice
+        }
+    }
+    let key_id = key_id.filter(|k| !k.is_empty() && k.len() <= 64)?;
+    let timestamp = timestamp?;
+    if timestamp.is_empty() || timestamp.len() > 12 || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let nonce = nonce.filter(|n| valid_nonce(n))?;
+    let mut sig = [0u8; 32];
+    hex::decode_to_slice(signature?, &mut sig).ok()?;
+    Some(AuthHeader {
+        key_id,
+        timestamp: timestamp.parse().ok()?,
+        nonce,
+        signature: sig,
+    })
+}
+
+fn valid_nonce(n: &str) -> bool {
+    (16..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The raw query's `name=value` pairs, sorted bytewise and joined by `&`.
+pub fn canonical_query(raw: Option<&str>) -> String {
+    let mut pairs: Vec<&str> = raw.unwrap_or("").split('&').filter(|p| !p.is_empty()).collect();
+    pairs.sort_unstable();
+    pairs.join("&")
+}
+
+/// What a signature covers (API.md §1's string to sign, before joining).
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub timestamp: i64,
+    pub nonce: &'a str,
+    pub method: &'a str,
+    /// As sent on the request line, without the query.
+    pub path: &'a str,
+    /// The raw query string, if any.
+    pub query: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+impl Message<'_> {
+    pub fn string_to_sign(&self) -> String {
+        let body_hash = hex::encode(Sha256::digest(self.body));
+        let query = canonical_query(self.query);
+        let timestamp = self.timestamp.to_string();
+        [
+            SCHEME,
+            &timestamp,
+            self.nonce,
+            self.method,
+            self.path,
+            &query,
+            &body_hash,
+        ]
+        .join("\n")
+    }
+}
+
+fn mac(secret: &[u8], message: &str) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(message.as_bytes());
+    mac
+}
+
+/// Lower-case hex signature of a string to sign.
+pub fn sign(secret: &[u8], string_to_sign: &str) -> String {
+    hex::encode(mac(secret, string_to_sign).finalize().into_bytes())
+}
+
+/// Constant-time comparison of the expected signature with the one given.
+pub fn verify(secret: &[u8], string_to_sign: &str, signature: &[u8; 32]) -> bool {
+    mac(secret, string_to_sign).verify_slice(signature).is_ok()
+}
+
+/// A whole header for a request: what clients (and the tests) send.
+pub fn authorization(key_id: &str, secret: &[u8], message: &Message<'_>) -> String {
+    format!(
+        "{SCHEME} key_id=\"{key_id}\",timestamp=\"{}\",nonce=\"{}\",signature=\"{}\"",
+        message.timestamp,
+        message.nonce,
+        sign(secret, &message.string_to_sign())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_parameters_in_any_order_with_spaces() {
+        let sig = "ab".repeat(32);
+        let h = format!(
+            "CG1-HMAC-SHA256  signature=\"{sig}\" , nonce=\"abcdefghijklmnop\",key_id=\"ak_1\",  timestamp=\"17\""
+        );
+        let p = parse_header(&h).unwrap();
+        assert_eq!((p.key_id, p.timestamp, p.nonce), ("ak_1", 17, "abcdefghijklmnop"));
+    }
+
+    #[test]
+    fn rejects_malformed_headers() {
+        let sig = "ab".repeat(32);
+        let good = format!("key_id=\"k\",timestamp=\"1\",nonce=\"abcdefghijklmnop\",signature=\"{sig}\"");
+        for bad in [
+            String::new(),
+            format!("Bearer {good}"),
+            format!("CG1-HMAC-SHA256{good}"),
+            format!("cg1-hmac-sha256 {good}"),
+            format!("CG1-HMAC-SHA256 {good},key_id=\"k\""),
+            format!("CG1-HMAC-SHA256 {good},extra=\"1\""),
+            good.replace("CG1", "")
+                .replace("\"1\"", "\"-1\"")
+                .replace("key_id", "CG1-HMAC-SHA256 key_id"),
+            format!("CG1-HMAC-SHA256 {}", good.replace("abcdefghijklmnop", "short")),
+            format!(
+                "CG1-HMAC-SHA256 {}",
+                good.replace("abcdefghijklmnop", "abcdefghijklmno!")
+            ),
+            format!("CG1-HMAC-SHA256 {}", good.replace(&sig, "zz")),
+            format!("CG1-HMAC-SHA256 {}", good.replace("\"k\"", "k")),
+            format!("CG1-HMAC-SHA256 {}", good.replace(",timestamp=\"1\"", "")),
+        ] {
+            assert!(parse_header(&bad).is_none(), "{bad}");
+        }
+        assert!(parse_header(&format!("CG1-HMAC-SHA256 {good}")).is_some());
+    }
+
+    #[test]
+    fn canonical_query_sorts_raw_pairs() {
+        assert_eq!(canonical_query(Some("b=2&a=1&a=0")), "a=0&a=1&b=2");
+        assert_eq!(canonical_query(None), "");
+        assert_eq!(canonical_query(Some("")), "");
+    }
+}

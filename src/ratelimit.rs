@@ -1,0 +1,211 @@
+//! Per-reseller rate limits by VIP tier (governor's GCRA), reads and order writes apart.
+//!
+//! One keyed limiter per (tier, class), keyed by reseller: a reseller moved to another
+//! tier is simply looked up in that tier's limiter, so tier changes apply without a
+//! restart. Keys idle long enough to be full again are swept periodically.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+
+use crate::config::Tier;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Reads,
+    Writes,
+}
+
+type Limiter<C> = RateLimiter<i64, DashMapStateStore<i64>, C, StateInformationMiddleware>;
+
+/// What the `RateLimit-*` headers say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Headers {
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed(Headers),
+    /// Refused: retry after this many whole seconds (at least 1).
+    Refused {
+        headers: Headers,
+        retry_after_secs: u64,
+    },
+}
+
+pub struct RateLimits<C: Clock = DefaultClock> {
+    limiters: HashMap<(String, Class), (Limiter<C>, u32, u32)>,
+    clock: C,
+}
+
+fn nz(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v.max(1)).unwrap_or(NonZeroU32::MIN)
+}
+
+impl RateLimits<DefaultClock> {
+    pub fn new<'a>(tiers: impl IntoIterator<Item = (&'a String, &'a Tier)>) -> Self {
+        Self::with_clock(tiers, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimits<C> {
+    pub fn with_clock<'a>(tiers: impl IntoIterator<Item = (&'a String, &'a Tier)>, clock: C) -> Self {
+        let mut limiters = HashMap::new();
+        for (name, t) in tiers {
+            for (class, rate, burst) in [
+                (Class::Reads, t.reads_per_second, t.reads_burst),
+                (Class::Writes, t.orders_per_second, t.orders_burst),
+            ] {
+                let quota = Quota::per_second(nz(rate)).allow_burst(nz(burst));
+                let limiter: Limiter<C> = RateLimiter::<
+                    i64,
+                    DashMapStateStore<i64>,
+                    C,
+                    governor::middleware::NoOpMiddleware<C::Instant>,
+                >::new(quota, DashMapStateStore::default(), clock.clone())
+                .with_middleware::<StateInformationMiddleware>();
+                limiters.insert((name.clone(), class), (limiter, rate.max(1), burst.max(1)));
+            }
+        }
+        RateLimits { limiters, clock }
+    }
+
+    /// Takes `n` tokens for `reseller` (all or none), or says when to retry. An unknown
+    /// tier is not limited: config validation makes every reseller's tier known.
+    pub fn check(&self, tier: &str, class: Class, reseller: i64, n: u32) -> Option<Outcome> {
+        let (limiter, rate, burst) = self.limiters.get(&(tier.to_string(), class))?;
+        let full_in = |remaining: u32| ((burst - remaining.min(*burst)) as u64).div_ceil(*rate as u64);
+        let refused = |wait: Duration, remaining: u32| Outcome::Refused {
+            headers: Headers {
+                limit: *burst,
+                remaining,
+                reset_secs: full_in(remaining).max(1),
+            },
+            retry_after_secs: (wait.as_millis() as u64).div_ceil(1000).max(1),
+        };
+        Some(match limiter.check_key_n(&reseller, nz(n)) {
+            Ok(Ok(snapshot)) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Outcome::Allowed(Headers {
+                    limit: *burst,
+                    remaining,
+                    reset_secs: full_in(remaining),
+                })
+            }
+            Ok(Err(not_until)) => refused(not_until.wait_time_from(self.clock.now()), 0),
+            // More than the burst can ever hold: no wait helps; say a full bucket's time.
+            Err(_) => refused(Duration::from_secs(full_in(0).max(1)), 0),
+        })
+    }
+
+    /// Forgets resellers whose buckets are full again, bounding memory by recent callers.
+    pub fn sweep(&self) {
+        for (limiter, _, _) in self.limiters.values() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    pub fn tracked_keys(&self) -> usize {
+        self.limiters.values().map(|(l, _, _)| l.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+    use std::collections::BTreeMap;
+
+    fn tiers() -> BTreeMap<String, Tier> {
+        let t = Tier {
+            priority: 1,
+            orders_per_second: 2,
+            orders_burst: 4,
+            reads_per_second: 10,
+            reads_burst: 3,
+            max_quantity: 1,
+            max_batch: 1,
+        };
+        BTreeMap::from([("basic".to_string(), t)])
+    }
+
+    #[test]
+    fn admits_exactly_the_burst_then_refuses_until_tokens_return() {
+        let clock = FakeRelativeClock::default();
+        let t = tiers();
+        let rl = RateLimits::with_clock(&t, clock.clone());
+        for left in (0..3).rev() {
+            match rl.check("basic", Class::Reads, 1, 1).unwrap() {
+                Outcome::Allowed(h) => assert_eq!((h.limit, h.remaining), (3, left)),
+                o => panic!("{o:?}"),
+            }
+        }
+        match rl.check("basic", Class::Reads, 1, 1).unwrap() {
+            Outcome::Refused {
+                retry_after_secs,
+                headers,
+            } => {
+                assert_eq!(retry_after_secs, 1);
+                assert_eq!(headers.remaining, 0);
+            }
+            o => panic!("{o:?}"),
+        }
+        // Another reseller and the other class have buckets of their own.
+        assert!(matches!(
+            rl.check("basic", Class::Reads, 2, 1),
+            Some(Outcome::Allowed(_))
+        ));
+        assert!(matches!(
+            rl.check("basic", Class::Writes, 1, 4),
+            Some(Outcome::Allowed(_))
+        ));
+        clock.advance(Duration::from_millis(100));
+        assert!(matches!(
+            rl.check("basic", Class::Reads, 1, 1),
+            Some(Outcome::Allowed(_))
+        ));
+    }
+
+    #[test]
+    fn a_batch_takes_all_its_tokens_or_none() {
+        let clock = FakeRelativeClock::default();
+        let t = tiers();
+        let rl = RateLimits::with_clock(&t, clock.clone());
+        assert!(matches!(rl.check("basic", Class::Writes, 1, 3), Some(Outcome::Allowed(h)) if h.remaining == 1));
+        assert!(matches!(
+            rl.check("basic", Class::Writes, 1, 2),
+            Some(Outcome::Refused { .. })
+        ));
+        // The refused batch took nothing: one token is still there.
+        assert!(matches!(rl.check("basic", Class::Writes, 1, 1), Some(Outcome::Allowed(h)) if h.remaining == 0));
+        // Larger than the burst: refused outright.
+        assert!(matches!(
+            rl.check("basic", Class::Writes, 2, 5),
+            Some(Outcome::Refused { .. })
+        ));
+    }
+
+    #[test]
+    fn idle_keys_are_swept() {
+        let clock = FakeRelativeClock::default();
+        let t = tiers();
+        let rl = RateLimits::with_clock(&t, clock.clone());
+        for r in 0..100 {
+            rl.check("basic", Class::Reads, r, 1);
+        }
+        assert_eq!(rl.tracked_keys(), 100);
+        clock.advance(Duration::from_secs(10));
+        rl.sweep();
+        assert_eq!(rl.tracked_keys(), 0);
+    }
+}

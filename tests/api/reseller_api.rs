@@ -1,0 +1,367 @@
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn code_of(resp: reqwest::Response) -> (u16, String) {
+    let (s, c, _) = error_of(resp).await;
+    (s, c)
+}
+
+fn code(s: u16, c: &str) -> (u16, String) {
+    (s, c.to_string())
+}
+
+#[tokio::test]
+async fn reads_show_the_callers_price_live_stock_and_balance() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    app.create_product(&t, "steam-cn-100").await;
+    app.import_codes(&t, "steam-cn-100", "A1\nA2\nA3\n").await;
+    let gold = app.reseller_with_key(&t, "gold", json!({})).await;
+    let standard = app.reseller_with_key(&t, "standard", json!({})).await;
+    app.admin_ok(
+        &t,
+        Method::POST,
+        &format!("/admin/v1/resellers/{}/balance", gold.reseller_id),
+        Some(json!({"amount": 123450, "reference": "r1"})),
+        200,
+    )
+    .await;
+
+    let resp = app.signed(&gold, Method::GET, "/v1/products", None).await;
+    assert_eq!(resp.status(), 200);
+    for h in [
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+        "x-request-id",
+    ] {
+        assert!(resp.headers().contains_key(h), "{h}");
+    }
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let p = &body["products"][0];
+    assert_eq!(
+        p,
+        &json!({"sku": "steam-cn-100", "name": "Product steam-cn-100", "face_value": 10000, "unit_price": 9650,
+                "currency": "CNY", "available": 3, "max_quantity": 100, "status": "on_sale"})
+    );
+    let one: serde_json::Value = app
+        .signed(&standard, Method::GET, "/v1/products/steam-cn-100", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (one["unit_price"].as_i64(), one["max_quantity"].as_i64()),
+        (Some(9800), Some(10)),
+        "base price, tier cap"
+    );
+    let (s, c) = code_of(app.signed(&gold, Method::GET, "/v1/products/nope", None).await).await;
+    assert_eq!((s, c.as_str()), (404, "not_found"));
+
+    let bal: serde_json::Value = app
+        .signed(&gold, Method::GET, "/v1/balance", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bal, json!({"balance": 123450, "currency": "CNY", "tier": "gold"}));
+
+    // A catalogue change shows at once.
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        "/admin/v1/products/steam-cn-100",
+        Some(json!({"status": "off_sale", "tier_prices": {"gold": 9000}})),
+        200,
+    )
+    .await;
+    let one: serde_json::Value = app
+        .signed(&gold, Method::GET, "/v1/products/steam-cn-100", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (one["unit_price"].as_i64(), one["status"].as_str()),
+        (Some(9000), Some("off_sale"))
+    );
+}
+
+#[tokio::test]
+async fn rejections_come_in_api_md_order() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let k = app
+        .reseller_with_key(&t, "gold", json!({"ip_allowlist": ["10.9.9.9/32"]}))
+        .await;
+    let now = now_secs();
+    let wrong = ResellerKey {
+        reseller_id: k.reseller_id.clone(),
+        key_id: k.key_id.clone(),
+        secret: "sk_wrong".into(),
+    };
+    let unknown = ResellerKey {
+        reseller_id: k.reseller_id.clone(),
+        key_id: "ak_unknown".into(),
+        secret: k.secret.clone(),
+    };
+
+    // 1. missing or malformed header
+    let (s, c) = code_of(app.get("/v1/balance").await).await;
+    assert_eq!((s, c.as_str()), (401, "missing_authorization"));
+    let resp = app
+        .client
+        .get(app.url("/v1/balance"))
+        .header("authorization", "Bearer abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code_of(resp).await, code(401, "missing_authorization"));
+    // 2. stale and badly signed: the timestamp is reported first
+    let resp = app
+        .signed_at(&wrong, Method::GET, "/v1/balance", None, now - 1000, &nonce(), &[])
+        .await;
+    assert_eq!(code_of(resp).await, code(401, "timestamp_out_of_window"));
+    // 3. unknown key, wrong signature: one code, one body shape
+    let a = app.signed(&unknown, Method::GET, "/v1/balance", None).await;
+    let b = app.signed(&wrong, Method::GET, "/v1/balance", None).await;
+    let (sa, ca, ba) = error_of(a).await;
+    let (sb, cb, bb) = error_of(b).await;
+    assert_eq!((sa, ca.as_str()), (401, "invalid_signature"));
+    assert_eq!(
+        (sa, &ca, ba["error"]["message"].clone()),
+        (sb, &cb, bb["error"]["message"].clone())
+    );
+    // A query changed after signing fails too.
+    let n = nonce();
+    let message = cardgate::auth::signing::Message {
+        timestamp: now,
+        nonce: &n,
+        method: "GET",
+        path: "/v1/balance",
+        query: Some("a=1"),
+        body: b"",
+    };
+    let auth = cardgate::auth::signing::authorization(&k.key_id, k.secret.as_bytes(), &message);
+    let resp = app
+        .client
+        .get(app.url("/v1/balance?a=2"))
+        .header("authorization", auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code_of(resp).await, code(401, "invalid_signature"));
+    // 4. then the nonce: replaying a request is refused (here before the IP check fails)
+    let n = nonce();
+    let first = app.signed_at(&k, Method::GET, "/v1/balance", None, now, &n, &[]).await;
+    assert_eq!(code_of(first).await, code(403, "ip_not_allowed"));
+    let replay = app.signed_at(&k, Method::GET, "/v1/balance", None, now, &n, &[]).await;
+    assert_eq!(code_of(replay).await, code(401, "nonce_reused"));
+    // 5. IP before 6. suspension
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/resellers/{}", k.reseller_id),
+        Some(json!({"status": "suspended"})),
+        200,
+    )
+    .await;
+    assert_eq!(
+        code_of(app.signed(&k, Method::GET, "/v1/balance", None).await).await,
+        code(403, "ip_not_allowed")
+    );
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/resellers/{}", k.reseller_id),
+        Some(json!({"ip_allowlist": ["127.0.0.0/8"]})),
+        200,
+    )
+    .await;
+    assert_eq!(
+        code_of(app.signed(&k, Method::GET, "/v1/balance", None).await).await,
+        code(403, "account_suspended")
+    );
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/resellers/{}", k.reseller_id),
+        Some(json!({"status": "active"})),
+        200,
+    )
+    .await;
+    assert_eq!(app.signed(&k, Method::GET, "/v1/balance", None).await.status(), 200);
+    // A revoked key is indistinguishable from an unknown one.
+    app.admin_ok(&t, Method::DELETE, &format!("/admin/v1/keys/{}", k.key_id), None, 200)
+        .await;
+    assert_eq!(
+        code_of(app.signed(&k, Method::GET, "/v1/balance", None).await).await,
+        code(401, "invalid_signature")
+    );
+}
+
+#[tokio::test]
+async fn the_timestamp_window_is_300_seconds_either_way() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let k = app.reseller_with_key(&t, "gold", json!({})).await;
+    let now = now_secs();
+    // A few seconds of margin keep the edges away from the test's own clock ticks.
+    for (offset, ok) in [(-295, true), (295, true), (-305, false), (305, false)] {
+        let resp = app
+            .signed_at(&k, Method::GET, "/v1/balance", None, now + offset, &nonce(), &[])
+            .await;
+        if ok {
+            assert_eq!(resp.status(), 200, "offset {offset}");
+        } else {
+            assert_eq!(
+                code_of(resp).await,
+                code(401, "timestamp_out_of_window"),
+                "offset {offset}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
+    let plain = spawn_app().await;
+    let t = plain.root_token().await;
+    let k = plain
+        .reseller_with_key(&t, "gold", json!({"ip_allowlist": ["203.0.113.0/24", "2001:db8::/32"]}))
+        .await;
+    let xff = [("x-forwarded-for", "203.0.113.7")];
+    let resp = plain
+        .signed_at(&k, Method::GET, "/v1/balance", None, now_secs(), &nonce(), &xff)
+        .await;
+    assert_eq!(
+        code_of(resp).await,
+        code(403, "ip_not_allowed"),
+        "an untrusted peer cannot claim an address"
+    );
+
+    let proxied = start({
+        let mut env = plain.env.clone();
+        env.insert("CARDGATE_HTTP__TRUSTED_PROXIES".into(), "127.0.0.1/32".into());
+        env
+    })
+    .await;
+    let resp = proxied
+        .signed_at(&k, Method::GET, "/v1/balance", None, now_secs(), &nonce(), &xff)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let v6 = [("x-forwarded-for", "2001:db8::42, 127.0.0.1")];
+    let resp = proxied
+        .signed_at(&k, Method::GET, "/v1/balance", None, now_secs(), &nonce(), &v6)
+        .await;
+    assert_eq!(resp.status(), 200, "IPv6 client behind two trusted hops");
+    let outside = [("x-forwarded-for", "198.51.100.1")];
+    let resp = proxied
+        .signed_at(&k, Method::GET, "/v1/balance", None, now_secs(), &nonce(), &outside)
+        .await;
+    assert_eq!(code_of(resp).await, code(403, "ip_not_allowed"));
+}
+
+#[tokio::test]
+async fn revocation_suspension_and_tier_changes_reach_a_second_instance_within_a_second() {
+    let a = spawn_app().await;
+    let b = start(a.env.clone()).await;
+    let t = a.root_token().await;
+    let k = a.reseller_with_key(&t, "gold", json!({})).await;
+    let k2 = a.reseller_with_key(&t, "gold", json!({})).await;
+    // The key made on A works on B (B learnt of it through the announcement).
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            b.signed(&k, Method::GET, "/v1/balance", None).await.status() == 200
+        })
+        .await
+    );
+
+    a.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/resellers/{}", k2.reseller_id),
+        Some(json!({"tier": "diamond"})),
+        200,
+    )
+    .await;
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            let r: serde_json::Value = b
+                .signed(&k2, Method::GET, "/v1/balance", None)
+                .await
+                .json()
+                .await
+                .unwrap();
+            r["tier"] == "diamond"
+        })
+        .await,
+        "tier change not seen by B within 1 s"
+    );
+
+    a.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/resellers/{}", k2.reseller_id),
+        Some(json!({"status": "suspended"})),
+        200,
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            b.signed(&k2, Method::GET, "/v1/balance", None).await.status() == 403
+        })
+        .await,
+        "suspension not seen by B within 1 s"
+    );
+
+    a.admin_ok(&t, Method::DELETE, &format!("/admin/v1/keys/{}", k.key_id), None, 200)
+        .await;
+    let revoked_at = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            b.signed(&k, Method::GET, "/v1/balance", None).await.status() == 401
+        })
+        .await,
+        "revocation not seen by B within 1 s"
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(1) && started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_burst_is_admitted_exactly_up_to_the_tiers_burst_then_refused_with_headers() {
+    let app = spawn_app_with(|env| {
+        env.insert("CARDGATE_TIERS__SILVER__READS_BURST".into(), "5".into());
+        env.insert("CARDGATE_TIERS__SILVER__READS_PER_SECOND".into(), "1".into());
+    })
+    .await;
+    let t = app.root_token().await;
+    let k = app.reseller_with_key(&t, "silver", json!({})).await;
+    for left in (0..5).rev() {
+        let resp = app.signed(&k, Method::GET, "/v1/balance", None).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["ratelimit-limit"], "5");
+        assert_eq!(resp.headers()["ratelimit-remaining"], left.to_string().as_str());
+    }
+    let resp = app.signed(&k, Method::GET, "/v1/balance", None).await;
+    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(resp.headers()["ratelimit-remaining"], "0");
+    assert!(
+        resp.headers()["ratelimit-reset"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(code_of(resp).await, code(429, "rate_limited"));
+    // Another reseller of the same tier has a bucket of its own.
+    let other = app.reseller_with_key(&t, "silver", json!({})).await;
+    assert_eq!(app.signed(&other, Method::GET, "/v1/balance", None).await.status(), 200);
+}

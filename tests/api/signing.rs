@@ -1,0 +1,121 @@
+use cardgate::auth::signing::{authorization, parse_header, sign, verify, Message};
+use proptest::prelude::*;
+use serde_json::Value;
+
+fn vectors() -> Vec<Value> {
+    let ours = include_str!("../data/signing-vectors.json");
+    // The shared contract beside the repository, when present, must be the copy we test.
+    if let Ok(shared) = std::fs::read_to_string("../shared/signing-vectors.json") {
+        let a: Value = serde_json::from_str(ours).unwrap();
+        let b: Value = serde_json::from_str(&shared).unwrap();
+        assert_eq!(a, b, "tests/data/signing-vectors.json differs from the shared vectors");
+    }
+    let v: Value = serde_json::from_str(ours).unwrap();
+    v["vectors"].as_array().unwrap().clone()
+}
+
+fn query(v: &Value) -> Option<&str> {
+    Some(v["query"].as_str().unwrap()).filter(|q| !q.is_empty())
+}
+
+#[test]
+fn our_signer_reproduces_every_vector() {
+    let vs = vectors();
+    assert!(vs.len() >= 6);
+    for v in &vs {
+        let name = v["name"].as_str().unwrap();
+        let message = Message {
+            timestamp: v["timestamp"].as_i64().unwrap(),
+            nonce: v["nonce"].as_str().unwrap(),
+            method: v["method"].as_str().unwrap(),
+            path: v["path"].as_str().unwrap(),
+            query: query(v),
+            body: v["body"].as_str().unwrap().as_bytes(),
+        };
+        let sts = message.string_to_sign();
+        assert_eq!(sts, v["string_to_sign"].as_str().unwrap(), "{name}: string to sign");
+        let secret = v["secret"].as_str().unwrap().as_bytes();
+        assert_eq!(
+            sign(secret, &sts),
+            v["signature"].as_str().unwrap(),
+            "{name}: signature"
+        );
+        let header = authorization("ak_test_vector", secret, &message);
+        assert_eq!(header, v["authorization"].as_str().unwrap(), "{name}: header");
+    }
+}
+
+#[test]
+fn our_verifier_accepts_every_vector_and_rejects_any_one_byte_change() {
+    for v in vectors() {
+        let name = v["name"].as_str().unwrap();
+        let h = parse_header(v["authorization"].as_str().unwrap()).unwrap_or_else(|| panic!("{name}: parses"));
+        assert_eq!(h.key_id, "ak_test_vector");
+        let secret = v["secret"].as_str().unwrap().as_bytes();
+        let sts = v["string_to_sign"].as_str().unwrap();
+        assert!(verify(secret, sts, &h.signature), "{name}: accepted");
+        for i in 0..32 {
+            let mut sig = h.signature;
+            sig[i] ^= 0x01;
+            assert!(!verify(secret, sts, &sig), "{name}: signature byte {i} changed");
+        }
+        for i in 0..sts.len() {
+            let mut changed = sts.as_bytes().to_vec();
+            changed[i] ^= 0x01;
+            let changed = String::from_utf8_lossy(&changed);
+            assert!(
+                !verify(secret, &changed, &h.signature),
+                "{name}: string-to-sign byte {i} changed"
+            );
+        }
+        let mut bad_secret = secret.to_vec();
+        bad_secret[0] ^= 0x01;
+        assert!(!verify(&bad_secret, sts, &h.signature), "{name}: secret changed");
+    }
+}
+
+proptest! {
+    #[test]
+    fn the_header_parser_never_panics(s in ".{0,300}") {
+        let _ = parse_header(&s);
+    }
+
+    #[test]
+    fn the_header_parser_never_panics_on_near_misses(
+        prefix in prop::sample::select(vec!["CG1-HMAC-SHA256 ", "CG1-HMAC-SHA256", "CG1-HMAC-SHA256\t", ""]),
+        junk in "[a-z_=\", \t0-9]{0,200}",
+    ) {
+        let _ = parse_header(&format!("{prefix}{junk}"));
+    }
+
+    #[test]
+    fn valid_parameters_parse_in_any_order_with_any_spacing(
+        order in Just(vec![0usize, 1, 2, 3]).prop_shuffle(),
+        spaces in prop::collection::vec("[ \t]{0,3}", 8),
+        key_id in "ak_[A-Za-z0-9]{1,30}",
+        ts in 0i64..=99_999_999_999,
+        nonce in "[A-Za-z0-9_-]{16,64}",
+        sig in prop::array::uniform32(any::<u8>()),
+    ) {
+        let params = [
+            format!("key_id=\"{key_id}\""),
+            format!("timestamp=\"{ts}\""),
+            format!("nonce=\"{nonce}\""),
+            format!("signature=\"{}\"", hex::encode(sig)),
+        ];
+        let mut header = "CG1-HMAC-SHA256 ".to_string();
+        for (i, &p) in order.iter().enumerate() {
+            if i > 0 {
+                header.push_str(&spaces[2 * i]);
+                header.push(',');
+            }
+            header.push_str(&spaces[2 * i + 1]);
+            header.push_str(&params[p]);
+        }
+        let parsed = parse_header(&header).expect("valid header parses");
+        prop_assert_eq!(parsed.key_id, key_id.as_str());
+        prop_assert_eq!(parsed.timestamp, ts);
+        prop_assert_eq!(parsed.nonce, nonce.as_str());
+        prop_assert_eq!(parsed.signature, sig);
+    }
+}
