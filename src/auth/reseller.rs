@@ -16,13 +16,26 @@ use crate::http::Ctx;
 /// does not say whether the key exists.
 const NO_SUCH_KEY_SECRET: &[u8] = b"cardgate: no such key, verification fails regardless";
 
+#[derive(Clone)]
 pub struct Caller {
     pub key_id: String,
     pub reseller: Arc<Reseller>,
     pub ip: std::net::IpAddr,
 }
 
-pub async fn authenticate(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> Result<Caller, ApiError> {
+/// A request whose signature is good, with the rest of the checks decided but not yet
+/// reported: the nonce must still be spent (a Redis round trip) before any of it is
+/// answered, so that a replay is always told `nonce_reused` first.
+pub struct Verified {
+    pub caller: Caller,
+    nonce_key: String,
+    /// `ip_not_allowed` or `account_suspended`, reported after the nonce.
+    pub refusal: Option<ApiError>,
+}
+
+/// Header, timestamp window and signature, all from memory; then the allow-list and the
+/// account status, kept for after the nonce.
+pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> Result<Verified, ApiError> {
     let header = parts
         .headers
         .get(AUTHORIZATION)
@@ -51,10 +64,30 @@ pub async fn authenticate(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> R
         return Err(ApiError::InvalidSignature);
     };
 
-    // Only a verified request may spend a nonce, so nobody can burn another's nonces.
+    let ip = ctx.client_ip(app, &parts.headers);
+    let refusal = if !entry.reseller.allows(ip) {
+        Some(ApiError::IpNotAllowed)
+    } else if entry.reseller.suspended {
+        Some(ApiError::AccountSuspended)
+    } else {
+        None
+    };
+    Ok(Verified {
+        nonce_key: app.keys.nonce(header.key_id, header.nonce),
+        caller: Caller {
+            key_id: header.key_id.to_string(),
+            reseller: entry.reseller.clone(),
+            ip,
+        },
+        refusal,
+    })
+}
+
+/// Spends the nonce; only a verified request may, so nobody can burn another's nonces.
+pub async fn spend_nonce(app: &App, v: &Verified) -> Result<(), ApiError> {
     let mut redis = app.redis();
-    let fresh: bool = redis::cmd("SET")
-        .arg(app.keys.nonce(header.key_id, header.nonce))
+    let fresh = redis::cmd("SET")
+        .arg(&v.nonce_key)
         .arg(1)
         .arg("NX")
         .arg("EX")
@@ -62,20 +95,9 @@ pub async fn authenticate(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> R
         .query_async::<Option<String>>(&mut redis)
         .await?
         .is_some();
-    if !fresh {
-        return Err(ApiError::NonceReused);
+    if fresh {
+        Ok(())
+    } else {
+        Err(ApiError::NonceReused)
     }
-
-    let ip = ctx.client_ip(app, &parts.headers);
-    if !entry.reseller.allows(ip) {
-        return Err(ApiError::IpNotAllowed);
-    }
-    if entry.reseller.suspended {
-        return Err(ApiError::AccountSuspended);
-    }
-    Ok(Caller {
-        key_id: header.key_id.to_string(),
-        reseller: entry.reseller.clone(),
-        ip,
-    })
 }

@@ -9,7 +9,7 @@ use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response};
 
 use crate::app::App;
-use crate::auth::reseller::{authenticate, Caller};
+use crate::auth::reseller::{spend_nonce, verify, Caller};
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
 use crate::ratelimit::{Class, Headers, Outcome};
@@ -20,9 +20,13 @@ pub struct Signed {
     pub body: bytes::Bytes,
 }
 
-/// Reads the body (it is signed), authenticates, takes `tokens` from the caller's
-/// bucket of `class`, then runs `handler`; the `RateLimit-*` headers go on every answer
-/// that got as far as the limiter, refusals included.
+/// Reads the body (it is signed), authenticates, takes a token from the caller's bucket
+/// of `class`, then runs `handler`; the `RateLimit-*` headers go on every answer that
+/// got as far as the limiter, refusals included.
+///
+/// Reads have no side effects, so their handler runs alongside the nonce's Redis round
+/// trip (both ride the one multiplexed connection) and its answer is used only if the
+/// nonce was fresh. Writes spend the nonce first.
 pub async fn signed<F, Fut>(
     app: &App,
     ctx: &Ctx,
@@ -42,7 +46,12 @@ where
         Duration::from_millis(app.config.http.body_read_timeout_ms),
     )
     .await?;
-    let caller = authenticate(app, ctx, &parts, &body).await?;
+    let mut verified = verify(app, ctx, &parts, &body)?;
+    if let Some(refusal) = verified.refusal.take() {
+        spend_nonce(app, &verified).await?;
+        return Err(refusal);
+    }
+    let caller = &verified.caller;
     let headers = match app
         .rate_limits
         .check(&caller.reseller.tier, class, caller.reseller.pk, 1)
@@ -53,6 +62,7 @@ where
             headers,
             retry_after_secs,
         }) => {
+            spend_nonce(app, &verified).await?;
             metrics::counter!("cardgate_rate_limited_total", "tier" => caller.reseller.tier.clone(),
                 "class" => class_label(class))
             .increment(1);
@@ -63,7 +73,30 @@ where
             return Ok(resp);
         }
     };
-    let result = handler(Signed { caller, parts, body }).await;
+    let result = match class {
+        Class::Reads => {
+            let nonce = spend_nonce(app, &verified);
+            let (nonce, result) = tokio::join!(
+                nonce,
+                handler(Signed {
+                    caller: verified.caller.clone(),
+                    parts,
+                    body
+                })
+            );
+            nonce?;
+            result
+        }
+        Class::Writes => {
+            spend_nonce(app, &verified).await?;
+            handler(Signed {
+                caller: verified.caller.clone(),
+                parts,
+                body,
+            })
+            .await
+        }
+    };
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => crate::http::response::error(&e, &ctx.request_id),

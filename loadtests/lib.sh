@@ -1,0 +1,37 @@
+# Shared set-up for the load scripts: a release gateway on a free loopback port with a
+# database and Redis prefix of its own, torn down on exit. Source it, then call start_gateway.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+eval "$("$root/scripts/dev" services | sed 's/^/export /')"
+cd "$root"
+cargo build --release --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins
+
+json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+
+db="cgload_$$"
+pid=
+cleanup() {
+  [ -n "$pid" ] && { kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
+  psql "$CARDGATE_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "load$$:*" | xargs -r redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# start_gateway [VAR=value ...]: extra settings for the gateway's environment.
+start_gateway() {
+  psql "$CARDGATE_DATABASE_URL" -qc "CREATE DATABASE $db"
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  addr="127.0.0.1:$port"
+  base="http://$addr"
+  env CARDGATE_DATABASE_URL="${CARDGATE_DATABASE_URL%/*}/$db" CARDGATE_LISTEN="$addr" \
+    CARDGATE_REDIS_PREFIX="load$$" CARDGATE_MASTER_KEY="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" \
+    CARDGATE_JWT_SECRET="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" CARDGATE_BOOTSTRAP_ADMIN=load:load-password \
+    CARDGATE_LOG=warn "$@" ./target/release/cardgate &
+  pid=$!
+  for _ in $(seq 1 100); do curl -fs "$base/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  token=$(curl -fs "$base/admin/v1/login" -H 'content-type: application/json' \
+    -d '{"username":"load","password":"load-password"}' | json_field token)
+  auth="authorization: Bearer $token"
+}
+
+admin_post() { curl -fs "$base$1" -H "$auth" -H 'content-type: application/json' -d "$2"; }
