@@ -11,8 +11,9 @@ use crate::helpers::*;
 
 const LINES: usize = 1_000_000;
 /// Each line is 100 bytes, so the body is about 100 MB: an import that buffered the body
-/// would need more than this.
-const PEAK_RSS_MAX_KB: u64 = 80 * 1024;
+/// would add more than this to the process's peak memory. (The process's own baseline,
+/// largely Argon2id's 19 MiB working memory per login, is measured and set aside.)
+const IMPORT_PEAK_GROWTH_MAX_KB: u64 = 40 * 1024;
 
 fn peak_rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -105,6 +106,7 @@ async fn a_million_line_import_keeps_memory_bounded_logs_no_secret_and_sigterm_e
     .unwrap();
     let api_secret = k["secret"].as_str().unwrap().to_string();
 
+    let before = peak_rss_kb(child.id());
     // Generated lazily, 1,000 lines a chunk: the test itself holds little.
     let chunks = futures_util::stream::iter((0..LINES / 1000).map(|c| {
         let mut s = String::with_capacity(1000 * 101);
@@ -127,7 +129,12 @@ async fn a_million_line_import_keeps_memory_bounded_logs_no_secret_and_sigterm_e
     let report: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(report, json!({"imported": LINES, "duplicates": 0, "rejected": 0}));
     let peak = peak_rss_kb(child.id());
-    assert!(peak < PEAK_RSS_MAX_KB, "peak RSS {peak} kB for a ~100 MB body");
+    eprintln!("gateway peak RSS: {before} kB before the import, {peak} kB after");
+    assert!(
+        peak - before < IMPORT_PEAK_GROWTH_MAX_KB,
+        "the import added {} kB for a ~100 MB body",
+        peak - before
+    );
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
