@@ -7,7 +7,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{authorize, json, products::id_of};
+use super::{authorize, authorized_json, products::id_of};
 use crate::app::App;
 use crate::audit;
 use crate::auth::admin::Need;
@@ -66,9 +66,7 @@ struct VoidRequest {
 }
 
 pub async fn void(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let v: VoidRequest = json(app, &parts, body).await?;
+    let (actor, v): (_, VoidRequest) = authorized_json(app, ctx, req, Need::Write).await?;
     let client = app.pg.get().await?;
     let product_id = id_of(&client, sku).await?;
     let report = match (v.codes, v.all_available) {

@@ -8,7 +8,6 @@ pub mod session;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -50,18 +49,37 @@ pub async fn authorize(app: &App, ctx: &Ctx, parts: &Parts, need: Need) -> Resul
     ))
 }
 
-pub async fn read_body(app: &App, parts: &Parts, body: Incoming) -> Result<Bytes, ApiError> {
-    body::read_json_body(
+/// Reads and parses a JSON body within the configured size and time limits.
+pub async fn json<T: DeserializeOwned>(app: &App, parts: &Parts, body: Incoming) -> Result<T, ApiError> {
+    let bytes = body::read_json_body(
         parts,
         body,
         app.config.http.json_body_max_bytes,
         Duration::from_millis(app.config.http.body_read_timeout_ms),
     )
-    .await
+    .await?;
+    body::parse_json(&bytes)
 }
 
-pub async fn json<T: DeserializeOwned>(app: &App, parts: &Parts, body: Incoming) -> Result<T, ApiError> {
-    body::parse_json(&read_body(app, parts, body).await?)
+/// The preamble of every admin route with a JSON body: authorize first (so nobody
+/// unauthenticated makes us read a body), then read and parse the body.
+pub async fn authorized_json<T: DeserializeOwned>(
+    app: &App,
+    ctx: &Ctx,
+    req: hyper::Request<Incoming>,
+    need: Need,
+) -> Result<(Actor, T), ApiError> {
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, need).await?;
+    Ok((actor, json(app, &parts, body).await?))
+}
+
+/// Display names of products and resellers.
+pub fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name must be 1 to 200 characters"));
+    }
+    Ok(())
 }
 
 /// For PATCH fields that may be set to `null`: absent is `None`, `null` is `Some(None)`.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_postgres::Row;
 
-use super::{authorize, json, nullable};
+use super::{authorize, authorized_json, check_name, nullable};
 use crate::app::App;
 use crate::audit;
 use crate::auth::admin::Need;
@@ -83,13 +83,6 @@ pub fn valid_sku(sku: &str) -> bool {
             .any(|c| c.is_whitespace() || c.is_control() || "/?#%\\".contains(c))
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.trim().is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::invalid("name must be 1 to 200 characters"));
-    }
-    Ok(())
-}
-
 fn check_money(field: &'static str, v: i64) -> Result<(), ApiError> {
     if v < 0 {
         return Err(ApiError::invalid(format!("{field} must be zero or more (minor units)")));
@@ -131,9 +124,7 @@ fn check_threshold(t: Option<i32>) -> Result<(), ApiError> {
 }
 
 pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let p: NewProduct = json(app, &parts, body).await?;
+    let (actor, p): (_, NewProduct) = authorized_json(app, ctx, req, Need::Write).await?;
     if !valid_sku(&p.sku) {
         return Err(ApiError::invalid(
             "sku must be 1 to 64 characters without whitespace, / ? # % or \\",
@@ -202,9 +193,7 @@ async fn set_tier_prices<C: GenericClient>(
 }
 
 pub async fn patch(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let p: ProductPatch = json(app, &parts, body).await?;
+    let (actor, p): (_, ProductPatch) = authorized_json(app, ctx, req, Need::Write).await?;
     if let Some(n) = &p.name {
         check_name(n)?;
     }

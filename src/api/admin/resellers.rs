@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::Row;
 
-use super::{authorize, json, nullable};
+use super::{authorize, authorized_json, check_name, nullable};
 use crate::app::App;
 use crate::audit;
 use crate::auth::admin::Need;
@@ -79,13 +79,6 @@ fn check_url(url: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.trim().is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::invalid("name must be 1 to 200 characters"));
-    }
-    Ok(())
-}
-
 fn check_threshold(t: i64) -> Result<(), ApiError> {
     if t < 0 {
         return Err(ApiError::invalid("low_balance_threshold must be zero or more"));
@@ -117,9 +110,7 @@ async fn load(client: &deadpool_postgres::Client, reseller_id: &str) -> Result<R
 }
 
 pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let new: NewReseller = json(app, &parts, body).await?;
+    let (actor, new): (_, NewReseller) = authorized_json(app, ctx, req, Need::Write).await?;
     check_name(&new.name)?;
     check_tier(app, &new.tier)?;
     let allowlist = check_allowlist(&new.ip_allowlist)?;
@@ -179,9 +170,7 @@ pub async fn patch(
     req: Request<Incoming>,
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let p: ResellerPatch = json(app, &parts, body).await?;
+    let (actor, p): (_, ResellerPatch) = authorized_json(app, ctx, req, Need::Write).await?;
     if let Some(n) = &p.name {
         check_name(n)?;
     }
@@ -341,9 +330,7 @@ pub async fn adjust_balance(
     req: Request<Incoming>,
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let a: Adjustment = json(app, &parts, body).await?;
+    let (actor, a): (_, Adjustment) = authorized_json(app, ctx, req, Need::Write).await?;
     if a.amount == 0 || a.amount.abs() > ADJUSTMENT_MAX_ABS {
         return Err(ApiError::invalid(format!(
             "amount must be non-zero and at most {ADJUSTMENT_MAX_ABS} in size"

@@ -5,13 +5,13 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{authorize, json};
+use super::authorized_json;
 use crate::app::App;
 use crate::audit::{self, Actor};
 use crate::auth::admin::{hash_password, verify_password, Need, Role};
 use crate::error::ApiError;
 use crate::http::query::rfc3339;
-use crate::http::{body, response, Body, Ctx};
+use crate::http::{response, Body, Ctx};
 
 /// Failed logins allowed per username within `LOGIN_LOCKOUT_SECS` before the username
 /// is refused outright (whatever the password) until the window ends.
@@ -29,7 +29,7 @@ struct Login {
 
 pub async fn login(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
-    let login: Login = body::parse_json(&super::read_body(app, &parts, body).await?)?;
+    let login: Login = super::json(app, &parts, body).await?;
     if !valid_username(&login.username) || login.password.len() > PASSWORD_MAX_BYTES {
         return Err(ApiError::Unauthenticated("invalid username or password"));
     }
@@ -104,9 +104,7 @@ struct NewAdmin {
 }
 
 pub async fn create_admin(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::ManageAdmins).await?;
-    let new: NewAdmin = json(app, &parts, body).await?;
+    let (actor, new): (_, NewAdmin) = authorized_json(app, ctx, req, Need::ManageAdmins).await?;
     if !valid_username(&new.username) {
         return Err(ApiError::invalid(
             "username must be 1 to 64 characters of [A-Za-z0-9_.@-]",
@@ -159,9 +157,7 @@ pub async fn patch_admin(
     req: Request<Incoming>,
     username: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::ManageAdmins).await?;
-    let patch: AdminPatch = json(app, &parts, body).await?;
+    let (actor, patch): (_, AdminPatch) = authorized_json(app, ctx, req, Need::ManageAdmins).await?;
     let role = patch
         .role
         .as_deref()
