@@ -83,21 +83,33 @@ pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> Result<Verifi
     })
 }
 
-/// Spends the nonce; only a verified request may, so nobody can burn another's nonces.
-pub async fn spend_nonce(app: &App, v: &Verified) -> Result<(), ApiError> {
-    let mut redis = app.redis();
-    let fresh = redis::cmd("SET")
-        .arg(&v.nonce_key)
-        .arg(1)
-        .arg("NX")
-        .arg("EX")
-        .arg(NONCE_TTL_SECS)
-        .query_async::<Option<String>>(&mut redis)
-        .await?
-        .is_some();
-    if fresh {
-        Ok(())
-    } else {
-        Err(ApiError::NonceReused)
+impl Verified {
+    /// Adds the command that spends the nonce to `pipe`; its reply is `OK` when the nonce
+    /// was fresh and nil when it was used before (see [`nonce_fresh`]).
+    pub fn spend_in(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("SET")
+            .arg(&self.nonce_key)
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(NONCE_TTL_SECS);
     }
+}
+
+/// Reads the reply of [`Verified::spend_in`].
+pub fn nonce_fresh(reply: &redis::Value) -> Result<(), ApiError> {
+    match reply {
+        redis::Value::Nil => Err(ApiError::NonceReused),
+        _ => Ok(()),
+    }
+}
+
+/// Spends the nonce on its own; only a verified request may, so nobody can burn
+/// another's nonces.
+pub async fn spend_nonce(app: &App, v: &Verified) -> Result<(), ApiError> {
+    let mut pipe = redis::pipe();
+    v.spend_in(&mut pipe);
+    let mut redis = app.redis();
+    let replies: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
+    nonce_fresh(replies.first().unwrap_or(&redis::Value::Nil))
 }

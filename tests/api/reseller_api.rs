@@ -365,3 +365,31 @@ async fn a_burst_is_admitted_exactly_up_to_the_tiers_burst_then_refused_with_hea
     let other = app.reseller_with_key(&t, "silver", json!({})).await;
     assert_eq!(app.signed(&other, Method::GET, "/v1/balance", None).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_replayed_read_is_refused_even_when_the_first_answer_never_touched_redis() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let k = app.reseller_with_key(&t, "gold", json!({})).await;
+    let n = nonce();
+    let now = now_secs();
+    // A 404 is answered from the in-memory catalogue alone.
+    let first = app
+        .signed_at(&k, Method::GET, "/v1/products/nope", None, now, &n, &[])
+        .await;
+    assert_eq!(code_of(first).await, code(404, "not_found"));
+    let replay = app
+        .signed_at(&k, Method::GET, "/v1/products/nope", None, now, &n, &[])
+        .await;
+    assert_eq!(code_of(replay).await, code(401, "nonce_reused"));
+    // And one that did touch Redis.
+    let n = nonce();
+    assert_eq!(
+        app.signed_at(&k, Method::GET, "/v1/products", None, now, &n, &[])
+            .await
+            .status(),
+        200
+    );
+    let replay = app.signed_at(&k, Method::GET, "/v1/products", None, now, &n, &[]).await;
+    assert_eq!(code_of(replay).await, code(401, "nonce_reused"));
+}

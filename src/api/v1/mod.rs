@@ -9,35 +9,35 @@ use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response};
 
 use crate::app::App;
-use crate::auth::reseller::{spend_nonce, verify, Caller};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::auth::reseller::{nonce_fresh, spend_nonce, verify, Caller, Verified};
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
 use crate::ratelimit::{Class, Headers, Outcome};
 
+/// A signed request past authentication and the rate limiter.
 pub struct Signed {
-    pub caller: Caller,
     pub parts: hyper::http::request::Parts,
     pub body: bytes::Bytes,
+    verified: Verified,
+    headers: Option<Headers>,
+    /// Set once the nonce was spent, by [`Signed::query`] or by [`Signed::finish`].
+    nonce_spent: AtomicBool,
 }
 
-/// Reads the body (it is signed), authenticates, takes a token from the caller's bucket
-/// of `class`, then runs `handler`; the `RateLimit-*` headers go on every answer that
-/// got as far as the limiter, refusals included.
-///
-/// Reads have no side effects, so their handler runs alongside the nonce's Redis round
-/// trip (both ride the one multiplexed connection) and its answer is used only if the
-/// nonce was fresh. Writes spend the nonce first.
-pub async fn signed<F, Fut>(
-    app: &App,
-    ctx: &Ctx,
-    req: Request<Incoming>,
-    class: Class,
-    handler: F,
-) -> Result<Response<Body>, ApiError>
-where
-    F: FnOnce(Signed) -> Fut,
-    Fut: std::future::Future<Output = Result<Response<Body>, ApiError>>,
-{
+pub enum Begin {
+    Go(Box<Signed>),
+    /// Answered already (refused by the rate limiter, with its headers).
+    Done(Response<Body>),
+}
+
+/// Reads the body (it is signed), authenticates, and takes a token from the caller's
+/// bucket of `class`. Writes spend the nonce here. Reads have no side effects, so a read
+/// handler spends the nonce in the same Redis round trip as its own commands
+/// ([`Signed::query`]); one that never touches Redis has it spent by [`Signed::finish`]
+/// before its answer goes out. Either way a replay is answered `nonce_reused`.
+pub async fn begin(app: &App, ctx: &Ctx, req: Request<Incoming>, class: Class) -> Result<Begin, ApiError> {
     let (parts, body) = req.into_parts();
     let body = body::read_json_body(
         &parts,
@@ -51,11 +51,8 @@ where
         spend_nonce(app, &verified).await?;
         return Err(refusal);
     }
-    let caller = &verified.caller;
-    let headers = match app
-        .rate_limits
-        .check(&caller.reseller.tier, class, caller.reseller.pk, 1)
-    {
+    let r = &verified.caller.reseller;
+    let headers = match app.rate_limits.check(&r.tier, class, r.pk, 1) {
         None => None,
         Some(Outcome::Allowed(h)) => Some(h),
         Some(Outcome::Refused {
@@ -63,48 +60,67 @@ where
             retry_after_secs,
         }) => {
             spend_nonce(app, &verified).await?;
-            metrics::counter!("cardgate_rate_limited_total", "tier" => caller.reseller.tier.clone(),
-                "class" => class_label(class))
-            .increment(1);
+            metrics::counter!("cardgate_rate_limited_total", "tier" => r.tier.clone(), "class" => class_label(class))
+                .increment(1);
             let mut resp = crate::http::response::error(&ApiError::RateLimited { retry_after_secs }, &ctx.request_id);
             set_headers(&mut resp, headers);
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
-            return Ok(resp);
+            return Ok(Begin::Done(resp));
         }
     };
-    let result = match class {
-        Class::Reads => {
-            let nonce = spend_nonce(app, &verified);
-            let (nonce, result) = tokio::join!(
-                nonce,
-                handler(Signed {
-                    caller: verified.caller.clone(),
-                    parts,
-                    body
-                })
-            );
-            nonce?;
-            result
-        }
-        Class::Writes => {
-            spend_nonce(app, &verified).await?;
-            handler(Signed {
-                caller: verified.caller.clone(),
-                parts,
-                body,
-            })
-            .await
-        }
-    };
-    let mut resp = match result {
-        Ok(resp) => resp,
-        Err(e) => crate::http::response::error(&e, &ctx.request_id),
-    };
-    if let Some(h) = headers {
-        set_headers(&mut resp, h);
+    if class == Class::Writes {
+        spend_nonce(app, &verified).await?;
     }
-    Ok(resp)
+    Ok(Begin::Go(Box::new(Signed {
+        parts,
+        body,
+        verified,
+        headers,
+        nonce_spent: AtomicBool::new(class == Class::Writes),
+    })))
+}
+
+impl Signed {
+    pub fn caller(&self) -> &Caller {
+        &self.verified.caller
+    }
+
+    /// Runs `pipe` with the nonce's `SET NX` in front, in one Redis round trip, and
+    /// returns the replies of `pipe`'s own commands, or `nonce_reused`.
+    pub async fn query(&self, app: &App, pipe: &redis::Pipeline) -> Result<Vec<redis::Value>, ApiError> {
+        let mut all = redis::pipe();
+        self.verified.spend_in(&mut all);
+        for cmd in pipe.cmd_iter() {
+            all.add_command(cmd.clone());
+        }
+        let mut redis = app.redis();
+        let mut replies: Vec<redis::Value> = all.query_async(&mut redis).await?;
+        self.nonce_spent.store(true, Ordering::Relaxed);
+        if replies.is_empty() {
+            return Err(ApiError::internal(anyhow::anyhow!("empty pipeline reply")));
+        }
+        nonce_fresh(&replies.remove(0))?;
+        Ok(replies)
+    }
+
+    /// Spends the nonce if the handler did not, then puts the `RateLimit-*` headers on
+    /// the answer, refusals included.
+    pub async fn finish(
+        self,
+        app: &App,
+        ctx: &Ctx,
+        result: Result<Response<Body>, ApiError>,
+    ) -> Result<Response<Body>, ApiError> {
+        if !self.nonce_spent.load(Ordering::Relaxed) {
+            spend_nonce(app, &self.verified).await?;
+        }
+        let mut resp = result.unwrap_or_else(|e| crate::http::response::error(&e, &ctx.request_id));
+        if let Some(h) = self.headers {
+            set_headers(&mut resp, h);
+        }
+        Ok(resp)
+    }
 }
 
 fn class_label(c: Class) -> &'static str {

@@ -4,7 +4,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
-use super::{signed, Signed};
+use super::{begin, Begin, Signed};
 use crate::app::App;
 use crate::catalogue::Product;
 use crate::error::ApiError;
@@ -37,51 +37,68 @@ fn view<'a>(app: &'a App, p: &'a Product, tier: &str, available: i64) -> Product
     }
 }
 
-/// Live stock counts, one Redis round trip for all of them.
-async fn available(app: &App, products: &[&Product]) -> Result<Vec<i64>, ApiError> {
-    if products.is_empty() {
-        return Ok(Vec::new());
-    }
+fn ints(replies: Vec<redis::Value>) -> Result<Vec<i64>, ApiError> {
+    replies
+        .into_iter()
+        .map(|v| redis::from_redis_value(v).map_err(ApiError::internal))
+        .collect()
+}
+
+/// Live stock counts, in the same Redis round trip as the nonce.
+async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i64>, ApiError> {
     let mut pipe = redis::pipe();
     for p in products {
         pipe.cmd("LLEN").arg(app.keys.stock(p.id));
     }
-    let mut redis = app.redis();
-    Ok(pipe.query_async(&mut redis).await?)
+    ints(s.query(app, &pipe).await?)
+}
+
+macro_rules! begin {
+    ($app:expr, $ctx:expr, $req:expr) => {
+        match begin($app, $ctx, $req, Class::Reads).await? {
+            Begin::Go(s) => s,
+            Begin::Done(resp) => return Ok(resp),
+        }
+    };
 }
 
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    signed(app, ctx, req, Class::Reads, |s: Signed| async move {
+    let s = begin!(app, ctx, req);
+    let result = async {
         let snapshot = app.catalogue.snapshot();
         let list: Vec<&Product> = snapshot.values().map(|p| p.as_ref()).collect();
-        let counts = available(app, &list).await?;
-        let tier = &s.caller.reseller.tier;
+        let counts = available(app, &s, &list).await?;
+        let tier = &s.caller().reseller.tier;
         let views: Vec<_> = list.iter().zip(counts).map(|(p, n)| view(app, p, tier, n)).collect();
         response::json(StatusCode::OK, &serde_json::json!({ "products": views }))
-    })
-    .await
+    }
+    .await;
+    s.finish(app, ctx, result).await
 }
 
 pub async fn product(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
-    signed(app, ctx, req, Class::Reads, |s: Signed| async move {
+    let s = begin!(app, ctx, req);
+    let result = async {
         let p = app
             .catalogue
             .get(sku)
             .ok_or_else(|| ApiError::not_found("no such product"))?;
-        let n = available(app, &[&p]).await?[0];
-        response::json(StatusCode::OK, &view(app, &p, &s.caller.reseller.tier, n))
-    })
-    .await
+        let n = available(app, &s, &[&p]).await?[0];
+        response::json(StatusCode::OK, &view(app, &p, &s.caller().reseller.tier, n))
+    }
+    .await;
+    s.finish(app, ctx, result).await
 }
 
 pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    signed(app, ctx, req, Class::Reads, |s: Signed| async move {
-        let r = &s.caller.reseller;
-        let mut redis = app.redis();
-        let hot: Option<i64> = redis::cmd("GET")
-            .arg(app.keys.balance(r.pk))
-            .query_async(&mut redis)
-            .await?;
+    let s = begin!(app, ctx, req);
+    let result = async {
+        let r = &s.caller().reseller;
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(app.keys.balance(r.pk));
+        let replies = s.query(app, &pipe).await?;
+        let hot: Option<i64> = redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
+            .map_err(ApiError::internal)?;
         // The hot balance is what can be spent now; without it (Redis lost its state),
         // the recorded one.
         let balance = match hot {
@@ -98,6 +115,7 @@ pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Res
             StatusCode::OK,
             &serde_json::json!({"balance": balance, "currency": app.config.currency, "tier": r.tier}),
         )
-    })
-    .await
+    }
+    .await;
+    s.finish(app, ctx, result).await
 }
