@@ -41,7 +41,8 @@ impl App {
         store::pg::migrate(&config).await?;
         let pg = store::pg::pool(&config)?;
         store::pg::ping(&pg).await.context("Postgres is not answering")?;
-        let redis = store::redis::connect(&config).await?;
+        let redis_client = store::redis::client(&config)?;
+        let redis = store::redis::connect(&redis_client, &config).await?;
         let keys = Keys::new(&config.redis_prefix);
         let crypto = Crypto::new(&settings.master_key);
         let jwt_secret = config
@@ -50,7 +51,6 @@ impl App {
             .map(|s| s.expose_secret().as_bytes().to_vec())
             .unwrap_or_default();
         let tokens = Tokens::new(&jwt_secret, std::time::Duration::from_secs(config.admin.token_ttl_secs));
-        let redis_client = redis::Client::open(config.redis_url.expose_secret()).context("redis_url")?;
         let rate_limits = RateLimits::new(&config.tiers);
         let app = App {
             config,

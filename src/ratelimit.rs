@@ -42,9 +42,26 @@ pub enum Outcome {
     },
 }
 
+/// One bucket kind of one tier: the keyed limiter, its rate and its burst.
+struct Bucket<C: Clock> {
+    limiter: Limiter<C>,
+    rate: u32,
+    burst: u32,
+}
+
 pub struct RateLimits<C: Clock = DefaultClock> {
-    limiters: HashMap<(String, Class), (Limiter<C>, u32, u32)>,
+    /// Keyed by tier name, so a request looks its tier up by `&str` without allocating.
+    tiers: HashMap<String, [Bucket<C>; 2]>,
     clock: C,
+}
+
+impl Class {
+    fn index(self) -> usize {
+        match self {
+            Class::Reads => 0,
+            Class::Writes => 1,
+        }
+    }
 }
 
 fn nz(v: u32) -> NonZeroU32 {
@@ -59,30 +76,40 @@ impl RateLimits<DefaultClock> {
 
 impl<C: Clock + Clone> RateLimits<C> {
     pub fn with_clock<'a>(tiers: impl IntoIterator<Item = (&'a String, &'a Tier)>, clock: C) -> Self {
-        let mut limiters = HashMap::new();
-        for (name, t) in tiers {
-            for (class, rate, burst) in [
-                (Class::Reads, t.reads_per_second, t.reads_burst),
-                (Class::Writes, t.orders_per_second, t.orders_burst),
-            ] {
-                let quota = Quota::per_second(nz(rate)).allow_burst(nz(burst));
-                let limiter: Limiter<C> = RateLimiter::<
-                    i64,
-                    DashMapStateStore<i64>,
-                    C,
-                    governor::middleware::NoOpMiddleware<C::Instant>,
-                >::new(quota, DashMapStateStore::default(), clock.clone())
-                .with_middleware::<StateInformationMiddleware>();
-                limiters.insert((name.clone(), class), (limiter, rate.max(1), burst.max(1)));
+        let bucket = |rate: u32, burst: u32| {
+            let quota = Quota::per_second(nz(rate)).allow_burst(nz(burst));
+            let limiter: Limiter<C> = RateLimiter::<
+                i64,
+                DashMapStateStore<i64>,
+                C,
+                governor::middleware::NoOpMiddleware<C::Instant>,
+            >::new(quota, DashMapStateStore::default(), clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+            Bucket {
+                limiter,
+                rate: rate.max(1),
+                burst: burst.max(1),
             }
-        }
-        RateLimits { limiters, clock }
+        };
+        let tiers = tiers
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    name.clone(),
+                    [
+                        bucket(t.reads_per_second, t.reads_burst),
+                        bucket(t.orders_per_second, t.orders_burst),
+                    ],
+                )
+            })
+            .collect();
+        RateLimits { tiers, clock }
     }
 
     /// Takes `n` tokens for `reseller` (all or none), or says when to retry. An unknown
     /// tier is not limited: config validation makes every reseller's tier known.
     pub fn check(&self, tier: &str, class: Class, reseller: i64, n: u32) -> Option<Outcome> {
-        let (limiter, rate, burst) = self.limiters.get(&(tier.to_string(), class))?;
+        let Bucket { limiter, rate, burst } = &self.tiers.get(tier)?[class.index()];
         let full_in = |remaining: u32| ((burst - remaining.min(*burst)) as u64).div_ceil(*rate as u64);
         let refused = |wait: Duration, remaining: u32| Outcome::Refused {
             headers: Headers {
@@ -109,14 +136,14 @@ impl<C: Clock + Clone> RateLimits<C> {
 
     /// Forgets resellers whose buckets are full again, bounding memory by recent callers.
     pub fn sweep(&self) {
-        for (limiter, _, _) in self.limiters.values() {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+        for bucket in self.tiers.values().flatten() {
+            bucket.limiter.retain_recent();
+            bucket.limiter.shrink_to_fit();
         }
     }
 
     pub fn tracked_keys(&self) -> usize {
-        self.limiters.values().map(|(l, _, _)| l.len()).sum()
+        self.tiers.values().flatten().map(|b| b.limiter.len()).sum()
     }
 }
 

@@ -9,6 +9,7 @@ use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use serde::de::DeserializeOwned;
 
+use crate::config::HttpConfig;
 use crate::error::ApiError;
 
 /// Whether the request declares a body at all (a length, or chunked transfer).
@@ -32,7 +33,11 @@ pub fn content_type_is(parts: &Parts, want: &str) -> bool {
 /// Reads a JSON route's body: `application/json` or nothing, at most `limit` bytes, all of
 /// it within `timeout`. The size is checked against `Content-Length` first and then again
 /// on every frame, so a lying or chunked client is cut off as soon as it passes the limit.
-pub async fn read_json_body(parts: &Parts, body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+pub async fn read_json_body(parts: &Parts, body: Incoming, http: &HttpConfig) -> Result<Bytes, ApiError> {
+    let (limit, timeout) = (
+        http.json_body_max_bytes,
+        Duration::from_millis(http.body_read_timeout_ms),
+    );
     if !has_body(parts) {
         return Ok(Bytes::new());
     }

@@ -8,8 +8,11 @@ use secrecy::ExposeSecret;
 
 use crate::config::Config;
 
-pub async fn connect(config: &Config) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(config.redis_url.expose_secret()).context("redis_url is not a valid Redis URL")?;
+pub fn client(config: &Config) -> anyhow::Result<redis::Client> {
+    redis::Client::open(config.redis_url.expose_secret()).context("redis_url is not a valid Redis URL")
+}
+
+pub async fn connect(client: &redis::Client, config: &Config) -> anyhow::Result<ConnectionManager> {
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(config.redis.connect_timeout_ms)))
         .set_response_timeout(Some(Duration::from_millis(config.redis.response_timeout_ms)))

@@ -6,8 +6,6 @@ pub mod products;
 pub mod resellers;
 pub mod session;
 
-use std::time::Duration;
-
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -51,13 +49,7 @@ pub async fn authorize(app: &App, ctx: &Ctx, parts: &Parts, need: Need) -> Resul
 
 /// Reads and parses a JSON body within the configured size and time limits.
 pub async fn json<T: DeserializeOwned>(app: &App, parts: &Parts, body: Incoming) -> Result<T, ApiError> {
-    let bytes = body::read_json_body(
-        parts,
-        body,
-        app.config.http.json_body_max_bytes,
-        Duration::from_millis(app.config.http.body_read_timeout_ms),
-    )
-    .await?;
+    let bytes = body::read_json_body(parts, body, &app.config.http).await?;
     body::parse_json(&bytes)
 }
 

@@ -2,8 +2,6 @@
 
 pub mod reads;
 
-use std::time::Duration;
-
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response};
@@ -39,13 +37,7 @@ pub enum Begin {
 /// before its answer goes out. Either way a replay is answered `nonce_reused`.
 pub async fn begin(app: &App, ctx: &Ctx, req: Request<Incoming>, class: Class) -> Result<Begin, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = body::read_json_body(
-        &parts,
-        body,
-        app.config.http.json_body_max_bytes,
-        Duration::from_millis(app.config.http.body_read_timeout_ms),
-    )
-    .await?;
+    let body = body::read_json_body(&parts, body, &app.config.http).await?;
     let mut verified = verify(app, ctx, &parts, &body)?;
     if let Some(refusal) = verified.refusal.take() {
         spend_nonce(app, &verified).await?;
