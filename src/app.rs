@@ -13,6 +13,7 @@ use crate::auth::keys::KeyCache;
 use crate::catalogue::Catalogue;
 use crate::config::{Config, Validated};
 use crate::crypto::Crypto;
+use crate::ledger::Waiters;
 use crate::ratelimit::RateLimits;
 use crate::store::{self, keys::Keys};
 use crate::telemetry;
@@ -31,6 +32,8 @@ pub struct App {
     pub key_cache: KeyCache,
     pub catalogue: Catalogue,
     pub rate_limits: RateLimits,
+    /// Order requests of this process waiting for the ledger writer.
+    pub waiters: Waiters,
 }
 
 impl App {
@@ -65,6 +68,7 @@ impl App {
             key_cache: KeyCache::default(),
             catalogue: Catalogue::default(),
             rate_limits,
+            waiters: Waiters::default(),
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg, &app.crypto).await?;

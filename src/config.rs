@@ -40,6 +40,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub admin: AdminConfig,
+    pub orders: OrdersConfig,
     pub tiers: BTreeMap<String, Tier>,
 }
 
@@ -75,6 +76,16 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrdersConfig {
+    pub commit_timeout_ms: u64,
+    pub ledger_batch_max: usize,
+    pub idempotency_ttl_secs: u64,
+    pub claim_idle_ms: u64,
+    pub drain_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -231,6 +242,14 @@ impl Config {
         positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
         positive("redis.response_timeout_ms", self.redis.response_timeout_ms)?;
         positive("admin.token_ttl_secs", self.admin.token_ttl_secs)?;
+        let o = &self.orders;
+        positive("orders.commit_timeout_ms", o.commit_timeout_ms)?;
+        positive("orders.idempotency_ttl_secs", o.idempotency_ttl_secs)?;
+        positive("orders.claim_idle_ms", o.claim_idle_ms)?;
+        positive("orders.drain_timeout_ms", o.drain_timeout_ms)?;
+        if !(1..=10_000).contains(&o.ledger_batch_max) {
+            return Err(ConfigError::setting("orders.ledger_batch_max", "must be 1 to 10000"));
+        }
         let trusted_proxies = h
             .trusted_proxies
             .iter()

@@ -15,7 +15,11 @@ pub mod crypto;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod ledger;
+pub mod orders;
 pub mod ratelimit;
+pub mod reconcile;
+pub mod reserve;
 pub mod stock;
 pub mod store;
 pub mod sync;
@@ -47,14 +51,26 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight requests and returns.
+    /// Serves until `shutdown` resolves, then drains in-flight requests, commits every
+    /// fulfilment still in this gateway's hands, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         // Background tasks live exactly as long as the server: aborted when it returns.
         let tasks = [
             tokio::spawn(sync::listen(self.app.clone())),
             tokio::spawn(sync::refresh_periodically(self.app.clone())),
         ];
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut writer = tokio::spawn(ledger::writer::run(self.app.clone(), stopped));
+        let app = self.app.clone();
         http::serve(self.listener, self.app, shutdown).await;
+        let _ = stop.send(true);
+        let drain = std::time::Duration::from_millis(app.config.orders.drain_timeout_ms);
+        if tokio::time::timeout(drain, &mut writer).await.is_err() {
+            // Whatever is left stays in the outbox, claimed by another gateway or by
+            // this one's next start.
+            tracing::warn!("ledger writer did not finish draining in time");
+            writer.abort();
+        }
         for t in tasks {
             t.abort();
         }

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use cardgate::{telemetry, Config};
 use tokio::net::TcpListener;
 
-const USAGE: &str = "usage: cardgate [serve]\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
+const USAGE: &str = "usage: cardgate [serve | reconcile]\n\n  serve      run the gateway (the default)\n  reconcile  check stock, orders and balances across Redis and Postgres; prints a JSON\n             report and exits 1 if anything disagrees\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
 
 fn main() -> ExitCode {
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_string());
@@ -11,7 +11,7 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    if command != "serve" {
+    if command != "serve" && command != "reconcile" {
         eprintln!("unknown command {command:?}\n{USAGE}");
         return ExitCode::from(2);
     }
@@ -30,8 +30,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config.0, config.1.listen)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match command.as_str() {
+        "reconcile" => runtime.block_on(reconcile(config.0)),
+        _ => runtime.block_on(serve(config.0, config.1.listen)).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("cardgate: {e:#}");
             ExitCode::FAILURE
@@ -48,6 +53,14 @@ async fn serve(config: Config, listen: std::net::SocketAddr) -> anyhow::Result<(
     server.run(shutdown_signal()).await?;
     tracing::info!("cardgate stopped");
     Ok(())
+}
+
+/// Prints the report; true when everything agrees.
+async fn reconcile(config: Config) -> anyhow::Result<bool> {
+    let app = cardgate::app::App::build(config).await?;
+    let report = cardgate::reconcile::run(&app).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(report.ok)
 }
 
 /// SIGTERM (orchestrators) or SIGINT (a terminal).

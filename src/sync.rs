@@ -49,17 +49,26 @@ pub async fn changed(app: &App) {
     }
 }
 
-/// Listens for announcements until the task is aborted.
+/// Listens for announcements until the task is aborted: cache changes, and orders
+/// another gateway's ledger writer settled for requests waiting here.
 pub async fn listen(app: Arc<App>) {
+    let settled = crate::ledger::channel(&app.config.redis_prefix);
     loop {
         match app.redis_client.get_async_pubsub().await {
             Ok(mut pubsub) => {
-                if pubsub.subscribe(channel(&app)).await.is_ok() {
+                if pubsub.subscribe(&[channel(&app), settled.clone()]).await.is_ok() {
                     // Anything announced while we were not subscribed is covered by this.
                     reload(&app).await;
                     let mut messages = pubsub.on_message();
-                    while messages.next().await.is_some() {
-                        reload(&app).await;
+                    while let Some(msg) = messages.next().await {
+                        if msg.get_channel_name() == settled {
+                            let text: String = msg.get_payload().unwrap_or_default();
+                            for (order_id, s) in crate::ledger::parse_message(&text) {
+                                app.waiters.notify(order_id, s);
+                            }
+                        } else {
+                            reload(&app).await;
+                        }
                     }
                 }
             }

@@ -37,9 +37,16 @@ pub enum Route {
     AdminRevokeKey(String),
     AdminAdjustBalance(String),
     AdminAudit,
+    AdminOrders,
+    AdminRefundOrder(String),
+    AdminReconcile,
     Products,
     Product(String),
     Balance,
+    CreateOrder,
+    FindOrder,
+    BatchOrders,
+    Order(String),
 }
 
 impl Route {
@@ -62,9 +69,15 @@ impl Route {
             Route::AdminRevokeKey(_) => "/admin/v1/keys/{key_id}",
             Route::AdminAdjustBalance(_) => "/admin/v1/resellers/{id}/balance",
             Route::AdminAudit => "/admin/v1/audit",
+            Route::AdminOrders => "/admin/v1/orders",
+            Route::AdminRefundOrder(_) => "/admin/v1/orders/{order_id}/refund",
+            Route::AdminReconcile => "/admin/v1/reconcile",
             Route::Products => "/v1/products",
             Route::Product(_) => "/v1/products/{sku}",
             Route::Balance => "/v1/balance",
+            Route::CreateOrder | Route::FindOrder => "/v1/orders",
+            Route::BatchOrders => "/v1/orders/batch",
+            Route::Order(_) => "/v1/orders/{order_id}",
         }
     }
 }
@@ -89,6 +102,12 @@ pub fn resolve(method: &Method, path: &str) -> Result<Route, ApiError> {
         [Some("v1"), Some("products"), None, ..] => allow(method, GET, Route::Products)?,
         [Some("v1"), Some("products"), Some(sku), None, ..] => allow(method, GET, Route::Product(param(sku)?.into()))?,
         [Some("v1"), Some("balance"), None, ..] => allow(method, GET, Route::Balance)?,
+        [Some("v1"), Some("orders"), None, ..] => match *method {
+            Method::POST => Route::CreateOrder,
+            _ => allow(method, GET_POST, Route::FindOrder)?,
+        },
+        [Some("v1"), Some("orders"), Some("batch"), None, ..] if method == Method::POST => Route::BatchOrders,
+        [Some("v1"), Some("orders"), Some(id), None, ..] => allow(method, GET, Route::Order(param(id)?.into()))?,
         _ => return Err(ApiError::not_found("no such route")),
     };
     Ok(route)
@@ -124,6 +143,9 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
         ("resellers", Some(id), Some("balance"), None) => allow(m, POST, Route::AdminAdjustBalance(param(id)?.into()))?,
         ("keys", Some(k), None, None) => allow(m, DELETE, Route::AdminRevokeKey(param(k)?.into()))?,
         ("audit", None, None, None) => allow(m, GET, Route::AdminAudit)?,
+        ("orders", None, None, None) => allow(m, GET, Route::AdminOrders)?,
+        ("reconcile", None, None, None) => allow(m, GET, Route::AdminReconcile)?,
+        ("orders", Some(id), Some("refund"), None) => allow(m, POST, Route::AdminRefundOrder(param(id)?.into()))?,
         _ => return Err(ApiError::not_found("no such route")),
     })
 }
@@ -163,7 +185,7 @@ pub async fn dispatch(
         Err(e) => return (UNMATCHED, Err(e)),
     };
     let name = route.name();
-    use api::admin::{audit, codes, products, resellers, session};
+    use api::admin::{audit, codes, orders, products, resellers, session};
     let result = match route {
         Route::Healthz => api::ops::healthz(),
         Route::Readyz => api::ops::readyz(app).await,
@@ -185,9 +207,16 @@ pub async fn dispatch(
         Route::AdminRevokeKey(k) => resellers::revoke_key(app, ctx, req, &k).await,
         Route::AdminAdjustBalance(id) => resellers::adjust_balance(app, ctx, req, &id).await,
         Route::AdminAudit => audit::list(app, ctx, req).await,
+        Route::AdminOrders => orders::list(app, ctx, req).await,
+        Route::AdminRefundOrder(id) => orders::refund(app, ctx, req, &id).await,
+        Route::AdminReconcile => orders::reconcile(app, ctx, req).await,
         Route::Products => api::v1::reads::products(app, ctx, req).await,
         Route::Product(sku) => api::v1::reads::product(app, ctx, req, &sku).await,
         Route::Balance => api::v1::reads::balance(app, ctx, req).await,
+        Route::CreateOrder => api::v1::orders::create(app, ctx, req).await,
+        Route::FindOrder => api::v1::orders::find(app, ctx, req).await,
+        Route::BatchOrders => api::v1::orders::batch(app, ctx, req).await,
+        Route::Order(id) => api::v1::orders::get(app, ctx, req, &id).await,
     };
     (name, result)
 }

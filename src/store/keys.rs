@@ -47,6 +47,17 @@ impl Keys {
         self.key(&["nonce", key_id, nonce])
     }
 
+    /// The fast-path idempotency record of one merchant_order_no (a hash: state,
+    /// fingerprint, order id); Postgres keeps the number forever.
+    pub fn idempotency(&self, reseller_pk: i64, merchant_order_no: &str) -> String {
+        self.key(&["idem", &reseller_pk.to_string(), merchant_order_no])
+    }
+
+    /// The outbox: reserved fulfilments waiting for the ledger writer (a stream).
+    pub fn outbox(&self) -> String {
+        self.key(&["outbox"])
+    }
+
     /// Written when the Redis state was last rebuilt from Postgres; its absence means
     /// Redis lost its data.
     pub fn epoch(&self) -> String {
@@ -64,5 +75,7 @@ mod tests {
         assert_eq!(k.epoch(), "cg:{s0}:epoch");
         assert_eq!(k.stock(7), "cg:{s0}:stock:7");
         assert_eq!(k.balance(3), "cg:{s0}:bal:3");
+        assert_eq!(k.idempotency(3, "M-1"), "cg:{s0}:idem:3:M-1");
+        assert_eq!(k.outbox(), "cg:{s0}:outbox");
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod codes;
+pub mod orders;
 pub mod products;
 pub mod resellers;
 pub mod session;

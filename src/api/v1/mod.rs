@@ -1,5 +1,6 @@
 //! Reseller API (API.md §3): every route signed, rate-limited by tier.
 
+pub mod orders;
 pub mod reads;
 
 use hyper::body::Incoming;
@@ -30,12 +31,18 @@ pub enum Begin {
     Done(Response<Body>),
 }
 
-/// Reads the body (it is signed), authenticates, and takes a token from the caller's
-/// bucket of `class`. Writes spend the nonce here. Reads have no side effects, so a read
+/// Reads the body (it is signed), authenticates, and takes `cost(body)` tokens from the
+/// caller's bucket of `class` (a batch of orders costs one per order). Writes spend the nonce here. Reads have no side effects, so a read
 /// handler spends the nonce in the same Redis round trip as its own commands
 /// ([`Signed::query`]); one that never touches Redis has it spent by [`Signed::finish`]
 /// before its answer goes out. Either way a replay is answered `nonce_reused`.
-pub async fn begin(app: &App, ctx: &Ctx, req: Request<Incoming>, class: Class) -> Result<Begin, ApiError> {
+pub async fn begin(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    class: Class,
+    cost: impl FnOnce(&[u8]) -> u32,
+) -> Result<Begin, ApiError> {
     let (parts, body) = req.into_parts();
     let body = body::read_json_body(&parts, body, &app.config.http).await?;
     let mut verified = verify(app, ctx, &parts, &body)?;
@@ -44,7 +51,7 @@ pub async fn begin(app: &App, ctx: &Ctx, req: Request<Incoming>, class: Class) -
         return Err(refusal);
     }
     let r = &verified.caller.reseller;
-    let headers = match app.rate_limits.check(&r.tier, class, r.pk, 1) {
+    let headers = match app.rate_limits.check(&r.tier, class, r.pk, cost(&body).max(1)) {
         None => None,
         Some(Outcome::Allowed(h)) => Some(h),
         Some(Outcome::Refused {
@@ -114,6 +121,20 @@ impl Signed {
         Ok(resp)
     }
 }
+
+/// Authenticates and rate-limits, or returns the finished answer from the handler.
+macro_rules! signed {
+    ($app:expr, $ctx:expr, $req:expr, $class:expr) => {
+        $crate::api::v1::signed!($app, $ctx, $req, $class, |_| 1)
+    };
+    ($app:expr, $ctx:expr, $req:expr, $class:expr, $cost:expr) => {
+        match $crate::api::v1::begin($app, $ctx, $req, $class, $cost).await? {
+            $crate::api::v1::Begin::Go(s) => s,
+            $crate::api::v1::Begin::Done(resp) => return Ok(resp),
+        }
+    };
+}
+pub(crate) use signed;
 
 fn class_label(c: Class) -> &'static str {
     match c {

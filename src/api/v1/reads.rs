@@ -4,7 +4,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
-use super::{begin, Begin, Signed};
+use super::{signed, Signed};
 use crate::app::App;
 use crate::catalogue::Product;
 use crate::error::ApiError;
@@ -53,17 +53,8 @@ async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i
     ints(s.query(app, &pipe).await?)
 }
 
-macro_rules! begin {
-    ($app:expr, $ctx:expr, $req:expr) => {
-        match begin($app, $ctx, $req, Class::Reads).await? {
-            Begin::Go(s) => s,
-            Begin::Done(resp) => return Ok(resp),
-        }
-    };
-}
-
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = begin!(app, ctx, req);
+    let s = signed!(app, ctx, req, Class::Reads);
     let result = async {
         let snapshot = app.catalogue.snapshot();
         let list: Vec<&Product> = snapshot.values().map(|p| p.as_ref()).collect();
@@ -77,7 +68,7 @@ pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Re
 }
 
 pub async fn product(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
-    let s = begin!(app, ctx, req);
+    let s = signed!(app, ctx, req, Class::Reads);
     let result = async {
         let p = app
             .catalogue
@@ -91,7 +82,7 @@ pub async fn product(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) ->
 }
 
 pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = begin!(app, ctx, req);
+    let s = signed!(app, ctx, req, Class::Reads);
     let result = async {
         let r = &s.caller().reseller;
         let mut pipe = redis::pipe();

@@ -1,0 +1,347 @@
+//! Orders: placing one (reserve in Redis, wait for the ledger writer's commit), reading
+//! one back from Postgres, refunding one.
+
+pub mod refund;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::app::App;
+use crate::auth::keys::Reseller;
+use crate::crypto::Purpose;
+use crate::error::ApiError;
+use crate::ledger::Settled;
+use crate::reserve::{self, Fulfilment, Reserved};
+
+/// Reservations retried after the last guard refused a code, before giving up.
+const LAST_GUARD_RETRIES: usize = 3;
+
+/// A `POST /v1/orders` body, checked.
+#[derive(Debug, Clone)]
+pub struct OrderRequest {
+    pub sku: String,
+    /// As sent: out of range is refused after the idempotency check, not here.
+    pub quantity: i64,
+    pub merchant_order_no: String,
+    pub max_unit_price: Option<i64>,
+}
+
+impl OrderRequest {
+    /// Checks the shape of an order body; `invalid_request` names the field.
+    pub fn parse(v: &Value) -> Result<OrderRequest, ApiError> {
+        let o = v
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("an order must be a JSON object"))?;
+        let sku = match o.get("sku") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(ApiError::invalid("sku: required, a non-empty string")),
+        };
+        let quantity = match o.get("quantity") {
+            Some(Value::Number(n)) if n.is_i64() => n.as_i64().unwrap_or(0),
+            // Whole numbers too large for 64 bits are still whole numbers: out of range.
+            Some(Value::Number(n)) if n.is_u64() => i64::MAX,
+            _ => return Err(ApiError::invalid("quantity: required, an integer")),
+        };
+        let merchant_order_no = match o.get("merchant_order_no") {
+            Some(Value::String(s)) if valid_merchant_order_no(s) => s.clone(),
+            _ => {
+                return Err(ApiError::invalid(
+                    "merchant_order_no: required, 1 to 64 characters of A-Z a-z 0-9 _ . : -",
+                ))
+            }
+        };
+        let max_unit_price = match o.get("max_unit_price") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_i64().is_some_and(|p| p >= 0) => n.as_i64(),
+            Some(Value::Number(n)) if n.is_u64() => Some(i64::MAX),
+            _ => return Err(ApiError::invalid("max_unit_price: a non-negative integer")),
+        };
+        Ok(OrderRequest {
+            sku,
+            quantity,
+            merchant_order_no,
+            max_unit_price,
+        })
+    }
+}
+
+pub fn valid_merchant_order_no(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// An order as API.md §3 shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Order {
+    pub order_id: String,
+    pub merchant_order_no: String,
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price: i64,
+    pub amount: i64,
+    pub currency: String,
+    pub status: String,
+    pub created_at: String,
+    pub codes: Vec<String>,
+}
+
+pub enum Placed {
+    /// `201`: new, committed.
+    Created(Order),
+    /// `200` with `Idempotent-Replayed: true`.
+    Replayed(Order),
+}
+
+/// Places one order for `reseller`, answering only once Postgres holds it.
+pub async fn place(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result<Placed, ApiError> {
+    let started = Instant::now();
+    let result = place_inner(app, reseller, req).await;
+    let outcome = match &result {
+        Ok(Placed::Created(_)) => "created",
+        Ok(Placed::Replayed(_)) => "replayed",
+        Err(e) => e.code(),
+    };
+    metrics::counter!("cardgate_orders_total", "outcome" => outcome, "tier" => reseller.tier.clone()).increment(1);
+    metrics::histogram!("cardgate_order_seconds", "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result<Placed, ApiError> {
+    let product = app.catalogue.get(&req.sku);
+    let tier_max = app.config.tiers.get(&reseller.tier).map_or(0, |t| t.max_quantity as i64);
+    let unit_price = product.as_ref().map_or(0, |p| p.price_for(&reseller.tier));
+    let amount = unit_price.checked_mul(req.quantity);
+    // Refusals decided here are reported only after the idempotency check, so that a
+    // replay of an order placed before a price or status change still gets its order.
+    let refusal = match &product {
+        None => "not_found",
+        Some(p) if !p.on_sale => "product_unavailable",
+        Some(p) if req.quantity < 1 || req.quantity > (p.max_quantity as i64).min(tier_max) => "quantity_out_of_range",
+        _ if amount.is_none() => "quantity_out_of_range",
+        _ if req.max_unit_price.is_some_and(|max| unit_price > max) => "price_changed",
+        _ => "",
+    };
+    let fingerprint = reserve::fingerprint(&req.sku, req.quantity);
+    let ttl = app.config.orders.idempotency_ttl_secs;
+    for _ in 0..LAST_GUARD_RETRIES {
+        let f = Fulfilment {
+            order_id: crate::ids::order_id(),
+            reseller: reseller.pk,
+            merchant_order_no: req.merchant_order_no.clone(),
+            product: product.as_ref().map_or(0, |p| p.id),
+            sku: req.sku.clone(),
+            quantity: req.quantity.clamp(0, i32::MAX as i64) as i32,
+            unit_price,
+            amount: amount.unwrap_or(0),
+            created_at: crate::auth::admin::unix_now() as i64,
+        };
+        let mut waiter = app.waiters.register(&f.order_id);
+        let t = Instant::now();
+        let mut redis = app.redis();
+        let reserved = reserve::reserve(&mut redis, &app.keys, &f, &fingerprint, refusal, ttl).await?;
+        metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
+        let elements = match reserved {
+            Reserved::Seen {
+                pending,
+                fingerprint: seen,
+                ..
+            } => {
+                if seen != fingerprint {
+                    return Err(ApiError::IdempotencyConflict);
+                }
+                if pending {
+                    return Err(ApiError::OrderInProgress);
+                }
+                return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {
+                    ApiError::internal(anyhow::anyhow!("idempotency record names an order Postgres does not hold"))
+                });
+            }
+            Reserved::Refused(code) => {
+                // Redis has no record of this number; Postgres may (the record expired,
+                // or Redis was rebuilt). Its answer wins over any refusal.
+                if let Some(placed) = recorded(app, reseller, req, &fingerprint).await? {
+                    return Ok(placed);
+                }
+                return Err(refusal_error(&code));
+            }
+            Reserved::Ok { elements, .. } => elements,
+        };
+        let timeout = Duration::from_millis(app.config.orders.commit_timeout_ms);
+        match tokio::time::timeout(timeout, waiter.settled()).await {
+            Ok(Some(Settled::Committed)) => {
+                let codes = decrypt_codes(app, f.product, elements.iter().map(|e| e.as_slice()))?;
+                return Ok(Placed::Created(Order {
+                    order_id: f.order_id,
+                    merchant_order_no: f.merchant_order_no,
+                    sku: f.sku,
+                    quantity: req.quantity,
+                    unit_price,
+                    amount: f.amount,
+                    currency: app.config.currency.clone(),
+                    status: "fulfilled".into(),
+                    created_at: rfc3339(f.created_at),
+                    codes,
+                }));
+            }
+            Ok(Some(Settled::Duplicate)) => {
+                return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {
+                    ApiError::internal(anyhow::anyhow!("duplicate order vanished from Postgres"))
+                });
+            }
+            Ok(Some(Settled::LastGuard)) => continue,
+            Ok(Some(Settled::Failed)) => {
+                return Err(ApiError::internal(anyhow::anyhow!("Postgres refused the order; nothing was charged")))
+            }
+            // Still reserved, and committed when Postgres answers: a retry with the same
+            // merchant_order_no then gets this order.
+            Ok(None) | Err(_) => {
+                return Err(ApiError::Unavailable {
+                    what: "order ledger",
+                    retry_after_secs: 1,
+                })
+            }
+        }
+    }
+    Err(ApiError::Unavailable {
+        what: "stock",
+        retry_after_secs: 1,
+    })
+}
+
+fn refusal_error(code: &str) -> ApiError {
+    match code {
+        "out_of_stock" => ApiError::OutOfStock,
+        "insufficient_balance" => ApiError::InsufficientBalance,
+        "not_found" => ApiError::not_found("no such product"),
+        "product_unavailable" => ApiError::ProductUnavailable,
+        "price_changed" => ApiError::PriceChanged,
+        "quantity_out_of_range" => {
+            ApiError::QuantityOutOfRange("quantity must be between 1 and the product's max_quantity for your tier".into())
+        }
+        // Redis lost its state and has not been rebuilt from Postgres yet.
+        _ => ApiError::Unavailable {
+            what: "stock",
+            retry_after_secs: 1,
+        },
+    }
+}
+
+/// The order Postgres holds for this merchant_order_no: a replay if it matches, a
+/// conflict if not, `None` if there is none.
+async fn recorded(
+    app: &App,
+    reseller: &Reseller,
+    req: &OrderRequest,
+    fingerprint: &str,
+) -> Result<Option<Placed>, ApiError> {
+    let Some(order) = load(app, reseller.pk, By::MerchantOrderNo(&req.merchant_order_no)).await? else {
+        return Ok(None);
+    };
+    if reserve::fingerprint(&order.sku, order.quantity) != fingerprint {
+        return Err(ApiError::IdempotencyConflict);
+    }
+    Ok(Some(Placed::Replayed(order)))
+}
+
+pub enum By<'a> {
+    OrderId(&'a str),
+    MerchantOrderNo(&'a str),
+}
+
+/// One of `reseller_pk`'s orders from Postgres, codes decrypted.
+pub async fn load(app: &App, reseller_pk: i64, by: By<'_>) -> Result<Option<Order>, ApiError> {
+    let (column, value) = match by {
+        By::OrderId(v) => ("order_id", v),
+        By::MerchantOrderNo(v) => ("merchant_order_no", v),
+    };
+    let client = app.pg.get().await?;
+    let sql = format!(
+        "SELECT o.order_id, o.merchant_order_no, o.sku, o.quantity, o.unit_price, o.amount, o.currency, o.status,
+                o.created_at, o.product_id,
+                array(SELECT c.code_enc FROM order_codes oc JOIN codes c ON c.id = oc.code_id
+                       WHERE oc.order_id = o.id ORDER BY oc.position)
+           FROM orders o WHERE o.reseller_id = $1 AND o.{column} = $2"
+    );
+    let Some(row) = client.query_opt(&sql, &[&reseller_pk, &value]).await? else {
+        return Ok(None);
+    };
+    let sealed: Vec<Vec<u8>> = row.get(10);
+    let codes = decrypt_sealed(app, row.get(9), sealed.iter().map(|s| s.as_slice()))?;
+    Ok(Some(Order {
+        order_id: row.get(0),
+        merchant_order_no: row.get(1),
+        sku: row.get(2),
+        quantity: row.get::<_, i32>(3) as i64,
+        unit_price: row.get(4),
+        amount: row.get(5),
+        currency: row.get(6),
+        status: row.get(7),
+        created_at: crate::http::query::rfc3339(row.get(8)),
+        codes,
+    }))
+}
+
+fn decrypt_codes<'a>(
+    app: &App,
+    product_id: i64,
+    elements: impl Iterator<Item = &'a [u8]>,
+) -> Result<Vec<String>, ApiError> {
+    let sealed: Vec<&[u8]> = elements
+        .map(|e| {
+            crate::stock::parse_element(e)
+                .map(|(_, enc)| enc)
+                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("malformed stock element")))
+        })
+        .collect::<Result<_, _>>()?;
+    decrypt_sealed(app, product_id, sealed.into_iter())
+}
+
+fn decrypt_sealed<'a>(
+    app: &App,
+    product_id: i64,
+    sealed: impl Iterator<Item = &'a [u8]>,
+) -> Result<Vec<String>, ApiError> {
+    sealed
+        .map(|s| {
+            let plain = app
+                .crypto
+                .decrypt(Purpose::Code { product_id }, s)
+                .map_err(ApiError::internal)?;
+            String::from_utf8(plain).map_err(|_| ApiError::internal(anyhow::anyhow!("stored code is not UTF-8")))
+        })
+        .collect()
+}
+
+fn rfc3339(unix: i64) -> String {
+    crate::http::query::rfc3339(time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn order_bodies_are_checked_field_by_field() {
+        let ok = OrderRequest::parse(&json!({"sku": "a", "quantity": 2, "merchant_order_no": "M-1:x.y_z"})).unwrap();
+        assert_eq!((ok.quantity, ok.max_unit_price), (2, None));
+        let huge = OrderRequest::parse(&json!({"sku": "a", "quantity": u64::MAX, "merchant_order_no": "M"})).unwrap();
+        assert_eq!(huge.quantity, i64::MAX, "out of range, not malformed");
+        for (body, field) in [
+            (json!([]), "object"),
+            (json!({"quantity": 1, "merchant_order_no": "M"}), "sku"),
+            (json!({"sku": "a", "quantity": 1.5, "merchant_order_no": "M"}), "quantity"),
+            (json!({"sku": "a", "quantity": "1", "merchant_order_no": "M"}), "quantity"),
+            (json!({"sku": "a", "quantity": 1, "merchant_order_no": "M 1"}), "merchant_order_no"),
+            (json!({"sku": "a", "quantity": 1, "merchant_order_no": "x".repeat(65)}), "merchant_order_no"),
+            (json!({"sku": "a", "quantity": 1, "merchant_order_no": "M", "max_unit_price": -1}), "max_unit_price"),
+        ] {
+            let e = OrderRequest::parse(&body).unwrap_err();
+            assert!(e.to_string().contains(field), "{body}: {e}");
+        }
+    }
+}

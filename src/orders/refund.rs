@@ -1,0 +1,87 @@
+//! Refunds: the amount back to the balance through the ledger, the codes voided so they
+//! are never sold again. Idempotent: a second refund of an order answers the first.
+
+use serde::Serialize;
+
+use crate::app::App;
+use crate::audit::{self, Actor};
+use crate::error::ApiError;
+
+#[derive(Debug, Serialize)]
+pub struct Refunded {
+    pub order_id: String,
+    pub reseller_id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub status: &'static str,
+    pub refunded_at: String,
+    pub reason: Option<String>,
+    #[serde(skip)]
+    pub replayed: bool,
+}
+
+pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&str>) -> Result<Refunded, ApiError> {
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT o.id, o.reseller_id, r.reseller_id, o.amount, o.currency, o.status, o.refunded_at, o.refund_reason
+               FROM orders o JOIN resellers r ON r.id = o.reseller_id
+              WHERE o.order_id = $1 FOR UPDATE OF o",
+            &[&order_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such order"))?;
+    let (pk, reseller_pk, amount): (i64, i64, i64) = (row.get(0), row.get(1), row.get(3));
+    let answer = |at: time::OffsetDateTime, reason: Option<String>, replayed: bool| Refunded {
+        order_id: order_id.to_string(),
+        reseller_id: row.get(2),
+        amount,
+        currency: row.get(4),
+        status: "refunded",
+        refunded_at: crate::http::query::rfc3339(at),
+        reason,
+        replayed,
+    };
+    if row.get::<_, &str>(5) == "refunded" {
+        return Ok(answer(row.get(6), row.get(7), true));
+    }
+    let at: time::OffsetDateTime = tx
+        .query_one(
+            "UPDATE orders SET status = 'refunded', refunded_at = now(), refund_reason = $2 WHERE id = $1 RETURNING refunded_at",
+            &[&pk, &reason],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "UPDATE codes SET status = 'voided', voided_at = now()
+          WHERE id IN (SELECT code_id FROM order_codes WHERE order_id = $1)",
+        &[&pk],
+    )
+    .await?;
+    if amount != 0 {
+        tx.execute(
+            "INSERT INTO balance_ledger (reseller_id, amount, kind, reference, note, actor)
+             VALUES ($1, $2, 'refund', $3, $4, $5)",
+            &[&reseller_pk, &amount, &order_id, &reason, &actor.name],
+        )
+        .await?;
+    }
+    audit::record(
+        &tx,
+        actor,
+        "order.refund",
+        Some(order_id),
+        None,
+        serde_json::json!({"amount": amount, "reason": reason}),
+    )
+    .await?;
+    tx.commit().await?;
+    // Spendable only once recorded. If Redis misses this (down now), the hot balance is
+    // short by the refund until it is rebuilt from Postgres: never more than is owed.
+    if amount != 0 {
+        crate::balance::hot_credit(app, reseller_pk, amount).await?;
+    }
+    metrics::counter!("cardgate_refunds_total").increment(1);
+    Ok(answer(at, reason.map(str::to_owned), false))
+}

@@ -1,0 +1,260 @@
+//! Reconciliation: proves the invariants of DESIGN.md from both stores at once.
+//!
+//! For every SKU, imported = available (Redis stock) + in flight (outbox) + delivered +
+//! voided, and the Redis stock plus the in-flight codes are exactly the codes Postgres
+//! holds as sellable. Every balance equals the sum of its ledger, and every hot balance
+//! equals it less the orders in flight. Every order has its codes and its ledger rows.
+//!
+//! The stores are read one after the other, so an order moving between them can make
+//! one pass disagree; a difference is reported only if it is still there after
+//! `PASSES` passes.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+use crate::app::App;
+use crate::reserve;
+
+const PASSES: usize = 3;
+const PAUSE: Duration = Duration::from_millis(500);
+const CHUNK: isize = 10_000;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub products: Vec<ProductCheck>,
+    pub resellers_checked: usize,
+    pub orders_in_flight: usize,
+    /// Every difference found, in words; empty when `ok`.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProductCheck {
+    pub sku: String,
+    pub imported: i64,
+    pub available: i64,
+    pub in_flight: i64,
+    pub delivered: i64,
+    pub voided: i64,
+    pub ok: bool,
+}
+
+pub async fn run(app: &App) -> anyhow::Result<Report> {
+    let mut report = pass(app).await?;
+    for _ in 1..PASSES {
+        if report.ok {
+            break;
+        }
+        tokio::time::sleep(PAUSE).await;
+        report = pass(app).await?;
+    }
+    Ok(report)
+}
+
+#[derive(Default)]
+struct InFlight {
+    codes: HashMap<i64, Vec<i64>>,
+    amounts: HashMap<i64, i64>,
+    orders: usize,
+}
+
+async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<String>) -> anyhow::Result<InFlight> {
+    let mut out = InFlight::default();
+    let mut start = "-".to_string();
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(app.keys.outbox())
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(CHUNK)
+            .query_async(redis)
+            .await?;
+        let Some(last) = page.ids.last() else { break };
+        start = format!("({}", last.id);
+        for s in &page.ids {
+            let decoded = s
+                .get::<Vec<u8>>("o")
+                .and_then(|o| serde_json::from_slice::<reserve::Fulfilment>(&o).ok())
+                .zip(s.get::<Vec<u8>>("c").and_then(|c| reserve::unpack(&c)));
+            let Some((f, elements)) = decoded else {
+                problems.push(format!("outbox entry {} is malformed", s.id));
+                continue;
+            };
+            out.orders += 1;
+            *out.amounts.entry(f.reseller).or_default() += f.amount;
+            let ids = out.codes.entry(f.product).or_default();
+            ids.extend(elements.iter().filter_map(|e| crate::stock::parse_element(e).map(|(id, _)| id)));
+        }
+    }
+    Ok(out)
+}
+
+async fn stock_ids(app: &App, redis: &mut ConnectionManager, product: i64) -> anyhow::Result<Vec<i64>> {
+    let key = app.keys.stock(product);
+    let mut ids = Vec::new();
+    let mut from = 0isize;
+    loop {
+        let chunk: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(&key)
+            .arg(from)
+            .arg(from + CHUNK - 1)
+            .query_async(redis)
+            .await?;
+        // A malformed element counts as id 0, which no code has: reported below.
+        ids.extend(chunk.iter().map(|e| crate::stock::parse_element(e).map_or(0, |(id, _)| id)));
+        if (chunk.len() as isize) < CHUNK {
+            return Ok(ids);
+        }
+        from += CHUNK;
+    }
+}
+
+async fn pass(app: &App) -> anyhow::Result<Report> {
+    let mut problems = Vec::new();
+    let mut redis = app.redis();
+    let flight = in_flight(app, &mut redis, &mut problems).await?;
+    let client = app.pg.get().await?;
+
+    let mut products = Vec::new();
+    for p in client.query("SELECT id, sku FROM products ORDER BY sku", &[]).await? {
+        let (id, sku): (i64, String) = (p.get(0), p.get(1));
+        let stock = stock_ids(app, &mut redis, id).await?;
+        let flying = flight.codes.get(&id).cloned().unwrap_or_default();
+        let counts = client
+            .query_one(
+                "SELECT count(*),
+                        count(*) FILTER (WHERE status = 'delivered'),
+                        count(*) FILTER (WHERE status = 'voided'),
+                        (SELECT count(*) FROM order_codes oc JOIN orders o ON o.id = oc.order_id
+                          WHERE o.product_id = $1 AND o.status = 'fulfilled'),
+                        (SELECT count(*) FROM order_codes oc JOIN orders o ON o.id = oc.order_id
+                           JOIN codes c ON c.id = oc.code_id
+                          WHERE o.product_id = $1
+                            AND ((o.status = 'fulfilled' AND c.status <> 'delivered')
+                              OR (o.status = 'refunded' AND c.status <> 'voided')))
+                   FROM codes WHERE product_id = $1",
+                &[&id],
+            )
+            .await?;
+        let (imported, delivered, voided, sold, mismatched): (i64, i64, i64, i64, i64) =
+            (counts.get(0), counts.get(1), counts.get(2), counts.get(3), counts.get(4));
+        let sellable: HashSet<i64> = client
+            .query("SELECT id FROM codes WHERE product_id = $1 AND status = 'available'", &[&id])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let before = problems.len();
+        let mut held = HashSet::new();
+        let doubled = stock.iter().chain(&flying).filter(|c| !held.insert(**c)).count();
+        if doubled > 0 {
+            problems.push(format!("{sku}: {doubled} codes are held twice in Redis (stock or outbox)"));
+        }
+        let unsellable = held.difference(&sellable).count();
+        if unsellable > 0 {
+            problems.push(format!("{sku}: {unsellable} codes in Redis are not sellable in Postgres"));
+        }
+        let missing = sellable.difference(&held).count();
+        if missing > 0 {
+            problems.push(format!("{sku}: {missing} sellable codes are missing from Redis"));
+        }
+        if delivered != sold {
+            problems.push(format!(
+                "{sku}: {delivered} codes marked delivered, {sold} delivered by fulfilled orders"
+            ));
+        }
+        if mismatched > 0 {
+            problems.push(format!("{sku}: {mismatched} ordered codes have a status that contradicts their order"));
+        }
+        let (available, in_flight) = (stock.len() as i64, flying.len() as i64);
+        if imported != available + in_flight + delivered + voided {
+            problems.push(format!(
+                "{sku}: imported {imported} != available {available} + in flight {in_flight} + delivered {delivered} + voided {voided}"
+            ));
+        }
+        products.push(ProductCheck {
+            sku,
+            imported,
+            available,
+            in_flight,
+            delivered,
+            voided,
+            ok: problems.len() == before,
+        });
+    }
+
+    let balances = client
+        .query(
+            "SELECT r.id, r.reseller_id, b.balance,
+                    coalesce((SELECT sum(amount) FROM balance_ledger l WHERE l.reseller_id = r.id), 0)::int8
+               FROM resellers r JOIN balances b ON b.reseller_id = r.id ORDER BY r.id",
+            &[],
+        )
+        .await?;
+    let keys: Vec<String> = balances.iter().map(|r| app.keys.balance(r.get(0))).collect();
+    let mut hot: Vec<Option<i64>> = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(CHUNK as usize) {
+        let got: Vec<Option<i64>> = redis::cmd("MGET").arg(chunk).query_async(&mut redis).await?;
+        hot.extend(got);
+    }
+    for (r, hot) in balances.iter().zip(hot) {
+        let (pk, rid, balance, ledger): (i64, &str, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        if balance != ledger {
+            problems.push(format!("{rid}: balance {balance} != ledger sum {ledger}"));
+        }
+        let holding = flight.amounts.get(&pk).copied().unwrap_or(0);
+        match hot {
+            None => problems.push(format!("{rid}: no hot balance in Redis")),
+            Some(h) if h != balance - holding => problems.push(format!(
+                "{rid}: hot balance {h} != balance {balance} - in flight {holding}"
+            )),
+            Some(_) => {}
+        }
+    }
+
+    let orders = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id) <> o.quantity),
+                    count(*) FILTER (WHERE o.amount <> 0 AND NOT EXISTS (SELECT 1 FROM balance_ledger l
+                        WHERE l.reseller_id = o.reseller_id AND l.kind = 'order' AND l.reference = o.order_id AND l.amount = -o.amount)),
+                    count(*) FILTER (WHERE o.status = 'refunded' AND o.amount <> 0 AND NOT EXISTS (SELECT 1 FROM balance_ledger l
+                        WHERE l.reseller_id = o.reseller_id AND l.kind = 'refund' AND l.reference = o.order_id AND l.amount = o.amount))
+               FROM orders o",
+            &[],
+        )
+        .await?;
+    let (short, uncharged, unrefunded): (i64, i64, i64) = (orders.get(0), orders.get(1), orders.get(2));
+    for (n, what) in [
+        (short, "orders do not hold exactly their quantity of codes"),
+        (uncharged, "orders have no matching charge in the ledger"),
+        (unrefunded, "refunded orders have no matching refund in the ledger"),
+    ] {
+        if n > 0 {
+            problems.push(format!("{n} {what}"));
+        }
+    }
+    let orphans = client
+        .query_one(
+            "SELECT count(*) FROM balance_ledger l WHERE l.kind IN ('order', 'refund')
+                AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = l.reference AND o.reseller_id = l.reseller_id)",
+            &[],
+        )
+        .await?
+        .get::<_, i64>(0);
+    if orphans > 0 {
+        problems.push(format!("{orphans} ledger rows charge or refund an order that does not exist"));
+    }
+
+    Ok(Report {
+        ok: problems.is_empty(),
+        products,
+        resellers_checked: balances.len(),
+        orders_in_flight: flight.orders,
+        problems,
+    })
+}

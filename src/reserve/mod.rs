@@ -1,0 +1,205 @@
+//! The Redis side of an order: one atomic script reserves it ([`reserve`]); after the
+//! ledger writer's Postgres commit another acknowledges it ([`settle`]), or, if it is not
+//! to be committed, a third undoes it ([`release`]).
+//!
+//! Every key a script touches shares one hash tag (see [`crate::store::keys`]).
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionLike;
+use redis::{RedisError, Script};
+use serde::{Deserialize, Serialize};
+
+use crate::store::keys::Keys;
+
+/// The outbox's consumer group: every gateway's ledger writer reads through it.
+pub const GROUP: &str = "ledger";
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
+
+/// Everything the ledger writer needs to record one order, carried in its outbox entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fulfilment {
+    pub order_id: String,
+    pub reseller: i64,
+    pub merchant_order_no: String,
+    pub product: i64,
+    pub sku: String,
+    pub quantity: i32,
+    pub unit_price: i64,
+    pub amount: i64,
+    /// Unix seconds: the order's `created_at`, the same in the first answer and in replays.
+    pub created_at: i64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reserved {
+    /// Codes taken and money held; the fulfilment is in the outbox as `entry_id`.
+    Ok { entry_id: String, elements: Vec<Vec<u8>> },
+    /// The merchant_order_no has a record already.
+    Seen {
+        pending: bool,
+        fingerprint: String,
+        order_id: String,
+    },
+    /// Nothing taken: `out_of_stock`, `insufficient_balance`, `no_hot_balance`, or the
+    /// refusal the caller passed in.
+    Refused(String),
+}
+
+/// What a replay must match to be a replay: the sku and the quantity (API.md §3).
+pub fn fingerprint(sku: &str, quantity: i64) -> String {
+    format!("{sku}\n{quantity}")
+}
+
+/// Runs the reservation script (`EVALSHA`, loading it on first use).
+pub async fn reserve<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &Keys,
+    f: &Fulfilment,
+    fingerprint: &str,
+    refusal: &str,
+    record_ttl_secs: u64,
+) -> Result<Reserved, RedisError> {
+    let fields = serde_json::to_string(f).map_err(|e| io_error(e.to_string()))?;
+    let reply: Vec<Vec<u8>> = RESERVE
+        .prepare_invoke()
+        .key(keys.idempotency(f.reseller, &f.merchant_order_no))
+        .key(keys.stock(f.product))
+        .key(keys.balance(f.reseller))
+        .key(keys.outbox())
+        .arg(&f.order_id)
+        .arg(fingerprint)
+        .arg(f.quantity)
+        .arg(f.amount)
+        .arg(refusal)
+        .arg(record_ttl_secs)
+        .arg(fields)
+        .invoke_async(conn)
+        .await?;
+    parse_reserved(reply).ok_or_else(|| io_error("unexpected reply from the reservation script".into()))
+}
+
+fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
+    let mut it = reply.into_iter();
+    let text = |v: Option<Vec<u8>>| v.and_then(|b| String::from_utf8(b).ok());
+    Some(match it.next()?.as_slice() {
+        b"ok" => Reserved::Ok {
+            entry_id: text(it.next())?,
+            elements: it.collect(),
+        },
+        b"dup" => Reserved::Seen {
+            pending: text(it.next())? == "pending",
+            fingerprint: text(it.next())?,
+            order_id: text(it.next())?,
+        },
+        b"refused" => Reserved::Refused(text(it.next())?),
+        _ => return None,
+    })
+}
+
+/// Acknowledges committed orders: deletes their outbox entries and marks their
+/// idempotency records done, in one round trip.
+pub async fn settle<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &Keys,
+    committed: &[(&str, &Fulfilment)],
+) -> Result<(), RedisError> {
+    if committed.is_empty() {
+        return Ok(());
+    }
+    let mut inv = SETTLE.prepare_invoke();
+    inv.key(keys.outbox()).arg(GROUP);
+    for (entry_id, f) in committed {
+        inv.key(keys.idempotency(f.reseller, &f.merchant_order_no))
+            .arg(*entry_id)
+            .arg(&f.order_id);
+    }
+    inv.invoke_async::<i64>(conn).await?;
+    Ok(())
+}
+
+/// Undoes a reservation that will not be committed. `elements` are the codes that may be
+/// sold again (never one Postgres has delivered or voided). With `dedupe`, other copies
+/// of each element are removed from the stock first. Returns false when another writer
+/// released the entry already.
+pub async fn release<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &Keys,
+    entry_id: &str,
+    f: &Fulfilment,
+    elements: &[Vec<u8>],
+    dedupe: bool,
+) -> Result<bool, RedisError> {
+    let mut inv = RELEASE.prepare_invoke();
+    inv.key(keys.idempotency(f.reseller, &f.merchant_order_no))
+        .key(keys.stock(f.product))
+        .key(keys.balance(f.reseller))
+        .key(keys.outbox())
+        .arg(&f.order_id)
+        .arg(f.amount)
+        .arg(GROUP)
+        .arg(entry_id)
+        .arg(if dedupe { "1" } else { "0" });
+    for e in elements {
+        inv.arg(e.as_slice());
+    }
+    Ok(inv.invoke_async::<i64>(conn).await? == 1)
+}
+
+/// The stock elements packed in an outbox entry's `c` field (2-byte length, element).
+pub fn unpack(mut packed: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !packed.is_empty() {
+        let (len, rest) = packed.split_first_chunk::<2>()?;
+        let n = u16::from_be_bytes(*len) as usize;
+        out.push(rest.get(..n)?.to_vec());
+        packed = &rest[n..];
+    }
+    Some(out)
+}
+
+fn io_error(msg: String) -> RedisError {
+    RedisError::from(std::io::Error::other(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_elements_round_trip_and_truncation_is_caught() {
+        let a = vec![7u8; 300];
+        let mut packed = vec![1, 44];
+        packed.extend_from_slice(&a);
+        packed.extend_from_slice(&[0, 2, 9, 9]);
+        assert_eq!(unpack(&packed), Some(vec![a, vec![9, 9]]));
+        assert_eq!(unpack(&packed[..packed.len() - 1]), None);
+        assert_eq!(unpack(&[0]), None);
+        assert_eq!(unpack(&[]), Some(vec![]));
+    }
+
+    #[test]
+    fn replies_parse() {
+        let b = |s: &str| s.as_bytes().to_vec();
+        assert_eq!(
+            parse_reserved(vec![b("ok"), b("1-0"), b("x"), b("y")]),
+            Some(Reserved::Ok {
+                entry_id: "1-0".into(),
+                elements: vec![b("x"), b("y")]
+            })
+        );
+        assert_eq!(
+            parse_reserved(vec![b("dup"), b("done"), b("s\n1"), b("ord_1")]),
+            Some(Reserved::Seen {
+                pending: false,
+                fingerprint: "s\n1".into(),
+                order_id: "ord_1".into()
+            })
+        );
+        assert_eq!(parse_reserved(vec![b("what")]), None);
+        assert_eq!(parse_reserved(vec![]), None);
+    }
+}

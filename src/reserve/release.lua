@@ -1,0 +1,27 @@
+-- Undo a reservation that will not be committed: its codes back to the front of the
+-- stock, its amount back to the hot balance, its idempotency record dropped, its outbox
+-- entry acknowledged and deleted. Runs at most once per entry: a second call (another
+-- writer that claimed the same entry) finds the entry gone and changes nothing.
+--
+-- KEYS: 1 idempotency record, 2 stock, 3 hot balance, 4 outbox
+-- ARGV: 1 order id, 2 amount, 3 consumer group, 4 entry id,
+--       5 '1' to remove other copies of each element first (after a last-guard hit),
+--       6.. the elements to return
+if redis.call('XDEL', KEYS[4], ARGV[4]) == 0 then
+  return 0
+end
+redis.call('XACK', KEYS[4], ARGV[3], ARGV[4])
+if redis.call('HGET', KEYS[1], 'order') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+for i = #ARGV, 6, -1 do
+  if ARGV[5] == '1' then
+    redis.call('LREM', KEYS[2], 0, ARGV[i])
+  end
+  redis.call('LPUSH', KEYS[2], ARGV[i])
+end
+-- A missing hot balance is rebuilt whole from Postgres; creating it here would be wrong.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('INCRBY', KEYS[3], ARGV[2])
+end
+return 1

@@ -1,0 +1,52 @@
+-- One order's reservation, atomically (DESIGN.md "Shape" step 3): idempotency check,
+-- stock check, balance check, pop the codes, debit the hot balance, record the
+-- reservation and append the fulfilment to the outbox stream.
+--
+-- KEYS: 1 idempotency record (hash), 2 stock (list), 3 hot balance, 4 outbox (stream)
+-- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
+--       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
+--       7 the fulfilment's fields (JSON, for the ledger writer)
+--
+-- Answers:
+--   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
+--   {'refused', code}                      nothing taken
+--   {'ok', entry id, element...}           reserved; elements are stock elements
+--
+-- The idempotency check comes first, so a replay is answered as the original even
+-- when the product has gone off sale or the price has moved since.
+local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'order')
+if rec[1] then
+  return {'dup', rec[1], rec[2] or '', rec[3] or ''}
+end
+if ARGV[5] ~= '' then
+  return {'refused', ARGV[5]}
+end
+local qty = tonumber(ARGV[3])
+if redis.call('LLEN', KEYS[2]) < qty then
+  return {'refused', 'out_of_stock'}
+end
+local balance = redis.call('GET', KEYS[3])
+if not balance then
+  -- Redis lost its state: nothing may be sold until it is rebuilt from Postgres.
+  return {'refused', 'no_hot_balance'}
+end
+local amount = tonumber(ARGV[4])
+if tonumber(balance) < amount then
+  return {'refused', 'insufficient_balance'}
+end
+local codes = redis.call('LPOP', KEYS[2], qty)
+redis.call('DECRBY', KEYS[3], amount)
+redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+-- Elements are binary and may be many: one field, each element behind a 2-byte length.
+local packed = {}
+for i = 1, #codes do
+  local n = #codes[i]
+  packed[i] = string.char(math.floor(n / 256), n % 256) .. codes[i]
+end
+local id = redis.call('XADD', KEYS[4], '*', 'o', ARGV[7], 'c', table.concat(packed))
+local out = {'ok', id}
+for i = 1, #codes do
+  out[i + 2] = codes[i]
+end
+return out
