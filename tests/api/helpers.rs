@@ -454,3 +454,81 @@ impl TestApp {
         req.send().await.unwrap()
     }
 }
+
+/// What an order test needs: an app, a root token, and a product with codes.
+impl TestApp {
+    pub async fn fund(&self, token: &str, reseller_id: &str, amount: i64) {
+        self.admin_ok(
+            token,
+            reqwest::Method::POST,
+            &format!("/admin/v1/resellers/{reseller_id}/balance"),
+            Some(serde_json::json!({"amount": amount, "reference": format!("fund-{}", random_suffix())})),
+            200,
+        )
+        .await;
+    }
+
+    /// `POST /v1/orders`: the status and the body.
+    pub async fn order(&self, key: &ResellerKey, body: serde_json::Value) -> (u16, serde_json::Value, bool) {
+        let resp = self
+            .signed(key, reqwest::Method::POST, "/v1/orders", Some(&body.to_string()))
+            .await;
+        let status = resp.status().as_u16();
+        let replayed = resp
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
+        (status, resp.json().await.expect("JSON answer"), replayed)
+    }
+
+    pub async fn balance_of(&self, key: &ResellerKey) -> i64 {
+        let b: serde_json::Value = self
+            .signed(key, reqwest::Method::GET, "/v1/balance", None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        b["balance"].as_i64().expect("balance")
+    }
+
+    /// The reconciliation report, asserted clean.
+    pub async fn assert_reconciled(&self, token: &str) -> serde_json::Value {
+        let r = self
+            .admin_ok(token, reqwest::Method::GET, "/admin/v1/reconcile", None, 200)
+            .await;
+        assert_eq!(r["ok"], true, "reconciliation: {r:#}");
+        r
+    }
+
+    pub async fn product_pk(&self, sku: &str) -> i64 {
+        self.db()
+            .await
+            .query_one("SELECT id FROM products WHERE sku = $1", &[&sku])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn stock_len(&self, sku: &str) -> i64 {
+        let product_id = self.product_pk(sku).await;
+        let mut r = self.redis().await;
+        redis::cmd("LLEN")
+            .arg(format!("{}:{{s0}}:stock:{product_id}", self.redis_prefix()))
+            .query_async(&mut r)
+            .await
+            .unwrap()
+    }
+}
+
+pub fn order_body(sku: &str, quantity: i64, mon: &str) -> serde_json::Value {
+    serde_json::json!({"sku": sku, "quantity": quantity, "merchant_order_no": mon})
+}
+
+pub fn codes_of(order: &serde_json::Value) -> Vec<String> {
+    order["codes"]
+        .as_array()
+        .expect("codes")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}

@@ -9,5 +9,6 @@ mod config;
 mod http_surface;
 mod import;
 mod ops;
+mod orders;
 mod reseller_api;
 mod signing;

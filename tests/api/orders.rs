@@ -1,0 +1,502 @@
+//! The order path (API.md §3 orders, DESIGN.md invariants 1, 2, 3, 4 and 6) against real
+//! Redis and Postgres.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::*;
+
+const SKU: &str = "steam-cn-100";
+/// The gold price of the helpers' product.
+const GOLD: i64 = 9650;
+
+async fn shop(codes: usize) -> (TestApp, String, Vec<String>) {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    app.create_product(&t, SKU).await;
+    let imported: Vec<String> = (0..codes).map(|i| format!("CODE-{i:05}-{}", random_suffix())).collect();
+    let resp = app.import_codes(&t, SKU, imported.join("\n")).await;
+    assert_eq!(resp.status(), 200);
+    (app, t, imported)
+}
+
+async fn buyer(app: &TestApp, t: &str, tier: &str, balance: i64) -> ResellerKey {
+    let k = app.reseller_with_key(t, tier, json!({})).await;
+    if balance > 0 {
+        app.fund(t, &k.reseller_id, balance).await;
+    }
+    k
+}
+
+#[tokio::test]
+async fn an_order_delivers_its_codes_charges_once_and_replays_the_same_answer() {
+    let (app, t, imported) = shop(5).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+
+    let (status, first, replayed) = app.order(&k, order_body(SKU, 2, "M20261123-0001")).await;
+    assert_eq!(status, 201, "{first}");
+    assert!(!replayed);
+    let codes = codes_of(&first);
+    assert_eq!(codes.len(), 2);
+    assert_ne!(codes[0], codes[1]);
+    assert!(codes.iter().all(|c| imported.contains(c)));
+    assert!(first["order_id"].as_str().unwrap().starts_with("ord_"));
+    for (field, want) in [
+        ("merchant_order_no", json!("M20261123-0001")),
+        ("sku", json!(SKU)),
+        ("quantity", json!(2)),
+        ("unit_price", json!(GOLD)),
+        ("amount", json!(2 * GOLD)),
+        ("currency", json!("CNY")),
+        ("status", json!("fulfilled")),
+    ] {
+        assert_eq!(first[field], want, "{field}");
+    }
+    assert!(first["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(app.balance_of(&k).await, 100_000 - 2 * GOLD);
+    assert_eq!(app.stock_len(SKU).await, 3);
+
+    // Committed before the answer (invariant 2): the order, its codes, its charge.
+    let db = app.db().await;
+    let row = db
+        .query_one(
+            "SELECT o.amount, (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id),
+                    (SELECT sum(amount) FROM balance_ledger l WHERE l.reference = o.order_id AND l.kind = 'order')::int8,
+                    (SELECT balance FROM balances b WHERE b.reseller_id = o.reseller_id)
+               FROM orders o WHERE o.order_id = $1",
+            &[&first["order_id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2), row.get::<_, i64>(3)),
+        (2 * GOLD, 2, -2 * GOLD, 100_000 - 2 * GOLD)
+    );
+
+    // The same number again: the same order, not a second one.
+    let (status, again, replayed) = app.order(&k, order_body(SKU, 2, "M20261123-0001")).await;
+    assert_eq!((status, replayed), (200, true), "{again}");
+    assert_eq!(again, first, "a replay is the original answer");
+    // max_unit_price is not part of what a replay must match; sku and quantity are.
+    let mut with_cap = order_body(SKU, 2, "M20261123-0001");
+    with_cap["max_unit_price"] = json!(1);
+    assert_eq!(app.order(&k, with_cap).await.0, 200);
+    for body in [order_body(SKU, 3, "M20261123-0001"), order_body("other-sku", 2, "M20261123-0001")] {
+        let resp = app
+            .signed(&k, Method::POST, "/v1/orders", Some(&body.to_string()))
+            .await;
+        assert_eq!(error_of(resp).await.1, "idempotency_conflict");
+    }
+    assert_eq!(app.balance_of(&k).await, 100_000 - 2 * GOLD, "charged once");
+
+    // Read back by id and by number; every reveal is audited.
+    let id = first["order_id"].as_str().unwrap();
+    let by_id: serde_json::Value = app
+        .signed(&k, Method::GET, &format!("/v1/orders/{id}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_id, first);
+    let resp = app
+        .signed(&k, Method::GET, "/v1/orders?merchant_order_no=M20261123-0001", None)
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap(), first);
+    let reveals: i64 = db
+        .query_one(
+            "SELECT count(*) FROM audit_log WHERE action = 'order.reveal' AND target = $1 AND actor = $2",
+            &[&id, &k.reseller_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reveals, 4, "two replays and two reads");
+
+    // Another reseller sees neither the order nor the number.
+    let other = buyer(&app, &t, "gold", 0).await;
+    let resp = app.signed(&other, Method::GET, &format!("/v1/orders/{id}"), None).await;
+    assert_eq!(error_of(resp).await.1, "not_found");
+    let resp = app
+        .signed(&other, Method::GET, "/v1/orders?merchant_order_no=M20261123-0001", None)
+        .await;
+    assert_eq!(error_of(resp).await.1, "not_found");
+    // The same number is another reseller's own.
+    app.fund(&t, &other.reseller_id, GOLD).await;
+    assert_eq!(app.order(&other, order_body(SKU, 1, "M20261123-0001")).await.0, 201);
+    app.assert_reconciled(&t).await;
+}
+
+#[tokio::test]
+async fn refusals_take_nothing() {
+    let (app, t, _) = shop(3).await;
+    let k = buyer(&app, &t, "standard", 3 * 9800 - 1).await;
+    let before = app.balance_of(&k).await;
+
+    let refused = |body: serde_json::Value| {
+        let app = &app;
+        let k = &k;
+        async move {
+            let resp = app.signed(k, Method::POST, "/v1/orders", Some(&body.to_string())).await;
+            let (s, c, _) = error_of(resp).await;
+            (s, c)
+        }
+    };
+    let code = |s: u16, c: &str| (s, c.to_string());
+    assert_eq!(refused(order_body(SKU, 4, "M-1")).await, code(409, "out_of_stock"));
+    assert_eq!(refused(order_body(SKU, 3, "M-1")).await, code(402, "insufficient_balance"));
+    assert_eq!(refused(order_body(SKU, 0, "M-1")).await, code(422, "quantity_out_of_range"));
+    assert_eq!(refused(order_body(SKU, -5, "M-1")).await, code(422, "quantity_out_of_range"));
+    assert_eq!(
+        refused(order_body(SKU, 11, "M-1")).await,
+        code(422, "quantity_out_of_range"),
+        "standard tier caps quantity at 10"
+    );
+    assert_eq!(
+        refused(json!({"sku": SKU, "quantity": 1_000_000_000_000_000i64, "merchant_order_no": "M-1"})).await,
+        code(422, "quantity_out_of_range")
+    );
+    let mut capped = order_body(SKU, 1, "M-1");
+    capped["max_unit_price"] = json!(9799);
+    assert_eq!(refused(capped).await, code(409, "price_changed"));
+    assert_eq!(refused(order_body("no-such-sku", 1, "M-1")).await, code(404, "not_found"));
+    for bad in [
+        json!({"sku": SKU, "quantity": 1}),
+        json!({"sku": SKU, "quantity": "1", "merchant_order_no": "M-1"}),
+        json!({"sku": SKU, "quantity": 1, "merchant_order_no": "M 1"}),
+        json!({"sku": SKU, "quantity": 1, "merchant_order_no": ""}),
+        json!({"sku": SKU, "quantity": 1, "merchant_order_no": "M".repeat(65)}),
+        json!({"sku": 5, "quantity": 1, "merchant_order_no": "M-1"}),
+        json!([1, 2]),
+    ] {
+        assert_eq!(refused(bad.clone()).await, code(400, "invalid_request"), "{bad}");
+    }
+    let resp = app.signed(&k, Method::POST, "/v1/orders", Some("{\"sku\":")).await;
+    assert_eq!(error_of(resp).await.1, "invalid_json");
+    app.admin_ok(&t, Method::PATCH, &format!("/admin/v1/products/{SKU}"), Some(json!({"status": "off_sale"})), 200)
+        .await;
+    assert_eq!(refused(order_body(SKU, 1, "M-1")).await, code(422, "product_unavailable"));
+    app.admin_ok(&t, Method::PATCH, &format!("/admin/v1/products/{SKU}"), Some(json!({"status": "on_sale"})), 200)
+        .await;
+
+    // Nothing moved: stock, balance, orders; and the refused number is still free.
+    assert_eq!(app.stock_len(SKU).await, 3);
+    assert_eq!(app.balance_of(&k).await, before);
+    let orders: i64 = app.db().await.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(orders, 0);
+    assert_eq!(app.order(&k, order_body(SKU, 2, "M-1")).await.0, 201);
+    assert_eq!(app.balance_of(&k).await, before - 2 * 9800);
+    app.assert_reconciled(&t).await;
+}
+
+/// 300 buyers from several resellers race for 100 codes of one SKU.
+#[tokio::test]
+async fn sell_out_race_delivers_each_code_exactly_once() {
+    let (app, t, imported) = shop(100).await;
+    let app = Arc::new(app);
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        keys.push(Arc::new(buyer(&app, &t, "diamond", 1_000_000).await));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let (app, k) = (app.clone(), keys[i % keys.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            let (s, body, _) = app.order(&k, order_body(SKU, 1, &format!("race-{i}"))).await;
+            (i % 5, s, body)
+        }));
+    }
+    let mut delivered = Vec::new();
+    let mut bought = [0i64; 5];
+    let mut out_of_stock = 0;
+    for task in tasks {
+        let (who, s, body) = task.await.unwrap();
+        match s {
+            201 => {
+                delivered.extend(codes_of(&body));
+                bought[who] += 1;
+            }
+            409 if body["error"]["code"] == "out_of_stock" => out_of_stock += 1,
+            _ => panic!("unexpected answer {s}: {body}"),
+        }
+    }
+    assert_eq!(delivered.len(), 100, "every code sold");
+    assert_eq!(out_of_stock, 200);
+    let distinct: HashSet<_> = delivered.iter().collect();
+    assert_eq!(distinct.len(), 100, "no code delivered twice");
+    assert!(delivered.iter().all(|c| imported.contains(c)));
+    for (who, k) in keys.iter().enumerate() {
+        assert_eq!(app.balance_of(k).await, 1_000_000 - bought[who] * 9800, "reseller {who}");
+    }
+    let db = app.db().await;
+    let (orders, codes): (i64, i64) = {
+        let r = db
+            .query_one("SELECT (SELECT count(*) FROM orders), (SELECT count(DISTINCT code_id) FROM order_codes)", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((orders, codes), (100, 100));
+    let report = app.assert_reconciled(&t).await;
+    assert_eq!(report["products"][0]["delivered"], 100);
+    assert_eq!(report["products"][0]["available"], 0);
+}
+
+/// 50 concurrent requests with one merchant_order_no: one order, one charge.
+#[tokio::test]
+async fn retry_storm_makes_one_order_and_one_charge() {
+    let (app, t, _) = shop(10).await;
+    let app = Arc::new(app);
+    let k = Arc::new(buyer(&app, &t, "diamond", 1_000_000).await);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (app, k) = (app.clone(), k.clone());
+        tasks.push(tokio::spawn(async move { app.order(&k, order_body(SKU, 3, "STORM-1")).await }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let created = answers.iter().filter(|(s, _, _)| *s == 201).count();
+    assert_eq!(created, 1, "exactly one 201");
+    let successes: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 201 || *s == 200).collect();
+    let first = codes_of(&successes[0].1);
+    for (s, body, replayed) in &successes {
+        assert_eq!(codes_of(body), first, "every success carries the same codes");
+        assert_eq!(*replayed, *s == 200);
+    }
+    for (s, body, _) in &answers {
+        if *s != 201 && *s != 200 {
+            assert_eq!((*s, body["error"]["code"].as_str()), (409, Some("order_in_progress")), "{body}");
+        }
+    }
+    // Once it settled, a retry is a replay.
+    let (s, body, replayed) = app.order(&k, order_body(SKU, 3, "STORM-1")).await;
+    assert_eq!((s, replayed, codes_of(&body)), (200, true, first));
+    assert_eq!(app.balance_of(&k).await, 1_000_000 - 3 * 9800);
+    let db = app.db().await;
+    let r = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM balance_ledger WHERE kind = 'order')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (1, 1));
+    app.assert_reconciled(&t).await;
+}
+
+#[tokio::test]
+async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
+    let (app, t, _) = shop(4).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let (_, order, _) = app.order(&k, order_body(SKU, 2, "R-1")).await;
+    let refunded_codes = codes_of(&order);
+    let id = order["order_id"].as_str().unwrap();
+    let path = format!("/admin/v1/orders/{id}/refund");
+
+    let auditor = app
+        .admin_ok(&t, Method::POST, "/admin/v1/admins", Some(json!({"username": "aud", "password": "aud-password-1", "role": "auditor"})), 201)
+        .await;
+    assert_eq!(auditor["role"], "auditor");
+    let aud = app.login("aud", "aud-password-1").await;
+    let resp = app.admin(&aud, Method::POST, &path, Some(json!({"reason": "x"}))).await;
+    assert_eq!(error_of(resp).await.1, "forbidden");
+
+    let r = app.admin_ok(&t, Method::POST, &path, Some(json!({"reason": "customer complaint"})), 200).await;
+    assert_eq!((r["status"].as_str(), r["amount"].as_i64()), (Some("refunded"), Some(2 * GOLD)));
+    let again = app.admin_ok(&t, Method::POST, &path, Some(json!({"reason": "twice"})), 200).await;
+    assert_eq!(again, r, "idempotent: the first refund's answer");
+    assert_eq!(app.balance_of(&k).await, 100_000, "credited once");
+    let resp = app.admin(&t, Method::POST, "/admin/v1/orders/ord_nope/refund", Some(json!({}))).await;
+    assert_eq!(error_of(resp).await.1, "not_found");
+
+    // The reseller still sees the order, now refunded.
+    let seen: serde_json::Value = app.signed(&k, Method::GET, &format!("/v1/orders/{id}"), None).await.json().await.unwrap();
+    assert_eq!(seen["status"], "refunded");
+    // The rest of the stock sells; the refunded codes never come back.
+    let (s, rest, _) = app.order(&k, order_body(SKU, 2, "R-2")).await;
+    assert_eq!(s, 201);
+    assert!(codes_of(&rest).iter().all(|c| !refunded_codes.contains(c)));
+    let resp = app.signed(&k, Method::POST, "/v1/orders", Some(&order_body(SKU, 1, "R-3").to_string())).await;
+    assert_eq!(error_of(resp).await.1, "out_of_stock");
+    let report = app.assert_reconciled(&t).await;
+    assert_eq!((report["products"][0]["voided"].as_i64(), report["products"][0]["delivered"].as_i64()), (Some(2), Some(2)));
+
+    // The operator's order search sees both, with filters and paging.
+    let all = app.admin_ok(&t, Method::GET, "/admin/v1/orders?limit=1", None, 200).await;
+    assert_eq!(all["orders"].as_array().unwrap().len(), 1);
+    assert_eq!(all["orders"][0]["merchant_order_no"], "R-2", "newest first");
+    assert!(all["orders"][0].get("codes").is_none(), "the search never shows codes");
+    let cursor = all["next_cursor"].as_str().unwrap();
+    let next = app.admin_ok(&t, Method::GET, &format!("/admin/v1/orders?limit=1&cursor={cursor}"), None, 200).await;
+    assert_eq!(next["orders"][0]["merchant_order_no"], "R-1");
+    let mine = app
+        .admin_ok(&t, Method::GET, &format!("/admin/v1/orders?reseller_id={}&sku={SKU}&status=refunded", k.reseller_id), None, 200)
+        .await;
+    assert_eq!(mine["orders"].as_array().unwrap().len(), 1);
+    let none = app.admin_ok(&t, Method::GET, "/admin/v1/orders?sku=other", None, 200).await;
+    assert!(none["orders"].as_array().unwrap().is_empty());
+}
+
+/// A code put into Redis twice (corrupted stock) is still delivered at most once: the
+/// Postgres constraint refuses the second delivery and the order is served from other
+/// stock.
+#[tokio::test]
+async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
+    let (app, t, _) = shop(3).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let key = format!("{}:{{s0}}:stock:{}", app.redis_prefix(), app.product_pk(SKU).await);
+    let mut r = app.redis().await;
+    let head: Vec<u8> = redis::cmd("LINDEX").arg(&key).arg(0).query_async(&mut r).await.unwrap();
+    let _: i64 = redis::cmd("LPUSH").arg(&key).arg(&head).query_async(&mut r).await.unwrap();
+    let guard_before = last_guard_hits(&app).await;
+
+    // Both copies in one order: refused as it stands, completed from other stock.
+    let (s, first, _) = app.order(&k, order_body(SKU, 2, "G-1")).await;
+    assert_eq!(s, 201, "{first}");
+    let mut delivered = codes_of(&first);
+    assert_ne!(delivered[0], delivered[1]);
+    let (s, second, _) = app.order(&k, order_body(SKU, 1, "G-2")).await;
+    assert_eq!(s, 201, "{second}");
+    delivered.extend(codes_of(&second));
+    let resp = app.signed(&k, Method::POST, "/v1/orders", Some(&order_body(SKU, 1, "G-3").to_string())).await;
+    assert_eq!(error_of(resp).await.1, "out_of_stock");
+    assert_eq!(delivered.iter().collect::<HashSet<_>>().len(), 3);
+    assert_eq!(app.balance_of(&k).await, 100_000 - 3 * GOLD, "charged for what was delivered");
+    assert!(last_guard_hits(&app).await > guard_before, "the guard fired and was counted");
+
+    // Now the copy comes after its original was sold.
+    let (app2, t2, _) = shop(2).await;
+    let k2 = buyer(&app2, &t2, "gold", 100_000).await;
+    let (s, one, _) = app2.order(&k2, order_body(SKU, 1, "H-1")).await;
+    assert_eq!(s, 201);
+    let key2 = format!("{}:{{s0}}:stock:{}", app2.redis_prefix(), app2.product_pk(SKU).await);
+    let db = app2.db().await;
+    let row = db
+        .query_one("SELECT c.id, c.code_enc FROM codes c JOIN order_codes oc ON oc.code_id = c.id", &[])
+        .await
+        .unwrap();
+    let mut element = row.get::<_, i64>(0).to_be_bytes().to_vec();
+    element.extend_from_slice(row.get::<_, &[u8]>(1));
+    let mut r2 = app2.redis().await;
+    let _: i64 = redis::cmd("LPUSH").arg(&key2).arg(&element).query_async(&mut r2).await.unwrap();
+    let (s, two, _) = app2.order(&k2, order_body(SKU, 1, "H-2")).await;
+    assert_eq!(s, 201, "{two}");
+    assert_ne!(codes_of(&two), codes_of(&one), "the sold code is not sold again");
+    assert_eq!(app2.stock_len(SKU).await, 0, "the stray copy is gone");
+    app2.assert_reconciled(&t2).await;
+}
+
+async fn last_guard_hits(app: &TestApp) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with("cardgate_last_guard_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome() {
+    let (app, t, _) = shop(3).await;
+    let k = buyer(&app, &t, "standard", 1_000_000).await;
+    let batch = |orders: Vec<serde_json::Value>| json!({ "orders": orders }).to_string();
+
+    let resp = app
+        .signed(
+            &k,
+            Method::POST,
+            "/v1/orders/batch",
+            Some(&batch(vec![
+                order_body(SKU, 2, "B-1"),
+                order_body(SKU, 2, "B-2"),
+                json!({"sku": SKU, "quantity": 1}),
+                order_body(SKU, 1, "B-4"),
+            ])),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    let mons: Vec<_> = results.iter().map(|r| r["merchant_order_no"].clone()).collect();
+    assert_eq!(mons, vec![json!("B-1"), json!("B-2"), json!(null), json!("B-4")], "in the order given");
+    assert_eq!(results[2]["status"], 400);
+    assert_eq!(results[2]["error"]["code"], "invalid_request");
+    // Three codes, five asked for by the valid orders: one of the two-code orders fails.
+    let statuses: Vec<i64> = results.iter().map(|r| r["status"].as_i64().unwrap()).collect();
+    let sold: usize = results
+        .iter()
+        .filter(|r| r["status"] == 201)
+        .map(|r| codes_of(&r["order"]).len())
+        .sum();
+    assert!(sold <= 3 && statuses.iter().filter(|s| **s == 409).count() >= 1, "{body}");
+    for r in results.iter().filter(|r| r["status"] == 409) {
+        assert_eq!(r["error"]["code"], "out_of_stock");
+    }
+
+    // Replays inside a batch are replays.
+    let resp = app.signed(&k, Method::POST, "/v1/orders/batch", Some(&batch(vec![order_body(SKU, 1, "B-4")]))).await;
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let was = results[3]["status"].as_i64().unwrap();
+    assert_eq!(body["results"][0]["status"], if was == 201 { 200 } else { 409 }, "{body}");
+
+    // Duplicate numbers, empty and over-cap batches: refused whole, nothing processed.
+    let before = app.stock_len(SKU).await;
+    for bad in [
+        batch(vec![order_body(SKU, 1, "D-1"), order_body(SKU, 1, "D-1")]),
+        batch(vec![]),
+        batch((0..11).map(|i| order_body(SKU, 1, &format!("C-{i}"))).collect()),
+        json!({"orders": "no"}).to_string(),
+    ] {
+        let resp = app.signed(&k, Method::POST, "/v1/orders/batch", Some(&bad)).await;
+        assert_eq!(error_of(resp).await.1, "invalid_request", "{bad}");
+    }
+    assert_eq!(app.stock_len(SKU).await, before);
+
+    // The standard tier's write burst is 40: a batch that needs more tokens than are
+    // left is refused whole (a fresh reseller, so no earlier call spent any).
+    let k = buyer(&app, &t, "standard", 1_000_000).await;
+    let ten = |n: usize| batch((0..10).map(|i| order_body("no-such", 1, &format!("T-{n}-{i}"))).collect());
+    let mut refused_at = None;
+    for n in 0..5 {
+        let resp = app.signed(&k, Method::POST, "/v1/orders/batch", Some(&ten(n))).await;
+        if resp.status() == 429 {
+            assert!(resp.headers().contains_key("retry-after"));
+            refused_at = Some(n);
+            break;
+        }
+    }
+    assert_eq!(refused_at, Some(4), "four batches of ten take the 40 tokens");
+    let orders: i64 = app.db().await.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    assert!(orders <= 3);
+    app.assert_reconciled(&t).await;
+}
+
+#[tokio::test]
+async fn reconciliation_catches_what_it_claims_to_catch() {
+    let (app, t, _) = shop(3).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    assert_eq!(app.order(&k, order_body(SKU, 1, "X-1")).await.0, 201);
+    app.assert_reconciled(&t).await;
+
+    // A sellable code lost from Redis.
+    let key = format!("{}:{{s0}}:stock:{}", app.redis_prefix(), app.product_pk(SKU).await);
+    let mut r = app.redis().await;
+    let lost: Vec<u8> = redis::cmd("LPOP").arg(&key).query_async(&mut r).await.unwrap();
+    let report = app.admin_ok(&t, Method::GET, "/admin/v1/reconcile", None, 200).await;
+    assert_eq!(report["ok"], false);
+    assert!(report["problems"].to_string().contains("missing from Redis"), "{report}");
+    let _: i64 = redis::cmd("RPUSH").arg(&key).arg(&lost).query_async(&mut r).await.unwrap();
+
+    // A hot balance that drifted from the ledger.
+    let bal = format!("{}:{{s0}}:bal:*", app.redis_prefix());
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&bal).query_async(&mut r).await.unwrap();
+    let _: i64 = redis::cmd("INCRBY").arg(&keys[0]).arg(1).query_async(&mut r).await.unwrap();
+    let report = app.admin_ok(&t, Method::GET, "/admin/v1/reconcile", None, 200).await;
+    assert!(report["problems"].to_string().contains("hot balance"), "{report}");
+    let _: i64 = redis::cmd("DECRBY").arg(&keys[0]).arg(1).query_async(&mut r).await.unwrap();
+    app.assert_reconciled(&t).await;
+}
