@@ -16,12 +16,16 @@ const LATENCY_BUCKETS_S: &[f64] = &[
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Fulfilments per ledger commit.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
 pub fn prometheus() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_S)
-                .expect("bucket list is non-empty");
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("cardgate_ledger_batch_size".into()), BATCH_BUCKETS))
+                .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only when another recorder was installed first, as a host program may do;
@@ -47,6 +51,45 @@ fn describe() {
     metrics::describe_counter!(
         "cardgate_http_connections_refused_total",
         "connections closed at once because http.connections_max were open"
+    );
+    metrics::describe_counter!(
+        "cardgate_orders_total",
+        "orders answered, by outcome (created, replayed, or the error code) and tier"
+    );
+    metrics::describe_histogram!(
+        "cardgate_order_seconds",
+        metrics::Unit::Seconds,
+        "one order from validation to answer (reservation and commit included), by outcome"
+    );
+    metrics::describe_histogram!(
+        "cardgate_reservation_seconds",
+        metrics::Unit::Seconds,
+        "the reservation script's round trip to Redis"
+    );
+    metrics::describe_histogram!("cardgate_ledger_batch_size", "fulfilments committed per Postgres transaction");
+    metrics::describe_histogram!(
+        "cardgate_ledger_commit_seconds",
+        metrics::Unit::Seconds,
+        "one ledger batch's Postgres transaction"
+    );
+    metrics::describe_counter!(
+        "cardgate_ledger_commit_failures_total",
+        "ledger commits that failed and were retried (Postgres down or slow)"
+    );
+    metrics::describe_counter!(
+        "cardgate_last_guard_total",
+        "orders Postgres refused to deliver a code for (already delivered or voided): served from other stock; should stay 0"
+    );
+    metrics::describe_gauge!("cardgate_outbox_length", "fulfilments reserved in Redis and not yet committed");
+    metrics::describe_gauge!(
+        "cardgate_outbox_oldest_age_seconds",
+        "age of the oldest uncommitted fulfilment"
+    );
+    metrics::describe_counter!("cardgate_outbox_malformed_total", "outbox entries that could not be decoded");
+    metrics::describe_counter!("cardgate_refunds_total", "orders refunded");
+    metrics::describe_counter!(
+        "cardgate_reconcile_failures_total",
+        "reconciliation reports that found a difference"
     );
 }
 

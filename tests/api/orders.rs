@@ -127,6 +127,19 @@ async fn an_order_delivers_its_codes_charges_once_and_replays_the_same_answer() 
     // The same number is another reseller's own.
     app.fund(&t, &other.reseller_id, GOLD).await;
     assert_eq!(app.order(&other, order_body(SKU, 1, "M20261123-0001")).await.0, 201);
+
+    // Operators see the order path in the metrics, and never a code there.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for name in [
+        "cardgate_orders_total{outcome=\"created\",tier=\"gold\"}",
+        "cardgate_orders_total{outcome=\"idempotency_conflict\",tier=\"gold\"}",
+        "cardgate_reservation_seconds_bucket",
+        "cardgate_ledger_batch_size_bucket",
+        "cardgate_ledger_commit_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} in /metrics");
+    }
+    assert!(codes.iter().all(|c| !metrics.contains(c.as_str())));
     app.assert_reconciled(&t).await;
 }
 
