@@ -1,6 +1,11 @@
 //! cardgate-load: a bounded closed-loop load generator over keep-alive HTTP/1.1.
 //!
-//!   cardgate-load <addr> <healthz|signed-products> <connections> <seconds> [key_id secret]
+//!   cardgate-load <addr> healthz <connections> <seconds>
+//!   cardgate-load <addr> signed-products <connections> <seconds> <key_id> <secret>
+//!   cardgate-load <addr> signed-orders <connections> <seconds> <key_id:secret,...> <sku>
+//!
+//! `signed-orders` sends single-code orders, each with a fresh merchant_order_no, spread
+//! over the given keys by connection.
 //!
 //! Prints one JSON line: requests, errors, rate and latency percentiles (HDR histogram).
 //! Loopback only; stops by itself after <seconds>.
@@ -11,45 +16,61 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 
 #[derive(Clone)]
-enum Mode {
-    Healthz,
-    SignedProducts { key_id: Arc<str>, secret: Arc<[u8]> },
+struct Key {
+    id: Arc<str>,
+    secret: Arc<[u8]>,
 }
 
-fn request(mode: &Mode, host: &str) -> Request<Empty<Bytes>> {
-    let (path, auth) = match mode {
-        Mode::Healthz => ("/healthz", None),
-        Mode::SignedProducts { key_id, secret } => {
-            let nonce: String = format!("{:032x}", rand::thread_rng().gen::<u128>());
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
-            let m = cardgate::auth::signing::Message {
-                timestamp: ts,
-                nonce: &nonce,
-                method: "GET",
-                path: "/v1/products",
-                query: None,
-                body: b"",
-            };
-            (
-                "/v1/products",
-                Some(cardgate::auth::signing::authorization(key_id, secret, &m)),
-            )
+#[derive(Clone)]
+enum Mode {
+    Healthz,
+    SignedProducts(Key),
+    SignedOrders { keys: Arc<[Key]>, sku: Arc<str> },
+}
+
+fn signed(key: &Key, method: &str, path: &str, body: &[u8]) -> String {
+    let nonce: String = format!("{:032x}", rand::thread_rng().gen::<u128>());
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let m = cardgate::auth::signing::Message {
+        timestamp: ts,
+        nonce: &nonce,
+        method,
+        path,
+        query: None,
+        body,
+    };
+    cardgate::auth::signing::authorization(&key.id, &key.secret, &m)
+}
+
+fn request(mode: &Mode, host: &str, worker: usize) -> Request<Full<Bytes>> {
+    let b = Request::builder().header("host", host);
+    let req = match mode {
+        Mode::Healthz => b.uri("/healthz").body(Full::default()),
+        Mode::SignedProducts(key) => b
+            .uri("/v1/products")
+            .header("authorization", signed(key, "GET", "/v1/products", b""))
+            .body(Full::default()),
+        Mode::SignedOrders { keys, sku } => {
+            let key = &keys[worker % keys.len()];
+            let mon = format!("L{:030x}", rand::thread_rng().gen::<u128>() >> 8);
+            let body = serde_json::json!({"sku": &**sku, "quantity": 1, "merchant_order_no": mon}).to_string();
+            b.method("POST")
+                .uri("/v1/orders")
+                .header("content-type", "application/json")
+                .header("authorization", signed(key, "POST", "/v1/orders", body.as_bytes()))
+                .body(Full::new(Bytes::from(body)))
         }
     };
-    let mut b = Request::get(path).header("host", host);
-    if let Some(a) = auth {
-        b = b.header("authorization", a);
-    }
-    b.body(Empty::new()).expect("static request parts are valid")
+    req.expect("request parts are valid")
 }
 
 struct Tally {
@@ -58,7 +79,7 @@ struct Tally {
     hist: Histogram<u64>,
 }
 
-async fn worker(addr: SocketAddr, mode: Mode, until: Instant) -> Tally {
+async fn worker(addr: SocketAddr, mode: Mode, until: Instant, index: usize) -> Tally {
     let mut t = Tally {
         ok: 0,
         errors: 0,
@@ -79,7 +100,7 @@ async fn worker(addr: SocketAddr, mode: Mode, until: Instant) -> Tally {
         tokio::spawn(conn);
         while Instant::now() < until {
             let started = Instant::now();
-            let resp = match sender.send_request(request(&mode, &host)).await {
+            let resp = match sender.send_request(request(&mode, &host, index)).await {
                 Ok(r) => r,
                 Err(_) => {
                     t.errors += 1;
@@ -106,16 +127,31 @@ async fn worker(addr: SocketAddr, mode: Mode, until: Instant) -> Tally {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {
-        eprintln!("usage: cardgate-load <addr> <healthz|signed-products> <connections> <seconds> [key_id secret]");
+        eprintln!("usage: cardgate-load <addr> <healthz|signed-products|signed-orders> <connections> <seconds> [keys...]");
         std::process::exit(2);
     }
     let addr: SocketAddr = args[1].parse().expect("addr like 127.0.0.1:8080");
     assert!(addr.ip().is_loopback(), "load is only ever sent to loopback");
     let mode = match args[2].as_str() {
         "healthz" => Mode::Healthz,
-        "signed-products" => Mode::SignedProducts {
-            key_id: args.get(5).expect("key_id").as_str().into(),
+        "signed-products" => Mode::SignedProducts(Key {
+            id: args.get(5).expect("key_id").as_str().into(),
             secret: args.get(6).expect("secret").as_bytes().into(),
+        }),
+        "signed-orders" => Mode::SignedOrders {
+            keys: args
+                .get(5)
+                .expect("key_id:secret,...")
+                .split(',')
+                .map(|pair| {
+                    let (id, secret) = pair.split_once(':').expect("key_id:secret");
+                    Key {
+                        id: id.into(),
+                        secret: secret.as_bytes().into(),
+                    }
+                })
+                .collect(),
+            sku: args.get(6).expect("sku").as_str().into(),
         },
         other => panic!("unknown mode {other}"),
     };
@@ -128,7 +164,7 @@ async fn main() {
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(worker(addr, mode.clone(), until)))
+        .map(|i| tokio::spawn(worker(addr, mode.clone(), until, i)))
         .collect();
     let mut total = Tally {
         ok: 0,

@@ -7,7 +7,7 @@
 //! `orders.claim_idle_ms`. Committing is idempotent (the order id is unique), so an entry
 //! committed twice is recorded once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -323,13 +323,6 @@ async fn sellable<'a>(app: &App, entries: impl Iterator<Item = &'a Entry>) -> an
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-enum Once {
-    /// Committed; the outcome of every order that was tried.
-    Done(Vec<(usize, Settled)>),
-    /// Nothing committed: these orders hold codes Postgres will not deliver.
-    Guard(Vec<usize>),
-}
-
 /// The outcome of every entry, in order.
 pub async fn commit(app: &App, entries: &[Entry]) -> anyhow::Result<Vec<Settled>> {
     let mut client = app.pg.get().await?;
@@ -341,23 +334,19 @@ pub async fn commit(app: &App, entries: &[Entry]) -> anyhow::Result<Vec<Settled>
             break;
         }
         match commit_once(&mut client, currency, entries, &pending).await {
-            Ok(Once::Done(done)) => done.into_iter().for_each(|(i, s)| outcome[i] = Some(s)),
-            Ok(Once::Guard(bad)) => {
-                for i in bad {
-                    last_guard(&entries[i], "a code is not available in Postgres");
-                    outcome[i] = Some(Settled::LastGuard);
+            Ok(done) => {
+                done.into_iter().for_each(|(i, s)| outcome[i] = Some(s));
+                // Every order tried has an answer, so this loop ends.
+                for i in pending {
+                    outcome[i].get_or_insert(Settled::Failed);
                 }
             }
-            // A constraint fired that the checks above did not foresee: find the order
-            // that trips it by committing one at a time.
+            // A constraint fired that ledger_commit's checks did not foresee: find the
+            // order that trips it by committing one at a time.
             Err(e) if is_constraint(&e) => {
                 for i in pending {
                     outcome[i] = Some(match commit_once(&mut client, currency, entries, &[i]).await {
-                        Ok(Once::Done(mut done)) => done.pop().map_or(Settled::Failed, |(_, s)| s),
-                        Ok(Once::Guard(_)) => {
-                            last_guard(&entries[i], "a code is not available in Postgres");
-                            Settled::LastGuard
-                        }
+                        Ok(mut done) => done.pop().map_or(Settled::Failed, |(_, s)| s),
                         Err(e) if is_constraint(&e) => refused(&entries[i], &e),
                         Err(e) => return Err(e.into()),
                     });
@@ -394,19 +383,43 @@ fn last_guard(e: &Entry, why: &str) {
     tracing::error!(order_id = %e.f.order_id, code_ids = ?ids, why, "last guard: order not delivered with these codes");
 }
 
+/// One call of `ledger_commit` (migrations/V2) for the entries at `which`: one round
+/// trip and one transaction for the whole batch.
 async fn commit_once(
     client: &mut deadpool_postgres::Client,
     currency: &str,
     entries: &[Entry],
     which: &[usize],
-) -> Result<Once, tokio_postgres::Error> {
-    // One reseller's balance row is locked by all its orders in the batch; taking the
-    // rows in one order keeps concurrent writers from deadlocking.
-    let mut which = which.to_vec();
-    which.sort_by_key(|&i| (entries[i].f.reseller, i));
-    let fs: Vec<&Fulfilment> = which.iter().map(|&i| &entries[i].f).collect();
-    let tx = client.transaction().await?;
-
+) -> Result<Vec<(usize, Settled)>, tokio_postgres::Error> {
+    let mut done = Vec::new();
+    let mut sent: Vec<usize> = Vec::with_capacity(which.len());
+    let (mut code_orders, mut code_ids, mut positions) = (vec![], vec![], vec![]);
+    for &i in which {
+        let e = &entries[i];
+        let ids: Option<Vec<i64>> = e
+            .elements
+            .iter()
+            .map(|el| crate::stock::parse_element(el).map(|(id, _)| id))
+            .collect();
+        match ids {
+            Some(ids) if ids.len() == e.f.quantity as usize => {
+                sent.push(i);
+                for (pos, id) in ids.into_iter().enumerate() {
+                    code_orders.push(sent.len() as i32);
+                    code_ids.push(id);
+                    positions.push(pos as i16 + 1);
+                }
+            }
+            _ => {
+                last_guard(e, "malformed stock element or wrong number of codes");
+                done.push((i, Settled::LastGuard));
+            }
+        }
+    }
+    if sent.is_empty() {
+        return Ok(done);
+    }
+    let fs: Vec<&Fulfilment> = sent.iter().map(|&i| &entries[i].f).collect();
     let col = |g: fn(&Fulfilment) -> i64| fs.iter().map(|f| g(f)).collect::<Vec<i64>>();
     let order_ids: Vec<&str> = fs.iter().map(|f| f.order_id.as_str()).collect();
     let mons: Vec<&str> = fs.iter().map(|f| f.merchant_order_no.as_str()).collect();
@@ -416,14 +429,14 @@ async fn commit_once(
         .iter()
         .map(|f| time::OffsetDateTime::from_unix_timestamp(f.created_at).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
         .collect();
-    let rows = tx
+    let stmt = client
+        .prepare_cached(
+            "SELECT idx, outcome FROM ledger_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .await?;
+    let rows = client
         .query(
-            "INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount, currency, created_at)
-             SELECT o, r, m, p, s, q, u, a, $9, t
-               FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::int4[], $7::int8[], $8::int8[], $10::timestamptz[])
-                    AS x(o, r, m, p, s, q, u, a, t)
-             ON CONFLICT DO NOTHING
-             RETURNING order_id, id",
+            &stmt,
             &[
                 &order_ids,
                 &col(|f| f.reseller),
@@ -433,104 +446,27 @@ async fn commit_once(
                 &quantities,
                 &col(|f| f.unit_price),
                 &col(|f| f.amount),
-                &currency,
                 &created,
+                &currency,
+                &code_orders,
+                &code_ids,
+                &positions,
             ],
         )
         .await?;
-    let inserted: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-
-    let mut done = Vec::new();
-    let not_inserted: Vec<&str> = order_ids.iter().copied().filter(|o| !inserted.contains_key(*o)).collect();
-    if !not_inserted.is_empty() {
-        // Committed before (an entry read twice), or another order holds this
-        // merchant_order_no (Redis had lost the record).
-        let existing: HashSet<String> = tx
-            .query("SELECT order_id FROM orders WHERE order_id = ANY($1)", &[&not_inserted])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for &i in &which {
-            let id = &entries[i].f.order_id;
-            if !inserted.contains_key(id) {
-                let s = if existing.contains(id) { Settled::Committed } else { Settled::Duplicate };
-                done.push((i, s));
+    for r in rows {
+        let Some(&i) = usize::try_from(r.get::<_, i32>(0) - 1).ok().and_then(|k| sent.get(k)) else {
+            continue;
+        };
+        let s = match r.get::<_, &str>(1) {
+            "committed" => Settled::Committed,
+            "duplicate" => Settled::Duplicate,
+            _ => {
+                last_guard(&entries[i], "a code is not deliverable in Postgres");
+                Settled::LastGuard
             }
-        }
+        };
+        done.push((i, s));
     }
-    let fresh: Vec<usize> = which
-        .iter()
-        .copied()
-        .filter(|&i| inserted.contains_key(&entries[i].f.order_id))
-        .collect();
-    if fresh.is_empty() {
-        tx.commit().await?;
-        return Ok(Once::Done(done));
-    }
-
-    let (mut order_pks, mut code_ids, mut code_products, mut positions) = (vec![], vec![], vec![], vec![]);
-    let mut bad = Vec::new();
-    for &i in &fresh {
-        let e = &entries[i];
-        for (pos, el) in e.elements.iter().enumerate() {
-            match crate::stock::parse_element(el) {
-                Some((id, _)) => {
-                    order_pks.push(inserted[&e.f.order_id]);
-                    code_ids.push(id);
-                    code_products.push(e.f.product);
-                    positions.push(pos as i16 + 1);
-                }
-                None => bad.push(i),
-            }
-        }
-        if e.elements.len() != e.f.quantity as usize {
-            bad.push(i);
-        }
-    }
-    let delivered: HashSet<i64> = tx
-        .query(
-            "UPDATE codes c SET status = 'delivered'
-               FROM unnest($1::int8[], $2::int8[]) AS x(id, product_id)
-              WHERE c.id = x.id AND c.product_id = x.product_id AND c.status = 'available'
-             RETURNING c.id",
-            &[&code_ids, &code_products],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut claimed = HashSet::new();
-    for &i in &fresh {
-        let ok = entries[i].elements.iter().all(|el| {
-            crate::stock::parse_element(el).is_some_and(|(id, _)| delivered.contains(&id) && claimed.insert(id))
-        });
-        if !ok {
-            bad.push(i);
-        }
-    }
-    if !bad.is_empty() {
-        bad.sort_unstable();
-        bad.dedup();
-        // Dropping the transaction rolls it back; the caller retries without these.
-        return Ok(Once::Guard(bad));
-    }
-    tx.execute(
-        "INSERT INTO order_codes (order_id, code_id, position) SELECT * FROM unnest($1::int8[], $2::int8[], $3::int2[])",
-        &[&order_pks, &code_ids, &positions],
-    )
-    .await?;
-    let charged: Vec<&Fulfilment> = fresh.iter().map(|&i| &entries[i].f).filter(|f| f.amount != 0).collect();
-    let resellers: Vec<i64> = charged.iter().map(|f| f.reseller).collect();
-    let debits: Vec<i64> = charged.iter().map(|f| -f.amount).collect();
-    let references: Vec<&str> = charged.iter().map(|f| f.order_id.as_str()).collect();
-    tx.execute(
-        "INSERT INTO balance_ledger (reseller_id, amount, kind, reference)
-         SELECT r, a, 'order', o FROM unnest($1::int8[], $2::int8[], $3::text[]) AS x(r, a, o)",
-        &[&resellers, &debits, &references],
-    )
-    .await?;
-    tx.commit().await?;
-    done.extend(fresh.into_iter().map(|i| (i, Settled::Committed)));
-    Ok(Once::Done(done))
+    Ok(done)
 }
