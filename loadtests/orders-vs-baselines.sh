@@ -47,7 +47,7 @@ redis_url=${CARDGATE_REDIS_URL#redis://}; redis_url=${redis_url%%/*}
 rb=$(redis-benchmark -h "${redis_url%:*}" -p "${redis_url#*:}" -c "$conns" -n "$rb_n" -r 1000000000 --csv \
   EVALSHA "$sha" 4 "$bench:idem:1:__rand_int__" "$bench:stock" "$bench:bal" "$bench:outbox" \
   ord___rand_int__ s1 1 9800 "" 600 "$fields" | tail -1)
-echo "redis-benchmark: $rb"
+echo "redis-benchmark: ${rb##*\}\",}"
 redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "bench$$:*" | xargs -r -n 1000 redis-cli -u "$CARDGATE_REDIS_URL" UNLINK >/dev/null
 
 # 3. pgbench: the Postgres-only reservation on the same schema and database.
@@ -74,10 +74,11 @@ rm -f "$script"
 echo "pgbench: $pg tps"
 
 python3 - "$gateway" "$rb" "$pg" "$report" <<'PY'
-import csv, io, json, sys
+import json, sys
 g = json.loads(sys.argv[1])
-row = next(csv.reader(io.StringIO(sys.argv[2])))
-rb, pg = float(row[1]), float(sys.argv[3])
+# The command (first column) holds quotes of its own: count columns from the end
+# (rps, avg, min, p50, p95, p99, max).
+rb, pg = float(sys.argv[2].rstrip('"').rsplit('","')[-7]), float(sys.argv[3])
 rep = json.loads(sys.argv[4])
 rate = g["rate_per_s"]
 print(f"orders {rate:,.0f}/s (p50 {g['p50_ms']} ms, p99 {g['p99_ms']} ms, errors {g['errors']})")

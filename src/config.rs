@@ -83,6 +83,7 @@ pub struct AdminConfig {
 pub struct OrdersConfig {
     pub commit_timeout_ms: u64,
     pub ledger_batch_max: usize,
+    pub ledger_writers: usize,
     pub idempotency_ttl_secs: u64,
     pub claim_idle_ms: u64,
     pub drain_timeout_ms: u64,
@@ -247,6 +248,9 @@ impl Config {
         positive("orders.idempotency_ttl_secs", o.idempotency_ttl_secs)?;
         positive("orders.claim_idle_ms", o.claim_idle_ms)?;
         positive("orders.drain_timeout_ms", o.drain_timeout_ms)?;
+        if !(1..=64).contains(&o.ledger_writers) {
+            return Err(ConfigError::setting("orders.ledger_writers", "must be 1 to 64"));
+        }
         if !(1..=10_000).contains(&o.ledger_batch_max) {
             return Err(ConfigError::setting("orders.ledger_batch_max", "must be 1 to 10000"));
         }

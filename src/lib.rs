@@ -60,16 +60,20 @@ impl Server {
             tokio::spawn(sync::refresh_periodically(self.app.clone())),
         ];
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut writer = tokio::spawn(ledger::writer::run(self.app.clone(), stopped));
+        let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
+            .map(|_| tokio::spawn(ledger::writer::run(self.app.clone(), stopped.clone())))
+            .collect();
+        let aborts: Vec<_> = writers.iter().map(|w| w.abort_handle()).collect();
+        let mut writers = futures_util::future::join_all(writers);
         let app = self.app.clone();
         http::serve(self.listener, self.app, shutdown).await;
         let _ = stop.send(true);
         let drain = std::time::Duration::from_millis(app.config.orders.drain_timeout_ms);
-        if tokio::time::timeout(drain, &mut writer).await.is_err() {
+        if tokio::time::timeout(drain, &mut writers).await.is_err() {
             // Whatever is left stays in the outbox, claimed by another gateway or by
             // this one's next start.
-            tracing::warn!("ledger writer did not finish draining in time");
-            writer.abort();
+            tracing::warn!("ledger writers did not finish draining in time");
+            aborts.iter().for_each(|a| a.abort());
         }
         for t in tasks {
             t.abort();
