@@ -513,3 +513,46 @@ async fn reconciliation_catches_what_it_claims_to_catch() {
     let _: i64 = redis::cmd("DECRBY").arg(&keys[0]).arg(1).query_async(&mut r).await.unwrap();
     app.assert_reconciled(&t).await;
 }
+
+/// Two gateways share the outbox: an order taken by one may be committed by the other's
+/// ledger writer, which then wakes the waiting request over Redis.
+#[tokio::test]
+async fn orders_committed_by_another_gateways_writer_are_answered_promptly() {
+    let mut env = {
+        let db = create_database().await;
+        test_env(&db)
+    };
+    env.insert("CARDGATE_ORDERS__LEDGER_WRITERS".into(), "1".into());
+    // A short commit timeout: a request left waiting would fail instead of passing late.
+    env.insert("CARDGATE_ORDERS__COMMIT_TIMEOUT_MS".into(), "3000".into());
+    let a = Arc::new(start(env.clone()).await);
+    env.insert("CARDGATE_ORDERS__LEDGER_WRITERS".into(), "4".into());
+    let b = start(env).await;
+    let t = a.root_token().await;
+    a.create_product(&t, SKU).await;
+    let codes: Vec<String> = (0..60).map(|i| format!("TWO-{i}-{}", random_suffix())).collect();
+    assert_eq!(a.import_codes(&t, SKU, codes.join("\n")).await.status(), 200);
+    let k = Arc::new(buyer(&a, &t, "diamond", 10_000_000).await);
+
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let (a, k) = (a.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let (s, body, _) = a.order(&k, order_body(SKU, 1, &format!("TWO-{i}"))).await;
+            (s, body, started.elapsed())
+        }));
+    }
+    let mut delivered = HashSet::new();
+    for task in tasks {
+        let (s, body, took) = task.await.unwrap();
+        assert_eq!(s, 201, "{body}");
+        assert!(took < std::time::Duration::from_secs(2), "answered in {took:?}");
+        delivered.extend(codes_of(&body));
+    }
+    assert_eq!(delivered.len(), 60);
+    // Most of the outbox went to B's four writers; every order was answered on A.
+    let settled_elsewhere = b.get("/metrics").await.text().await.unwrap();
+    assert!(settled_elsewhere.contains("cardgate_ledger_batch_size_count"));
+    a.assert_reconciled(&t).await;
+}
