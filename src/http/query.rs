@@ -57,6 +57,17 @@ impl Query {
             })
             .transpose()
     }
+
+    /// `limit` of a paged list: 1 to 1000, 100 when absent.
+    pub fn page_limit(&self) -> Result<i64, ApiError> {
+        const DEFAULT: i64 = 100;
+        const MAX: i64 = 1000;
+        let limit = self.int("limit")?.unwrap_or(DEFAULT);
+        if !(1..=MAX).contains(&limit) {
+            return Err(ApiError::invalid(format!("limit must be 1 to {MAX}")));
+        }
+        Ok(limit)
+    }
 }
 
 /// RFC 3339 in UTC, to the second, as every time in the API is written.

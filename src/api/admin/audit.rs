@@ -11,17 +11,12 @@ use crate::error::ApiError;
 use crate::http::query::{rfc3339, Query};
 use crate::http::{response, Body, Ctx};
 
-const PAGE_DEFAULT: i64 = 100;
-const PAGE_MAX: i64 = 1000;
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::ReadAudit).await?;
     let q = Query::parse(parts.uri.query())?;
-    let limit = q.int("limit")?.unwrap_or(PAGE_DEFAULT);
-    if !(1..=PAGE_MAX).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit must be 1 to {PAGE_MAX}")));
-    }
+    let limit = q.page_limit()?;
     let cursor = q.int("cursor")?;
     let client = app.pg.get().await?;
     let rows = client

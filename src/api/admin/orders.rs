@@ -13,18 +13,13 @@ use crate::error::ApiError;
 use crate::http::query::{rfc3339, Query};
 use crate::http::{response, Body, Ctx};
 
-const PAGE_DEFAULT: i64 = 100;
-const PAGE_MAX: i64 = 1000;
 const REASON_MAX: usize = 500;
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::Read).await?;
     let q = Query::parse(parts.uri.query())?;
-    let limit = q.int("limit")?.unwrap_or(PAGE_DEFAULT);
-    if !(1..=PAGE_MAX).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit must be 1 to {PAGE_MAX}")));
-    }
+    let limit = q.page_limit()?;
     let status = q.get("status");
     if status.is_some_and(|s| s != "fulfilled" && s != "refunded") {
         return Err(ApiError::invalid("status must be fulfilled or refunded"));
