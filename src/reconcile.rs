@@ -88,7 +88,11 @@ async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<
             out.orders += 1;
             *out.amounts.entry(f.reseller).or_default() += f.amount;
             let ids = out.codes.entry(f.product).or_default();
-            ids.extend(elements.iter().filter_map(|e| crate::stock::parse_element(e).map(|(id, _)| id)));
+            ids.extend(
+                elements
+                    .iter()
+                    .filter_map(|e| crate::stock::parse_element(e).map(|(id, _)| id)),
+            );
         }
     }
     Ok(out)
@@ -106,7 +110,11 @@ async fn stock_ids(app: &App, redis: &mut ConnectionManager, product: i64) -> an
             .query_async(redis)
             .await?;
         // A malformed element counts as id 0, which no code has: reported below.
-        ids.extend(chunk.iter().map(|e| crate::stock::parse_element(e).map_or(0, |(id, _)| id)));
+        ids.extend(
+            chunk
+                .iter()
+                .map(|e| crate::stock::parse_element(e).map_or(0, |(id, _)| id)),
+        );
         if (chunk.len() as isize) < CHUNK {
             return Ok(ids);
         }
@@ -141,10 +149,18 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
                 &[&id],
             )
             .await?;
-        let (imported, delivered, voided, sold, mismatched): (i64, i64, i64, i64, i64) =
-            (counts.get(0), counts.get(1), counts.get(2), counts.get(3), counts.get(4));
+        let (imported, delivered, voided, sold, mismatched): (i64, i64, i64, i64, i64) = (
+            counts.get(0),
+            counts.get(1),
+            counts.get(2),
+            counts.get(3),
+            counts.get(4),
+        );
         let sellable: HashSet<i64> = client
-            .query("SELECT id FROM codes WHERE product_id = $1 AND status = 'available'", &[&id])
+            .query(
+                "SELECT id FROM codes WHERE product_id = $1 AND status = 'available'",
+                &[&id],
+            )
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -153,11 +169,15 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
         let mut held = HashSet::new();
         let doubled = stock.iter().chain(&flying).filter(|c| !held.insert(**c)).count();
         if doubled > 0 {
-            problems.push(format!("{sku}: {doubled} codes are held twice in Redis (stock or outbox)"));
+            problems.push(format!(
+                "{sku}: {doubled} codes are held twice in Redis (stock or outbox)"
+            ));
         }
         let unsellable = held.difference(&sellable).count();
         if unsellable > 0 {
-            problems.push(format!("{sku}: {unsellable} codes in Redis are not sellable in Postgres"));
+            problems.push(format!(
+                "{sku}: {unsellable} codes in Redis are not sellable in Postgres"
+            ));
         }
         let missing = sellable.difference(&held).count();
         if missing > 0 {
@@ -169,7 +189,9 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
             ));
         }
         if mismatched > 0 {
-            problems.push(format!("{sku}: {mismatched} ordered codes have a status that contradicts their order"));
+            problems.push(format!(
+                "{sku}: {mismatched} ordered codes have a status that contradicts their order"
+            ));
         }
         let (available, in_flight) = (stock.len() as i64, flying.len() as i64);
         if imported != available + in_flight + delivered + voided {
@@ -247,7 +269,9 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
         .await?
         .get::<_, i64>(0);
     if orphans > 0 {
-        problems.push(format!("{orphans} ledger rows charge or refund an order that does not exist"));
+        problems.push(format!(
+            "{orphans} ledger rows charge or refund an order that does not exist"
+        ));
     }
 
     Ok(Report {

@@ -24,7 +24,9 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_S)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("cardgate_ledger_batch_size".into()), BATCH_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("cardgate_ledger_batch_size".into()), BATCH_BUCKETS)
+                })
                 .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -66,7 +68,10 @@ fn describe() {
         metrics::Unit::Seconds,
         "the reservation script's round trip to Redis"
     );
-    metrics::describe_histogram!("cardgate_ledger_batch_size", "fulfilments committed per Postgres transaction");
+    metrics::describe_histogram!(
+        "cardgate_ledger_batch_size",
+        "fulfilments committed per Postgres transaction"
+    );
     metrics::describe_histogram!(
         "cardgate_ledger_commit_seconds",
         metrics::Unit::Seconds,
@@ -80,12 +85,18 @@ fn describe() {
         "cardgate_last_guard_total",
         "orders Postgres refused to deliver a code for (already delivered or voided): served from other stock; should stay 0"
     );
-    metrics::describe_gauge!("cardgate_outbox_length", "fulfilments reserved in Redis and not yet committed");
+    metrics::describe_gauge!(
+        "cardgate_outbox_length",
+        "fulfilments reserved in Redis and not yet committed"
+    );
     metrics::describe_gauge!(
         "cardgate_outbox_oldest_age_seconds",
         "age of the oldest uncommitted fulfilment"
     );
-    metrics::describe_counter!("cardgate_outbox_malformed_total", "outbox entries that could not be decoded");
+    metrics::describe_counter!(
+        "cardgate_outbox_malformed_total",
+        "outbox entries that could not be decoded"
+    );
     metrics::describe_counter!("cardgate_refunds_total", "orders refunded");
     metrics::describe_counter!(
         "cardgate_reconcile_failures_total",

@@ -127,7 +127,9 @@ async fn worker(addr: SocketAddr, mode: Mode, until: Instant, index: usize) -> T
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {
-        eprintln!("usage: cardgate-load <addr> <healthz|signed-products|signed-orders> <connections> <seconds> [keys...]");
+        eprintln!(
+            "usage: cardgate-load <addr> <healthz|signed-products|signed-orders> <connections> <seconds> [keys...]"
+        );
         std::process::exit(2);
     }
     let addr: SocketAddr = args[1].parse().expect("addr like 127.0.0.1:8080");

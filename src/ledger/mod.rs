@@ -128,7 +128,11 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let msg = format!("ord_a {}\nord_b {}\nbad\nord_c nonsense", Settled::Committed.as_str(), Settled::LastGuard.as_str());
+        let msg = format!(
+            "ord_a {}\nord_b {}\nbad\nord_c nonsense",
+            Settled::Committed.as_str(),
+            Settled::LastGuard.as_str()
+        );
         let got: Vec<_> = parse_message(&msg).collect();
         assert_eq!(got, vec![("ord_a", Settled::Committed), ("ord_b", Settled::LastGuard)]);
     }

@@ -112,9 +112,9 @@ pub async fn run(app: Arc<App>, stop: watch::Receiver<bool>) {
 async fn connect(app: &App) -> redis::RedisResult<MultiplexedConnection> {
     let timeouts = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(app.config.redis.connect_timeout_ms)))
-        .set_response_timeout(Some(
-            Duration::from_millis(BLOCK_MS + app.config.redis.response_timeout_ms),
-        ));
+        .set_response_timeout(Some(Duration::from_millis(
+            BLOCK_MS + app.config.redis.response_timeout_ms,
+        )));
     let mut c = app
         .redis_client
         .get_multiplexed_async_connection_with_config(&timeouts)
@@ -207,7 +207,9 @@ async fn outbox_gauges(c: &mut MultiplexedConnection, app: &App) {
         let age = oldest
             .first()
             .and_then(|(id, _)| id.split_once('-')?.0.parse::<u64>().ok())
-            .map_or(0.0, |ms| (crate::auth::admin::unix_now() as f64 - ms as f64 / 1000.0).max(0.0));
+            .map_or(0.0, |ms| {
+                (crate::auth::admin::unix_now() as f64 - ms as f64 / 1000.0).max(0.0)
+            });
         metrics::gauge!("cardgate_outbox_oldest_age_seconds").set(age);
     }
 }
@@ -229,7 +231,11 @@ async fn process(app: &App, entries: &[Entry]) {
             }
             Err(e) => {
                 metrics::counter!("cardgate_ledger_commit_failures_total").increment(1);
-                tracing::warn!(error = format!("{e:#}"), orders = entries.len(), "ledger commit failed; retrying");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    orders = entries.len(),
+                    "ledger commit failed; retrying"
+                );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_MAX);
             }
@@ -287,11 +293,16 @@ async fn finish(app: &App, entries: &[Entry], outcomes: &[Settled]) {
                     let dedupe = s == Settled::LastGuard;
                     match reserve::release(&mut redis, &app.keys, &e.id, &e.f, &back, dedupe).await {
                         Ok(_) => wake(&e.f.order_id, s),
-                        Err(err) => tracing::warn!(error = %err, order_id = %e.f.order_id, "could not undo a reservation; it will be claimed again"),
+                        Err(err) => {
+                            tracing::warn!(error = %err, order_id = %e.f.order_id, "could not undo a reservation; it will be claimed again")
+                        }
                     }
                 }
             }
-            Err(err) => tracing::warn!(error = format!("{err:#}"), "could not check codes to return; they will be claimed again"),
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                "could not check codes to return; they will be claimed again"
+            ),
         }
     }
     if !elsewhere.is_empty() {

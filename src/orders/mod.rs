@@ -69,8 +69,7 @@ impl OrderRequest {
 
 pub fn valid_merchant_order_no(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
@@ -112,7 +111,11 @@ pub async fn place(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result
 
 async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result<Placed, ApiError> {
     let product = app.catalogue.get(&req.sku);
-    let tier_max = app.config.tiers.get(&reseller.tier).map_or(0, |t| t.max_quantity as i64);
+    let tier_max = app
+        .config
+        .tiers
+        .get(&reseller.tier)
+        .map_or(0, |t| t.max_quantity as i64);
     let unit_price = product.as_ref().map_or(0, |p| p.price_for(&reseller.tier));
     let amount = unit_price.checked_mul(req.quantity);
     // Refusals decided here are reported only after the idempotency check, so that a
@@ -157,7 +160,9 @@ async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Resu
                     return Err(ApiError::OrderInProgress);
                 }
                 return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {
-                    ApiError::internal(anyhow::anyhow!("idempotency record names an order Postgres does not hold"))
+                    ApiError::internal(anyhow::anyhow!(
+                        "idempotency record names an order Postgres does not hold"
+                    ))
                 });
             }
             Reserved::Refused(code) => {
@@ -188,13 +193,15 @@ async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Resu
                 }));
             }
             Ok(Some(Settled::Duplicate)) => {
-                return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {
-                    ApiError::internal(anyhow::anyhow!("duplicate order vanished from Postgres"))
-                });
+                return recorded(app, reseller, req, &fingerprint)
+                    .await?
+                    .ok_or_else(|| ApiError::internal(anyhow::anyhow!("duplicate order vanished from Postgres")));
             }
             Ok(Some(Settled::LastGuard)) => continue,
             Ok(Some(Settled::Failed)) => {
-                return Err(ApiError::internal(anyhow::anyhow!("Postgres refused the order; nothing was charged")))
+                return Err(ApiError::internal(anyhow::anyhow!(
+                    "Postgres refused the order; nothing was charged"
+                )))
             }
             // Still reserved, and committed when Postgres answers: a retry with the same
             // merchant_order_no then gets this order.
@@ -219,9 +226,9 @@ fn refusal_error(code: &str) -> ApiError {
         "not_found" => ApiError::not_found("no such product"),
         "product_unavailable" => ApiError::ProductUnavailable,
         "price_changed" => ApiError::PriceChanged,
-        "quantity_out_of_range" => {
-            ApiError::QuantityOutOfRange("quantity must be between 1 and the product's max_quantity for your tier".into())
-        }
+        "quantity_out_of_range" => ApiError::QuantityOutOfRange(
+            "quantity must be between 1 and the product's max_quantity for your tier".into(),
+        ),
         // Redis lost its state and has not been rebuilt from Postgres yet.
         _ => ApiError::Unavailable {
             what: "stock",
@@ -317,7 +324,9 @@ fn decrypt_sealed<'a>(
 }
 
 fn rfc3339(unix: i64) -> String {
-    crate::http::query::rfc3339(time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
+    crate::http::query::rfc3339(
+        time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
 }
 
 #[cfg(test)]
@@ -334,11 +343,26 @@ mod tests {
         for (body, field) in [
             (json!([]), "object"),
             (json!({"quantity": 1, "merchant_order_no": "M"}), "sku"),
-            (json!({"sku": "a", "quantity": 1.5, "merchant_order_no": "M"}), "quantity"),
-            (json!({"sku": "a", "quantity": "1", "merchant_order_no": "M"}), "quantity"),
-            (json!({"sku": "a", "quantity": 1, "merchant_order_no": "M 1"}), "merchant_order_no"),
-            (json!({"sku": "a", "quantity": 1, "merchant_order_no": "x".repeat(65)}), "merchant_order_no"),
-            (json!({"sku": "a", "quantity": 1, "merchant_order_no": "M", "max_unit_price": -1}), "max_unit_price"),
+            (
+                json!({"sku": "a", "quantity": 1.5, "merchant_order_no": "M"}),
+                "quantity",
+            ),
+            (
+                json!({"sku": "a", "quantity": "1", "merchant_order_no": "M"}),
+                "quantity",
+            ),
+            (
+                json!({"sku": "a", "quantity": 1, "merchant_order_no": "M 1"}),
+                "merchant_order_no",
+            ),
+            (
+                json!({"sku": "a", "quantity": 1, "merchant_order_no": "x".repeat(65)}),
+                "merchant_order_no",
+            ),
+            (
+                json!({"sku": "a", "quantity": 1, "merchant_order_no": "M", "max_unit_price": -1}),
+                "max_unit_price",
+            ),
         ] {
             let e = OrderRequest::parse(&body).unwrap_err();
             assert!(e.to_string().contains(field), "{body}: {e}");

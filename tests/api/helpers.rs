@@ -474,10 +474,7 @@ impl TestApp {
             .signed(key, reqwest::Method::POST, "/v1/orders", Some(&body.to_string()))
             .await;
         let status = resp.status().as_u16();
-        let replayed = resp
-            .headers()
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true");
+        let replayed = resp.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
         (status, resp.json().await.expect("JSON answer"), replayed)
     }
 

@@ -72,7 +72,12 @@ async fn an_order_delivers_its_codes_charges_once_and_replays_the_same_answer() 
         .await
         .unwrap();
     assert_eq!(
-        (row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2), row.get::<_, i64>(3)),
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, i64>(3)
+        ),
         (2 * GOLD, 2, -2 * GOLD, 100_000 - 2 * GOLD)
     );
 
@@ -84,7 +89,10 @@ async fn an_order_delivers_its_codes_charges_once_and_replays_the_same_answer() 
     let mut with_cap = order_body(SKU, 2, "M20261123-0001");
     with_cap["max_unit_price"] = json!(1);
     assert_eq!(app.order(&k, with_cap).await.0, 200);
-    for body in [order_body(SKU, 3, "M20261123-0001"), order_body("other-sku", 2, "M20261123-0001")] {
+    for body in [
+        order_body(SKU, 3, "M20261123-0001"),
+        order_body("other-sku", 2, "M20261123-0001"),
+    ] {
         let resp = app
             .signed(&k, Method::POST, "/v1/orders", Some(&body.to_string()))
             .await;
@@ -160,9 +168,18 @@ async fn refusals_take_nothing() {
     };
     let code = |s: u16, c: &str| (s, c.to_string());
     assert_eq!(refused(order_body(SKU, 4, "M-1")).await, code(409, "out_of_stock"));
-    assert_eq!(refused(order_body(SKU, 3, "M-1")).await, code(402, "insufficient_balance"));
-    assert_eq!(refused(order_body(SKU, 0, "M-1")).await, code(422, "quantity_out_of_range"));
-    assert_eq!(refused(order_body(SKU, -5, "M-1")).await, code(422, "quantity_out_of_range"));
+    assert_eq!(
+        refused(order_body(SKU, 3, "M-1")).await,
+        code(402, "insufficient_balance")
+    );
+    assert_eq!(
+        refused(order_body(SKU, 0, "M-1")).await,
+        code(422, "quantity_out_of_range")
+    );
+    assert_eq!(
+        refused(order_body(SKU, -5, "M-1")).await,
+        code(422, "quantity_out_of_range")
+    );
     assert_eq!(
         refused(order_body(SKU, 11, "M-1")).await,
         code(422, "quantity_out_of_range"),
@@ -175,7 +192,10 @@ async fn refusals_take_nothing() {
     let mut capped = order_body(SKU, 1, "M-1");
     capped["max_unit_price"] = json!(9799);
     assert_eq!(refused(capped).await, code(409, "price_changed"));
-    assert_eq!(refused(order_body("no-such-sku", 1, "M-1")).await, code(404, "not_found"));
+    assert_eq!(
+        refused(order_body("no-such-sku", 1, "M-1")).await,
+        code(404, "not_found")
+    );
     for bad in [
         json!({"sku": SKU, "quantity": 1}),
         json!({"sku": SKU, "quantity": "1", "merchant_order_no": "M-1"}),
@@ -189,16 +209,37 @@ async fn refusals_take_nothing() {
     }
     let resp = app.signed(&k, Method::POST, "/v1/orders", Some("{\"sku\":")).await;
     assert_eq!(error_of(resp).await.1, "invalid_json");
-    app.admin_ok(&t, Method::PATCH, &format!("/admin/v1/products/{SKU}"), Some(json!({"status": "off_sale"})), 200)
-        .await;
-    assert_eq!(refused(order_body(SKU, 1, "M-1")).await, code(422, "product_unavailable"));
-    app.admin_ok(&t, Method::PATCH, &format!("/admin/v1/products/{SKU}"), Some(json!({"status": "on_sale"})), 200)
-        .await;
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"status": "off_sale"})),
+        200,
+    )
+    .await;
+    assert_eq!(
+        refused(order_body(SKU, 1, "M-1")).await,
+        code(422, "product_unavailable")
+    );
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"status": "on_sale"})),
+        200,
+    )
+    .await;
 
     // Nothing moved: stock, balance, orders; and the refused number is still free.
     assert_eq!(app.stock_len(SKU).await, 3);
     assert_eq!(app.balance_of(&k).await, before);
-    let orders: i64 = app.db().await.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    let orders: i64 = app
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(orders, 0);
     assert_eq!(app.order(&k, order_body(SKU, 2, "M-1")).await.0, 201);
     assert_eq!(app.balance_of(&k).await, before - 2 * 9800);
@@ -242,12 +283,19 @@ async fn sell_out_race_delivers_each_code_exactly_once() {
     assert_eq!(distinct.len(), 100, "no code delivered twice");
     assert!(delivered.iter().all(|c| imported.contains(c)));
     for (who, k) in keys.iter().enumerate() {
-        assert_eq!(app.balance_of(k).await, 1_000_000 - bought[who] * 9800, "reseller {who}");
+        assert_eq!(
+            app.balance_of(k).await,
+            1_000_000 - bought[who] * 9800,
+            "reseller {who}"
+        );
     }
     let db = app.db().await;
     let (orders, codes): (i64, i64) = {
         let r = db
-            .query_one("SELECT (SELECT count(*) FROM orders), (SELECT count(DISTINCT code_id) FROM order_codes)", &[])
+            .query_one(
+                "SELECT (SELECT count(*) FROM orders), (SELECT count(DISTINCT code_id) FROM order_codes)",
+                &[],
+            )
             .await
             .unwrap();
         (r.get(0), r.get(1))
@@ -267,7 +315,9 @@ async fn retry_storm_makes_one_order_and_one_charge() {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let (app, k) = (app.clone(), k.clone());
-        tasks.push(tokio::spawn(async move { app.order(&k, order_body(SKU, 3, "STORM-1")).await }));
+        tasks.push(tokio::spawn(async move {
+            app.order(&k, order_body(SKU, 3, "STORM-1")).await
+        }));
     }
     let mut answers = Vec::new();
     for task in tasks {
@@ -283,7 +333,11 @@ async fn retry_storm_makes_one_order_and_one_charge() {
     }
     for (s, body, _) in &answers {
         if *s != 201 && *s != 200 {
-            assert_eq!((*s, body["error"]["code"].as_str()), (409, Some("order_in_progress")), "{body}");
+            assert_eq!(
+                (*s, body["error"]["code"].as_str()),
+                (409, Some("order_in_progress")),
+                "{body}"
+            );
         }
     }
     // Once it settled, a retry is a replay.
@@ -312,46 +366,106 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
     let path = format!("/admin/v1/orders/{id}/refund");
 
     let auditor = app
-        .admin_ok(&t, Method::POST, "/admin/v1/admins", Some(json!({"username": "aud", "password": "aud-password-1", "role": "auditor"})), 201)
+        .admin_ok(
+            &t,
+            Method::POST,
+            "/admin/v1/admins",
+            Some(json!({"username": "aud", "password": "aud-password-1", "role": "auditor"})),
+            201,
+        )
         .await;
     assert_eq!(auditor["role"], "auditor");
     let aud = app.login("aud", "aud-password-1").await;
     let resp = app.admin(&aud, Method::POST, &path, Some(json!({"reason": "x"}))).await;
     assert_eq!(error_of(resp).await.1, "forbidden");
 
-    let r = app.admin_ok(&t, Method::POST, &path, Some(json!({"reason": "customer complaint"})), 200).await;
-    assert_eq!((r["status"].as_str(), r["amount"].as_i64()), (Some("refunded"), Some(2 * GOLD)));
-    let again = app.admin_ok(&t, Method::POST, &path, Some(json!({"reason": "twice"})), 200).await;
+    let r = app
+        .admin_ok(
+            &t,
+            Method::POST,
+            &path,
+            Some(json!({"reason": "customer complaint"})),
+            200,
+        )
+        .await;
+    assert_eq!(
+        (r["status"].as_str(), r["amount"].as_i64()),
+        (Some("refunded"), Some(2 * GOLD))
+    );
+    let again = app
+        .admin_ok(&t, Method::POST, &path, Some(json!({"reason": "twice"})), 200)
+        .await;
     assert_eq!(again, r, "idempotent: the first refund's answer");
     assert_eq!(app.balance_of(&k).await, 100_000, "credited once");
-    let resp = app.admin(&t, Method::POST, "/admin/v1/orders/ord_nope/refund", Some(json!({}))).await;
+    let resp = app
+        .admin(&t, Method::POST, "/admin/v1/orders/ord_nope/refund", Some(json!({})))
+        .await;
     assert_eq!(error_of(resp).await.1, "not_found");
 
     // The reseller still sees the order, now refunded.
-    let seen: serde_json::Value = app.signed(&k, Method::GET, &format!("/v1/orders/{id}"), None).await.json().await.unwrap();
+    let seen: serde_json::Value = app
+        .signed(&k, Method::GET, &format!("/v1/orders/{id}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(seen["status"], "refunded");
     // The rest of the stock sells; the refunded codes never come back.
     let (s, rest, _) = app.order(&k, order_body(SKU, 2, "R-2")).await;
     assert_eq!(s, 201);
     assert!(codes_of(&rest).iter().all(|c| !refunded_codes.contains(c)));
-    let resp = app.signed(&k, Method::POST, "/v1/orders", Some(&order_body(SKU, 1, "R-3").to_string())).await;
+    let resp = app
+        .signed(
+            &k,
+            Method::POST,
+            "/v1/orders",
+            Some(&order_body(SKU, 1, "R-3").to_string()),
+        )
+        .await;
     assert_eq!(error_of(resp).await.1, "out_of_stock");
     let report = app.assert_reconciled(&t).await;
-    assert_eq!((report["products"][0]["voided"].as_i64(), report["products"][0]["delivered"].as_i64()), (Some(2), Some(2)));
+    assert_eq!(
+        (
+            report["products"][0]["voided"].as_i64(),
+            report["products"][0]["delivered"].as_i64()
+        ),
+        (Some(2), Some(2))
+    );
 
     // The operator's order search sees both, with filters and paging.
-    let all = app.admin_ok(&t, Method::GET, "/admin/v1/orders?limit=1", None, 200).await;
+    let all = app
+        .admin_ok(&t, Method::GET, "/admin/v1/orders?limit=1", None, 200)
+        .await;
     assert_eq!(all["orders"].as_array().unwrap().len(), 1);
     assert_eq!(all["orders"][0]["merchant_order_no"], "R-2", "newest first");
     assert!(all["orders"][0].get("codes").is_none(), "the search never shows codes");
     let cursor = all["next_cursor"].as_str().unwrap();
-    let next = app.admin_ok(&t, Method::GET, &format!("/admin/v1/orders?limit=1&cursor={cursor}"), None, 200).await;
+    let next = app
+        .admin_ok(
+            &t,
+            Method::GET,
+            &format!("/admin/v1/orders?limit=1&cursor={cursor}"),
+            None,
+            200,
+        )
+        .await;
     assert_eq!(next["orders"][0]["merchant_order_no"], "R-1");
     let mine = app
-        .admin_ok(&t, Method::GET, &format!("/admin/v1/orders?reseller_id={}&sku={SKU}&status=refunded", k.reseller_id), None, 200)
+        .admin_ok(
+            &t,
+            Method::GET,
+            &format!(
+                "/admin/v1/orders?reseller_id={}&sku={SKU}&status=refunded",
+                k.reseller_id
+            ),
+            None,
+            200,
+        )
         .await;
     assert_eq!(mine["orders"].as_array().unwrap().len(), 1);
-    let none = app.admin_ok(&t, Method::GET, "/admin/v1/orders?sku=other", None, 200).await;
+    let none = app
+        .admin_ok(&t, Method::GET, "/admin/v1/orders?sku=other", None, 200)
+        .await;
     assert!(none["orders"].as_array().unwrap().is_empty());
 }
 
@@ -365,7 +479,12 @@ async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let key = format!("{}:{{s0}}:stock:{}", app.redis_prefix(), app.product_pk(SKU).await);
     let mut r = app.redis().await;
     let head: Vec<u8> = redis::cmd("LINDEX").arg(&key).arg(0).query_async(&mut r).await.unwrap();
-    let _: i64 = redis::cmd("LPUSH").arg(&key).arg(&head).query_async(&mut r).await.unwrap();
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&key)
+        .arg(&head)
+        .query_async(&mut r)
+        .await
+        .unwrap();
     let guard_before = last_guard_hits(&app).await;
 
     // Both copies in one order: refused as it stands, completed from other stock.
@@ -376,11 +495,25 @@ async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let (s, second, _) = app.order(&k, order_body(SKU, 1, "G-2")).await;
     assert_eq!(s, 201, "{second}");
     delivered.extend(codes_of(&second));
-    let resp = app.signed(&k, Method::POST, "/v1/orders", Some(&order_body(SKU, 1, "G-3").to_string())).await;
+    let resp = app
+        .signed(
+            &k,
+            Method::POST,
+            "/v1/orders",
+            Some(&order_body(SKU, 1, "G-3").to_string()),
+        )
+        .await;
     assert_eq!(error_of(resp).await.1, "out_of_stock");
     assert_eq!(delivered.iter().collect::<HashSet<_>>().len(), 3);
-    assert_eq!(app.balance_of(&k).await, 100_000 - 3 * GOLD, "charged for what was delivered");
-    assert!(last_guard_hits(&app).await > guard_before, "the guard fired and was counted");
+    assert_eq!(
+        app.balance_of(&k).await,
+        100_000 - 3 * GOLD,
+        "charged for what was delivered"
+    );
+    assert!(
+        last_guard_hits(&app).await > guard_before,
+        "the guard fired and was counted"
+    );
 
     // Now the copy comes after its original was sold.
     let (app2, t2, _) = shop(2).await;
@@ -390,13 +523,21 @@ async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let key2 = format!("{}:{{s0}}:stock:{}", app2.redis_prefix(), app2.product_pk(SKU).await);
     let db = app2.db().await;
     let row = db
-        .query_one("SELECT c.id, c.code_enc FROM codes c JOIN order_codes oc ON oc.code_id = c.id", &[])
+        .query_one(
+            "SELECT c.id, c.code_enc FROM codes c JOIN order_codes oc ON oc.code_id = c.id",
+            &[],
+        )
         .await
         .unwrap();
     let mut element = row.get::<_, i64>(0).to_be_bytes().to_vec();
     element.extend_from_slice(row.get::<_, &[u8]>(1));
     let mut r2 = app2.redis().await;
-    let _: i64 = redis::cmd("LPUSH").arg(&key2).arg(&element).query_async(&mut r2).await.unwrap();
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&key2)
+        .arg(&element)
+        .query_async(&mut r2)
+        .await
+        .unwrap();
     let (s, two, _) = app2.order(&k2, order_body(SKU, 1, "H-2")).await;
     assert_eq!(s, 201, "{two}");
     assert_ne!(codes_of(&two), codes_of(&one), "the sold code is not sold again");
@@ -435,7 +576,11 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
     let body: serde_json::Value = resp.json().await.unwrap();
     let results = body["results"].as_array().unwrap();
     let mons: Vec<_> = results.iter().map(|r| r["merchant_order_no"].clone()).collect();
-    assert_eq!(mons, vec![json!("B-1"), json!("B-2"), json!(null), json!("B-4")], "in the order given");
+    assert_eq!(
+        mons,
+        vec![json!("B-1"), json!("B-2"), json!(null), json!("B-4")],
+        "in the order given"
+    );
     assert_eq!(results[2]["status"], 400);
     assert_eq!(results[2]["error"]["code"], "invalid_request");
     // Three codes, five asked for by the valid orders: one of the two-code orders fails.
@@ -445,16 +590,30 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
         .filter(|r| r["status"] == 201)
         .map(|r| codes_of(&r["order"]).len())
         .sum();
-    assert!(sold <= 3 && statuses.iter().filter(|s| **s == 409).count() >= 1, "{body}");
+    assert!(
+        sold <= 3 && statuses.iter().filter(|s| **s == 409).count() >= 1,
+        "{body}"
+    );
     for r in results.iter().filter(|r| r["status"] == 409) {
         assert_eq!(r["error"]["code"], "out_of_stock");
     }
 
     // Replays inside a batch are replays.
-    let resp = app.signed(&k, Method::POST, "/v1/orders/batch", Some(&batch(vec![order_body(SKU, 1, "B-4")]))).await;
+    let resp = app
+        .signed(
+            &k,
+            Method::POST,
+            "/v1/orders/batch",
+            Some(&batch(vec![order_body(SKU, 1, "B-4")])),
+        )
+        .await;
     let body: serde_json::Value = resp.json().await.unwrap();
     let was = results[3]["status"].as_i64().unwrap();
-    assert_eq!(body["results"][0]["status"], if was == 201 { 200 } else { 409 }, "{body}");
+    assert_eq!(
+        body["results"][0]["status"],
+        if was == 201 { 200 } else { 409 },
+        "{body}"
+    );
 
     // Duplicate numbers, empty and over-cap batches: refused whole, nothing processed.
     let before = app.stock_len(SKU).await;
@@ -472,7 +631,13 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
     // The standard tier's write burst is 40: a batch that needs more tokens than are
     // left is refused whole (a fresh reseller, so no earlier call spent any).
     let k = buyer(&app, &t, "standard", 1_000_000).await;
-    let ten = |n: usize| batch((0..10).map(|i| order_body("no-such", 1, &format!("T-{n}-{i}"))).collect());
+    let ten = |n: usize| {
+        batch(
+            (0..10)
+                .map(|i| order_body("no-such", 1, &format!("T-{n}-{i}")))
+                .collect(),
+        )
+    };
     let mut refused_at = None;
     for n in 0..5 {
         let resp = app.signed(&k, Method::POST, "/v1/orders/batch", Some(&ten(n))).await;
@@ -483,7 +648,13 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
         }
     }
     assert_eq!(refused_at, Some(4), "four batches of ten take the 40 tokens");
-    let orders: i64 = app.db().await.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    let orders: i64 = app
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(orders <= 3);
     app.assert_reconciled(&t).await;
 }
@@ -501,16 +672,34 @@ async fn reconciliation_catches_what_it_claims_to_catch() {
     let lost: Vec<u8> = redis::cmd("LPOP").arg(&key).query_async(&mut r).await.unwrap();
     let report = app.admin_ok(&t, Method::GET, "/admin/v1/reconcile", None, 200).await;
     assert_eq!(report["ok"], false);
-    assert!(report["problems"].to_string().contains("missing from Redis"), "{report}");
-    let _: i64 = redis::cmd("RPUSH").arg(&key).arg(&lost).query_async(&mut r).await.unwrap();
+    assert!(
+        report["problems"].to_string().contains("missing from Redis"),
+        "{report}"
+    );
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(&key)
+        .arg(&lost)
+        .query_async(&mut r)
+        .await
+        .unwrap();
 
     // A hot balance that drifted from the ledger.
     let bal = format!("{}:{{s0}}:bal:*", app.redis_prefix());
     let keys: Vec<String> = redis::cmd("KEYS").arg(&bal).query_async(&mut r).await.unwrap();
-    let _: i64 = redis::cmd("INCRBY").arg(&keys[0]).arg(1).query_async(&mut r).await.unwrap();
+    let _: i64 = redis::cmd("INCRBY")
+        .arg(&keys[0])
+        .arg(1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
     let report = app.admin_ok(&t, Method::GET, "/admin/v1/reconcile", None, 200).await;
     assert!(report["problems"].to_string().contains("hot balance"), "{report}");
-    let _: i64 = redis::cmd("DECRBY").arg(&keys[0]).arg(1).query_async(&mut r).await.unwrap();
+    let _: i64 = redis::cmd("DECRBY")
+        .arg(&keys[0])
+        .arg(1)
+        .query_async(&mut r)
+        .await
+        .unwrap();
     app.assert_reconciled(&t).await;
 }
 

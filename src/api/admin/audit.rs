@@ -11,7 +11,6 @@ use crate::error::ApiError;
 use crate::http::query::{rfc3339, Query};
 use crate::http::{response, Body, Ctx};
 
-
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::ReadAudit).await?;

@@ -133,7 +133,9 @@ pub async fn find(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
         let mon = q
             .get("merchant_order_no")
             .filter(|m| orders::valid_merchant_order_no(m))
-            .ok_or_else(|| ApiError::invalid("merchant_order_no: required, 1 to 64 characters of A-Z a-z 0-9 _ . : -"))?;
+            .ok_or_else(|| {
+                ApiError::invalid("merchant_order_no: required, 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+            })?;
         let reseller = &s.caller().reseller;
         let Some(o) = orders::load(app, reseller.pk, By::MerchantOrderNo(mon)).await? else {
             // Reserved but not yet committed: say so rather than "no such order".
