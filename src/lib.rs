@@ -61,7 +61,7 @@ impl Server {
         ];
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
-            .map(|_| tokio::spawn(ledger::writer::run(self.app.clone(), stopped.clone())))
+            .map(|i| tokio::spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))
             .collect();
         let aborts: Vec<_> = writers.iter().map(|w| w.abort_handle()).collect();
         let mut writers = futures_util::future::join_all(writers);

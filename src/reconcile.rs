@@ -88,11 +88,7 @@ async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<
             out.orders += 1;
             *out.amounts.entry(f.reseller).or_default() += f.amount;
             let ids = out.codes.entry(f.product).or_default();
-            ids.extend(
-                elements
-                    .iter()
-                    .filter_map(|e| crate::stock::parse_element(e).map(|(id, _)| id)),
-            );
+            ids.extend(crate::stock::code_ids(&elements));
         }
     }
     Ok(out)

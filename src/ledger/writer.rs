@@ -2,7 +2,8 @@
 //! group, commits many of them per Postgres transaction, and only then acknowledges them
 //! in Redis and wakes the requests waiting on them (group commit).
 //!
-//! Every gateway runs one; the group shares the outbox out between them. Entries another
+//! Every gateway runs `orders.ledger_writers` of them; the group shares the outbox out
+//! between all writers of all gateways. Entries another
 //! writer read but never acknowledged (its gateway died) are claimed after
 //! `orders.claim_idle_ms`. Committing is idempotent (the order id is unique), so an entry
 //! committed twice is recorded once.
@@ -28,10 +29,10 @@ const GAUGES_EVERY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// One outbox entry, decoded.
-pub struct Entry {
-    pub id: String,
-    pub f: Fulfilment,
-    pub elements: Vec<Vec<u8>>,
+struct Entry {
+    id: String,
+    f: Fulfilment,
+    elements: Vec<Vec<u8>>,
 }
 
 fn decode(s: &StreamId) -> Option<Entry> {
@@ -44,8 +45,9 @@ fn decode(s: &StreamId) -> Option<Entry> {
     })
 }
 
-/// Runs until `stop` turns true and the outbox has nothing more for this writer.
-pub async fn run(app: Arc<App>, stop: watch::Receiver<bool>) {
+/// Runs until `stop` turns true and the outbox has nothing more for this writer. The
+/// outbox gauges are the same for every writer: only the one with `gauges` reports them.
+pub async fn run(app: Arc<App>, stop: watch::Receiver<bool>, gauges: bool) {
     let consumer = crate::ids::random("writer_", 12);
     let mut conn: Option<MultiplexedConnection> = None;
     let mut next_claim = Instant::now();
@@ -83,7 +85,7 @@ pub async fn run(app: Arc<App>, stop: watch::Receiver<bool>) {
             }
         };
         delay = Duration::from_millis(50);
-        if Instant::now() >= next_gauges {
+        if gauges && Instant::now() >= next_gauges {
             next_gauges = Instant::now() + GAUGES_EVERY;
             outbox_gauges(c, &app).await;
         }
@@ -125,7 +127,7 @@ async fn connect(app: &App) -> redis::RedisResult<MultiplexedConnection> {
 
 /// Creates the consumer group (and the stream) unless it exists; Redis may have
 /// restarted empty since the last time.
-pub async fn ensure_group(c: &mut MultiplexedConnection, app: &App) -> redis::RedisResult<()> {
+async fn ensure_group(c: &mut MultiplexedConnection, app: &App) -> redis::RedisResult<()> {
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(app.keys.outbox())
@@ -319,10 +321,7 @@ async fn finish(app: &App, entries: &[Entry], outcomes: &[Settled]) {
 
 /// Of the codes these entries hold, the ones Postgres says may be sold again.
 async fn sellable<'a>(app: &App, entries: impl Iterator<Item = &'a Entry>) -> anyhow::Result<HashSet<i64>> {
-    let ids: Vec<i64> = entries
-        .flat_map(|e| e.elements.iter())
-        .filter_map(|el| crate::stock::parse_element(el).map(|(id, _)| id))
-        .collect();
+    let ids: Vec<i64> = entries.flat_map(|e| crate::stock::code_ids(&e.elements)).collect();
     let client = app.pg.get().await?;
     let rows = client
         .query(
@@ -335,38 +334,28 @@ async fn sellable<'a>(app: &App, entries: impl Iterator<Item = &'a Entry>) -> an
 }
 
 /// The outcome of every entry, in order.
-pub async fn commit(app: &App, entries: &[Entry]) -> anyhow::Result<Vec<Settled>> {
+async fn commit(app: &App, entries: &[Entry]) -> anyhow::Result<Vec<Settled>> {
     let mut client = app.pg.get().await?;
     let currency = app.config.currency.as_str();
-    let mut outcome: Vec<Option<Settled>> = vec![None; entries.len()];
-    loop {
-        let pending: Vec<usize> = (0..entries.len()).filter(|i| outcome[*i].is_none()).collect();
-        if pending.is_empty() {
-            break;
-        }
-        match commit_once(&mut client, currency, entries, &pending).await {
-            Ok(done) => {
-                done.into_iter().for_each(|(i, s)| outcome[i] = Some(s));
-                // Every order tried has an answer, so this loop ends.
-                for i in pending {
-                    outcome[i].get_or_insert(Settled::Failed);
-                }
+    let all: Vec<usize> = (0..entries.len()).collect();
+    // An order ledger_commit gives no answer for is undone rather than left hanging.
+    let mut outcome = vec![Settled::Failed; entries.len()];
+    match commit_once(&mut client, currency, entries, &all).await {
+        Ok(done) => done.into_iter().for_each(|(i, s)| outcome[i] = s),
+        // A constraint fired that ledger_commit's checks did not foresee: find the order
+        // that trips it by committing one at a time.
+        Err(e) if is_constraint(&e) => {
+            for i in all {
+                outcome[i] = match commit_once(&mut client, currency, entries, &[i]).await {
+                    Ok(mut done) => done.pop().map_or(Settled::Failed, |(_, s)| s),
+                    Err(e) if is_constraint(&e) => refused(&entries[i], &e),
+                    Err(e) => return Err(e.into()),
+                };
             }
-            // A constraint fired that ledger_commit's checks did not foresee: find the
-            // order that trips it by committing one at a time.
-            Err(e) if is_constraint(&e) => {
-                for i in pending {
-                    outcome[i] = Some(match commit_once(&mut client, currency, entries, &[i]).await {
-                        Ok(mut done) => done.pop().map_or(Settled::Failed, |(_, s)| s),
-                        Err(e) if is_constraint(&e) => refused(&entries[i], &e),
-                        Err(e) => return Err(e.into()),
-                    });
-                }
-            }
-            Err(e) => return Err(e.into()),
         }
+        Err(e) => return Err(e.into()),
     }
-    Ok(outcome.into_iter().map(|s| s.unwrap_or(Settled::Failed)).collect())
+    Ok(outcome)
 }
 
 fn is_constraint(e: &tokio_postgres::Error) -> bool {
@@ -386,11 +375,7 @@ fn refused(e: &Entry, err: &tokio_postgres::Error) -> Settled {
 fn last_guard(e: &Entry, why: &str) {
     metrics::counter!("cardgate_last_guard_total").increment(1);
     // Code ids only: never the codes.
-    let ids: Vec<i64> = e
-        .elements
-        .iter()
-        .filter_map(|el| crate::stock::parse_element(el).map(|(id, _)| id))
-        .collect();
+    let ids: Vec<i64> = crate::stock::code_ids(&e.elements).collect();
     tracing::error!(order_id = %e.f.order_id, code_ids = ?ids, why, "last guard: order not delivered with these codes");
 }
 

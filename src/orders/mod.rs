@@ -173,7 +173,7 @@ async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Resu
                 }
                 return Err(refusal_error(&code));
             }
-            Reserved::Ok { elements, .. } => elements,
+            Reserved::Ok(elements) => elements,
         };
         let timeout = Duration::from_millis(app.config.orders.commit_timeout_ms);
         match tokio::time::timeout(timeout, waiter.settled()).await {

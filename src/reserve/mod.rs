@@ -36,8 +36,8 @@ pub struct Fulfilment {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reserved {
-    /// Codes taken and money held; the fulfilment is in the outbox as `entry_id`.
-    Ok { entry_id: String, elements: Vec<Vec<u8>> },
+    /// Codes taken and money held (these stock elements); the fulfilment is in the outbox.
+    Ok(Vec<Vec<u8>>),
     /// The merchant_order_no has a record already.
     Seen {
         pending: bool,
@@ -86,10 +86,7 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
     let mut it = reply.into_iter();
     let text = |v: Option<Vec<u8>>| v.and_then(|b| String::from_utf8(b).ok());
     Some(match it.next()?.as_slice() {
-        b"ok" => Reserved::Ok {
-            entry_id: text(it.next())?,
-            elements: it.collect(),
-        },
+        b"ok" => Reserved::Ok(it.collect()),
         b"dup" => Reserved::Seen {
             pending: text(it.next())? == "pending",
             fingerprint: text(it.next())?,
@@ -185,11 +182,8 @@ mod tests {
     fn replies_parse() {
         let b = |s: &str| s.as_bytes().to_vec();
         assert_eq!(
-            parse_reserved(vec![b("ok"), b("1-0"), b("x"), b("y")]),
-            Some(Reserved::Ok {
-                entry_id: "1-0".into(),
-                elements: vec![b("x"), b("y")]
-            })
+            parse_reserved(vec![b("ok"), b("x"), b("y")]),
+            Some(Reserved::Ok(vec![b("x"), b("y")]))
         );
         assert_eq!(
             parse_reserved(vec![b("dup"), b("done"), b("s\n1"), b("ord_1")]),

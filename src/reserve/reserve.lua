@@ -10,7 +10,7 @@
 -- Answers:
 --   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
 --   {'refused', code}                      nothing taken
---   {'ok', entry id, element...}           reserved; elements are stock elements
+--   {'ok', element...}                     reserved; elements are stock elements
 --
 -- The idempotency check comes first, so a replay is answered as the original even
 -- when the product has gone off sale or the price has moved since.
@@ -44,9 +44,9 @@ for i = 1, #codes do
   local n = #codes[i]
   packed[i] = string.char(math.floor(n / 256), n % 256) .. codes[i]
 end
-local id = redis.call('XADD', KEYS[4], '*', 'o', ARGV[7], 'c', table.concat(packed))
-local out = {'ok', id}
+redis.call('XADD', KEYS[4], '*', 'o', ARGV[7], 'c', table.concat(packed))
+local out = {'ok'}
 for i = 1, #codes do
-  out[i + 2] = codes[i]
+  out[i + 1] = codes[i]
 end
 return out

@@ -24,6 +24,11 @@ pub fn parse_element(e: &[u8]) -> Option<(i64, &[u8])> {
     Some((i64::from_be_bytes(id.try_into().ok()?), enc))
 }
 
+/// The code ids of well-formed elements (malformed ones are skipped).
+pub fn code_ids(elements: &[Vec<u8>]) -> impl Iterator<Item = i64> + '_ {
+    elements.iter().filter_map(|e| parse_element(e).map(|(id, _)| id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

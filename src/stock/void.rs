@@ -88,10 +88,7 @@ pub async fn void_all_available(
         let Some(popped) = popped.filter(|p| !p.is_empty()) else {
             break;
         };
-        let ids: Vec<i64> = popped
-            .iter()
-            .filter_map(|e| super::parse_element(e).map(|(id, _)| id))
-            .collect();
+        let ids: Vec<i64> = super::code_ids(&popped).collect();
         report.voided += mark_voided(&client, &ids).await?;
     }
     Ok(report)
