@@ -32,10 +32,10 @@ pub enum Begin {
 }
 
 /// Reads the body (it is signed), authenticates, and takes `cost(body)` tokens from the
-/// caller's bucket of `class` (a batch of orders costs one per order). Writes spend the nonce here. Reads have no side effects, so a read
-/// handler spends the nonce in the same Redis round trip as its own commands
-/// ([`Signed::query`]); one that never touches Redis has it spent by [`Signed::finish`]
-/// before its answer goes out. Either way a replay is answered `nonce_reused`.
+/// caller's bucket of `class` (a batch of orders costs one per order). Writes spend the
+/// nonce here. Reads have no side effects, so a read handler spends the nonce in the same
+/// Redis round trip as its own commands ([`Signed::query`]); one that never touches Redis
+/// has it spent by [`Signed::finish`] before its answer goes out. Either way a replay is answered `nonce_reused`.
 pub async fn begin(
     app: &App,
     ctx: &Ctx,
@@ -85,21 +85,19 @@ impl Signed {
         &self.verified.caller
     }
 
-    /// Runs `pipe` with the nonce's `SET NX` in front, in one Redis round trip, and
-    /// returns the replies of `pipe`'s own commands, or `nonce_reused`.
-    pub async fn query(&self, app: &App, pipe: &redis::Pipeline) -> Result<Vec<redis::Value>, ApiError> {
-        let mut all = redis::pipe();
-        self.verified.spend_in(&mut all);
-        for cmd in pipe.cmd_iter() {
-            all.add_command(cmd.clone());
-        }
+    /// Runs `pipe` with the nonce's `SET NX` added at its end, in one Redis round trip,
+    /// and returns the replies of `pipe`'s own commands, or `nonce_reused`. Reads have no
+    /// side effects, so where the nonce stands in the pipeline does not matter; it is
+    /// checked before anything is answered.
+    pub async fn query(&self, app: &App, mut pipe: redis::Pipeline) -> Result<Vec<redis::Value>, ApiError> {
+        self.verified.spend_in(&mut pipe);
         let mut redis = app.redis();
-        let mut replies: Vec<redis::Value> = all.query_async(&mut redis).await?;
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
         self.nonce_spent.store(true, Ordering::Relaxed);
-        if replies.is_empty() {
-            return Err(ApiError::internal(anyhow::anyhow!("empty pipeline reply")));
-        }
-        nonce_fresh(&replies.remove(0))?;
+        let nonce = replies
+            .pop()
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty pipeline reply")))?;
+        nonce_fresh(&nonce)?;
         Ok(replies)
     }
 

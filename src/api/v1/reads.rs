@@ -50,7 +50,7 @@ async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i
     for p in products {
         pipe.cmd("LLEN").arg(app.keys.stock(p.id));
     }
-    ints(s.query(app, &pipe).await?)
+    ints(s.query(app, pipe).await?)
 }
 
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -87,7 +87,7 @@ pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Res
         let r = &s.caller().reseller;
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(app.keys.balance(r.pk));
-        let replies = s.query(app, &pipe).await?;
+        let replies = s.query(app, pipe).await?;
         let hot: Option<i64> = redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
             .map_err(ApiError::internal)?;
         // The hot balance is what can be spent now; without it (Redis lost its state),
