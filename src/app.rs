@@ -13,6 +13,7 @@ use crate::auth::keys::KeyCache;
 use crate::catalogue::Catalogue;
 use crate::config::{Config, Validated};
 use crate::crypto::Crypto;
+use crate::health::Health;
 use crate::ledger::Waiters;
 use crate::ratelimit::RateLimits;
 use crate::store::{self, keys::Keys};
@@ -34,6 +35,7 @@ pub struct App {
     pub rate_limits: RateLimits,
     /// Order requests of this process waiting for the ledger writer.
     pub waiters: Waiters,
+    pub health: Health,
 }
 
 impl App {
@@ -69,6 +71,7 @@ impl App {
             catalogue: Catalogue::default(),
             rate_limits,
             waiters: Waiters::default(),
+            health: Health::default(),
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg, &app.crypto).await?;

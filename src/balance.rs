@@ -4,7 +4,10 @@
 //! The hot balance is the Postgres balance less the orders in flight. A debit must not
 //! take money an in-flight order already holds, so it is taken from the hot balance
 //! before the ledger row is written (and given back if the row is not); a credit is
-//! written to the ledger first and only then made spendable.
+//! written to the ledger first and only then made spendable. Both hot-balance moves are
+//! guarded by the Redis epoch the ledger transaction saw ([`crate::rebuild`]).
+
+use std::sync::LazyLock;
 
 use redis::Script;
 use serde::Serialize;
@@ -13,20 +16,33 @@ use crate::app::App;
 use crate::audit::{self, Actor};
 use crate::error::ApiError;
 
-/// Takes ARGV[1] from the hot balance if it holds that much: 1 taken, 0 too little,
-/// -1 no hot balance (Redis lost its state; Postgres alone decides).
-const HOT_DEBIT: &str = r"
+/// Takes ARGV[1] from the hot balance (KEYS[1]) if it holds that much: 1 taken, 0 too
+/// little, -1 no hot balance or Redis not at epoch ARGV[2] (KEYS[2]): Postgres alone
+/// decides, and the rebuild that follows reads its answer.
+static HOT_DEBIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
 local b = redis.call('GET', KEYS[1])
 if not b then return -1 end
 if tonumber(b) < tonumber(ARGV[1]) then return 0 end
 redis.call('DECRBY', KEYS[1], ARGV[1])
-return 1";
+return 1",
+    )
+});
 
-/// Adds ARGV[1] to the hot balance only if it exists: a missing one is rebuilt whole
-/// from Postgres, and creating it here would make it wrong.
-const HOT_CREDIT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
-return false";
+/// Adds ARGV[1] to the hot balance only if it exists and Redis is at epoch ARGV[2]:
+/// otherwise a rebuild reads the credit from Postgres, and adding it here would count it
+/// twice.
+static HOT_CREDIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) == ARGV[2] and redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+return false",
+    )
+});
 
 pub const ADJUSTMENT_MAX_ABS: i64 = 1_000_000_000_000;
 
@@ -42,11 +58,14 @@ pub struct Adjusted {
     pub replayed: bool,
 }
 
-pub async fn hot_credit(app: &App, reseller_pk: i64, amount: i64) -> Result<(), ApiError> {
+/// Makes a credit recorded in a ledger transaction that saw `epoch` spendable.
+pub async fn hot_credit(app: &App, reseller_pk: i64, amount: i64, epoch: i64) -> Result<(), ApiError> {
     let mut redis = app.redis();
-    Script::new(HOT_CREDIT)
+    HOT_CREDIT
         .key(app.keys.balance(reseller_pk))
+        .key(app.keys.epoch())
         .arg(amount)
+        .arg(epoch)
         .invoke_async::<Option<i64>>(&mut redis)
         .await?;
     Ok(())
@@ -69,7 +88,7 @@ pub async fn adjust(
         currency: app.config.currency.clone(),
         replayed,
     };
-    let client = app.pg.get().await?;
+    let mut client = app.pg.get().await?;
     let earlier = "SELECT amount, balance_after FROM balance_ledger WHERE reseller_id = $1 AND kind = 'adjustment' AND reference = $2";
     let replay = |row: tokio_postgres::Row| {
         if row.get::<_, i64>(0) != amount {
@@ -81,12 +100,16 @@ pub async fn adjust(
         return replay(row);
     }
 
+    let tx = client.transaction().await?;
+    let epoch = crate::rebuild::fence(&tx).await?;
     let mut taken_from_hot = false;
     if amount < 0 {
         let mut redis = app.redis();
-        let taken: i64 = Script::new(HOT_DEBIT)
+        let taken: i64 = HOT_DEBIT
             .key(app.keys.balance(reseller_pk))
+            .key(app.keys.epoch())
             .arg(-amount)
+            .arg(epoch)
             .invoke_async(&mut redis)
             .await?;
         if taken == 0 {
@@ -94,7 +117,7 @@ pub async fn adjust(
         }
         taken_from_hot = taken == 1;
     }
-    let inserted = client
+    let inserted = tx
         .query_opt(
             "INSERT INTO balance_ledger (reseller_id, amount, kind, reference, note, actor)
              VALUES ($1, $2, 'adjustment', $3, $4, $5)
@@ -104,7 +127,7 @@ pub async fn adjust(
         .await;
     let give_back = || async {
         if taken_from_hot {
-            hot_credit(app, reseller_pk, -amount).await
+            hot_credit(app, reseller_pk, -amount, epoch).await
         } else {
             Ok(())
         }
@@ -122,7 +145,7 @@ pub async fn adjust(
     let Some(row) = row else {
         // A concurrent call with the same reference won: answer as it did.
         give_back().await?;
-        let row = client
+        let row = tx
             .query_opt(earlier, &[&reseller_pk, &reference])
             .await?
             .ok_or_else(|| ApiError::internal(anyhow::anyhow!("ledger row vanished")))?;
@@ -130,15 +153,12 @@ pub async fn adjust(
     };
     // The AFTER trigger that moved the balance has run by now and recorded the result.
     let ledger_id: i64 = row.get(0);
-    let balance_after: i64 = client
+    let balance_after: i64 = tx
         .query_one("SELECT balance_after FROM balance_ledger WHERE id = $1", &[&ledger_id])
         .await?
         .get(0);
-    if amount > 0 {
-        hot_credit(app, reseller_pk, amount).await?;
-    }
     audit::record(
-        &client,
+        &tx,
         actor,
         "balance.adjust",
         Some(reseller_id),
@@ -146,6 +166,13 @@ pub async fn adjust(
         serde_json::json!({"amount": amount, "reference": reference}),
     )
     .await?;
+    if let Err(e) = tx.commit().await {
+        give_back().await?;
+        return Err(e.into());
+    }
+    if amount > 0 {
+        hot_credit(app, reseller_pk, amount, epoch).await?;
+    }
     metrics::counter!("cardgate_balance_adjustments_total", "direction" => if amount > 0 { "credit" } else { "debit" })
         .increment(1);
     Ok(answer(balance_after, false))

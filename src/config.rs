@@ -70,6 +70,7 @@ pub struct PostgresConfig {
 pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
+    pub rebuild_recent_orders: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -13,11 +13,13 @@ pub mod catalogue;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod ids;
 pub mod ledger;
 pub mod orders;
 pub mod ratelimit;
+pub mod rebuild;
 pub mod reconcile;
 pub mod reserve;
 pub mod stock;
@@ -40,10 +42,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Validates `config`, migrates Postgres and connects to Redis. The listener is
-    /// already bound, so tests can bind port 0 and learn the address first.
+    /// Validates `config`, migrates Postgres, connects to Redis and rebuilds it from
+    /// Postgres if it lost its state. The listener is already bound, so tests can bind
+    /// port 0 and learn the address first.
     pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Server> {
         let app = app::App::build(config).await?;
+        health::check(&app).await;
         Ok(Server { app, listener })
     }
 
@@ -58,6 +62,7 @@ impl Server {
         let tasks = [
             tokio::spawn(sync::listen(self.app.clone())),
             tokio::spawn(sync::refresh_periodically(self.app.clone())),
+            tokio::spawn(health::watch(self.app.clone())),
         ];
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use cardgate::{telemetry, Config};
 use tokio::net::TcpListener;
 
-const USAGE: &str = "usage: cardgate [serve | reconcile]\n\n  serve      run the gateway (the default)\n  reconcile  check stock, orders and balances across Redis and Postgres; prints a JSON\n             report and exits 1 if anything disagrees\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
+const USAGE: &str = "usage: cardgate [serve | reconcile | rebuild]\n\n  serve      run the gateway (the default)\n  reconcile  check stock, orders and balances across Redis and Postgres; prints a JSON\n             report and exits 1 if anything disagrees\n  rebuild    rebuild Redis's stock, hot balances and idempotency records from Postgres\n             now (gateways do it by themselves when Redis loses its state); prints a\n             JSON report\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
 
 fn main() -> ExitCode {
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_string());
@@ -11,7 +11,7 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    if command != "serve" && command != "reconcile" {
+    if !["serve", "reconcile", "rebuild"].contains(&command.as_str()) {
         eprintln!("unknown command {command:?}\n{USAGE}");
         return ExitCode::from(2);
     }
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     };
     let result = match command.as_str() {
         "reconcile" => runtime.block_on(reconcile(config.0)),
+        "rebuild" => runtime.block_on(rebuild(config.0)).map(|()| true),
         _ => runtime.block_on(serve(config.0, config.1.listen)).map(|()| true),
     };
     match result {
@@ -61,6 +62,13 @@ async fn reconcile(config: Config) -> anyhow::Result<bool> {
     let report = cardgate::reconcile::run(&app).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(report.ok)
+}
+
+async fn rebuild(config: Config) -> anyhow::Result<()> {
+    let app = cardgate::app::App::build(config).await?;
+    let report = cardgate::rebuild::rebuild(&app, true).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 /// SIGTERM (orchestrators) or SIGINT (a terminal).

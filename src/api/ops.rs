@@ -27,6 +27,7 @@ pub async fn readyz(app: &App) -> Result<Response<Body>, ApiError> {
     let redis_ok = matches!(redis_ok, Ok(Ok(())));
     let pg_ok = matches!(pg_ok, Ok(Ok(())));
     let what = match (redis_ok, pg_ok) {
+        (true, true) if !app.health.redis_ready() => "redis (being rebuilt from postgres)",
         (true, true) => {
             return response::json(
                 StatusCode::OK,

@@ -19,6 +19,9 @@ pub enum Settled {
     /// Postgres refused a code as delivered or voided already (the last guard): the
     /// reservation was undone without that code; reserve again from other stock.
     LastGuard,
+    /// Reserved in a Redis state rebuilt since: not recorded; the rebuild gave its codes
+    /// and money back. Reserve again.
+    Stale,
     /// Postgres refused the order for another reason: undone, nothing charged.
     Failed,
 }
@@ -29,6 +32,7 @@ impl Settled {
             Settled::Committed => "committed",
             Settled::Duplicate => "duplicate",
             Settled::LastGuard => "last_guard",
+            Settled::Stale => "stale",
             Settled::Failed => "failed",
         }
     }
@@ -38,6 +42,7 @@ impl Settled {
             "committed" => Settled::Committed,
             "duplicate" => Settled::Duplicate,
             "last_guard" => Settled::LastGuard,
+            "stale" => Settled::Stale,
             "failed" => Settled::Failed,
             _ => return None,
         })

@@ -31,6 +31,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// One outbox entry, decoded.
 struct Entry {
     id: String,
+    /// The Redis epoch the reservation was made at.
+    epoch: i64,
     f: Fulfilment,
     elements: Vec<Vec<u8>>,
 }
@@ -38,8 +40,11 @@ struct Entry {
 fn decode(s: &StreamId) -> Option<Entry> {
     let o: Vec<u8> = s.get("o")?;
     let c: Vec<u8> = s.get("c")?;
+    // Entries written before epochs existed count as epoch 0, older than any rebuild.
+    let epoch = s.get::<i64>("e").unwrap_or(0);
     Some(Entry {
         id: s.id.clone(),
+        epoch,
         f: serde_json::from_slice(&o).ok()?,
         elements: reserve::unpack(&c)?,
     })
@@ -161,7 +166,8 @@ async fn read_new(
     let reply: Result<Option<StreamReadReply>, _> = cmd.query_async(c).await;
     match reply {
         Ok(r) => Ok(r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect()),
-        Err(e) if e.code() == Some("NOGROUP") => {
+        // The outbox was deleted under a blocked read (a rebuild): start it again.
+        Err(e) if e.code() == Some("NOGROUP") || e.code() == Some("UNBLOCKED") => {
             ensure_group(c, app).await?;
             Ok(Vec::new())
         }
@@ -227,11 +233,13 @@ async fn process(app: &App, entries: &[Entry]) {
         let t = Instant::now();
         match commit(app, entries).await {
             Ok(o) => {
+                app.health.set_postgres_up(true);
                 metrics::histogram!("cardgate_ledger_commit_seconds").record(t.elapsed().as_secs_f64());
                 metrics::histogram!("cardgate_ledger_batch_size").record(entries.len() as f64);
                 break o;
             }
             Err(e) => {
+                app.health.set_postgres_up(false);
                 metrics::counter!("cardgate_ledger_commit_failures_total").increment(1);
                 tracing::warn!(
                     error = format!("{e:#}"),
@@ -293,7 +301,7 @@ async fn finish(app: &App, entries: &[Entry], outcomes: &[Settled]) {
                         .cloned()
                         .collect();
                     let dedupe = s == Settled::LastGuard;
-                    match reserve::release(&mut redis, &app.keys, &e.id, &e.f, &back, dedupe).await {
+                    match reserve::release(&mut redis, &app.keys, &e.id, e.epoch, &e.f, &back, dedupe).await {
                         Ok(_) => wake(&e.f.order_id, s),
                         Err(err) => {
                             tracing::warn!(error = %err, order_id = %e.f.order_id, "could not undo a reservation; it will be claimed again")
@@ -427,13 +435,15 @@ async fn commit_once(
         .collect();
     let stmt = client
         .prepare_cached(
-            "SELECT idx, outcome FROM ledger_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            "SELECT idx, outcome FROM ledger_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .await?;
+    let epochs: Vec<i64> = sent.iter().map(|&i| entries[i].epoch).collect();
     let rows = client
         .query(
             &stmt,
             &[
+                &epochs,
                 &order_ids,
                 &col(|f| f.reseller),
                 &mons,
@@ -457,6 +467,7 @@ async fn commit_once(
         let s = match r.get::<_, &str>(1) {
             "committed" => Settled::Committed,
             "duplicate" => Settled::Duplicate,
+            "stale" => Settled::Stale,
             _ => {
                 last_guard(&entries[i], "a code is not deliverable in Postgres");
                 Settled::LastGuard

@@ -110,6 +110,13 @@ pub async fn place(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result
 }
 
 async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result<Placed, ApiError> {
+    // Nothing reserved could be committed: answer now rather than after the commit timeout.
+    if !app.health.postgres_up() {
+        return Err(ApiError::Unavailable {
+            what: "order ledger",
+            retry_after_secs: 1,
+        });
+    }
     let product = app.catalogue.get(&req.sku);
     let tier_max = app
         .config
@@ -197,7 +204,8 @@ async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Resu
                     .await?
                     .ok_or_else(|| ApiError::internal(anyhow::anyhow!("duplicate order vanished from Postgres")));
             }
-            Ok(Some(Settled::LastGuard)) => continue,
+            // A code Postgres would not deliver, or a Redis rebuilt meanwhile: reserve again.
+            Ok(Some(Settled::LastGuard | Settled::Stale)) => continue,
             Ok(Some(Settled::Failed)) => {
                 return Err(ApiError::internal(anyhow::anyhow!(
                     "Postgres refused the order; nothing was charged"
@@ -231,7 +239,7 @@ fn refusal_error(code: &str) -> ApiError {
         ),
         // Redis lost its state and has not been rebuilt from Postgres yet.
         _ => ApiError::Unavailable {
-            what: "stock",
+            what: "stock (being rebuilt)",
             retry_after_secs: 1,
         },
     }

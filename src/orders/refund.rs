@@ -23,6 +23,7 @@ pub struct Refunded {
 pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&str>) -> Result<Refunded, ApiError> {
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
+    let epoch = crate::rebuild::fence(&tx).await?;
     let row = tx
         .query_opt(
             "SELECT o.id, o.reseller_id, r.reseller_id, o.amount, o.currency, o.status, o.refunded_at, o.refund_reason
@@ -80,7 +81,7 @@ pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&st
     // Spendable only once recorded. If Redis misses this (down now), the hot balance is
     // short by the refund until it is rebuilt from Postgres: never more than is owed.
     if amount != 0 {
-        crate::balance::hot_credit(app, reseller_pk, amount).await?;
+        crate::balance::hot_credit(app, reseller_pk, amount, epoch).await?;
     }
     metrics::counter!("cardgate_refunds_total").increment(1);
     Ok(answer(at, reason.map(str::to_owned), false))

@@ -44,8 +44,8 @@ pub enum Reserved {
         fingerprint: String,
         order_id: String,
     },
-    /// Nothing taken: `out_of_stock`, `insufficient_balance`, `no_hot_balance`, or the
-    /// refusal the caller passed in.
+    /// Nothing taken: `out_of_stock`, `insufficient_balance`, `rebuilding` (Redis lost
+    /// its state), `no_hot_balance`, or the refusal the caller passed in.
     Refused(String),
 }
 
@@ -70,6 +70,7 @@ pub async fn reserve<C: ConnectionLike>(
         .key(keys.stock(f.product))
         .key(keys.balance(f.reseller))
         .key(keys.outbox())
+        .key(keys.epoch())
         .arg(&f.order_id)
         .arg(fingerprint)
         .arg(f.quantity)
@@ -118,14 +119,16 @@ pub async fn settle<C: ConnectionLike>(
     Ok(())
 }
 
-/// Undoes a reservation that will not be committed. `elements` are the codes that may be
-/// sold again (never one Postgres has delivered or voided). With `dedupe`, other copies
-/// of each element are removed from the stock first. Returns false when another writer
-/// released the entry already.
+/// Undoes a reservation made at `epoch` that will not be committed. `elements` are the
+/// codes that may be sold again (never one Postgres has delivered or voided). With
+/// `dedupe`, other copies of each element are removed from the stock first. Returns false
+/// when another writer released the entry already. A reservation from before the last
+/// rebuild is only acknowledged.
 pub async fn release<C: ConnectionLike>(
     conn: &mut C,
     keys: &Keys,
     entry_id: &str,
+    epoch: i64,
     f: &Fulfilment,
     elements: &[Vec<u8>],
     dedupe: bool,
@@ -135,11 +138,13 @@ pub async fn release<C: ConnectionLike>(
         .key(keys.stock(f.product))
         .key(keys.balance(f.reseller))
         .key(keys.outbox())
+        .key(keys.epoch())
         .arg(&f.order_id)
         .arg(f.amount)
         .arg(GROUP)
         .arg(entry_id)
-        .arg(if dedupe { "1" } else { "0" });
+        .arg(if dedupe { "1" } else { "0" })
+        .arg(epoch);
     for e in elements {
         inv.arg(e.as_slice());
     }

@@ -3,18 +3,24 @@
 -- entry acknowledged and deleted. Runs at most once per entry: a second call (another
 -- writer that claimed the same entry) finds the entry gone and changes nothing.
 --
--- KEYS: 1 idempotency record, 2 stock, 3 hot balance, 4 outbox
+-- A reservation made before the last rebuild is only acknowledged: the rebuild read
+-- Postgres, where it never was, so its codes and money are back already.
+--
+-- KEYS: 1 idempotency record, 2 stock, 3 hot balance, 4 outbox, 5 epoch
 -- ARGV: 1 order id, 2 amount, 3 consumer group, 4 entry id,
 --       5 '1' to remove other copies of each element first (after a last-guard hit),
---       6.. the elements to return
+--       6 the epoch the reservation was made at, 7.. the elements to return
 if redis.call('XDEL', KEYS[4], ARGV[4]) == 0 then
   return 0
 end
 redis.call('XACK', KEYS[4], ARGV[3], ARGV[4])
+if redis.call('GET', KEYS[5]) ~= ARGV[6] then
+  return 1
+end
 if redis.call('HGET', KEYS[1], 'order') == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
-for i = #ARGV, 6, -1 do
+for i = #ARGV, 7, -1 do
   if ARGV[5] == '1' then
     redis.call('LREM', KEYS[2], 0, ARGV[i])
   end

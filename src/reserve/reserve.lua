@@ -2,17 +2,23 @@
 -- stock check, balance check, pop the codes, debit the hot balance, record the
 -- reservation and append the fulfilment to the outbox stream.
 --
--- KEYS: 1 idempotency record (hash), 2 stock (list), 3 hot balance, 4 outbox (stream)
+-- KEYS: 1 idempotency record (hash), 2 stock (list), 3 hot balance, 4 outbox (stream),
+--       5 epoch (the rebuild this state comes from; absent: Redis lost its state)
 -- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
 --       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
 --       7 the fulfilment's fields (JSON, for the ledger writer)
 --
 -- Answers:
 --   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
---   {'refused', code}                      nothing taken
+--   {'refused', code}                      nothing taken ('rebuilding': no epoch)
 --   {'ok', element...}                     reserved; elements are stock elements
 --
--- The idempotency check comes first, so a replay is answered as the original even
+-- Nothing is sold from a Redis that lost its state or is being rebuilt.
+local epoch = redis.call('GET', KEYS[5])
+if not epoch then
+  return {'refused', 'rebuilding'}
+end
+-- The idempotency check comes next, so a replay is answered as the original even
 -- when the product has gone off sale or the price has moved since.
 local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'order')
 if rec[1] then
@@ -27,7 +33,7 @@ if redis.call('LLEN', KEYS[2]) < qty then
 end
 local balance = redis.call('GET', KEYS[3])
 if not balance then
-  -- Redis lost its state: nothing may be sold until it is rebuilt from Postgres.
+  -- A reseller created while Redis was away: nothing is sold until the rebuild.
   return {'refused', 'no_hot_balance'}
 end
 local amount = tonumber(ARGV[4])
@@ -44,7 +50,8 @@ for i = 1, #codes do
   local n = #codes[i]
   packed[i] = string.char(math.floor(n / 256), n % 256) .. codes[i]
 end
-redis.call('XADD', KEYS[4], '*', 'o', ARGV[7], 'c', table.concat(packed))
+-- The epoch goes with the fulfilment: Postgres refuses it if a rebuild came between.
+redis.call('XADD', KEYS[4], '*', 'o', ARGV[7], 'c', table.concat(packed), 'e', epoch)
 local out = {'ok'}
 for i = 1, #codes do
   out[i + 1] = codes[i]

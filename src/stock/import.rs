@@ -100,6 +100,8 @@ impl Importer<'_> {
         }
         let mut client = self.pg.get().await?;
         let tx = client.transaction().await?;
+        // Pushed to Redis inside the fence, so a rebuild cannot come between.
+        crate::rebuild::fence(&tx).await?;
         let rows = tx
             .query(
                 "INSERT INTO codes (product_id, code_hash, code_enc)

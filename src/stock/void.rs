@@ -1,5 +1,6 @@
 //! Voiding unsold codes (a bad batch from a supplier): out of Redis first, so a code
-//! being voided cannot be reserved meanwhile, then marked voided in Postgres.
+//! being voided cannot be reserved meanwhile, then marked voided in Postgres, all inside
+//! the rebuild fence ([`crate::rebuild`]).
 
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionManager;
@@ -35,8 +36,10 @@ pub async fn void_codes(
         .collect();
     hashes.sort();
     hashes.dedup();
-    let client = pg.get().await?;
-    let rows = client
+    let mut client = pg.get().await?;
+    let tx = client.transaction().await?;
+    crate::rebuild::fence(&tx).await?;
+    let rows = tx
         .query(
             "SELECT id, code_enc, status FROM codes WHERE product_id = $1 AND code_hash = ANY($2)",
             &[&product_id, &hashes],
@@ -67,7 +70,8 @@ pub async fn void_codes(
         .collect();
     // Available in Postgres yet not in the Redis list: reserved by an order in flight.
     report.not_available += (available.len() - ids.len()) as u64;
-    report.voided = mark_voided(&client, &ids).await?;
+    report.voided = mark_voided(&tx, &ids).await?;
+    tx.commit().await?;
     Ok(report)
 }
 
@@ -77,7 +81,9 @@ pub async fn void_all_available(
     keys: &Keys,
     product_id: i64,
 ) -> Result<VoidReport, ApiError> {
-    let client = pg.get().await?;
+    let mut client = pg.get().await?;
+    let tx = client.transaction().await?;
+    crate::rebuild::fence(&tx).await?;
     let mut report = VoidReport::default();
     loop {
         let popped: Option<Vec<Vec<u8>>> = redis::cmd("LPOP")
@@ -89,12 +95,13 @@ pub async fn void_all_available(
             break;
         };
         let ids: Vec<i64> = super::code_ids(&popped).collect();
-        report.voided += mark_voided(&client, &ids).await?;
+        report.voided += mark_voided(&tx, &ids).await?;
     }
+    tx.commit().await?;
     Ok(report)
 }
 
-async fn mark_voided(client: &deadpool_postgres::Client, ids: &[i64]) -> Result<u64, ApiError> {
+async fn mark_voided(client: &impl deadpool_postgres::GenericClient, ids: &[i64]) -> Result<u64, ApiError> {
     if ids.is_empty() {
         return Ok(0);
     }

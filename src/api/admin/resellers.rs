@@ -129,6 +129,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     );
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
+    crate::rebuild::fence(&tx).await?;
     let pk: i64 = tx
         .query_one(
             "INSERT INTO resellers (reseller_id, name, tier, ip_allowlist, callback_url, low_balance_threshold, webhook_secret_enc)
@@ -148,8 +149,8 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
         json!({"tier": new.tier}),
     )
     .await?;
-    tx.commit().await?;
-    // The hot balance starts at zero; NX so a rebuild that already ran is not undone.
+    // The hot balance starts at zero, set inside the fence so that no rebuild comes
+    // between (NX: one that ran first has set it already).
     let mut redis = app.redis();
     redis::cmd("SET")
         .arg(app.keys.balance(pk))
@@ -157,6 +158,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
         .arg("NX")
         .query_async::<()>(&mut redis)
         .await?;
+    tx.commit().await?;
 
     let row = load(&client, &reseller_id).await?;
     let mut body = reseller_json(&row, &app.config.currency);

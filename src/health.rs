@@ -1,0 +1,101 @@
+//! What this gateway knows about its stores, kept current by [`watch`]: whether Redis
+//! holds a rebuilt state (rebuilding it when not) and whether Postgres answers.
+//!
+//! Orders are refused at once while Postgres is down, instead of reserving stock and
+//! money that cannot be committed and making every caller wait for the commit timeout.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+use crate::rebuild;
+
+const EVERY: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct Health {
+    redis_ready: AtomicBool,
+    postgres_up: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            redis_ready: AtomicBool::new(false),
+            postgres_up: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Health {
+    /// Redis answers and holds the state of Postgres's current epoch.
+    pub fn redis_ready(&self) -> bool {
+        self.redis_ready.load(Ordering::Relaxed)
+    }
+
+    pub fn postgres_up(&self) -> bool {
+        self.postgres_up.load(Ordering::Relaxed)
+    }
+
+    /// Called by whoever last talked to Postgres (the probe, the ledger writers).
+    pub fn set_postgres_up(&self, up: bool) {
+        if self.postgres_up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("Postgres answers again");
+            } else {
+                tracing::warn!("Postgres is not answering; orders are refused until it does");
+            }
+            metrics::gauge!("cardgate_postgres_up").set(if up { 1.0 } else { 0.0 });
+        }
+    }
+
+    fn set_redis_ready(&self, ready: bool) {
+        self.redis_ready.store(ready, Ordering::Relaxed);
+        metrics::gauge!("cardgate_redis_ready").set(if ready { 1.0 } else { 0.0 });
+    }
+}
+
+/// Runs [`check`] every half second, for the life of the server.
+pub async fn watch(app: Arc<App>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        check(&app).await;
+    }
+}
+
+/// Probes both stores and rebuilds Redis if it lost its state (or holds an older one
+/// than Postgres's epoch, after a failover to a replica that lagged).
+pub async fn check(app: &App) {
+    let pg_epoch = async {
+        let client = app.pg.get().await.ok()?;
+        let row = client.query_one("SELECT epoch FROM redis_epoch", &[]).await.ok()?;
+        Some(row.get::<_, i64>(0))
+    };
+    let mut redis = app.redis();
+    let (pg_epoch, redis_epoch) = tokio::join!(
+        tokio::time::timeout(PROBE_TIMEOUT, pg_epoch),
+        tokio::time::timeout(PROBE_TIMEOUT, rebuild::redis_epoch(&mut redis, app)),
+    );
+    let pg_epoch = pg_epoch.ok().flatten();
+    app.health.set_postgres_up(pg_epoch.is_some());
+    let Ok(Ok(redis_epoch)) = redis_epoch else {
+        app.health.set_redis_ready(false);
+        return;
+    };
+    match (redis_epoch, pg_epoch) {
+        (Some(r), Some(p)) if r == p => app.health.set_redis_ready(true),
+        // Postgres cannot say; nothing is rebuilt without it.
+        (Some(_), None) => app.health.set_redis_ready(true),
+        (_, None) => app.health.set_redis_ready(false),
+        (_, Some(_)) => {
+            app.health.set_redis_ready(false);
+            match rebuild::rebuild(app, false).await {
+                Ok(_) => app.health.set_redis_ready(true),
+                Err(e) => tracing::error!(error = format!("{e:#}"), "rebuilding Redis failed; retrying"),
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Rebuilding Redis from Postgres (DESIGN.md invariant 5).
+//!
+//! Redis holds stock, hot balances and idempotency records, all of which Postgres can
+//! rebuild, plus the fulfilments in flight. Its `epoch` key names the rebuild its state
+//! comes from. A Redis that restarted empty has none, and a replica promoted from before
+//! the last rebuild has an older one than Postgres's `redis_epoch`: either way a gateway
+//! rebuilds it, under Postgres's exclusive fence lock (so several gateways never rebuild
+//! at once), before anything is sold from it again. Meanwhile the reservation script
+//! refuses (`503 unavailable`).
+//!
+//! Ordering with everything else that changes mirrored state rests on the fence
+//! (migrations/V3): a transaction that changes orders, codes or balances takes it shared
+//! ([`fence`]), and a rebuild holds it exclusive. A change's Redis write made before its
+//! commit is therefore never interleaved with a rebuild (which deletes and rewrites every
+//! key it could have touched); one made after its commit (a credit made spendable) is
+//! applied only if Redis is still at the epoch the transaction saw, because a rebuild
+//! that came between has read the change from Postgres already. Fulfilments reserved before a
+//! rebuild are refused by `ledger_commit()` as stale: the rebuild read Postgres, where
+//! they never were, so their codes and money are already back.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use deadpool_postgres::GenericClient;
+use futures_util::{pin_mut, TryStreamExt};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use serde::Serialize;
+
+use crate::app::App;
+use crate::reserve::{self, GROUP};
+
+/// Stock elements per `RPUSH`, and elements per pipeline sent to Redis.
+const PUSH_CHUNK: usize = 1_000;
+const PIPELINE_ELEMENTS: usize = 20_000;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The epoch Redis is at now.
+    pub epoch: i64,
+    pub products: u64,
+    pub codes: u64,
+    pub balances: u64,
+    /// Recent orders whose idempotency records were restored (older ones are answered
+    /// from Postgres).
+    pub idempotency_records: u64,
+    /// Reservations that were in flight in the lost state; never committed, so their
+    /// codes and money are back in the rebuilt stock and balances.
+    pub dropped_in_flight: u64,
+    pub seconds: f64,
+}
+
+/// Takes the fence shared for the rest of `tx` and returns the epoch that Redis writes
+/// made for this transaction's changes must be guarded by.
+pub async fn fence(tx: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx.query_one("SELECT redis_fence()", &[]).await?.get(0))
+}
+
+/// The epoch Redis's state comes from; `None` when Redis has lost it.
+pub async fn redis_epoch<C: ConnectionLike>(redis: &mut C, app: &App) -> redis::RedisResult<Option<i64>> {
+    redis::cmd("GET").arg(app.keys.epoch()).query_async(redis).await
+}
+
+/// Rebuilds Redis unless it is at Postgres's epoch already (always, with `force`).
+/// `None`: nothing to do, possibly because another gateway just did it.
+pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
+    let started = Instant::now();
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    // Reading and writing a million codes takes seconds; the lock waits for writers.
+    tx.batch_execute("SET LOCAL statement_timeout = '120s'").await?;
+    let current: i64 = tx.query_one("SELECT redis_rebuild_lock()", &[]).await?.get(0);
+    let mut redis = app.redis();
+    if !force && redis_epoch(&mut redis, app).await? == Some(current) {
+        return Ok(None);
+    }
+    let epoch: i64 = tx
+        .query_one("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch", &[])
+        .await?
+        .get(0);
+    tracing::warn!(epoch, "rebuilding Redis from Postgres; orders wait until it is done");
+    // From here nothing is sold, and no late write of an earlier change lands.
+    redis::cmd("DEL")
+        .arg(app.keys.epoch())
+        .query_async::<()>(&mut redis)
+        .await?;
+    let dropped_in_flight = drop_in_flight(app, &mut redis).await?;
+    let (products, codes) = load_stock(app, &tx, &mut redis).await?;
+    let balances = load_balances(app, &tx, &mut redis).await?;
+    let idempotency_records = load_records(app, &tx, &mut redis).await?;
+    redis::pipe()
+        .cmd("XGROUP")
+        .arg("CREATE")
+        .arg(app.keys.outbox())
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .ignore()
+        .cmd("SET")
+        .arg(app.keys.epoch())
+        .arg(epoch)
+        .ignore()
+        .query_async::<()>(&mut redis)
+        .await?;
+    tx.commit().await.context("committing the rebuild's epoch")?;
+    let seconds = started.elapsed().as_secs_f64();
+    metrics::counter!("cardgate_redis_rebuilds_total").increment(1);
+    metrics::histogram!("cardgate_redis_rebuild_seconds").record(seconds);
+    let report = Report {
+        epoch,
+        products,
+        codes,
+        balances,
+        idempotency_records,
+        dropped_in_flight,
+        seconds,
+    };
+    tracing::warn!(?report, "Redis rebuilt from Postgres");
+    Ok(Some(report))
+}
+
+/// Deletes the outbox and the idempotency records of its reservations: none of them can
+/// commit any more (their epoch is gone), and a record left `pending` would answer
+/// `order_in_progress` for days.
+async fn drop_in_flight(app: &App, redis: &mut ConnectionManager) -> anyhow::Result<u64> {
+    let entries: Vec<(String, std::collections::HashMap<String, redis::Value>)> = redis::cmd("XRANGE")
+        .arg(app.keys.outbox())
+        .arg("-")
+        .arg("+")
+        .query_async(redis)
+        .await?;
+    let mut pipe = redis::pipe();
+    let mut dropped = 0;
+    for (_, fields) in &entries {
+        let f = fields
+            .get("o")
+            .and_then(|v| redis::from_redis_value::<Vec<u8>>(v.clone()).ok())
+            .and_then(|o| serde_json::from_slice::<reserve::Fulfilment>(&o).ok());
+        if let Some(f) = f {
+            let key = app.keys.idempotency(f.reseller, &f.merchant_order_no);
+            pipe.cmd("DEL").arg(key).ignore();
+            dropped += 1;
+        }
+    }
+    pipe.cmd("DEL").arg(app.keys.outbox()).ignore();
+    send(pipe, redis).await?;
+    Ok(dropped)
+}
+
+/// Every available code, in import order, onto its product's stock list.
+async fn load_stock(
+    app: &App,
+    tx: &deadpool_postgres::Transaction<'_>,
+    redis: &mut ConnectionManager,
+) -> anyhow::Result<(u64, u64)> {
+    let products: Vec<i64> = tx
+        .query("SELECT id FROM products", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut pipe = redis::pipe();
+    for p in &products {
+        pipe.cmd("DEL").arg(app.keys.stock(*p)).ignore();
+    }
+    send(pipe, redis).await?;
+
+    let rows = tx
+        .query_raw(
+            "SELECT product_id, id, code_enc FROM codes WHERE status = 'available' ORDER BY product_id, id",
+            std::iter::empty::<i64>(),
+        )
+        .await?;
+    pin_mut!(rows);
+    let mut pipe = redis::pipe();
+    let (mut queued, mut codes) = (0usize, 0u64);
+    let mut chunk: Vec<Vec<u8>> = Vec::with_capacity(PUSH_CHUNK);
+    let mut chunk_product = None;
+    let push = |pipe: &mut redis::Pipeline, product: i64, chunk: &mut Vec<Vec<u8>>| {
+        if !chunk.is_empty() {
+            pipe.cmd("RPUSH").arg(app.keys.stock(product)).arg(&*chunk).ignore();
+            chunk.clear();
+        }
+    };
+    while let Some(row) = rows.try_next().await? {
+        let product: i64 = row.get(0);
+        if chunk_product.is_some_and(|p| p != product) || chunk.len() == PUSH_CHUNK {
+            push(&mut pipe, chunk_product.unwrap_or(product), &mut chunk);
+        }
+        chunk_product = Some(product);
+        chunk.push(crate::stock::element(row.get(1), row.get::<_, &[u8]>(2)));
+        codes += 1;
+        queued += 1;
+        if queued == PIPELINE_ELEMENTS {
+            if let Some(p) = chunk_product {
+                push(&mut pipe, p, &mut chunk);
+            }
+            send(std::mem::replace(&mut pipe, redis::pipe()), redis).await?;
+            queued = 0;
+        }
+    }
+    if let Some(p) = chunk_product {
+        push(&mut pipe, p, &mut chunk);
+    }
+    send(pipe, redis).await?;
+    Ok((products.len() as u64, codes))
+}
+
+/// Hot balances start at the Postgres balances: nothing is in flight in the new epoch.
+async fn load_balances(
+    app: &App,
+    tx: &deadpool_postgres::Transaction<'_>,
+    redis: &mut ConnectionManager,
+) -> anyhow::Result<u64> {
+    let rows = tx.query("SELECT reseller_id, balance FROM balances", &[]).await?;
+    for part in rows.chunks(PUSH_CHUNK) {
+        let mut mset = redis::cmd("MSET");
+        for r in part {
+            mset.arg(app.keys.balance(r.get(0))).arg(r.get::<_, i64>(1));
+        }
+        mset.query_async::<()>(redis).await?;
+    }
+    Ok(rows.len() as u64)
+}
+
+/// Idempotency records of the most recent orders, so their replays stay on the fast path.
+async fn load_records(
+    app: &App,
+    tx: &deadpool_postgres::Transaction<'_>,
+    redis: &mut ConnectionManager,
+) -> anyhow::Result<u64> {
+    let limit = app.config.redis.rebuild_recent_orders as i64;
+    let rows = tx
+        .query(
+            "SELECT reseller_id, merchant_order_no, sku, quantity, order_id FROM orders ORDER BY id DESC LIMIT $1",
+            &[&limit],
+        )
+        .await?;
+    let ttl = app.config.orders.idempotency_ttl_secs;
+    for part in rows.chunks(PUSH_CHUNK) {
+        let mut pipe = redis::pipe();
+        for r in part {
+            let key = app.keys.idempotency(r.get(0), r.get(1));
+            let fp = reserve::fingerprint(r.get(2), r.get::<_, i32>(3).into());
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg("state")
+                .arg("done")
+                .arg("fp")
+                .arg(fp)
+                .arg("order")
+                .arg(r.get::<_, &str>(4))
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&key)
+                .arg(ttl)
+                .ignore();
+        }
+        send(pipe, redis).await?;
+    }
+    Ok(rows.len() as u64)
+}
+
+async fn send(pipe: redis::Pipeline, redis: &mut ConnectionManager) -> redis::RedisResult<()> {
+    if pipe.is_empty() {
+        return Ok(());
+    }
+    pipe.query_async(redis).await
+}
