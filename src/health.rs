@@ -1,5 +1,5 @@
-//! What this gateway knows about its stores, kept current by [`watch`]: whether Redis
-//! holds a rebuilt state (rebuilding it when not) and whether Postgres answers.
+//! The stores' health, checked by [`watch`]: Redis is rebuilt when it has lost its state,
+//! and whether Postgres answers is kept for the order path.
 //!
 //! Orders are refused at once while Postgres is down, instead of reserving stock and
 //! money that cannot be committed and making every caller wait for the commit timeout.
@@ -15,25 +15,18 @@ const EVERY: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Health {
-    redis_ready: AtomicBool,
     postgres_up: AtomicBool,
 }
 
 impl Default for Health {
     fn default() -> Self {
         Health {
-            redis_ready: AtomicBool::new(false),
             postgres_up: AtomicBool::new(true),
         }
     }
 }
 
 impl Health {
-    /// Redis answers and holds the state of Postgres's current epoch.
-    pub fn redis_ready(&self) -> bool {
-        self.redis_ready.load(Ordering::Relaxed)
-    }
-
     pub fn postgres_up(&self) -> bool {
         self.postgres_up.load(Ordering::Relaxed)
     }
@@ -48,11 +41,6 @@ impl Health {
             }
             metrics::gauge!("cardgate_postgres_up").set(if up { 1.0 } else { 0.0 });
         }
-    }
-
-    fn set_redis_ready(&self, ready: bool) {
-        self.redis_ready.store(ready, Ordering::Relaxed);
-        metrics::gauge!("cardgate_redis_ready").set(if ready { 1.0 } else { 0.0 });
     }
 }
 
@@ -81,21 +69,12 @@ pub async fn check(app: &App) {
     );
     let pg_epoch = pg_epoch.ok().flatten();
     app.health.set_postgres_up(pg_epoch.is_some());
-    let Ok(Ok(redis_epoch)) = redis_epoch else {
-        app.health.set_redis_ready(false);
-        return;
+    let (Ok(Ok(redis_epoch)), Some(pg_epoch)) = (redis_epoch, pg_epoch) else {
+        return; // a store is away: nothing to compare, nothing rebuilt without both
     };
-    match (redis_epoch, pg_epoch) {
-        (Some(r), Some(p)) if r == p => app.health.set_redis_ready(true),
-        // Postgres cannot say; nothing is rebuilt without it.
-        (Some(_), None) => app.health.set_redis_ready(true),
-        (_, None) => app.health.set_redis_ready(false),
-        (_, Some(_)) => {
-            app.health.set_redis_ready(false);
-            match rebuild::rebuild(app, false).await {
-                Ok(_) => app.health.set_redis_ready(true),
-                Err(e) => tracing::error!(error = format!("{e:#}"), "rebuilding Redis failed; retrying"),
-            }
+    if redis_epoch != Some(pg_epoch) {
+        if let Err(e) = rebuild::rebuild(app, false).await {
+            tracing::error!(error = format!("{e:#}"), "rebuilding Redis failed; retrying");
         }
     }
 }

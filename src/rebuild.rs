@@ -27,7 +27,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use serde::Serialize;
 
 use crate::app::App;
-use crate::reserve::{self, GROUP};
+use crate::reserve;
 
 /// Stock elements per `RPUSH`, and elements per pipeline sent to Redis.
 const PUSH_CHUNK: usize = 1_000;
@@ -87,18 +87,10 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
     let (products, codes) = load_stock(app, &tx, &mut redis).await?;
     let balances = load_balances(app, &tx, &mut redis).await?;
     let idempotency_records = load_records(app, &tx, &mut redis).await?;
-    redis::pipe()
-        .cmd("XGROUP")
-        .arg("CREATE")
-        .arg(app.keys.outbox())
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .ignore()
-        .cmd("SET")
+    // The ledger writers create the outbox's consumer group again when they find it gone.
+    redis::cmd("SET")
         .arg(app.keys.epoch())
         .arg(epoch)
-        .ignore()
         .query_async::<()>(&mut redis)
         .await?;
     tx.commit().await.context("committing the rebuild's epoch")?;

@@ -20,14 +20,18 @@ pub fn healthz() -> Result<Response<Body>, ApiError> {
 
 pub async fn readyz(app: &App) -> Result<Response<Body>, ApiError> {
     let mut redis = app.redis();
-    let (redis_ok, pg_ok) = tokio::join!(
-        tokio::time::timeout(READY_PROBE_TIMEOUT, store::redis::ping(&mut redis)),
+    let (redis_epoch, pg_ok) = tokio::join!(
+        tokio::time::timeout(READY_PROBE_TIMEOUT, crate::rebuild::redis_epoch(&mut redis, app)),
         tokio::time::timeout(READY_PROBE_TIMEOUT, store::pg::ping(&app.pg)),
     );
-    let redis_ok = matches!(redis_ok, Ok(Ok(())));
+    let (redis_ok, rebuilt) = match redis_epoch {
+        Ok(Ok(epoch)) => (true, epoch.is_some()),
+        _ => (false, false),
+    };
     let pg_ok = matches!(pg_ok, Ok(Ok(())));
     let what = match (redis_ok, pg_ok) {
-        (true, true) if !app.health.redis_ready() => "redis (being rebuilt from postgres)",
+        // Redis answers but has lost its state: nothing is sold until it is rebuilt.
+        (true, true) if !rebuilt => "redis (being rebuilt from postgres)",
         (true, true) => {
             return response::json(
                 StatusCode::OK,

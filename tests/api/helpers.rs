@@ -529,3 +529,92 @@ pub fn codes_of(order: &serde_json::Value) -> Vec<String> {
         .map(|c| c.as_str().unwrap().to_string())
         .collect()
 }
+
+/// A TCP proxy in front of Postgres that can cut every connection and refuse new ones,
+/// as a network partition or a stopped server would, without touching the shared server.
+pub struct PgProxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: JoinHandle<()>,
+}
+
+impl PgProxy {
+    pub async fn start(upstream: &str) -> PgProxy {
+        use std::sync::atomic::Ordering;
+        let url: tokio_postgres::Config = upstream.parse().expect("postgres url");
+        let host = match &url.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("TCP Postgres expected, got {other:?}"),
+        };
+        let target = format!("{}:{}", host, url.get_ports().first().copied().unwrap_or(5432));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c2, conns2) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c2.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused, as far as the client can tell
+                }
+                let target = target.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                conns2.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        PgProxy {
+            port,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    /// `database_url` with its host and port replaced by this proxy's.
+    pub fn url_for(&self, database_url: &str) -> String {
+        let (_, db) = database_url.rsplit_once('/').unwrap();
+        let user = database_url
+            .strip_prefix("postgres://")
+            .and_then(|r| r.split_once('@'))
+            .map_or("postgres", |(u, _)| u);
+        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// The advisory lock a Redis rebuild holds exclusive (migrations/V3): a test that holds
+/// it keeps rebuilds and ledger commits waiting.
+pub const REBUILD_LOCK: i64 = 7162819512125188460;
+
+/// Advisory-lock requests waiting in the app's database.
+pub async fn advisory_waiters(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

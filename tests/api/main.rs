@@ -10,5 +10,6 @@ mod http_surface;
 mod import;
 mod ops;
 mod orders;
+mod recovery;
 mod reseller_api;
 mod signing;

@@ -9,12 +9,19 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-const SKU: &str = "steam-cn-100";
+pub const SKU: &str = "steam-cn-100";
 /// The gold price of the helpers' product.
-const GOLD: i64 = 9650;
+pub const GOLD: i64 = 9650;
 
-async fn shop(codes: usize) -> (TestApp, String, Vec<String>) {
-    let app = spawn_app().await;
+pub async fn shop(codes: usize) -> (TestApp, String, Vec<String>) {
+    shop_with(codes, |_| {}).await
+}
+
+pub async fn shop_with(
+    codes: usize,
+    overrides: impl FnOnce(&mut std::collections::HashMap<String, String>),
+) -> (TestApp, String, Vec<String>) {
+    let app = spawn_app_with(overrides).await;
     let t = app.root_token().await;
     app.create_product(&t, SKU).await;
     let imported: Vec<String> = (0..codes).map(|i| format!("CODE-{i:05}-{}", random_suffix())).collect();
@@ -23,7 +30,7 @@ async fn shop(codes: usize) -> (TestApp, String, Vec<String>) {
     (app, t, imported)
 }
 
-async fn buyer(app: &TestApp, t: &str, tier: &str, balance: i64) -> ResellerKey {
+pub async fn buyer(app: &TestApp, t: &str, tier: &str, balance: i64) -> ResellerKey {
     let k = app.reseller_with_key(t, tier, json!({})).await;
     if balance > 0 {
         app.fund(t, &k.reseller_id, balance).await;
