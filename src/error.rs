@@ -159,6 +159,21 @@ impl ApiError {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
+        // A lost connection, a server shutting down or a statement timeout is Postgres
+        // being away or slow, not a bug: the client may retry.
+        let away = e.is_closed()
+            || e.code().is_some_and(|c| {
+                let c = c.code();
+                c.starts_with("08") || c.starts_with("57") || c == "53300"
+            })
+            || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+        if away {
+            tracing::warn!(error = %e, "postgres unavailable");
+            return ApiError::Unavailable {
+                what: "database",
+                retry_after_secs: 1,
+            };
+        }
         ApiError::Internal(e.into())
     }
 }

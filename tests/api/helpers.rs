@@ -112,6 +112,22 @@ pub async fn start(env: HashMap<String, String>) -> TestApp {
 }
 
 impl TestApp {
+    /// A handle on a gateway running elsewhere (a `cardgate` process) with these settings.
+    pub fn external(addr: SocketAddr, env: HashMap<String, String>) -> TestApp {
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            database_url: env["CARDGATE_DATABASE_URL"].clone(),
+            env,
+            shutdown: None,
+            handle: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -427,6 +443,24 @@ impl TestApp {
         nonce: &str,
         headers: &[(&str, &str)],
     ) -> reqwest::Response {
+        self.signed_request(key, method, path_and_query, body, timestamp, nonce, headers)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A signed request, not sent yet (for callers that expect the connection to fail).
+    #[allow(clippy::too_many_arguments)]
+    pub fn signed_request(
+        &self,
+        key: &ResellerKey,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&str>,
+        timestamp: i64,
+        nonce: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
@@ -451,7 +485,7 @@ impl TestApp {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        req.send().await.unwrap()
+        req
     }
 }
 

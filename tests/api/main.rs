@@ -6,6 +6,7 @@ mod helpers;
 mod admin;
 mod binary;
 mod config;
+mod faults;
 mod http_surface;
 mod import;
 mod ops;
