@@ -6,14 +6,10 @@
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 n=${1:-1000000}
 start_gateway
-admin_post /admin/v1/products '{"sku":"bench","name":"bench","face_value":1,"base_price":1,"max_quantity":1}' >/dev/null
-work=$(mktemp -d)
-seq -f "BENCH-%012g-XXXX-YYYY" 1 "$n" >"$work/codes.txt"
+bench_codes "$n" BENCH
 start=$(date +%s.%N)
-report=$(curl -fs "$base/admin/v1/products/bench/codes" -H "$auth" -H 'content-type: text/plain' \
-  --data-binary "@$work/codes.txt")
+report=$(import_codes)
 end=$(date +%s.%N)
-rm -rf "$work"
 python3 - "$report" "$start" "$end" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1]); secs = float(sys.argv[3]) - float(sys.argv[2])

@@ -35,3 +35,16 @@ start_gateway() {
 }
 
 admin_post() { curl -fs "$base$1" -H "$auth" -H 'content-type: application/json' -d "$2"; }
+
+# bench_codes N PREFIX: creates the product "bench" and writes N distinct codes to $codes.
+bench_codes() {
+  admin_post /admin/v1/products '{"sku":"bench","name":"bench","face_value":1,"base_price":1,"max_quantity":1}' >/dev/null
+  codes=$(mktemp)
+  seq -f "$2-%012g-XXXX-YYYY" 1 "$1" >"$codes"
+}
+
+# import_codes: imports $codes into "bench" and prints the report.
+import_codes() {
+  curl -fs "$base/admin/v1/products/bench/codes" -H "$auth" -H 'content-type: text/plain' --data-binary "@$codes"
+  rm -f "$codes"
+}

@@ -7,12 +7,8 @@
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 n=${1:-1000000}
 start_gateway
-admin_post /admin/v1/products '{"sku":"bench","name":"bench","face_value":1,"base_price":1,"max_quantity":1}' >/dev/null
-work=$(mktemp -d)
-seq -f "REBUILD-%012g-XXXX-YYYY" 1 "$n" >"$work/codes.txt"
-curl -fs "$base/admin/v1/products/bench/codes" -H "$auth" -H 'content-type: text/plain' \
-  --data-binary "@$work/codes.txt" >/dev/null
-rm -rf "$work"
+bench_codes "$n" REBUILD
+import_codes >/dev/null
 redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "load$$:*" | xargs -r -n 1000 redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null
 start=$(date +%s.%N)
 until curl -fs "$base/readyz" >/dev/null 2>&1; do sleep 0.05; done

@@ -114,7 +114,7 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
 /// commit any more (their epoch is gone), and a record left `pending` would answer
 /// `order_in_progress` for days.
 async fn drop_in_flight(app: &App, redis: &mut ConnectionManager) -> anyhow::Result<u64> {
-    let entries: Vec<(String, std::collections::HashMap<String, redis::Value>)> = redis::cmd("XRANGE")
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(app.keys.outbox())
         .arg("-")
         .arg("+")
@@ -122,16 +122,11 @@ async fn drop_in_flight(app: &App, redis: &mut ConnectionManager) -> anyhow::Res
         .await?;
     let mut pipe = redis::pipe();
     let mut dropped = 0;
-    for (_, fields) in &entries {
-        let f = fields
-            .get("o")
-            .and_then(|v| redis::from_redis_value::<Vec<u8>>(v.clone()).ok())
-            .and_then(|o| serde_json::from_slice::<reserve::Fulfilment>(&o).ok());
-        if let Some(f) = f {
-            let key = app.keys.idempotency(f.reseller, &f.merchant_order_no);
-            pipe.cmd("DEL").arg(key).ignore();
-            dropped += 1;
-        }
+    for e in entries.ids.iter().filter_map(reserve::Entry::decode) {
+        pipe.cmd("DEL")
+            .arg(app.keys.idempotency(e.f.reseller, &e.f.merchant_order_no))
+            .ignore();
+        dropped += 1;
     }
     pipe.cmd("DEL").arg(app.keys.outbox()).ignore();
     send(pipe, redis).await?;

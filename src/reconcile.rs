@@ -77,18 +77,14 @@ async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<
         let Some(last) = page.ids.last() else { break };
         start = format!("({}", last.id);
         for s in &page.ids {
-            let decoded = s
-                .get::<Vec<u8>>("o")
-                .and_then(|o| serde_json::from_slice::<reserve::Fulfilment>(&o).ok())
-                .zip(s.get::<Vec<u8>>("c").and_then(|c| reserve::unpack(&c)));
-            let Some((f, elements)) = decoded else {
+            let Some(e) = reserve::Entry::decode(s) else {
                 problems.push(format!("outbox entry {} is malformed", s.id));
                 continue;
             };
             out.orders += 1;
-            *out.amounts.entry(f.reseller).or_default() += f.amount;
-            let ids = out.codes.entry(f.product).or_default();
-            ids.extend(crate::stock::code_ids(&elements));
+            *out.amounts.entry(e.f.reseller).or_default() += e.f.amount;
+            let ids = out.codes.entry(e.f.product).or_default();
+            ids.extend(crate::stock::code_ids(&e.elements));
         }
     }
     Ok(out)

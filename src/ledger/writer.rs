@@ -20,35 +20,13 @@ use tokio_postgres::error::SqlState;
 
 use super::Settled;
 use crate::app::App;
-use crate::reserve::{self, Fulfilment, GROUP};
+use crate::reserve::{self, Entry, Fulfilment, GROUP};
 
 /// How long one read waits for new entries; also bounds how late a stop is noticed.
 const BLOCK_MS: u64 = 500;
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// One outbox entry, decoded.
-struct Entry {
-    id: String,
-    /// The Redis epoch the reservation was made at.
-    epoch: i64,
-    f: Fulfilment,
-    elements: Vec<Vec<u8>>,
-}
-
-fn decode(s: &StreamId) -> Option<Entry> {
-    let o: Vec<u8> = s.get("o")?;
-    let c: Vec<u8> = s.get("c")?;
-    // Entries written before epochs existed count as epoch 0, older than any rebuild.
-    let epoch = s.get::<i64>("e").unwrap_or(0);
-    Some(Entry {
-        id: s.id.clone(),
-        epoch,
-        f: serde_json::from_slice(&o).ok()?,
-        elements: reserve::unpack(&c)?,
-    })
-}
 
 /// Runs until `stop` turns true and the outbox has nothing more for this writer. The
 /// outbox gauges are the same for every writer: only the one with `gauges` reports them.
@@ -103,7 +81,7 @@ pub async fn run(app: Arc<App>, stop: watch::Receiver<bool>, gauges: bool) {
         let entries: Vec<Entry> = ids
             .iter()
             .filter_map(|s| {
-                let e = decode(s);
+                let e = Entry::decode(s);
                 if e.is_none() {
                     // Left pending (never acknowledged): reconciliation reports it.
                     tracing::error!(entry = %s.id, "malformed outbox entry left in place");

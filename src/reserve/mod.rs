@@ -34,6 +34,31 @@ pub struct Fulfilment {
     pub created_at: i64,
 }
 
+/// One outbox entry, as `reserve.lua` appends it: the fulfilment (`o`), its stock
+/// elements (`c`) and the Redis epoch it was reserved at (`e`).
+#[derive(Debug)]
+pub struct Entry {
+    pub id: String,
+    pub epoch: i64,
+    pub f: Fulfilment,
+    pub elements: Vec<Vec<u8>>,
+}
+
+impl Entry {
+    /// `None` if the entry is malformed.
+    pub fn decode(s: &redis::streams::StreamId) -> Option<Entry> {
+        let o: Vec<u8> = s.get("o")?;
+        let c: Vec<u8> = s.get("c")?;
+        Some(Entry {
+            id: s.id.clone(),
+            // Entries written before epochs existed count as epoch 0, older than any rebuild.
+            epoch: s.get::<i64>("e").unwrap_or(0),
+            f: serde_json::from_slice(&o).ok()?,
+            elements: unpack(&c)?,
+        })
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reserved {
     /// Codes taken and money held (these stock elements); the fulfilment is in the outbox.

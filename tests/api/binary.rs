@@ -136,20 +136,9 @@ async fn a_million_line_import_keeps_memory_bounded_logs_no_secret_and_sigterm_e
         peak - before
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut exited = None;
-    for _ in 0..200 {
-        if let Some(status) = child.try_wait().unwrap() {
-            exited = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let status = exited.expect("exited within 10 s of SIGTERM");
+    let status = sigterm(&mut child, Duration::from_secs(10))
+        .await
+        .expect("exited within 10 s of SIGTERM");
     assert_eq!(status.code(), Some(0));
 
     let logs = std::fs::read_to_string(&log_path).unwrap();

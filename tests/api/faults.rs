@@ -232,29 +232,12 @@ async fn faults_lose_nothing_acknowledged_and_deliver_nothing_twice() {
     proxy.restore();
     tokio::time::sleep(phase).await;
     // 4. A deploy: SIGTERM under load drains and exits 0.
-    let term = Command::new("kill")
-        .args(["-TERM", &gw.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let exited = tokio::task::spawn_blocking({
-        let pid = gw.child.id();
-        move || {
-            let started = Instant::now();
-            while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
-                && started.elapsed() < Duration::from_secs(60)
-            {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                if stat.split_whitespace().nth(2) == Some("Z") {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    });
-    exited.await.unwrap();
-    let status = gw.child.wait().unwrap();
-    assert!(status.success(), "SIGTERM exit {status:?}; log: {}", gw.tail());
+    let status = sigterm(&mut gw.child, Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM exit {status:?}; log: {}",
+        gw.tail()
+    );
     gw.restart();
     gw.wait_up(&app).await;
     tokio::time::sleep(phase).await;

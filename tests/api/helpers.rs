@@ -259,6 +259,26 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// Sends SIGTERM to `child` and waits up to `within` for it to exit: its status, or
+/// `None` if it is still running.
+pub async fn sigterm(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill on PATH (scripts/dev installs procps)");
+    assert!(sent.success());
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `check` until it holds or `within` passes.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where
