@@ -1,4 +1,5 @@
-"""Summarises the order path from a gateway's /metrics text on stdin."""
+"""The order path's own figures from a gateway's /metrics text on stdin, as one JSON line."""
+import json
 import sys
 
 m = {}
@@ -13,9 +14,10 @@ def avg(base):
     return m.get(base + "_sum", 0) / n if n else 0.0
 
 
-commits = m.get("cardgate_ledger_batch_size_count", 0)
-print(
-    f"ledger: {commits:.0f} commits of {avg('cardgate_ledger_batch_size'):.1f} orders, "
-    f"{avg('cardgate_ledger_commit_seconds') * 1000:.2f} ms each; "
-    f"reservation round trip {avg('cardgate_reservation_seconds') * 1000:.2f} ms"
-)
+print(json.dumps({
+    "scenario": "gateway-metrics-check",
+    "ledger_commits": m.get("cardgate_ledger_batch_size_count", 0),
+    "orders_per_commit": round(avg("cardgate_ledger_batch_size"), 1),
+    "commit_ms": round(avg("cardgate_ledger_commit_seconds") * 1000, 2),
+    "reservation_ms": round(avg("cardgate_reservation_seconds") * 1000, 2),
+}))

@@ -23,16 +23,21 @@ start_gateway() {
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   addr="127.0.0.1:$port"
   base="http://$addr"
-  env CARDGATE_DATABASE_URL="${CARDGATE_DATABASE_URL%/*}/$db" CARDGATE_LISTEN="$addr" \
-    CARDGATE_REDIS_PREFIX="load$$" CARDGATE_MASTER_KEY="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" \
-    CARDGATE_JWT_SECRET="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" CARDGATE_BOOTSTRAP_ADMIN=load:load-password \
-    CARDGATE_LOG=warn "$@" ./target/release/cardgate &
+  gw_db="${CARDGATE_DATABASE_URL%/*}/$db"
+  gw_env=(CARDGATE_DATABASE_URL="$gw_db" CARDGATE_LISTEN="$addr"
+    CARDGATE_REDIS_PREFIX="load$$" CARDGATE_MASTER_KEY="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+    CARDGATE_JWT_SECRET="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" CARDGATE_BOOTSTRAP_ADMIN=load:load-password
+    CARDGATE_LOG=warn "$@")
+  env "${gw_env[@]}" ./target/release/cardgate &
   pid=$!
   for _ in $(seq 1 100); do curl -fs "$base/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
   token=$(curl -fs "$base/admin/v1/login" -H 'content-type: application/json' \
     -d '{"username":"load","password":"load-password"}' | json_field token)
   auth="authorization: Bearer $token"
 }
+
+# cardgate_cli ARGS...: the cardgate command (reconcile, rebuild) on the gateway's stores.
+cardgate_cli() { env "${gw_env[@]}" ./target/release/cardgate "$@"; }
 
 admin_post() { curl -fs "$base$1" -H "$auth" -H 'content-type: application/json' -d "$2"; }
 

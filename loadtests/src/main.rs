@@ -1,189 +1,222 @@
-//! cardgate-load: a bounded closed-loop load generator over keep-alive HTTP/1.1.
+//! cardgate-load: a bounded load generator that signs requests like real resellers.
 //!
-//!   cardgate-load <addr> healthz <connections> <seconds>
-//!   cardgate-load <addr> signed-products <connections> <seconds> <key_id> <secret>
-//!   cardgate-load <addr> signed-orders <connections> <seconds> <key_id:secret,...> <sku>
+//!   cardgate-load run <name> --addr A --target healthz|products|orders [--keys FILE] [--sku S]
+//!                 --connections N --seconds S [--rate R] [--max-requests N]
+//!   cardgate-load search <name> --addr A --target orders --keys FILE --sku S
+//!                 --connections N --seconds S
+//!   cardgate-load report <results.jsonl> <out-dir>
 //!
-//! `signed-orders` sends single-code orders, each with a fresh merchant_order_no, spread
-//! over the given keys by connection.
-//!
-//! Prints one JSON line: requests, errors, rate and latency percentiles (HDR histogram).
-//! Loopback only; stops by itself after <seconds>.
+//! `run` is closed loop without `--rate` and open loop with it. `search` finds the
+//! highest open-loop rate the gateway sustains. Each prints one JSON line; `report` turns
+//! the lines of a whole run (loadtests/run.sh) into latest.md, latest.json and a plot.
+//! `--keys` is a file of `key_id secret tier` lines; requests go round the keys.
+//! Loopback only; every run stops by itself.
 
+mod load;
+mod report;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
-use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
-use rand::Rng;
+use serde_json::{json, Value};
 
-#[derive(Clone)]
-struct Key {
-    id: Arc<str>,
-    secret: Arc<[u8]>,
+use load::{Key, Plan, Run, Target};
+
+fn usage() -> ! {
+    eprintln!("usage: cardgate-load run|search <name> --addr A --target T [options] | report <results.jsonl> <out-dir>");
+    std::process::exit(2)
 }
 
-#[derive(Clone)]
-enum Mode {
-    Healthz,
-    SignedProducts(Key),
-    SignedOrders { keys: Arc<[Key]>, sku: Arc<str> },
-}
-
-fn signed(key: &Key, method: &str, path: &str, body: &[u8]) -> String {
-    let nonce: String = format!("{:032x}", rand::thread_rng().gen::<u128>());
-    let ts = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let m = cardgate::auth::signing::Message {
-        timestamp: ts,
-        nonce: &nonce,
-        method,
-        path,
-        query: None,
-        body,
-    };
-    cardgate::auth::signing::authorization(&key.id, &key.secret, &m)
-}
-
-fn request(mode: &Mode, host: &str, worker: usize) -> Request<Full<Bytes>> {
-    let b = Request::builder().header("host", host);
-    let req = match mode {
-        Mode::Healthz => b.uri("/healthz").body(Full::default()),
-        Mode::SignedProducts(key) => b
-            .uri("/v1/products")
-            .header("authorization", signed(key, "GET", "/v1/products", b""))
-            .body(Full::default()),
-        Mode::SignedOrders { keys, sku } => {
-            let key = &keys[worker % keys.len()];
-            let mon = format!("L{:030x}", rand::thread_rng().gen::<u128>() >> 8);
-            let body = serde_json::json!({"sku": &**sku, "quantity": 1, "merchant_order_no": mon}).to_string();
-            b.method("POST")
-                .uri("/v1/orders")
-                .header("content-type", "application/json")
-                .header("authorization", signed(key, "POST", "/v1/orders", body.as_bytes()))
-                .body(Full::new(Bytes::from(body)))
-        }
-    };
-    req.expect("request parts are valid")
-}
-
-struct Tally {
-    ok: u64,
-    errors: u64,
-    hist: Histogram<u64>,
-}
-
-async fn worker(addr: SocketAddr, mode: Mode, until: Instant, index: usize) -> Tally {
-    let mut t = Tally {
-        ok: 0,
-        errors: 0,
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-    };
-    let host = addr.to_string();
-    'reconnect: while Instant::now() < until {
-        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-            t.errors += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
-            t.errors += 1;
-            continue;
-        };
-        tokio::spawn(conn);
-        while Instant::now() < until {
-            let started = Instant::now();
-            let resp = match sender.send_request(request(&mode, &host, index)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    t.errors += 1;
-                    continue 'reconnect;
-                }
-            };
-            let status = resp.status();
-            if resp.into_body().collect().await.is_err() {
-                t.errors += 1;
-                continue 'reconnect;
-            }
-            let _ = t.hist.record(started.elapsed().as_micros().max(1) as u64);
-            if status.is_success() {
-                t.ok += 1;
-            } else {
-                t.errors += 1;
-            }
-        }
+fn flags(args: &[String]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let Some(name) = flag.strip_prefix("--") else { usage() };
+        let Some(value) = it.next() else { usage() };
+        out.insert(name.to_owned(), value.clone());
     }
-    t
+    out
+}
+
+fn plan(f: &HashMap<String, String>) -> Plan {
+    let get = |k: &str| f.get(k).map(String::as_str);
+    let num = |k: &str| get(k).map(|v| v.parse::<f64>().unwrap_or_else(|_| usage()));
+    let keys: Vec<Key> = match get("keys") {
+        Some(path) => std::fs::read_to_string(path)
+            .expect("keys file")
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.split_whitespace();
+                Some(Key {
+                    id: p.next()?.to_owned(),
+                    secret: p.next()?.as_bytes().to_vec(),
+                    tier: p.next().unwrap_or("none").to_owned(),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let target = match get("target") {
+        Some("healthz") => Target::Healthz,
+        Some("products") => Target::Products,
+        Some("orders") => Target::Orders {
+            sku: get("sku").unwrap_or_else(|| usage()).to_owned(),
+        },
+        _ => usage(),
+    };
+    if !matches!(target, Target::Healthz) && keys.is_empty() {
+        usage()
+    }
+    let addr: SocketAddr = get("addr").and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+    Plan {
+        addr,
+        target,
+        keys: keys.into(),
+        connections: num("connections").unwrap_or(64.0) as usize,
+        duration: Duration::from_secs_f64(num("seconds").unwrap_or(10.0)),
+        rate: num("rate"),
+        max_requests: num("max-requests").map(|n| n as u64),
+    }
+}
+
+fn target_name(t: &Target) -> &'static str {
+    match t {
+        Target::Healthz => "healthz",
+        Target::Products => "products",
+        Target::Orders { .. } => "orders",
+    }
+}
+
+/// Percentile points for the plot: 0 to 5 "nines" (50%, 90%, 99% ... 99.999%).
+fn curve(h: &hdrhistogram::Histogram<u64>) -> Vec<[f64; 2]> {
+    (0..=50)
+        .map(|i| {
+            let nines = i as f64 / 10.0;
+            let q = 1.0 - 10f64.powf(-nines);
+            [nines, h.value_at_quantile(q) as f64 / 1000.0]
+        })
+        .collect()
+}
+
+fn latency(h: &hdrhistogram::Histogram<u64>) -> Value {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0,
+           "count": h.len()})
+}
+
+fn summary(name: &str, plan: &Plan, run: &Run) -> Value {
+    let secs = run.elapsed.as_secs_f64();
+    let tiers: serde_json::Map<String, Value> = run
+        .by_tier
+        .iter()
+        .map(|(tier, t)| {
+            (
+                tier.clone(),
+                json!({"answered": t.answered(), "succeeded": t.succeeded(), "outcomes": t.outcomes,
+                       "io_errors": t.io_errors, "latency_ms": latency(&t.latency)}),
+            )
+        })
+        .collect();
+    json!({
+        "scenario": name,
+        "target": target_name(&plan.target),
+        "mode": if plan.rate.is_some() { "open" } else { "closed" },
+        "connections": plan.connections,
+        "offered_rate": plan.rate,
+        "seconds": secs,
+        "issued": run.issued,
+        "answered": run.all.answered(),
+        "succeeded": run.all.succeeded(),
+        "rate": run.all.answered() as f64 / secs,
+        "success_rate": run.all.succeeded() as f64 / secs,
+        "io_errors": run.all.io_errors,
+        "outcomes": run.all.outcomes,
+        "latency_ms": latency(&run.all.latency),
+        "curve": curve(&run.all.latency),
+        "codes_delivered": run.codes_delivered,
+        "codes_repeated": run.codes_repeated,
+        "tiers": tiers,
+    })
+}
+
+/// An open-loop rate is sustained when nearly every request that fell due was answered
+/// successfully and the tail has not turned into a queue.
+fn sustained(run: &Run) -> bool {
+    let p99_ms = run.all.latency.value_at_quantile(0.99) as f64 / 1000.0;
+    run.all.succeeded() as f64 >= 0.97 * run.issued as f64 && run.all.io_errors == 0 && p99_ms <= 100.0
+}
+
+async fn search(name: &str, plan: Plan) -> Value {
+    // A closed-loop run finds the neighbourhood, open-loop probes then find the edge.
+    let probe = Duration::from_secs_f64(plan.duration.as_secs_f64().clamp(2.0, 10.0));
+    let closed = load::run(Plan {
+        rate: None,
+        duration: probe,
+        ..plan.clone()
+    })
+    .await;
+    let estimate = closed.all.succeeded() as f64 / closed.elapsed.as_secs_f64();
+    let mut probes = vec![json!({"mode": "closed", "rate": estimate})];
+    let (mut best, mut rate) = (0.0f64, estimate.max(50.0));
+    let mut worst_failed = f64::INFINITY;
+    for _ in 0..6 {
+        let run = load::run(Plan {
+            rate: Some(rate),
+            duration: probe,
+            ..plan.clone()
+        })
+        .await;
+        let ok = sustained(&run);
+        probes.push(json!({"mode": "open", "rate": rate, "sustained": ok,
+            "success_rate": run.all.succeeded() as f64 / run.elapsed.as_secs_f64(),
+            "p99_ms": run.all.latency.value_at_quantile(0.99) as f64 / 1000.0}));
+        eprintln!("{name}: {rate:.0}/s offered: {}", if ok { "sustained" } else { "not sustained" });
+        if ok {
+            best = best.max(rate);
+        } else {
+            worst_failed = worst_failed.min(rate);
+        }
+        rate = if worst_failed.is_finite() {
+            if ok {
+                (rate + worst_failed) / 2.0
+            } else if best > 0.0 {
+                (best + rate) / 2.0
+            } else {
+                rate * 0.75
+            }
+        } else {
+            rate * 1.25
+        };
+        if best > 0.0 && worst_failed.is_finite() && worst_failed / best < 1.06 {
+            break;
+        }
+        // Let the ledger drain what the last probe left before the next one starts.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    json!({"scenario": name, "target": target_name(&plan.target), "mode": "search",
+           "connections": plan.connections, "max_rate": best, "closed_loop_rate": estimate, "probes": probes})
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() < 5 {
-        eprintln!(
-            "usage: cardgate-load <addr> <healthz|signed-products|signed-orders> <connections> <seconds> [keys...]"
-        );
-        std::process::exit(2);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("run") if args.len() >= 2 => {
+            let plan = plan(&flags(&args[2..]));
+            let run = load::run(plan.clone()).await;
+            println!("{}", summary(&args[1], &plan, &run));
+        }
+        Some("search") if args.len() >= 2 => {
+            let plan = plan(&flags(&args[2..]));
+            println!("{}", search(&args[1], plan).await);
+        }
+        Some("report") if args.len() == 3 => {
+            if let Err(e) = report::write(std::path::Path::new(&args[1]), std::path::Path::new(&args[2])) {
+                eprintln!("report: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        _ => usage(),
     }
-    let addr: SocketAddr = args[1].parse().expect("addr like 127.0.0.1:8080");
-    assert!(addr.ip().is_loopback(), "load is only ever sent to loopback");
-    let mode = match args[2].as_str() {
-        "healthz" => Mode::Healthz,
-        "signed-products" => Mode::SignedProducts(Key {
-            id: args.get(5).expect("key_id").as_str().into(),
-            secret: args.get(6).expect("secret").as_bytes().into(),
-        }),
-        "signed-orders" => Mode::SignedOrders {
-            keys: args
-                .get(5)
-                .expect("key_id:secret,...")
-                .split(',')
-                .map(|pair| {
-                    let (id, secret) = pair.split_once(':').expect("key_id:secret");
-                    Key {
-                        id: id.into(),
-                        secret: secret.as_bytes().into(),
-                    }
-                })
-                .collect(),
-            sku: args.get(6).expect("sku").as_str().into(),
-        },
-        other => panic!("unknown mode {other}"),
-    };
-    let connections: usize = args[3].parse().expect("connections");
-    let seconds: u64 = args[4].parse().expect("seconds");
-    assert!(
-        (1..=1000).contains(&connections) && (1..=600).contains(&seconds),
-        "bounded runs only"
-    );
-    let started = Instant::now();
-    let until = started + Duration::from_secs(seconds);
-    let tasks: Vec<_> = (0..connections)
-        .map(|i| tokio::spawn(worker(addr, mode.clone(), until, i)))
-        .collect();
-    let mut total = Tally {
-        ok: 0,
-        errors: 0,
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-    };
-    for t in tasks {
-        let r = t.await.expect("worker");
-        total.ok += r.ok;
-        total.errors += r.errors;
-        total.hist.add(&r.hist).expect("same bounds");
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let q = |p: f64| total.hist.value_at_quantile(p) as f64 / 1000.0;
-    println!(
-        "{}",
-        serde_json::json!({"mode": args[2], "ok": total.ok, "errors": total.errors, "seconds": secs,
-            "rate_per_s": total.ok as f64 / secs, "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)})
-    );
 }

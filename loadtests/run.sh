@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The whole load report in one run against local services: every scenario of the
+# gateway and every baseline DESIGN.md compares it with, measured in this invocation on
+# this machine, then loadtests/report/latest.{md,json} and latency.svg.
+#
+#   loadtests/run.sh [seconds per scenario, default 10]
+#
+# Scenarios (cardgate-load; open loop = requests due at a fixed rate, latency counted
+# from when each was due):
+#   healthz          unauthenticated GET /healthz, closed loop: the server's ceiling
+#   signed-reads     signed GET /v1/products, closed loop
+#   orders-steady-N  signed single-code orders, closed loop over N connections, with
+#                    the Postgres commit
+#   orders-search    the highest open-loop order rate sustained (>= 97% succeed, p99 <= 100 ms)
+#   orders-half-max  open loop at half that rate
+#   flash-sale       thousands of buyers on one SKU at the maximum rate, stock running
+#                    out half way; then `cardgate reconcile` and delivered codes vs stock
+#   tier-mix         four tiers in equal shares at twice the sustained rate
+# Baselines:
+#   baseline-redis-script  redis-benchmark calling the reservation script (EVALSHA),
+#                          random order numbers, at the same connection counts
+#   baseline-pgbench-N     a Postgres-only reservation on the same schema: one
+#                          transaction per order, SELECT ... FOR UPDATE SKIP LOCKED,
+#                          N clients (16 and 64)
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+secs=${1:-10}
+conns="64 256"  # closed-loop connection counts; each figure and baseline is taken at its best
+open_conns=512  # open loop: enough that the generator never holds a due request back
+flash_stock=5000
+out=loadtests/report
+work=$(mktemp -d)
+results="$work/results.jsonl"
+trap 'cleanup; rm -rf "$work"' EXIT
+
+# Every tier's rate limits far above what is offered: the limiters are not what is
+# measured, and the tier mix shows overload handling, not rate limiting.
+limits=()
+for t in STANDARD SILVER GOLD DIAMOND; do
+  limits+=("CARDGATE_TIERS__${t}__ORDERS_PER_SECOND=10000000" "CARDGATE_TIERS__${t}__ORDERS_BURST=10000000"
+           "CARDGATE_TIERS__${t}__READS_PER_SECOND=10000000" "CARDGATE_TIERS__${t}__READS_BURST=10000000")
+done
+start_gateway "${limits[@]}"
+load=./target/release/cardgate-load
+note() { echo "load: $*" >&2; }
+
+stock() { # stock SKU COUNT
+  admin_post /admin/v1/products "{\"sku\":\"$1\",\"name\":\"$1\",\"face_value\":10000,\"base_price\":9800,\"max_quantity\":10}" >/dev/null
+  seq -f "$1-%09g-$$-XXXX" 1 "$2" | curl -fs "$base/admin/v1/products/$1/codes" -H "$auth" \
+    -H 'content-type: text/plain' --data-binary @- >/dev/null
+}
+keys() { # keys TIER COUNT FILE: COUNT resellers of TIER, one key each, appended to FILE
+  for _ in $(seq 1 "$2"); do
+    rid=$(admin_post /admin/v1/resellers "{\"name\":\"Load\",\"tier\":\"$1\"}" | json_field reseller_id)
+    admin_post "/admin/v1/resellers/$rid/balance" "{\"amount\":1000000000000,\"reference\":\"load-$rid\"}" >/dev/null
+    k=$(curl -fs -X POST "$base/admin/v1/resellers/$rid/keys" -H "$auth")
+    printf '%s %s %s\n' "$(printf '%s' "$k" | json_field key_id)" "$(printf '%s' "$k" | json_field secret)" "$1" >>"$3"
+  done
+}
+note "setting up stock and resellers"
+stock load-orders 600000
+stock flash-sale $flash_stock
+keys diamond 16 "$work/diamond"
+for t in diamond gold silver standard; do keys "$t" 4 "$work/mix"; done
+
+scenario() { # scenario NAME ARGS...: one cardgate-load run, its line kept
+  note "$1"
+  "$load" run "$@" --addr "$addr" | tee -a "$results" | cut -c1-240 >&2
+}
+scenario healthz --target healthz --connections 64 --seconds "$secs"
+scenario signed-reads --target products --keys "$work/diamond" --connections 64 --seconds "$secs"
+for c in $conns; do
+  scenario "orders-steady-$c" --target orders --sku load-orders --keys "$work/diamond" --connections "$c" --seconds "$secs"
+done
+note "orders-search"
+"$load" search orders-search --addr "$addr" --target orders --sku load-orders --keys "$work/diamond" \
+  --connections $open_conns --seconds 4 | tee -a "$results" >&2
+max=$(python3 -c 'import json,sys; print(max(json.loads(sys.argv[1])["max_rate"], 100))' "$(tail -1 "$results")")
+sleep 1
+scenario orders-half-max --target orders --sku load-orders --keys "$work/diamond" \
+  --connections $open_conns --seconds "$secs" --rate "$(python3 -c "print($max / 2)")"
+sleep 1
+# Twice as many buyers as codes, at the maximum rate: the stock runs out half way.
+scenario flash-sale --target orders --sku flash-sale --keys "$work/mix" \
+  --connections $open_conns --seconds 60 --rate "$max" --max-requests $((flash_stock * 2))
+sleep 1
+reconciled=true
+cardgate_cli reconcile >"$work/reconcile.json" || reconciled=false
+delivered=$(psql "$gw_db" -Atc "SELECT count(*) FROM order_codes oc JOIN codes c ON c.id = oc.code_id
+  JOIN products p ON p.id = c.product_id WHERE p.sku = 'flash-sale'")
+python3 - "$flash_stock" "$delivered" "$reconciled" "$(tail -1 "$results")" >>"$results" <<'PY'
+import json, sys
+stock, delivered, clean, run = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "true", json.loads(sys.argv[4])
+print(json.dumps({"scenario": "flash-sale-check", "stock": stock, "delivered_in_postgres": delivered,
+                  "delivered_to_buyers": run["codes_delivered"], "oversell": max(0, delivered - stock),
+                  "answers_201": run["outcomes"].get("201", 0), "reconciliation_clean": clean}))
+PY
+tail -1 "$results" >&2
+scenario tier-mix --target orders --sku load-orders --keys "$work/mix" \
+  --connections $open_conns --seconds "$secs" --rate "$(python3 -c "print($max * 2)")"
+# Highest priority first (config/default.toml), for the report.
+python3 - "$results" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+for l in lines:
+    if l.get("scenario") == "tier-mix":
+        l["tier_order"] = ["diamond", "gold", "silver", "standard"]
+open(sys.argv[1], "w").write("".join(json.dumps(l) + "\n" for l in lines))
+PY
+sleep 2
+curl -fs "$base/metrics" | python3 loadtests/gateway-metrics.py >>"$results"
+
+# Baselines, after the gateway's runs: they write to the same stores behind its back.
+note "baseline-redis-script"
+bench="bench$$:{s0}"
+sha=$(redis-cli -u "$CARDGATE_REDIS_URL" SCRIPT LOAD "$(cat src/reserve/reserve.lua)")
+rb_n=$((secs * 40000))
+redis-cli -u "$CARDGATE_REDIS_URL" EVAL "for i = 1, tonumber(ARGV[1]) do redis.call('RPUSH', KEYS[1], string.rep('e', 60)) end" \
+  1 "$bench:stock" $((rb_n * 2)) >/dev/null
+redis-cli -u "$CARDGATE_REDIS_URL" MSET "$bench:bal" 1000000000000000 "$bench:epoch" 1 >/dev/null
+fields='{"order_id":"ord_bench","reseller":1,"merchant_order_no":"M","product":1,"sku":"s","quantity":1,"unit_price":9800,"amount":9800,"created_at":0}'
+hostport=${CARDGATE_REDIS_URL#redis://}; hostport=${hostport%%/*}
+for c in $conns; do
+  rb=$(redis-benchmark -h "${hostport%:*}" -p "${hostport#*:}" -c "$c" -n "$rb_n" -r 1000000000 --csv \
+    EVALSHA "$sha" 5 "$bench:idem:1:__rand_int__" "$bench:stock" "$bench:bal" "$bench:outbox" "$bench:epoch" \
+    ord___rand_int__ s1 1 9800 "" 600 "$fields" | tail -1)
+  # The command (first CSV column) holds quotes of its own: count columns from the end
+  # (rps, avg, min, p50, p95, p99, max).
+  python3 - "$rb" "$c" >>"$results" <<'PY'
+import json, sys
+cols = sys.argv[1].rstrip('"').rsplit('","')
+print(json.dumps({"scenario": f"baseline-redis-script-{sys.argv[2]}", "connections": int(sys.argv[2]),
+                  "rate": float(cols[-7]), "p50_ms": float(cols[-4]), "p99_ms": float(cols[-2])}))
+PY
+  tail -1 "$results" >&2
+done
+redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "bench$$:*" | xargs -r -n 1000 redis-cli -u "$CARDGATE_REDIS_URL" UNLINK >/dev/null
+
+note "baseline-pgbench"
+stock pgbench-orders $((secs * 8000))
+pid_pg=$(psql "$gw_db" -Atc "SELECT id FROM products WHERE sku = 'pgbench-orders'")
+range=$(psql "$gw_db" -Atc "SELECT min(id) || ' ' || max(id) FROM resellers")
+cat >"$work/pgbench.sql" <<'SQL'
+\set rid random(:rmin, :rmax)
+\set n random(1, 1000000000)
+BEGIN;
+SELECT id AS code_id FROM codes WHERE product_id = :pid AND status = 'available' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED \gset
+UPDATE codes SET status = 'delivered' WHERE id = :code_id;
+INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount, currency, created_at)
+  VALUES ('pgb_' || :client_id || '_' || :n, :rid, 'pgb-' || :client_id || '-' || :n, :pid, 'pgbench-orders', 1, 9800, 9800, 'CNY', now())
+  RETURNING id AS oid \gset
+INSERT INTO order_codes (order_id, code_id, position) VALUES (:oid, :code_id, 1);
+INSERT INTO balance_ledger (reseller_id, amount, kind, reference) VALUES (:rid, -9800, 'order', 'pgb_' || :client_id || '_' || :n);
+COMMIT;
+SQL
+for c in 16 64; do
+  pg=$(pgbench -n -c "$c" -j 2 -T "$secs" -f "$work/pgbench.sql" -D pid="$pid_pg" -D rmin="${range% *}" -D rmax="${range#* }" "$gw_db" 2>&1 |
+    sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+  printf '{"scenario": "baseline-pgbench-%s", "connections": %s, "rate": %s}\n' "$c" "$c" "${pg:-0}" >>"$results"
+  tail -1 "$results" >&2
+done
+
+printf '{"scenario": "meta", "date": "%s", "cores": %s, "commit": "%s", "seconds_per_scenario": %s}\n' \
+  "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$secs" >>"$results"
+"$load" report "$results" "$out"
+echo "load: wrote $out/latest.md, $out/latest.json and $out/latency.svg" >&2

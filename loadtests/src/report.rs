@@ -1,0 +1,280 @@
+//! Turns the result lines of one `loadtests/run.sh` into `latest.json` (every line, plus
+//! the checks), `latest.md` (figures, ratios against DESIGN.md's targets) and
+//! `latency.svg` (latency by percentile for each scenario).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::{json, Value};
+
+struct Check {
+    what: &'static str,
+    figure: String,
+    target: &'static str,
+    met: Option<bool>,
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
+}
+
+pub fn write(results: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(results).with_context(|| format!("reading {}", results.display()))?;
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("a result line is not JSON")?;
+    let find = |name: &str| lines.iter().find(|l| l["scenario"] == name);
+    let rate = |name: &str, field: &str| find(name).and_then(|l| num(l, &[field]));
+    // Closed-loop figures are run at more than one connection count; each side of a
+    // ratio is taken at its best.
+    let best = |prefix: &str, field: &str| {
+        lines
+            .iter()
+            .filter(|l| l["scenario"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .filter_map(|l| num(l, &[field]))
+            .reduce(f64::max)
+    };
+    let p99 = |name: &str| find(name).and_then(|l| num(l, &["latency_ms", "p99"]));
+
+    let mut checks = Vec::new();
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
+    let orders = best("orders-steady", "success_rate");
+    let script = ratio(orders, best("baseline-redis-script", "rate"));
+    checks.push(Check {
+        what: "signed single-code orders/s (closed loop, with the Postgres commit) / redis-benchmark on the reservation script (each at its best connection count)",
+        figure: script.map_or("missing".into(), |r| format!("{r:.2}")),
+        target: ">= 0.40",
+        met: script.map(|r| r >= 0.40),
+    });
+    let pg = ratio(orders, best("baseline-pgbench", "rate"));
+    checks.push(Check {
+        what: "the same orders/s / pgbench Postgres-only reservation",
+        figure: pg.map_or("missing".into(), |r| format!("{r:.1}x")),
+        target: ">= 7x",
+        met: pg.map(|r| r >= 7.0),
+    });
+    let half = p99("orders-half-max");
+    checks.push(Check {
+        what: "open-loop p99 at half the maximum sustained order rate",
+        figure: half.map_or("missing".into(), |v| format!("{v:.1} ms")),
+        target: "< 10 ms",
+        met: half.map(|v| v < 10.0),
+    });
+    let flash = find("flash-sale");
+    let flash_check = find("flash-sale-check");
+    let oversell = flash_check.and_then(|c| num(c, &["oversell"]));
+    let repeated = flash.and_then(|f| num(f, &["codes_repeated"]));
+    let reconciled = flash_check.and_then(|c| c["reconciliation_clean"].as_bool());
+    checks.push(Check {
+        what: "flash sale: codes delivered beyond stock, codes delivered twice, reconciliation",
+        figure: match (oversell, repeated, reconciled) {
+            (Some(o), Some(r), Some(c)) => format!("{o} oversold, {r} twice, {}", if c { "clean" } else { "NOT clean" }),
+            _ => "missing".into(),
+        },
+        target: "0, 0, clean",
+        met: oversell
+            .zip(repeated)
+            .zip(reconciled)
+            .map(|((o, r), c)| o == 0.0 && r == 0.0 && c),
+    });
+    let flash_p99 = p99("flash-sale");
+    checks.push(Check {
+        what: "flash sale p99 (every answer, sold or out of stock)",
+        figure: flash_p99.map_or("missing".into(), |v| format!("{v:.1} ms")),
+        target: "< 25 ms",
+        met: flash_p99.map(|v| v < 25.0),
+    });
+    let reads = ratio(rate("signed-reads", "success_rate"), rate("healthz", "success_rate"));
+    checks.push(Check {
+        what: "signed GET /v1/products / unauthenticated /healthz",
+        figure: reads.map_or("missing".into(), |r| format!("{r:.2}")),
+        target: ">= 0.60",
+        met: reads.map(|r| r >= 0.60),
+    });
+    let top = find("tier-mix").and_then(top_tier);
+    checks.push(Check {
+        what: "tier mix at twice the sustained rate: top tier's success share and p99",
+        figure: top
+            .as_ref()
+            .map_or("missing".into(), |(tier, share, p99)| format!("{tier}: {:.1}%, {p99:.1} ms", share * 100.0)),
+        target: ">= 99%, < 25 ms",
+        met: top.map(|(_, share, p99)| share >= 0.99 && p99 < 25.0),
+    });
+
+    std::fs::create_dir_all(out)?;
+    let checks_json: Vec<Value> = checks
+        .iter()
+        .map(|c| json!({"what": c.what, "figure": c.figure, "target": c.target, "met": c.met}))
+        .collect();
+    std::fs::write(
+        out.join("latest.json"),
+        serde_json::to_string_pretty(&json!({"checks": checks_json, "results": lines}))?,
+    )?;
+    std::fs::write(out.join("latest.md"), markdown(&lines, &checks))?;
+    plot(&lines, &out.join("latency.svg"))?;
+    print!("{}", table(&checks));
+    Ok(())
+}
+
+/// The tier with the highest priority is named first in the tier-mix line's `tier_order`.
+fn top_tier(run: &Value) -> Option<(String, f64, f64)> {
+    let tier = run["tier_order"].as_array()?.first()?.as_str()?.to_owned();
+    let t = &run["tiers"][&tier];
+    let answered = num(t, &["answered"])?;
+    let share = num(t, &["succeeded"])? / answered.max(1.0);
+    Some((tier, share, num(t, &["latency_ms", "p99"])?))
+}
+
+fn table(checks: &[Check]) -> String {
+    let mut s = String::from("| check | figure | target | met |\n|---|---|---|---|\n");
+    for c in checks {
+        let met = match c.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        s.push_str(&format!("| {} | {} | {} | {} |\n", c.what, c.figure, c.target, met));
+    }
+    s
+}
+
+fn markdown(lines: &[Value], checks: &[Check]) -> String {
+    let mut s = String::from("# cardgate load report\n\n");
+    if let Some(meta) = lines.iter().find(|l| l["scenario"] == "meta") {
+        s.push_str(&format!(
+            "{} on {} cores, commit {}. Produced by `loadtests/run.sh`; every figure below comes from this one run.\n\n",
+            meta["date"].as_str().unwrap_or("?"),
+            meta["cores"],
+            meta["commit"].as_str().unwrap_or("?")
+        ));
+    }
+    s.push_str("## Targets (DESIGN.md)\n\n");
+    s.push_str(&table(checks));
+    s.push_str("\n## Scenarios\n\nLatency in ms; open-loop latency counts from when each request was due.\n\n");
+    s.push_str("| scenario | target | mode | connections | offered/s | answered/s | succeeded/s | p50 | p99 | p99.9 | max | outcomes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for l in lines.iter().filter(|l| l.get("latency_ms").is_some()) {
+        let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        let ms = |k: &str| num(l, &["latency_ms", k]).map_or("-".into(), |v| format!("{v:.1}"));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            l["scenario"].as_str().unwrap_or("?"),
+            l["target"].as_str().unwrap_or("?"),
+            l["mode"].as_str().unwrap_or("?"),
+            l["connections"],
+            f(num(l, &["offered_rate"])),
+            f(num(l, &["rate"])),
+            f(num(l, &["success_rate"])),
+            ms("p50"),
+            ms("p99"),
+            ms("p999"),
+            ms("max"),
+            outcomes(&l["outcomes"], l["io_errors"].as_u64().unwrap_or(0)),
+        ));
+    }
+    if let Some(search) = lines.iter().find(|l| l["mode"] == "search") {
+        s.push_str(&format!(
+            "\n## Maximum sustained order rate\n\n{:.0} orders/s: the highest open-loop rate at which at least 97% of due orders succeeded with p99 at most 100 ms (closed-loop estimate {:.0}/s). Probes:\n\n",
+            num(search, &["max_rate"]).unwrap_or(0.0),
+            num(search, &["closed_loop_rate"]).unwrap_or(0.0)
+        ));
+        for p in search["probes"].as_array().into_iter().flatten() {
+            s.push_str(&format!("- {p}\n"));
+        }
+    }
+    if let Some(mix) = lines.iter().find(|l| l["scenario"] == "tier-mix") {
+        s.push_str("\n## Tier mix at twice the sustained rate\n\n| tier | answered | succeeded | p99 ms | outcomes |\n|---|---|---|---|---|\n");
+        for tier in mix["tier_order"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            let t = &mix["tiers"][tier];
+            s.push_str(&format!(
+                "| {tier} | {} | {} | {:.1} | {} |\n",
+                t["answered"],
+                t["succeeded"],
+                num(t, &["latency_ms", "p99"]).unwrap_or(f64::NAN),
+                outcomes(&t["outcomes"], t["io_errors"].as_u64().unwrap_or(0))
+            ));
+        }
+    }
+    s.push_str("\n## Baselines and checks\n\n");
+    for l in lines.iter().filter(|l| {
+        l["scenario"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("baseline-") || n.ends_with("-check"))
+    }) {
+        s.push_str(&format!("- {l}\n"));
+    }
+    s.push_str("\n![latency by percentile](latency.svg)\n");
+    s
+}
+
+fn outcomes(v: &Value, io_errors: u64) -> String {
+    let mut parts: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
+    if io_errors > 0 {
+        parts.push(format!("connection errors: {io_errors}"));
+    }
+    parts.join(", ")
+}
+
+fn plot(lines: &[Value], path: &Path) -> Result<()> {
+    let series: Vec<(String, Vec<(f64, f64)>)> = lines
+        .iter()
+        .filter_map(|l| {
+            let pts: Vec<(f64, f64)> = l["curve"]
+                .as_array()?
+                .iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?.max(0.001))))
+                .collect();
+            let label = format!("{} ({})", l["scenario"].as_str()?, l["mode"].as_str()?);
+            (!pts.is_empty()).then_some((label, pts))
+        })
+        .collect();
+    let top = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+        .fold(1.0f64, f64::max);
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("cardgate latency by percentile (ms, log scale)", ("sans-serif", 22))
+        .margin(16)
+        .margin_right(48)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..5f64, (0.01f64..top * 2.0).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (ms)")
+        .x_labels(6)
+        .x_label_formatter(&|x| {
+            let nines = x.round() as i32;
+            match nines {
+                0 => "0%".into(),
+                n => format!("{}%", 100.0 - 100.0 * 10f64.powi(-n)),
+            }
+        })
+        .draw()?;
+    for (i, (label, pts)) in series.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
