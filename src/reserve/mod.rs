@@ -7,7 +7,7 @@
 use std::sync::LazyLock;
 
 use redis::aio::ConnectionLike;
-use redis::{RedisError, Script};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::store::keys::Keys;
@@ -88,24 +88,38 @@ pub async fn reserve<C: ConnectionLike>(
     refusal: &str,
     record_ttl_secs: u64,
 ) -> Result<Reserved, RedisError> {
-    let fields = serde_json::to_string(f).map_err(|e| io_error(e.to_string()))?;
-    let reply: Vec<Vec<u8>> = RESERVE
-        .prepare_invoke()
-        .key(keys.idempotency(f.reseller, &f.merchant_order_no))
-        .key(keys.stock(f.product))
-        .key(keys.balance(f.reseller))
-        .key(keys.outbox())
-        .key(keys.epoch())
+    let cmd = reserve_cmd(keys, f, fingerprint, refusal, record_ttl_secs);
+    let reply: Vec<Vec<u8>> = match cmd.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            RESERVE.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await?
+        }
+        other => other?,
+    };
+    parse_reserved(reply).ok_or_else(|| io_error("unexpected reply from the reservation script".into()))
+}
+
+/// The reservation's `EVALSHA`, built straight into one command buffer (a
+/// `ScriptInvocation` copies every argument once more); benches/order_path.rs measures it.
+pub fn reserve_cmd(keys: &Keys, f: &Fulfilment, fingerprint: &str, refusal: &str, record_ttl_secs: u64) -> Cmd {
+    // Serialising plain integers and strings cannot fail.
+    let fields = serde_json::to_vec(f).unwrap_or_default();
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(RESERVE.get_hash())
+        .arg(5)
+        .arg(keys.idempotency(f.reseller, &f.merchant_order_no))
+        .arg(keys.stock(f.product))
+        .arg(keys.balance(f.reseller))
+        .arg(keys.outbox())
+        .arg(keys.epoch())
         .arg(&f.order_id)
         .arg(fingerprint)
         .arg(f.quantity)
         .arg(f.amount)
         .arg(refusal)
         .arg(record_ttl_secs)
-        .arg(fields)
-        .invoke_async(conn)
-        .await?;
-    parse_reserved(reply).ok_or_else(|| io_error("unexpected reply from the reservation script".into()))
+        .arg(fields);
+    cmd
 }
 
 fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
