@@ -27,7 +27,11 @@ fn bench(c: &mut Criterion) {
     let purpose = Purpose::Code { product_id: 42 };
     let sealed = crypto.encrypt(purpose, b"STEAM-0001-ABCD-EFGH-JKLM");
     c.bench_function("AES-256-GCM decrypt of one code", |b| {
-        b.iter(|| crypto.decrypt(black_box(purpose), black_box(&sealed)).expect("decrypts"))
+        b.iter(|| {
+            crypto
+                .decrypt(black_box(purpose), black_box(&sealed))
+                .expect("decrypts")
+        })
     });
 
     let keys = Keys::new("cg");

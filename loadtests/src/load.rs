@@ -146,7 +146,10 @@ fn request(plan: &Plan, run_id: &str, host: &str, n: u64) -> (u32, Request<Full<
         Target::Healthz => builder.uri("/healthz").body(Full::default()),
         Target::Products => builder
             .uri("/v1/products")
-            .header("authorization", authorization(&plan.keys[k], "GET", "/v1/products", b""))
+            .header(
+                "authorization",
+                authorization(&plan.keys[k], "GET", "/v1/products", b""),
+            )
             .body(Full::default()),
         Target::Orders { sku } => {
             let body = format!(r#"{{"sku":"{sku}","quantity":1,"merchant_order_no":"{run_id}-{n}"}}"#);
@@ -154,7 +157,10 @@ fn request(plan: &Plan, run_id: &str, host: &str, n: u64) -> (u32, Request<Full<
                 .method("POST")
                 .uri("/v1/orders")
                 .header("content-type", "application/json")
-                .header("authorization", authorization(&plan.keys[k], "POST", "/v1/orders", body.as_bytes()))
+                .header(
+                    "authorization",
+                    authorization(&plan.keys[k], "POST", "/v1/orders", body.as_bytes()),
+                )
                 .body(Full::new(Bytes::from(body)))
         }
     };
@@ -283,7 +289,9 @@ pub async fn run(plan: Plan) -> Run {
         (1..=2000).contains(&plan.connections) && plan.duration <= Duration::from_secs(600),
         "bounded runs only"
     );
-    let by_time = plan.rate.map_or(u64::MAX, |r| (r * plan.duration.as_secs_f64()).ceil() as u64);
+    let by_time = plan
+        .rate
+        .map_or(u64::MAX, |r| (r * plan.duration.as_secs_f64()).ceil() as u64);
     let limit = by_time.min(plan.max_requests.unwrap_or(u64::MAX));
     let senders = futures_util::future::join_all((0..plan.connections).map(|_| warm(plan.addr))).await;
     let due = plan.rate.map(|_| Arc::new(Semaphore::new(0)));

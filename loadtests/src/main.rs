@@ -24,7 +24,9 @@ use serde_json::{json, Value};
 use load::{Key, Plan, Run, Target};
 
 fn usage() -> ! {
-    eprintln!("usage: cardgate-load run|search <name> --addr A --target T [options] | report <results.jsonl> <out-dir>");
+    eprintln!(
+        "usage: cardgate-load run|search <name> --addr A --target T [options] | report <results.jsonl> <out-dir>"
+    );
     std::process::exit(2)
 }
 
@@ -171,7 +173,10 @@ async fn search(name: &str, plan: Plan) -> Value {
         probes.push(json!({"mode": "open", "rate": rate, "sustained": ok,
             "success_rate": run.all.succeeded() as f64 / run.elapsed.as_secs_f64(),
             "p99_ms": run.all.latency.value_at_quantile(0.99) as f64 / 1000.0}));
-        eprintln!("{name}: {rate:.0}/s offered: {}", if ok { "sustained" } else { "not sustained" });
+        eprintln!(
+            "{name}: {rate:.0}/s offered: {}",
+            if ok { "sustained" } else { "not sustained" }
+        );
         if ok {
             best = best.max(rate);
         } else {

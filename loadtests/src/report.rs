@@ -72,7 +72,9 @@ pub fn write(results: &Path, out: &Path) -> Result<()> {
     checks.push(Check {
         what: "flash sale: codes delivered beyond stock, codes delivered twice, reconciliation",
         figure: match (oversell, repeated, reconciled) {
-            (Some(o), Some(r), Some(c)) => format!("{o} oversold, {r} twice, {}", if c { "clean" } else { "NOT clean" }),
+            (Some(o), Some(r), Some(c)) => {
+                format!("{o} oversold, {r} twice, {}", if c { "clean" } else { "NOT clean" })
+            }
             _ => "missing".into(),
         },
         target: "0, 0, clean",
@@ -98,9 +100,9 @@ pub fn write(results: &Path, out: &Path) -> Result<()> {
     let top = find("tier-mix").and_then(top_tier);
     checks.push(Check {
         what: "tier mix at twice the sustained rate: top tier's success share and p99",
-        figure: top
-            .as_ref()
-            .map_or("missing".into(), |(tier, share, p99)| format!("{tier}: {:.1}%, {p99:.1} ms", share * 100.0)),
+        figure: top.as_ref().map_or("missing".into(), |(tier, share, p99)| {
+            format!("{tier}: {:.1}%, {p99:.1} ms", share * 100.0)
+        }),
         target: ">= 99%, < 25 ms",
         met: top.map(|(_, share, p99)| share >= 0.99 && p99 < 25.0),
     });
@@ -187,7 +189,12 @@ fn markdown(lines: &[Value], checks: &[Check]) -> String {
     }
     if let Some(mix) = lines.iter().find(|l| l["scenario"] == "tier-mix") {
         s.push_str("\n## Tier mix at twice the sustained rate\n\n| tier | answered | succeeded | p99 ms | outcomes |\n|---|---|---|---|---|\n");
-        for tier in mix["tier_order"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        for tier in mix["tier_order"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
             let t = &mix["tiers"][tier];
             s.push_str(&format!(
                 "| {tier} | {} | {} | {:.1} | {} |\n",
