@@ -100,9 +100,7 @@ async fn an_order_delivers_its_codes_charges_once_and_replays_the_same_answer() 
         order_body(SKU, 3, "M20261123-0001"),
         order_body("other-sku", 2, "M20261123-0001"),
     ] {
-        let resp = app
-            .signed(&k, Method::POST, "/v1/orders", Some(&body.to_string()))
-            .await;
+        let resp = app.post_order(&k, body).await;
         assert_eq!(error_of(resp).await.1, "idempotency_conflict");
     }
     assert_eq!(app.balance_of(&k).await, 100_000 - 2 * GOLD, "charged once");
@@ -168,7 +166,7 @@ async fn refusals_take_nothing() {
         let app = &app;
         let k = &k;
         async move {
-            let resp = app.signed(k, Method::POST, "/v1/orders", Some(&body.to_string())).await;
+            let resp = app.post_order(k, body).await;
             let (s, c, _) = error_of(resp).await;
             (s, c)
         }
@@ -421,14 +419,7 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
     let (s, rest, _) = app.order(&k, order_body(SKU, 2, "R-2")).await;
     assert_eq!(s, 201);
     assert!(codes_of(&rest).iter().all(|c| !refunded_codes.contains(c)));
-    let resp = app
-        .signed(
-            &k,
-            Method::POST,
-            "/v1/orders",
-            Some(&order_body(SKU, 1, "R-3").to_string()),
-        )
-        .await;
+    let resp = app.post_order(&k, order_body(SKU, 1, "R-3")).await;
     assert_eq!(error_of(resp).await.1, "out_of_stock");
     let report = app.assert_reconciled(&t).await;
     assert_eq!(
@@ -502,14 +493,7 @@ async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let (s, second, _) = app.order(&k, order_body(SKU, 1, "G-2")).await;
     assert_eq!(s, 201, "{second}");
     delivered.extend(codes_of(&second));
-    let resp = app
-        .signed(
-            &k,
-            Method::POST,
-            "/v1/orders",
-            Some(&order_body(SKU, 1, "G-3").to_string()),
-        )
-        .await;
+    let resp = app.post_order(&k, order_body(SKU, 1, "G-3")).await;
     assert_eq!(error_of(resp).await.1, "out_of_stock");
     assert_eq!(delivered.iter().collect::<HashSet<_>>().len(), 3);
     assert_eq!(

@@ -45,14 +45,7 @@ async fn redis_restarting_empty_is_rebuilt_from_postgres_and_never_resells_a_del
     redis.stop();
     redis.restart().await;
     let refused = eventually(Duration::from_secs(10), || async {
-        let resp = app
-            .signed(
-                &k,
-                Method::POST,
-                "/v1/orders",
-                Some(&order_body(SKU, 1, "M-3").to_string()),
-            )
-            .await;
+        let resp = app.post_order(&k, order_body(SKU, 1, "M-3")).await;
         let retry_after = resp.headers().get("retry-after").is_some();
         let (s, code, _) = error_of(resp).await;
         s == 503 && code == "unavailable" && retry_after
@@ -165,14 +158,7 @@ async fn orders_are_refused_promptly_while_postgres_is_away_and_reservations_com
     // The first order after the cut is reserved and waits for its commit: 503 within the
     // commit timeout, never a hang.
     let started = Instant::now();
-    let resp = app
-        .signed(
-            &k,
-            Method::POST,
-            "/v1/orders",
-            Some(&order_body(SKU, 1, "M-2").to_string()),
-        )
-        .await;
+    let resp = app.post_order(&k, order_body(SKU, 1, "M-2")).await;
     let (s, code, _) = error_of(resp).await;
     assert_eq!((s, code.as_str()), (503, "unavailable"));
     assert!(
@@ -183,14 +169,7 @@ async fn orders_are_refused_promptly_while_postgres_is_away_and_reservations_com
     // Once the gateway knows, orders are refused at once and reserve nothing.
     let prompt = eventually(Duration::from_secs(5), || async {
         let started = Instant::now();
-        let resp = app
-            .signed(
-                &k,
-                Method::POST,
-                "/v1/orders",
-                Some(&order_body(SKU, 1, "M-3").to_string()),
-            )
-            .await;
+        let resp = app.post_order(&k, order_body(SKU, 1, "M-3")).await;
         resp.status() == 503 && started.elapsed() < Duration::from_millis(500)
     })
     .await;
