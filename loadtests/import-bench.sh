@@ -6,9 +6,10 @@
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 n=${1:-1000000}
 start_gateway
-bench_codes "$n" BENCH
+product bench
+code_file "$n" BENCH
 start=$(date +%s.%N)
-report=$(import_codes)
+report=$(import_codes bench)
 end=$(date +%s.%N)
 python3 - "$report" "$start" "$end" <<'PY'
 import json, sys

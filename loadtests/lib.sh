@@ -41,15 +41,19 @@ cardgate_cli() { env "${gw_env[@]}" ./target/release/cardgate "$@"; }
 
 admin_post() { curl -fs "$base$1" -H "$auth" -H 'content-type: application/json' -d "$2"; }
 
-# bench_codes N PREFIX: creates the product "bench" and writes N distinct codes to $codes.
-bench_codes() {
-  admin_post /admin/v1/products '{"sku":"bench","name":"bench","face_value":1,"base_price":1,"max_quantity":1}' >/dev/null
+# product SKU: creates a product with that SKU.
+product() {
+  admin_post /admin/v1/products "{\"sku\":\"$1\",\"name\":\"$1\",\"face_value\":10000,\"base_price\":9800,\"max_quantity\":10}" >/dev/null
+}
+
+# code_file N PREFIX: writes N distinct codes to a new file, named in $codes.
+code_file() {
   codes=$(mktemp)
   seq -f "$2-%012g-XXXX-YYYY" 1 "$1" >"$codes"
 }
 
-# import_codes: imports $codes into "bench" and prints the report.
+# import_codes SKU: imports $codes into SKU, removes the file and prints the report.
 import_codes() {
-  curl -fs "$base/admin/v1/products/bench/codes" -H "$auth" -H 'content-type: text/plain' --data-binary "@$codes"
+  curl -fs "$base/admin/v1/products/$1/codes" -H "$auth" -H 'content-type: text/plain' --data-binary "@$codes"
   rm -f "$codes"
 }

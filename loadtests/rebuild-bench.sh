@@ -7,8 +7,9 @@
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 n=${1:-1000000}
 start_gateway
-bench_codes "$n" REBUILD
-import_codes >/dev/null
+product bench
+code_file "$n" REBUILD
+import_codes bench >/dev/null
 redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "load$$:*" | xargs -r -n 1000 redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null
 start=$(date +%s.%N)
 until curl -fs "$base/readyz" >/dev/null 2>&1; do sleep 0.05; done

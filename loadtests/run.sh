@@ -45,9 +45,9 @@ load=./target/release/cardgate-load
 note() { echo "load: $*" >&2; }
 
 stock() { # stock SKU COUNT
-  admin_post /admin/v1/products "{\"sku\":\"$1\",\"name\":\"$1\",\"face_value\":10000,\"base_price\":9800,\"max_quantity\":10}" >/dev/null
-  seq -f "$1-%09g-$$-XXXX" 1 "$2" | curl -fs "$base/admin/v1/products/$1/codes" -H "$auth" \
-    -H 'content-type: text/plain' --data-binary @- >/dev/null
+  product "$1"
+  code_file "$2" "$1-$$"
+  import_codes "$1" >/dev/null
 }
 keys() { # keys TIER COUNT FILE: COUNT resellers of TIER, one key each, appended to FILE
   for _ in $(seq 1 "$2"); do

@@ -171,7 +171,7 @@ struct Shared {
     plan: Plan,
     run_id: String,
     next: AtomicU64,
-    /// Set once every connection is open and every worker ready.
+    /// Set once every connection is open, just before the workers are let go.
     start: OnceLock<Instant>,
     limit: u64,
     /// Open loop: one permit per request that has fallen due.
@@ -181,7 +181,6 @@ struct Shared {
 async fn worker(shared: Arc<Shared>, mut sender: Option<Sender>, ready: Arc<Barrier>) -> Seen {
     let plan = &shared.plan;
     let mut seen = Seen::default();
-    seen.samples.reserve(100_000);
     let host = plan.addr.to_string();
     ready.wait().await;
     let start = *shared.start.get().expect("set before the barrier opens");

@@ -15,6 +15,25 @@ struct Check {
     met: Option<bool>,
 }
 
+impl Check {
+    /// A check on one figure: shown by `show`, met when `ok` holds, "missing" if the
+    /// run did not produce it.
+    fn on(
+        what: &'static str,
+        target: &'static str,
+        value: Option<f64>,
+        show: impl Fn(f64) -> String,
+        ok: impl Fn(f64) -> bool,
+    ) -> Check {
+        Check {
+            what,
+            figure: value.map_or("missing".into(), show),
+            target,
+            met: value.map(ok),
+        }
+    }
+}
+
 fn num(v: &Value, path: &[&str]) -> Option<f64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
 }
@@ -44,26 +63,29 @@ pub fn write(results: &Path, out: &Path) -> Result<()> {
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
     let orders = best("orders-steady", "success_rate");
     let script = ratio(orders, best("baseline-redis-script", "rate"));
-    checks.push(Check {
-        what: "signed single-code orders/s (closed loop, with the Postgres commit) / redis-benchmark on the reservation script (each at its best connection count)",
-        figure: script.map_or("missing".into(), |r| format!("{r:.2}")),
-        target: ">= 0.40",
-        met: script.map(|r| r >= 0.40),
-    });
+    checks.push(Check::on(
+        "signed single-code orders/s (closed loop, with the Postgres commit) / redis-benchmark on the reservation script (each at its best connection count)",
+        ">= 0.40",
+        script,
+        |r| format!("{r:.2}"),
+        |r| r >= 0.40,
+    ));
     let pg = ratio(orders, best("baseline-pgbench", "rate"));
-    checks.push(Check {
-        what: "the same orders/s / pgbench Postgres-only reservation",
-        figure: pg.map_or("missing".into(), |r| format!("{r:.1}x")),
-        target: ">= 7x",
-        met: pg.map(|r| r >= 7.0),
-    });
+    checks.push(Check::on(
+        "the same orders/s / pgbench Postgres-only reservation",
+        ">= 7x",
+        pg,
+        |r| format!("{r:.1}x"),
+        |r| r >= 7.0,
+    ));
     let half = p99("orders-half-max");
-    checks.push(Check {
-        what: "open-loop p99 at half the maximum sustained order rate",
-        figure: half.map_or("missing".into(), |v| format!("{v:.1} ms")),
-        target: "< 10 ms",
-        met: half.map(|v| v < 10.0),
-    });
+    checks.push(Check::on(
+        "open-loop p99 at half the maximum sustained order rate",
+        "< 10 ms",
+        half,
+        |v| format!("{v:.1} ms"),
+        |v| v < 10.0,
+    ));
     let flash = find("flash-sale");
     let flash_check = find("flash-sale-check");
     let oversell = flash_check.and_then(|c| num(c, &["oversell"]));
@@ -84,19 +106,21 @@ pub fn write(results: &Path, out: &Path) -> Result<()> {
             .map(|((o, r), c)| o == 0.0 && r == 0.0 && c),
     });
     let flash_p99 = p99("flash-sale");
-    checks.push(Check {
-        what: "flash sale p99 (every answer, sold or out of stock)",
-        figure: flash_p99.map_or("missing".into(), |v| format!("{v:.1} ms")),
-        target: "< 25 ms",
-        met: flash_p99.map(|v| v < 25.0),
-    });
+    checks.push(Check::on(
+        "flash sale p99 (every answer, sold or out of stock)",
+        "< 25 ms",
+        flash_p99,
+        |v| format!("{v:.1} ms"),
+        |v| v < 25.0,
+    ));
     let reads = ratio(rate("signed-reads", "success_rate"), rate("healthz", "success_rate"));
-    checks.push(Check {
-        what: "signed GET /v1/products / unauthenticated /healthz",
-        figure: reads.map_or("missing".into(), |r| format!("{r:.2}")),
-        target: ">= 0.60",
-        met: reads.map(|r| r >= 0.60),
-    });
+    checks.push(Check::on(
+        "signed GET /v1/products / unauthenticated /healthz",
+        ">= 0.60",
+        reads,
+        |r| format!("{r:.2}"),
+        |r| r >= 0.60,
+    ));
     let top = find("tier-mix").and_then(top_tier);
     checks.push(Check {
         what: "tier mix at twice the sustained rate: top tier's success share and p99",
