@@ -15,6 +15,7 @@ use crate::config::{Config, Validated};
 use crate::crypto::Crypto;
 use crate::health::Health;
 use crate::ledger::Waiters;
+use crate::overload::Admission;
 use crate::ratelimit::RateLimits;
 use crate::store::{self, keys::Keys};
 use crate::telemetry;
@@ -36,6 +37,7 @@ pub struct App {
     /// Order requests of this process waiting for the ledger writer.
     pub waiters: Waiters,
     pub health: Health,
+    pub admission: Admission,
 }
 
 impl App {
@@ -57,6 +59,7 @@ impl App {
             .unwrap_or_default();
         let tokens = Tokens::new(&jwt_secret, std::time::Duration::from_secs(config.admin.token_ttl_secs));
         let rate_limits = RateLimits::new(&config.tiers);
+        let admission = Admission::new(&config.tiers, config.overload.max_in_flight_orders);
         let app = App {
             config,
             settings,
@@ -72,6 +75,7 @@ impl App {
             rate_limits,
             waiters: Waiters::default(),
             health: Health::default(),
+            admission,
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg, &app.crypto).await?;

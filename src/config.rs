@@ -41,6 +41,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub admin: AdminConfig,
     pub orders: OrdersConfig,
+    pub overload: OverloadConfig,
     pub tiers: BTreeMap<String, Tier>,
 }
 
@@ -88,6 +89,12 @@ pub struct OrdersConfig {
     pub idempotency_ttl_secs: u64,
     pub claim_idle_ms: u64,
     pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverloadConfig {
+    pub max_in_flight_orders: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

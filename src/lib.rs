@@ -18,6 +18,7 @@ pub mod http;
 pub mod ids;
 pub mod ledger;
 pub mod orders;
+pub mod overload;
 pub mod ratelimit;
 pub mod rebuild;
 pub mod reconcile;

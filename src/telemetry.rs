@@ -97,6 +97,14 @@ fn describe() {
         "cardgate_outbox_malformed_total",
         "outbox entries that could not be decoded"
     );
+    metrics::describe_counter!(
+        "cardgate_orders_shed_total",
+        "orders refused with 503 overloaded to keep higher tiers served, by tier"
+    );
+    metrics::describe_gauge!(
+        "cardgate_orders_in_flight",
+        "orders admitted and not yet answered (the ledger wait included): the overload signal"
+    );
     metrics::describe_counter!("cardgate_refunds_total", "orders refunded");
     metrics::describe_counter!(
         "cardgate_reconcile_failures_total",

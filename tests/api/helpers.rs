@@ -522,13 +522,13 @@ impl TestApp {
         .await;
     }
 
-    /// `POST /v1/orders`: the status and the body.
     /// `POST /v1/orders`, signed; the answer as it came.
     pub async fn post_order(&self, key: &ResellerKey, body: serde_json::Value) -> reqwest::Response {
         self.signed(key, reqwest::Method::POST, "/v1/orders", Some(&body.to_string()))
             .await
     }
 
+    /// `POST /v1/orders`: the status, the body and whether it was a replay.
     pub async fn order(&self, key: &ResellerKey, body: serde_json::Value) -> (u16, serde_json::Value, bool) {
         let resp = self.post_order(key, body).await;
         let status = resp.status().as_u16();

@@ -11,6 +11,7 @@ mod http_surface;
 mod import;
 mod ops;
 mod orders;
+mod overload;
 mod recovery;
 mod reseller_api;
 mod signing;
