@@ -42,6 +42,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub orders: OrdersConfig,
     pub overload: OverloadConfig,
+    pub callbacks: CallbacksConfig,
     pub tiers: BTreeMap<String, Tier>,
 }
 
@@ -95,6 +96,16 @@ pub struct OrdersConfig {
 #[serde(deny_unknown_fields)]
 pub struct OverloadConfig {
     pub max_in_flight_orders: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbacksConfig {
+    pub timeout_ms: u64,
+    pub concurrency: usize,
+    pub poll_ms: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

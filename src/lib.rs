@@ -9,6 +9,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod balance;
+pub mod callbacks;
 pub mod catalogue;
 pub mod config;
 pub mod crypto;
@@ -64,6 +65,7 @@ impl Server {
             tokio::spawn(sync::listen(self.app.clone())),
             tokio::spawn(sync::refresh_periodically(self.app.clone())),
             tokio::spawn(health::watch(self.app.clone())),
+            tokio::spawn(callbacks::dispatcher::run(self.app.clone())),
         ];
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)

@@ -36,6 +36,9 @@ pub enum Route {
     AdminCreateKey(String),
     AdminRevokeKey(String),
     AdminAdjustBalance(String),
+    AdminResellerEvents(String),
+    AdminRotateWebhookSecret(String),
+    AdminRedeliverEvent(String),
     AdminAudit,
     AdminOrders,
     AdminRefundOrder(String),
@@ -68,6 +71,9 @@ impl Route {
             Route::AdminCreateKey(_) => "/admin/v1/resellers/{id}/keys",
             Route::AdminRevokeKey(_) => "/admin/v1/keys/{key_id}",
             Route::AdminAdjustBalance(_) => "/admin/v1/resellers/{id}/balance",
+            Route::AdminResellerEvents(_) => "/admin/v1/resellers/{id}/events",
+            Route::AdminRotateWebhookSecret(_) => "/admin/v1/resellers/{id}/webhook_secret",
+            Route::AdminRedeliverEvent(_) => "/admin/v1/events/{event_id}/redeliver",
             Route::AdminAudit => "/admin/v1/audit",
             Route::AdminOrders => "/admin/v1/orders",
             Route::AdminRefundOrder(_) => "/admin/v1/orders/{order_id}/refund",
@@ -141,6 +147,11 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
         },
         ("resellers", Some(id), Some("keys"), None) => allow(m, POST, Route::AdminCreateKey(param(id)?.into()))?,
         ("resellers", Some(id), Some("balance"), None) => allow(m, POST, Route::AdminAdjustBalance(param(id)?.into()))?,
+        ("resellers", Some(id), Some("events"), None) => allow(m, GET, Route::AdminResellerEvents(param(id)?.into()))?,
+        ("resellers", Some(id), Some("webhook_secret"), None) => {
+            allow(m, POST, Route::AdminRotateWebhookSecret(param(id)?.into()))?
+        }
+        ("events", Some(id), Some("redeliver"), None) => allow(m, POST, Route::AdminRedeliverEvent(param(id)?.into()))?,
         ("keys", Some(k), None, None) => allow(m, DELETE, Route::AdminRevokeKey(param(k)?.into()))?,
         ("audit", None, None, None) => allow(m, GET, Route::AdminAudit)?,
         ("orders", None, None, None) => allow(m, GET, Route::AdminOrders)?,
@@ -185,7 +196,7 @@ pub async fn dispatch(
         Err(e) => return (UNMATCHED, Err(e)),
     };
     let name = route.name();
-    use api::admin::{audit, codes, orders, products, resellers, session};
+    use api::admin::{audit, codes, events, orders, products, resellers, session};
     let result = match route {
         Route::Healthz => api::ops::healthz(),
         Route::Readyz => api::ops::readyz(app).await,
@@ -206,6 +217,9 @@ pub async fn dispatch(
         Route::AdminCreateKey(id) => resellers::create_key(app, ctx, req, &id).await,
         Route::AdminRevokeKey(k) => resellers::revoke_key(app, ctx, req, &k).await,
         Route::AdminAdjustBalance(id) => resellers::adjust_balance(app, ctx, req, &id).await,
+        Route::AdminResellerEvents(id) => events::list(app, ctx, req, &id).await,
+        Route::AdminRotateWebhookSecret(id) => resellers::rotate_webhook_secret(app, ctx, req, &id).await,
+        Route::AdminRedeliverEvent(id) => events::redeliver(app, ctx, req, &id).await,
         Route::AdminAudit => audit::list(app, ctx, req).await,
         Route::AdminOrders => orders::list(app, ctx, req).await,
         Route::AdminRefundOrder(id) => orders::refund(app, ctx, req, &id).await,

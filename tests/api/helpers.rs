@@ -401,6 +401,8 @@ pub struct ResellerKey {
     pub reseller_id: String,
     pub key_id: String,
     pub secret: String,
+    /// Shown once, when the reseller was created: it signs the reseller's callbacks.
+    pub webhook_secret: String,
 }
 
 pub fn now_secs() -> i64 {
@@ -438,6 +440,7 @@ impl TestApp {
             reseller_id: rid,
             key_id: k["key_id"].as_str().unwrap().into(),
             secret: k["secret"].as_str().unwrap().into(),
+            webhook_secret: r["webhook_secret"].as_str().unwrap().into(),
         }
     }
 

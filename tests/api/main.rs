@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin;
 mod binary;
+mod callbacks;
 mod config;
 mod faults;
 mod http_surface;

@@ -103,11 +103,13 @@ async fn rejections_come_in_api_md_order() {
         reseller_id: k.reseller_id.clone(),
         key_id: k.key_id.clone(),
         secret: "sk_wrong".into(),
+        webhook_secret: k.webhook_secret.clone(),
     };
     let unknown = ResellerKey {
         reseller_id: k.reseller_id.clone(),
         key_id: "ak_unknown".into(),
         secret: k.secret.clone(),
+        webhook_secret: k.webhook_secret.clone(),
     };
 
     // 1. missing or malformed header

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod codes;
+pub mod events;
 pub mod orders;
 pub mod products;
 pub mod resellers;

@@ -220,6 +220,20 @@ pub async fn patch(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> R
         Some(t) => (true, t),
         None => (false, None),
     };
+    let reprices = p.base_price.is_some() || p.tier_prices.is_some();
+    // What each reseller with a callback paid before, for product.price_changed.
+    let (before_resellers, before_prices): (Vec<i64>, Vec<i64>) = if reprices {
+        tx.query(
+            "SELECT cp.reseller_id, cp.price FROM products p CROSS JOIN LATERAL callback_prices(p.id) cp WHERE p.sku = $1",
+            &[&sku],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+        .unzip()
+    } else {
+        Default::default()
+    };
     let id: i64 = tx
         .query_opt(
             "UPDATE products SET name = coalesce($2, name), face_value = coalesce($3, face_value),
@@ -244,6 +258,18 @@ pub async fn patch(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> R
         .get(0);
     if let Some(tp) = &p.tier_prices {
         set_tier_prices(&tx, id, tp).await?;
+    }
+    if !before_resellers.is_empty() {
+        tx.execute(
+            "INSERT INTO events (reseller_id, type, data)
+             SELECT n.reseller_id, 'product.price_changed',
+                    jsonb_build_object('sku', p.sku, 'name', p.name, 'price', n.price, 'previous_price', o.price)
+               FROM products p CROSS JOIN LATERAL callback_prices(p.id) n
+               JOIN unnest($2::bigint[], $3::bigint[]) AS o(r, price) ON o.r = n.reseller_id
+              WHERE p.id = $1 AND n.price <> o.price",
+            &[&id, &before_resellers, &before_prices],
+        )
+        .await?;
     }
     audit::record(
         &tx,

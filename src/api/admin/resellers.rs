@@ -163,7 +163,10 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     let row = load(&client, &reseller_id).await?;
     let mut body = reseller_json(&row, &app.config.currency);
     body["webhook_secret"] = Value::String(webhook_secret);
-    response::json(StatusCode::CREATED, &body)
+    let mut resp = response::json(StatusCode::CREATED, &body)?;
+    resp.headers_mut()
+        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
 }
 
 pub async fn patch(
@@ -288,6 +291,48 @@ pub async fn create_key(
         &json!({"key_id": key_id, "secret": secret, "reseller_id": reseller_id, "created_at": rfc3339(created_at)}),
     )?;
     // The one answer that carries the secret must not be kept by any cache.
+    resp.headers_mut()
+        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// `POST /admin/v1/resellers/{id}/webhook_secret`: a new secret, shown only in this
+/// answer; every callback sent from now on is signed with it alone.
+pub async fn rotate_webhook_secret(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    reseller_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (parts, _) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let secret = ids::webhook_secret();
+    let sealed = app
+        .crypto
+        .encrypt(Purpose::WebhookSecret { reseller_id }, secret.as_bytes());
+    let client = app.pg.get().await?;
+    let n = client
+        .execute(
+            "UPDATE resellers SET webhook_secret_enc = $2, updated_at = now() WHERE reseller_id = $1",
+            &[&reseller_id, &sealed],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("no such reseller"));
+    }
+    audit::record(
+        &client,
+        &actor,
+        "reseller.webhook_secret.rotate",
+        Some(reseller_id),
+        None,
+        json!({}),
+    )
+    .await?;
+    let mut resp = response::json(
+        StatusCode::OK,
+        &json!({"reseller_id": reseller_id, "webhook_secret": secret}),
+    )?;
     resp.headers_mut()
         .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)

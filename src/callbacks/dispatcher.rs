@@ -1,0 +1,270 @@
+//! Delivers due events: claims a few with a lease (`FOR UPDATE SKIP LOCKED`, so gateways
+//! share the queue), posts each to its reseller's `callback_url`, records the attempt,
+//! and schedules the next one with exponential backoff until `retry_until`.
+//!
+//! At least once: an event leaves `pending` only after a `2xx` is recorded, and one whose
+//! dispatcher died mid-attempt is due again when its lease ends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio_postgres::Row;
+
+use crate::app::App;
+use crate::config::CallbacksConfig;
+use crate::crypto::Purpose;
+
+/// Bytes of a receiver's refusal kept with the attempt.
+const ERROR_TEXT_MAX: usize = 200;
+
+pub async fn run(app: Arc<App>) {
+    let cfg = app.config.callbacks.clone();
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_millis(cfg.timeout_ms))
+        .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
+        // A redirect is the receiver's misconfiguration; following it would post the
+        // signed body somewhere the operator never configured.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("cardgate-callbacks/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "callback HTTP client could not be built; callbacks stay queued");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let poll = Duration::from_millis(cfg.poll_ms);
+    loop {
+        let free = slots.available_permits();
+        if free == 0 {
+            // Wait for a delivery to finish before claiming more.
+            drop(slots.acquire().await);
+            continue;
+        }
+        match claim(&app, &cfg, free).await {
+            Ok(due) if !due.is_empty() => {
+                for event in due {
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let (app, client) = (app.clone(), client.clone());
+                    tokio::spawn(async move {
+                        deliver(&app, &client, event).await;
+                        drop(slot);
+                    });
+                }
+            }
+            Ok(_) => tokio::time::sleep(poll).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming due callbacks failed");
+                tokio::time::sleep(poll).await;
+            }
+        }
+    }
+}
+
+struct Due {
+    pk: i64,
+    event_id: String,
+    kind: String,
+    data: serde_json::Value,
+    created_at: time::OffsetDateTime,
+    attempt: i32,
+    reseller_id: String,
+    url: Option<String>,
+    secret_enc: Vec<u8>,
+}
+
+impl Due {
+    fn from_row(r: &Row) -> Due {
+        Due {
+            pk: r.get(0),
+            event_id: r.get(1),
+            kind: r.get(2),
+            data: r.get(3),
+            created_at: r.get(4),
+            attempt: r.get(5),
+            reseller_id: r.get(6),
+            url: r.get(7),
+            secret_enc: r.get(8),
+        }
+    }
+}
+
+async fn claim(app: &App, cfg: &CallbacksConfig, n: usize) -> anyhow::Result<Vec<Due>> {
+    // Long enough for the attempt to end by itself: the request times out first.
+    let lease_ms = (cfg.timeout_ms + 30_000) as i64;
+    let client = app.pg.get().await?;
+    let rows = client
+        .query(
+            "UPDATE events e SET attempts = e.attempts + 1, next_attempt_at = now() + $2::bigint * interval '1 millisecond'
+               FROM resellers r
+              WHERE e.id IN (SELECT id FROM events WHERE status = 'pending' AND next_attempt_at <= now()
+                              ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                AND r.id = e.reseller_id
+             RETURNING e.id, e.event_id, e.type, e.data, e.created_at, e.attempts, r.reseller_id, r.callback_url,
+                       r.webhook_secret_enc",
+            &[&(n as i64), &lease_ms],
+        )
+        .await?;
+    Ok(rows.iter().map(Due::from_row).collect())
+}
+
+/// How one attempt ended.
+struct Attempt {
+    delivered: bool,
+    status_code: Option<i32>,
+    error: Option<String>,
+    outcome: &'static str,
+}
+
+async fn deliver(app: &App, client: &reqwest::Client, event: Due) {
+    let started = Instant::now();
+    let attempt = post(app, client, &event).await;
+    let duration_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+    metrics::counter!("cardgate_callback_attempts_total", "outcome" => attempt.outcome).increment(1);
+    let backoff_ms = backoff(&app.config.callbacks, event.attempt).as_millis() as i64;
+    let recorded = async {
+        let client = app.pg.get().await?;
+        let row = client
+            .query_opt(
+                "WITH attempt AS (
+                     INSERT INTO event_deliveries (event_id, attempt, status_code, error, duration_ms)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING)
+                 UPDATE events SET
+                        status = CASE WHEN $6 THEN 'delivered'
+                                      WHEN now() + $7::bigint * interval '1 millisecond' > retry_until THEN 'failed'
+                                      ELSE 'pending' END,
+                        delivered_at = CASE WHEN $6 THEN now() END,
+                        next_attempt_at = now() + $7::bigint * interval '1 millisecond'
+                  WHERE id = $1 AND status = 'pending'
+                 RETURNING status",
+                &[
+                    &event.pk,
+                    &event.attempt,
+                    &attempt.status_code,
+                    &attempt.error,
+                    &duration_ms,
+                    &attempt.delivered,
+                    &backoff_ms,
+                ],
+            )
+            .await?;
+        anyhow::Ok(row.map(|r| r.get::<_, String>(0)))
+    }
+    .await;
+    match recorded {
+        Ok(Some(s)) if s == "failed" => {
+            metrics::counter!("cardgate_callbacks_abandoned_total").increment(1);
+            tracing::warn!(event_id = %event.event_id, reseller_id = %event.reseller_id,
+                           attempts = event.attempt, "callback abandoned after its retry window");
+        }
+        Ok(_) => {}
+        // The lease runs out and the event is tried again: at least once.
+        Err(e) => tracing::warn!(event_id = %event.event_id, error = %e, "recording a callback attempt failed"),
+    }
+}
+
+async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
+    let failed = |outcome, error: String| Attempt {
+        delivered: false,
+        status_code: None,
+        error: Some(error),
+        outcome,
+    };
+    let Some(url) = &event.url else {
+        return failed("error", "the reseller has no callback_url".into());
+    };
+    let secret = match app.crypto.decrypt(
+        Purpose::WebhookSecret {
+            reseller_id: &event.reseller_id,
+        },
+        &event.secret_enc,
+    ) {
+        Ok(s) => s,
+        Err(_) => return failed("error", "the webhook secret could not be decrypted".into()),
+    };
+    let body = super::envelope(&event.event_id, &event.kind, event.created_at, &event.data);
+    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    let sent = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("cg-signature", super::signature(&secret, t, &body))
+        .header("cg-event-id", &event.event_id)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(resp) if resp.status().is_success() => Attempt {
+            delivered: true,
+            status_code: Some(resp.status().as_u16() as i32),
+            error: None,
+            outcome: "delivered",
+        },
+        Ok(resp) => {
+            let status = resp.status();
+            let mut text = resp.text().await.unwrap_or_default();
+            truncate(&mut text, ERROR_TEXT_MAX);
+            Attempt {
+                delivered: false,
+                status_code: Some(status.as_u16() as i32),
+                error: (!text.is_empty()).then_some(text),
+                outcome: "http_error",
+            }
+        }
+        // Without the URL: its query string may hold the merchant's own token.
+        Err(e) if e.is_timeout() => failed("timeout", e.without_url().to_string()),
+        Err(e) => failed("error", e.without_url().to_string()),
+    }
+}
+
+/// Delay after the `attempt`th failure: `backoff_base_ms` doubling up to `backoff_max_ms`,
+/// less up to a fifth at random, so that a receiver coming back is not hit by every
+/// event at the same instant.
+pub fn backoff(cfg: &CallbacksConfig, attempt: i32) -> Duration {
+    let doublings = attempt.clamp(1, 31) as u32 - 1;
+    let ms = cfg
+        .backoff_base_ms
+        .saturating_mul(1u64 << doublings)
+        .min(cfg.backoff_max_ms);
+    let jitter = rand::thread_rng().gen_range(0..=ms / 5);
+    Duration::from_millis(ms - jitter)
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let cut = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_bounded_jitter() {
+        let cfg = CallbacksConfig {
+            timeout_ms: 1000,
+            concurrency: 1,
+            poll_ms: 100,
+            backoff_base_ms: 10_000,
+            backoff_max_ms: 3_600_000,
+        };
+        for (attempt, full) in [
+            (1, 10_000),
+            (2, 20_000),
+            (5, 160_000),
+            (12, 3_600_000),
+            (1000, 3_600_000),
+        ] {
+            let d = backoff(&cfg, attempt).as_millis() as u64;
+            assert!((full - full / 5..=full).contains(&d), "attempt {attempt}: {d} ms");
+        }
+    }
+}

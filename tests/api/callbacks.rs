@@ -1,0 +1,419 @@
+//! Merchant callbacks (API.md "Merchant callbacks") against a real HTTP receiver on
+//! loopback that fails, times out and then succeeds, as a merchant's server may.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::net::TcpListener;
+
+use crate::helpers::*;
+use crate::orders::{shop_with, SKU};
+
+/// What the receiver does with one request.
+#[derive(Clone, Copy, Debug)]
+pub enum Reply {
+    Status(u16),
+    /// Answers 200, but only after this long.
+    Hang(Duration),
+}
+
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub signature: String,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("callback body is JSON")
+    }
+}
+
+/// A merchant's callback endpoint: answers from `script` in order, then `then`.
+pub struct Receiver {
+    pub url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    script: Arc<Mutex<(VecDeque<Reply>, Reply)>>,
+}
+
+impl Receiver {
+    pub async fn start(script: &[Reply], then: Reply) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/hooks/cardgate?token=merchant-own",
+            listener.local_addr().unwrap()
+        );
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new((script.iter().copied().collect::<VecDeque<_>>(), then)));
+        let (rec, scr) = (received.clone(), script.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (rec, scr) = (rec.clone(), scr.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (rec, scr) = (rec.clone(), scr.clone());
+                        async move {
+                            let signature = req
+                                .headers()
+                                .get("cg-signature")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            rec.lock().unwrap().push(Received { signature, body });
+                            let reply = {
+                                let mut s = scr.lock().unwrap();
+                                let then = s.1;
+                                s.0.pop_front().unwrap_or(then)
+                            };
+                            let status = match reply {
+                                Reply::Status(s) => s,
+                                Reply::Hang(d) => {
+                                    tokio::time::sleep(d).await;
+                                    200
+                                }
+                            };
+                            let mut resp = Response::new(Full::new(Bytes::from_static(b"receiver says no")));
+                            *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Receiver { url, received, script }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn answer_from_now(&self, reply: Reply) {
+        let mut s = self.script.lock().unwrap();
+        s.0.clear();
+        s.1 = reply;
+    }
+
+    /// Waits until `n` requests have arrived.
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let got = eventually(Duration::from_secs(15), || async { self.received().len() >= n }).await;
+        let received = self.received();
+        assert!(got, "expected {n} callbacks, received {}", received.len());
+        received
+    }
+}
+
+/// Checks `CG-Signature` as a merchant would: `t=<unix>,v1=<hex HMAC(secret, "t.body")>`.
+pub fn signed_by(r: &Received, secret: &str) -> bool {
+    let mut t = None;
+    let mut v1 = None;
+    for part in r.signature.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = Some(v.to_string()),
+            Some(("v1", v)) => v1 = hex::decode(v).ok(),
+            _ => return false,
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else { return false };
+    let fresh = t.parse::<i64>().is_ok_and(|t| (now_secs() - t).abs() < 300);
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&r.body);
+    fresh && mac.verify_slice(&v1).is_ok()
+}
+
+fn fast_retries(env: &mut std::collections::HashMap<String, String>) {
+    env.insert("CARDGATE_CALLBACKS__TIMEOUT_MS".into(), "300".into());
+    env.insert("CARDGATE_CALLBACKS__POLL_MS".into(), "50".into());
+    env.insert("CARDGATE_CALLBACKS__BACKOFF_BASE_MS".into(), "100".into());
+    env.insert("CARDGATE_CALLBACKS__BACKOFF_MAX_MS".into(), "400".into());
+}
+
+async fn events_of(app: &TestApp, t: &str, reseller_id: &str) -> Vec<Value> {
+    let r = app
+        .admin_ok(
+            t,
+            reqwest::Method::GET,
+            &format!("/admin/v1/resellers/{reseller_id}/events"),
+            None,
+            200,
+        )
+        .await;
+    r["events"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_then_redelivered() {
+    let (app, t, _) = shop_with(5, fast_retries).await;
+    let receiver = Receiver::start(
+        &[Reply::Status(500), Reply::Hang(Duration::from_secs(2))],
+        Reply::Status(204),
+    )
+    .await;
+    let k = app
+        .reseller_with_key(&t, "gold", json!({"callback_url": receiver.url}))
+        .await;
+    assert!(k.webhook_secret.starts_with("whsec_"));
+    app.fund(&t, &k.reseller_id, 100_000).await;
+    let (status, order, _) = app.order(&k, order_body(SKU, 1, "cb-1")).await;
+    assert_eq!(status, 201, "the order does not wait for its callback: {order}");
+
+    let got = receiver.wait_for(3).await;
+    let first = got[0].json();
+    assert_eq!(first["type"], "order.fulfilled");
+    assert!(first["id"].as_str().is_some_and(|id| id.starts_with("evt_")));
+    assert!(first["created_at"].as_str().is_some_and(|s| s.ends_with('Z')));
+    let data = &first["data"];
+    assert_eq!(data["order_id"], order["order_id"]);
+    assert_eq!(
+        (
+            &data["merchant_order_no"],
+            &data["sku"],
+            &data["quantity"],
+            &data["amount"],
+            &data["status"]
+        ),
+        (
+            &json!("cb-1"),
+            &json!(SKU),
+            &json!(1),
+            &order["amount"],
+            &json!("fulfilled")
+        )
+    );
+    assert!(data.get("codes").is_none(), "codes are never pushed to a URL: {data}");
+    for r in &got {
+        assert_eq!(r.body, got[0].body, "every attempt carries the same event");
+        assert!(
+            signed_by(r, &k.webhook_secret),
+            "signed with the webhook secret: {}",
+            r.signature
+        );
+        assert!(!signed_by(r, "whsec_wrong"), "a check that can fail");
+    }
+
+    let listed = async || events_of(&app, &t, &k.reseller_id).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            listed().await[0]["status"] == "delivered"
+        })
+        .await
+    );
+    let e = &listed().await[0];
+    assert_eq!(e["id"], first["id"]);
+    assert_eq!(e["attempts"], 3);
+    let d = e["deliveries"].as_array().unwrap();
+    assert_eq!(d.len(), 3, "{e:#}");
+    assert_eq!(
+        (d[0]["status_code"].as_i64(), d[2]["status_code"].as_i64()),
+        (Some(500), Some(204))
+    );
+    assert!(d[0]["error"].as_str().is_some_and(|s| s.contains("receiver says no")));
+    assert!(
+        d[1]["status_code"].is_null() && d[1]["error"].as_str().is_some(),
+        "the timeout: {e:#}"
+    );
+    assert!(
+        !d[1]["error"].as_str().unwrap().contains("merchant-own"),
+        "errors leave the URL out"
+    );
+    assert!(e["delivered_at"].is_string() && e["next_attempt_at"].is_null());
+    assert_eq!(receiver.received().len(), 3, "a 2xx ends it");
+
+    // Redelivery on request, then after a rotation only the new secret signs.
+    let path = format!("/admin/v1/events/{}/redeliver", e["id"].as_str().unwrap());
+    let again = app.admin_ok(&t, reqwest::Method::POST, &path, None, 202).await;
+    assert_eq!(again["status"], "pending");
+    assert!(signed_by(&receiver.wait_for(4).await[3], &k.webhook_secret));
+    let rotated = app
+        .admin_ok(
+            &t,
+            reqwest::Method::POST,
+            &format!("/admin/v1/resellers/{}/webhook_secret", k.reseller_id),
+            None,
+            200,
+        )
+        .await;
+    let new_secret = rotated["webhook_secret"].as_str().unwrap();
+    assert!(new_secret.starts_with("whsec_") && new_secret != k.webhook_secret);
+    app.admin_ok(&t, reqwest::Method::POST, &path, None, 202).await;
+    let last = &receiver.wait_for(5).await[4];
+    assert!(signed_by(last, new_secret) && !signed_by(last, &k.webhook_secret));
+
+    let (s, code, _) = error_of(
+        app.admin(&t, reqwest::Method::POST, "/admin/v1/events/evt_nope/redeliver", None)
+            .await,
+    )
+    .await;
+    assert_eq!((s, code.as_str()), (404, "not_found"));
+}
+
+#[tokio::test]
+async fn refunds_restocks_price_changes_and_low_balances_are_announced_to_their_resellers() {
+    let (app, t, _) = shop_with(1, fast_retries).await;
+    let receiver = Receiver::start(&[], Reply::Status(200)).await;
+    // Silver pays the base price (9800); after one order 20,200 is left, below 25,000.
+    let k = app
+        .reseller_with_key(
+            &t,
+            "silver",
+            json!({"callback_url": receiver.url, "low_balance_threshold": 25_000}),
+        )
+        .await;
+    let quiet = app.reseller_with_key(&t, "silver", json!({})).await;
+    app.fund(&t, &k.reseller_id, 30_000).await;
+    app.fund(&t, &quiet.reseller_id, 30_000).await;
+    let (status, order, _) = app.order(&k, order_body(SKU, 1, "cb-sells-out")).await;
+    assert_eq!(status, 201);
+    assert_eq!(app.order(&quiet, order_body(SKU, 1, "q-1")).await.0, 409, "sold out");
+
+    let r = app.import_codes(&t, SKU, "NEW-1\nNEW-2").await;
+    assert_eq!(r.status(), 200);
+    let r = app.import_codes(&t, SKU, "NEW-3").await;
+    assert_eq!(r.status(), 200);
+    app.admin_ok(
+        &t,
+        reqwest::Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"base_price": 9900})),
+        200,
+    )
+    .await;
+    // Only gold's price changes: nothing for a silver reseller.
+    app.admin_ok(
+        &t,
+        reqwest::Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"tier_prices": {"gold": 9600}})),
+        200,
+    )
+    .await;
+    let path = format!("/admin/v1/orders/{}/refund", order["order_id"].as_str().unwrap());
+    app.admin_ok(
+        &t,
+        reqwest::Method::POST,
+        &path,
+        Some(json!({"reason": "customer"})),
+        200,
+    )
+    .await;
+
+    let got = receiver.wait_for(5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got: Vec<Value> = {
+        let all = receiver.received();
+        assert_eq!(all.len(), got.len(), "no more than one event each: {all:?}");
+        assert!(all.iter().all(|r| signed_by(r, &k.webhook_secret)));
+        all.iter().map(Received::json).collect()
+    };
+    let of = |kind: &str| -> Vec<&Value> { got.iter().filter(|e| e["type"] == kind).map(|e| &e["data"]).collect() };
+    assert_eq!(of("order.fulfilled").len(), 1);
+    let low = of("balance.low");
+    assert_eq!(low.len(), 1, "{got:#?}");
+    assert_eq!(
+        (low[0]["balance"].as_i64(), low[0]["low_balance_threshold"].as_i64()),
+        (Some(20_200), Some(25_000))
+    );
+    let restocked = of("product.restocked");
+    assert_eq!(
+        restocked.len(),
+        1,
+        "once, when the SKU went from 0 to available: {got:#?}"
+    );
+    assert_eq!(
+        (&restocked[0]["sku"], &restocked[0]["price"]),
+        (&json!(SKU), &json!(9800))
+    );
+    let price = of("product.price_changed");
+    assert_eq!(price.len(), 1, "{got:#?}");
+    assert_eq!(
+        (price[0]["price"].as_i64(), price[0]["previous_price"].as_i64()),
+        (Some(9900), Some(9800))
+    );
+    let refunded = of("order.refunded");
+    assert_eq!(refunded.len(), 1);
+    assert_eq!(
+        (&refunded[0]["order_id"], &refunded[0]["status"]),
+        (&order["order_id"], &json!("refunded"))
+    );
+    assert_eq!(refunded[0]["refund_reason"], "customer");
+
+    assert!(
+        events_of(&app, &t, &quiet.reseller_id).await.is_empty(),
+        "no callback_url, no events"
+    );
+}
+
+#[tokio::test]
+async fn the_queue_survives_a_restart_and_the_next_gateway_delivers() {
+    let (mut app, t, _) = shop_with(5, fast_retries).await;
+    let receiver = Receiver::start(&[], Reply::Status(503)).await;
+    let k = app
+        .reseller_with_key(&t, "gold", json!({"callback_url": receiver.url}))
+        .await;
+    app.fund(&t, &k.reseller_id, 100_000).await;
+    assert_eq!(app.order(&k, order_body(SKU, 1, "cb-restart")).await.0, 201);
+    receiver.wait_for(1).await;
+    let env = app.env.clone();
+    app.shutdown().await.unwrap();
+
+    receiver.answer_from_now(Reply::Status(200));
+    let seen = receiver.received().len();
+    let app = start(env).await;
+    let got = receiver.wait_for(seen + 1).await;
+    let last = got.last().unwrap();
+    assert!(signed_by(last, &k.webhook_secret));
+    assert_eq!(last.json()["type"], "order.fulfilled");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            events_of(&app, &t, &k.reseller_id).await[0]["status"] == "delivered"
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn retries_end_when_the_retry_window_closes() {
+    let (app, t, _) = shop_with(5, fast_retries).await;
+    let receiver = Receiver::start(&[], Reply::Status(500)).await;
+    let k = app
+        .reseller_with_key(&t, "gold", json!({"callback_url": receiver.url}))
+        .await;
+    app.fund(&t, &k.reseller_id, 100_000).await;
+    assert_eq!(app.order(&k, order_body(SKU, 1, "cb-gives-up")).await.0, 201);
+    receiver.wait_for(2).await;
+    // As if 24 hours had passed since the event.
+    app.db()
+        .await
+        .execute("UPDATE events SET retry_until = now()", &[])
+        .await
+        .unwrap();
+    let failed = || async { events_of(&app, &t, &k.reseller_id).await[0]["status"] == "failed" };
+    assert!(eventually(Duration::from_secs(5), failed).await);
+    let tried = receiver.received().len();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(receiver.received().len(), tried, "no attempt after the window");
+    let e = &events_of(&app, &t, &k.reseller_id).await[0];
+    assert_eq!(e["attempts"].as_i64(), Some(tried as i64));
+    assert!(e["next_attempt_at"].is_null() && e["delivered_at"].is_null());
+}
