@@ -43,6 +43,8 @@ pub enum Route {
     AdminOrders,
     AdminRefundOrder(String),
     AdminReconcile,
+    AdminResellersReport,
+    AdminProductsReport,
     Products,
     Product(String),
     Balance,
@@ -78,6 +80,8 @@ impl Route {
             Route::AdminOrders => "/admin/v1/orders",
             Route::AdminRefundOrder(_) => "/admin/v1/orders/{order_id}/refund",
             Route::AdminReconcile => "/admin/v1/reconcile",
+            Route::AdminResellersReport => "/admin/v1/reports/resellers",
+            Route::AdminProductsReport => "/admin/v1/reports/products",
             Route::Products => "/v1/products",
             Route::Product(_) => "/v1/products/{sku}",
             Route::Balance => "/v1/balance",
@@ -156,6 +160,8 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
         ("audit", None, None, None) => allow(m, GET, Route::AdminAudit)?,
         ("orders", None, None, None) => allow(m, GET, Route::AdminOrders)?,
         ("reconcile", None, None, None) => allow(m, GET, Route::AdminReconcile)?,
+        ("reports", Some("resellers"), None, None) => allow(m, GET, Route::AdminResellersReport)?,
+        ("reports", Some("products"), None, None) => allow(m, GET, Route::AdminProductsReport)?,
         ("orders", Some(id), Some("refund"), None) => allow(m, POST, Route::AdminRefundOrder(param(id)?.into()))?,
         _ => return Err(ApiError::not_found("no such route")),
     })
@@ -196,7 +202,7 @@ pub async fn dispatch(
         Err(e) => return (UNMATCHED, Err(e)),
     };
     let name = route.name();
-    use api::admin::{audit, codes, events, orders, products, resellers, session};
+    use api::admin::{audit, codes, events, orders, products, reports, resellers, session};
     let result = match route {
         Route::Healthz => api::ops::healthz(),
         Route::Readyz => api::ops::readyz(app).await,
@@ -224,6 +230,8 @@ pub async fn dispatch(
         Route::AdminOrders => orders::list(app, ctx, req).await,
         Route::AdminRefundOrder(id) => orders::refund(app, ctx, req, &id).await,
         Route::AdminReconcile => orders::reconcile(app, ctx, req).await,
+        Route::AdminResellersReport => reports::resellers(app, ctx, req).await,
+        Route::AdminProductsReport => reports::products(app, ctx, req).await,
         Route::Products => api::v1::reads::products(app, ctx, req).await,
         Route::Product(sku) => api::v1::reads::product(app, ctx, req, &sku).await,
         Route::Balance => api::v1::reads::balance(app, ctx, req).await,

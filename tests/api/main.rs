@@ -14,5 +14,6 @@ mod ops;
 mod orders;
 mod overload;
 mod recovery;
+mod reports;
 mod reseller_api;
 mod signing;

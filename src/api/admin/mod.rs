@@ -5,6 +5,7 @@ pub mod codes;
 pub mod events;
 pub mod orders;
 pub mod products;
+pub mod reports;
 pub mod resellers;
 pub mod session;
 

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Operator reports on generated data: N fulfilled orders (default 10,000,000) from 1,000
+# resellers over 200 SKUs and 180 days, written straight into Postgres (the sales_daily
+# triggers keep the rollup as the ledger's commits would). Times both reports over 30 and
+# 180 days, and, as the baseline in the same run, the same per-reseller figures computed
+# from the orders table alone.
+#
+#   loadtests/report-bench.sh [N]
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+n=${1:-10000000}
+start_gateway
+sql() { psql "$gw_db" -qAtX "$@"; }
+
+echo "generating $n orders..." >&2
+gen_start=$(date +%s)
+sql <<'SQL'
+INSERT INTO resellers (reseller_id, name, tier, webhook_secret_enc)
+SELECT 'rs_gen' || i, 'Reseller ' || i, (ARRAY['standard','silver','gold','diamond'])[1 + i % 4], '\x00'
+  FROM generate_series(1, 1000) i;
+INSERT INTO balances (reseller_id) SELECT id FROM resellers;
+INSERT INTO products (sku, name, face_value, base_price, max_quantity)
+SELECT 'gen-' || i, 'Product ' || i, 10000, 9800, 100 FROM generate_series(1, 200) i;
+SQL
+chunk=500000
+for ((done = 0; done < n; done += chunk)); do
+  size=$(( n - done < chunk ? n - done : chunk ))
+  # Resellers buy on a skewed schedule: reseller r orders about every (1 + r % 7) days.
+  sql -v off="$done" -v size="$size" <<'SQL'
+INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount, currency, created_at)
+SELECT 'ord_gen' || g, r.id, 'm' || g, p.id, p.sku, q, 9800, 9800 * q, 'CNY',
+       now() - (180 * random()) * interval '1 day'
+  FROM generate_series(:off + 1, :off + :size) g
+  CROSS JOIN LATERAL (SELECT 1 + (g * 7919) % 1000 AS r, 1 + (g * 104729) % 200 AS p, 1 + g % 3 AS q) k
+  JOIN resellers r ON r.reseller_id = 'rs_gen' || k.r
+  JOIN products p ON p.sku = 'gen-' || k.p;
+SQL
+  echo "  $(( done + size ))" >&2
+done
+sql -c "VACUUM ANALYZE orders" -c "VACUUM ANALYZE sales_daily"
+gen_secs=$(( $(date +%s) - gen_start ))
+
+# ms for one report over the last N days, best of three.
+timed() {
+  local best=""
+  for _ in 1 2 3; do
+    local ms
+    ms=$(curl -fso /dev/null -w '%{time_total}' -H "$auth" \
+      "$base/admin/v1/reports/$1?from=$(date -u -d "-$2 days" +%Y-%m-%dT%H:%M:%SZ)" | awk '{printf "%d", $1 * 1000}')
+    [[ -z $best || $ms -lt $best ]] && best=$ms
+  done
+  echo "$best"
+}
+# The same per-reseller sums from orders alone (no rollup), best of three.
+baseline() {
+  local best=""
+  for _ in 1 2 3; do
+    local s e
+    s=$(date +%s%N)
+    sql -c "SELECT reseller_id, count(*), sum(quantity), sum(amount), count(DISTINCT (created_at AT TIME ZONE 'UTC')::date)
+              FROM orders WHERE status = 'fulfilled' AND created_at >= now() - interval '$1 days' GROUP BY reseller_id" >/dev/null
+    e=$(date +%s%N)
+    local ms=$(( (e - s) / 1000000 ))
+    [[ -z $best || $ms -lt $best ]] && best=$ms
+  done
+  echo "$best"
+}
+r30=$(timed resellers 30); r180=$(timed resellers 180); p30=$(timed products 30); p180=$(timed products 180)
+b30=$(baseline 30); b180=$(baseline 180)
+rows=$(sql -c "SELECT count(*) FROM sales_daily")
+cat <<OUT
+orders: $n generated in ${gen_secs} s; sales_daily rows: $rows
+report (best of 3, ms)     30 days   180 days
+resellers                  $r30       $r180
+products                   $p30       $p180
+orders-only baseline       $b30       $b180
+OUT
+python3 - "$r30" "$r180" "$b30" "$b180" <<'PY'
+import sys
+r30, r180, b30, b180 = map(int, sys.argv[1:])
+print(f"resellers report vs orders-only sums: {b30 / max(r30, 1):.0f}x faster over 30 days, {b180 / max(r180, 1):.0f}x over 180 days")
+PY
