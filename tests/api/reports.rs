@@ -118,19 +118,20 @@ async fn reseller_loyalty_and_product_sales_over_a_range() {
         (Some(0), &Value::Null)
     );
 
-    // The rollup agrees with the orders it summarises.
-    let rollup: Vec<(i64, i64)> = db
+    // The rollups agree with the orders they summarise.
+    let rollup: Vec<(i64, i64, i64)> = db
         .query(
-            "SELECT (SELECT coalesce(sum(orders), 0)::bigint FROM sales_daily),
+            "SELECT (SELECT coalesce(sum(orders), 0)::bigint FROM reseller_daily),
+                    (SELECT coalesce(sum(codes), 0)::bigint FROM product_daily),
                     (SELECT count(*) FROM orders WHERE status = 'fulfilled')",
             &[],
         )
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(rollup, vec![(6, 6)]);
+    assert_eq!(rollup, vec![(6, 7, 6)]);
 }
 
 #[tokio::test]
