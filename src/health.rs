@@ -20,6 +20,7 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
+        metrics::gauge!("cardgate_postgres_up").set(1.0);
         Health {
             postgres_up: AtomicBool::new(true),
         }
@@ -69,6 +70,8 @@ pub async fn check(app: &App) {
     );
     let pg_epoch = pg_epoch.ok().flatten();
     app.health.set_postgres_up(pg_epoch.is_some());
+    let ready = pg_epoch.is_some() && matches!(redis_epoch, Ok(Ok(_)));
+    metrics::gauge!("cardgate_ready").set(if ready { 1.0 } else { 0.0 });
     let (Ok(Ok(redis_epoch)), Some(pg_epoch)) = (redis_epoch, pg_epoch) else {
         return; // a store is away: nothing to compare, nothing rebuilt without both
     };

@@ -14,6 +14,7 @@ pub mod catalogue;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod gauges;
 pub mod health;
 pub mod http;
 pub mod ids;
@@ -66,6 +67,7 @@ impl Server {
             tokio::spawn(sync::refresh_periodically(self.app.clone())),
             tokio::spawn(health::watch(self.app.clone())),
             tokio::spawn(callbacks::dispatcher::run(self.app.clone())),
+            tokio::spawn(gauges::run(self.app.clone())),
         ];
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)

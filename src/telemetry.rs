@@ -34,6 +34,16 @@ pub fn prometheus() -> PrometheusHandle {
             // then its recorder gets the metrics and ours stays empty.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            // Counters appear at their first increment; these should read 0 from the start,
+            // so that an alert on any increase sees the first one.
+            for name in [
+                "cardgate_last_guard_total",
+                "cardgate_ledger_commit_failures_total",
+                "cardgate_reconcile_failures_total",
+                "cardgate_callbacks_abandoned_total",
+            ] {
+                metrics::counter!(name).increment(0);
+            }
             handle
         })
         .clone()
@@ -106,6 +116,33 @@ fn describe() {
         "orders admitted and not yet answered (the ledger wait included): the overload signal"
     );
     metrics::describe_counter!("cardgate_refunds_total", "orders refunded");
+    metrics::describe_counter!("cardgate_codes_sold_total", "codes delivered by new orders, by SKU");
+    metrics::describe_gauge!("cardgate_ready", "1 when Redis and Postgres both answer");
+    metrics::describe_gauge!("cardgate_stock_available", "codes in stock, by SKU");
+    metrics::describe_gauge!(
+        "cardgate_stock_low_threshold",
+        "the SKU's low-stock threshold, for SKUs that have one"
+    );
+    metrics::describe_gauge!(
+        "cardgate_resellers_low_balance",
+        "active resellers whose balance is below their low_balance_threshold"
+    );
+    metrics::describe_gauge!(
+        "cardgate_callbacks_pending",
+        "merchant callback events not yet delivered"
+    );
+    metrics::describe_gauge!(
+        "cardgate_callbacks_oldest_pending_seconds",
+        "age of the oldest undelivered callback event"
+    );
+    metrics::describe_counter!(
+        "cardgate_callback_attempts_total",
+        "callback delivery attempts, by outcome (delivered, http_error, timeout, error)"
+    );
+    metrics::describe_counter!(
+        "cardgate_callbacks_abandoned_total",
+        "callback events given up after their 24-hour retry window"
+    );
     metrics::describe_counter!(
         "cardgate_reconcile_failures_total",
         "reconciliation reports that found a difference"

@@ -105,6 +105,9 @@ pub async fn place(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result
         Err(e) => e.code(),
     };
     metrics::counter!("cardgate_orders_total", "outcome" => outcome, "tier" => reseller.tier.clone()).increment(1);
+    if let Ok(Placed::Created(o)) = &result {
+        metrics::counter!("cardgate_codes_sold_total", "sku" => o.sku.clone()).increment(o.quantity as u64);
+    }
     metrics::histogram!("cardgate_order_seconds", "outcome" => outcome).record(started.elapsed().as_secs_f64());
     result
 }

@@ -95,3 +95,48 @@ async fn metrics_count_requests_by_route_and_status_with_latency_and_in_flight()
     );
     assert!(text.contains("cardgate_http_requests_in_flight"), "{text}");
 }
+
+#[tokio::test]
+async fn metrics_show_stock_per_sku_sales_readiness_and_the_callback_queue() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let sku = format!("gauge-{}", random_suffix());
+    app.create_product(&t, &sku).await;
+    app.admin_ok(
+        &t,
+        reqwest::Method::PATCH,
+        &format!("/admin/v1/products/{sku}"),
+        Some(serde_json::json!({"low_stock_threshold": 5})),
+        200,
+    )
+    .await;
+    assert_eq!(app.import_codes(&t, &sku, "G-1\nG-2\nG-3").await.status(), 200);
+    let k = app.reseller_with_key(&t, "gold", serde_json::json!({})).await;
+    app.fund(&t, &k.reseller_id, 100_000).await;
+    assert_eq!(app.order(&k, order_body(&sku, 1, "gauge-1")).await.0, 201);
+
+    let stock = format!("cardgate_stock_available{{sku=\"{sku}\"}} 2");
+    let threshold = format!("cardgate_stock_low_threshold{{sku=\"{sku}\"}} 5");
+    let sold = format!("cardgate_codes_sold_total{{sku=\"{sku}\"}} 1");
+    let wanted = [&stock, &threshold, &sold];
+    let mut text = String::new();
+    let mut shown = false;
+    // The stock gauges are refreshed every 5 seconds.
+    for _ in 0..80 {
+        text = app.get("/metrics").await.text().await.unwrap();
+        shown = wanted.iter().all(|w| text.lines().any(|l| l == w.as_str()));
+        if shown {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(shown, "{stock} / {threshold} / {sold} in:\n{text}");
+    for name in [
+        "cardgate_ready 1",
+        "cardgate_callbacks_pending ",
+        "cardgate_resellers_low_balance ",
+        "cardgate_last_guard_total ",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(name)), "{name} in:\n{text}");
+    }
+}

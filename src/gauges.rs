@@ -1,0 +1,61 @@
+//! Gauges of state shared by every gateway (stock, balances, the callback queue), read
+//! from the stores every few seconds rather than on the paths that change them. Every
+//! gateway exports the same values; dashboards and alerts take the max or min.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+
+const EVERY: Duration = Duration::from_secs(5);
+
+pub async fn run(app: Arc<App>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = collect(&app).await {
+            tracing::debug!(error = format!("{e:#}"), "gauges not refreshed");
+        }
+    }
+}
+
+async fn collect(app: &App) -> anyhow::Result<()> {
+    let client = app.pg.get().await?;
+    let products = client
+        .query("SELECT id, sku, low_stock_threshold FROM products ORDER BY id", &[])
+        .await?;
+    let mut pipe = redis::pipe();
+    for p in &products {
+        pipe.cmd("LLEN").arg(app.keys.stock(p.get(0)));
+    }
+    let lengths: Vec<i64> = pipe.query_async(&mut app.redis()).await?;
+    for (p, len) in products.iter().zip(lengths) {
+        let sku: String = p.get(1);
+        if let Some(t) = p.get::<_, Option<i32>>(2) {
+            metrics::gauge!("cardgate_stock_low_threshold", "sku" => sku.clone()).set(t as f64);
+        }
+        metrics::gauge!("cardgate_stock_available", "sku" => sku).set(len as f64);
+    }
+
+    let low: i64 = client
+        .query_one(
+            "SELECT count(*) FROM resellers r JOIN balances b ON b.reseller_id = r.id
+              WHERE r.status = 'active' AND b.balance < r.low_balance_threshold",
+            &[],
+        )
+        .await?
+        .get(0);
+    metrics::gauge!("cardgate_resellers_low_balance").set(low as f64);
+
+    let queue = client
+        .query_one(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+               FROM events WHERE status = 'pending'",
+            &[],
+        )
+        .await?;
+    metrics::gauge!("cardgate_callbacks_pending").set(queue.get::<_, i64>(0) as f64);
+    metrics::gauge!("cardgate_callbacks_oldest_pending_seconds").set(queue.get::<_, f64>(1));
+    Ok(())
+}
