@@ -3,13 +3,16 @@ use std::process::ExitCode;
 use cardgate::{telemetry, Config};
 use tokio::net::TcpListener;
 
-const USAGE: &str = "usage: cardgate [serve | reconcile | rebuild]\n\n  serve      run the gateway (the default)\n  reconcile  check stock, orders and balances across Redis and Postgres; prints a JSON\n             report and exits 1 if anything disagrees\n  rebuild    rebuild Redis's stock, hot balances and idempotency records from Postgres\n             now (gateways do it by themselves when Redis loses its state); prints a\n             JSON report\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
+const USAGE: &str = "usage: cardgate [serve | reconcile | rebuild | healthcheck]\n\n  serve      run the gateway (the default)\n  reconcile  check stock, orders and balances across Redis and Postgres; prints a JSON\n             report and exits 1 if anything disagrees\n  rebuild    rebuild Redis's stock, hot balances and idempotency records from Postgres\n             now (gateways do it by themselves when Redis loses its state); prints a\n             JSON report\n  healthcheck  exit 0 if the gateway at CARDGATE_LISTEN answers GET /healthz with 200\n               (for container health checks)\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
 
 fn main() -> ExitCode {
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_string());
     if command == "-h" || command == "--help" {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
+    }
+    if command == "healthcheck" {
+        return healthcheck();
     }
     if !["serve", "reconcile", "rebuild"].contains(&command.as_str()) {
         eprintln!("unknown command {command:?}\n{USAGE}");
@@ -54,6 +57,45 @@ async fn serve(config: Config, listen: std::net::SocketAddr) -> anyhow::Result<(
     server.run(shutdown_signal()).await?;
     tracing::info!("cardgate stopped");
     Ok(())
+}
+
+/// `GET /healthz` on the configured listen address (loopback when it is a wildcard), with
+/// the standard library alone: no runtime, no secrets needed.
+fn healthcheck() -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    use std::time::Duration;
+    let Some(mut addr) = Config::from_process_env()
+        .ok()
+        .and_then(|c| c.listen.parse::<SocketAddr>().ok())
+    else {
+        eprintln!("cardgate: no valid listen address configured");
+        return ExitCode::from(2);
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let timeout = Duration::from_secs(2);
+    let probe = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut status = [0u8; 12];
+        s.read_exact(&mut status)?;
+        Ok(&status[9..12] == b"200")
+    };
+    match probe() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("cardgate: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Prints the report; true when everything agrees.

@@ -1,5 +1,5 @@
 //! The real `cardgate` binary as a process: peak memory of a 1,000,000-line import, what
-//! its logs contain, and its exit on SIGTERM.
+//! its logs contain, its health check, and its exit on SIGTERM.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -59,6 +59,26 @@ async fn a_million_line_import_keeps_memory_bounded_logs_no_secret_and_sigterm_e
     })
     .await;
     assert!(up, "the binary did not come up");
+    // The container health check: the configured port answers; a closed one does not.
+    let healthcheck = |listen: String| {
+        Command::new(env!("CARGO_BIN_EXE_cardgate"))
+            .arg("healthcheck")
+            .env_clear()
+            .env("CARDGATE_LISTEN", listen)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(
+        healthcheck(format!("0.0.0.0:{port}")),
+        "a wildcard listen address is probed on loopback"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert!(!healthcheck(closed.to_string()));
 
     let login: serde_json::Value = client
         .post(format!("{base}/admin/v1/login"))
