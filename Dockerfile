@@ -24,14 +24,16 @@ FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 
 # 1. Dependencies only, against stub sources, so that this layer is reused until
-#    Cargo.toml or Cargo.lock change. The workspace's second member (loadtests) and the
-#    declared benches must exist for Cargo to load the manifests; they are not built.
+#    Cargo.toml or Cargo.lock change. The workspace's other members (loadtests, client)
+#    and the declared benches must exist for Cargo to load the manifests; they are not built.
 COPY Cargo.toml Cargo.lock ./
 COPY loadtests/Cargo.toml loadtests/Cargo.toml
-RUN mkdir -p src benches loadtests/src \
+COPY client/Cargo.toml client/Cargo.toml
+RUN mkdir -p src benches loadtests/src client/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
+    && touch src/lib.rs client/src/lib.rs \
     && echo 'fn main() {}' > loadtests/src/main.rs \
+    && echo 'fn main() {}' > client/src/main.rs \
     && echo 'fn main() {}' > benches/signing.rs \
     && echo 'fn main() {}' > benches/order_path.rs \
     && cargo build --release --locked --bin cardgate \

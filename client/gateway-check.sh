@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# cardgate-client against a real gateway (the debug build, on local Redis and Postgres):
+# 200 orders plus one refused, the client killed half way, then resumed and re-run. Every
+# order must end in the output exactly once, codes all distinct, the balance charged for
+# exactly 200 codes, and reconciliation clean. Run by scripts/dev test after the build.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+eval "$(scripts/dev services | sed 's/^/export /')"
+work=$(mktemp -d)
+db="cgclient_$$"
+psql "$CARDGATE_DATABASE_URL" -qc "CREATE DATABASE $db"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+base="http://127.0.0.1:$port"
+CARDGATE_DATABASE_URL="${CARDGATE_DATABASE_URL%/*}/$db" CARDGATE_LISTEN="127.0.0.1:$port" \
+  CARDGATE_REDIS_PREFIX="client$$" CARDGATE_MASTER_KEY="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" \
+  CARDGATE_JWT_SECRET="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" CARDGATE_BOOTSTRAP_ADMIN=check:check-password \
+  CARDGATE_LOG=warn ./target/debug/cardgate 2>"$work/gateway.log" &
+gw=$!
+trap 'kill $gw 2>/dev/null; wait $gw 2>/dev/null; psql "$CARDGATE_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; rm -rf "$work"' EXIT
+for _ in $(seq 1 150); do curl -fs "$base/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
+field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+token=$(curl -fs "$base/admin/v1/login" -H 'content-type: application/json' \
+  -d '{"username":"check","password":"check-password"}' | field token)
+admin() { curl -fs "$base$1" -H "authorization: Bearer $token" "${@:2}"; }
+admin /admin/v1/products -H 'content-type: application/json' \
+  -d '{"sku":"client-1","name":"Client check","face_value":100,"base_price":90,"max_quantity":10}' >/dev/null
+seq -f "CHECK-%06g" 1 250 | admin /admin/v1/products/client-1/codes -H 'content-type: text/plain' --data-binary @- >/dev/null
+rid=$(admin /admin/v1/resellers -H 'content-type: application/json' -d '{"name":"Script","tier":"silver"}' | field reseller_id)
+key=$(admin "/admin/v1/resellers/$rid/keys" -X POST)
+admin "/admin/v1/resellers/$rid/balance" -H 'content-type: application/json' -d '{"amount":1000000,"reference":"fund"}' >/dev/null
+export CARDGATE_SECRET; CARDGATE_SECRET=$(echo "$key" | field secret)
+kid=$(echo "$key" | field key_id)
+{ echo merchant_order_no,sku,quantity; seq -f 'm-%g,client-1,1' 1 200; echo 'too-many,client-1,100'; } >"$work/orders.csv"
+client=(./target/debug/cardgate-client orders --input "$work/orders.csv" --output "$work/codes.jsonl"
+  --base-url "$base" --key-id "$kid" --quiet)
+
+"${client[@]}" --rate 40 --batch-size 10 &
+pid=$!
+sleep 2
+kill -9 "$pid"; wait "$pid" 2>/dev/null || true
+echo "client killed with $(wc -l <"$work/codes.jsonl") orders recorded" >&2
+"${client[@]}" --rate 200
+"${client[@]}" --rate 200   # nothing left: sends nothing, changes nothing
+balance=$(admin "/admin/v1/resellers/$rid" | field balance)
+reconciled=$(admin /admin/v1/reconcile | field ok)
+python3 - "$work/codes.jsonl" "$balance" "$reconciled" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+nos = [l["merchant_order_no"] for l in lines]
+codes = [c for l in lines for c in l.get("codes") or []]
+failed = {l["merchant_order_no"]: l["error"]["code"] for l in lines if l["status"] != "fulfilled"}
+checks = {
+    "every order once": sorted(nos) == sorted([f"m-{i}" for i in range(1, 201)] + ["too-many"]),
+    "200 distinct codes": len(codes) == 200 == len(set(codes)),
+    "the refusal recorded": failed == {"too-many": "quantity_out_of_range"},
+    "charged for 200 codes": int(sys.argv[2]) == 1_000_000 - 200 * 90,
+    "reconciliation clean": sys.argv[3] == "True",
+}
+for name, ok in checks.items():
+    print(f"client check: {name}: {'ok' if ok else 'FAILED'}")
+sys.exit(0 if all(checks.values()) else 1)
+PY
