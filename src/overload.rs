@@ -58,7 +58,8 @@ impl Admission {
         if self.thresholds.get(tier).is_some_and(|limit| before >= *limit) {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             metrics::counter!("cardgate_orders_shed_total", "tier" => tier.to_owned()).increment(1);
-            metrics::counter!("cardgate_orders_total", "outcome" => "overloaded", "tier" => tier.to_owned()).increment(1);
+            metrics::counter!("cardgate_orders_total", "outcome" => "overloaded", "tier" => tier.to_owned())
+                .increment(1);
             return Err(ApiError::Overloaded { retry_after_secs: 1 });
         }
         metrics::gauge!("cardgate_orders_in_flight").increment(1.0);

@@ -70,8 +70,48 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::InvalidJson("request body is empty".into()));
     }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+    let value = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
         _ => ApiError::InvalidJson(e.to_string()),
-    })
+    })?;
+    if has_escaped_nul(bytes) {
+        return Err(ApiError::invalid("strings may not contain NUL (\\u0000)"));
+    }
+    Ok(value)
+}
+
+/// Whether a JSON text holds a `\u0000` escape. Postgres text cannot store NUL, so a
+/// string with one would fail deep inside a handler instead of being refused here. A
+/// backslash occurs only inside strings and always starts an escape, so skipping the
+/// escaped character keeps `\\u0000` (a backslash, then "u0000") apart.
+fn has_escaped_nul(b: &[u8]) -> bool {
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'u') && b.get(i + 2..i + 6) == Some(b"0000".as_slice()) {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_escaped_nul_is_found_and_an_escaped_backslash_is_not_one() {
+        assert!(has_escaped_nul(br#"{"name":"a\u0000b"}"#));
+        assert!(has_escaped_nul(br#"{"name":"\\\u0000"}"#));
+        assert!(!has_escaped_nul(br#"{"name":"a\\u0000b"}"#));
+        assert!(!has_escaped_nul(br#"{"name":"\u00e9\u0001"}"#));
+        assert!(matches!(
+            parse_json::<serde_json::Value>(br#"{"name":"a\u0000"}"#),
+            Err(ApiError::InvalidRequest(_))
+        ));
+    }
 }

@@ -12,10 +12,14 @@ fn decode(s: &str) -> Result<String, ApiError> {
     } else {
         Cow::Borrowed(s)
     };
-    percent_decode_str(&plus)
+    let v = percent_decode_str(&plus)
         .decode_utf8()
-        .map(|c| c.into_owned())
-        .map_err(|_| ApiError::invalid("query string is not valid UTF-8"))
+        .map_err(|_| ApiError::invalid("query string is not valid UTF-8"))?;
+    // Postgres text cannot hold NUL: refused here, not as a database error later.
+    if v.contains('\0') {
+        return Err(ApiError::invalid("query string holds a NUL character"));
+    }
+    Ok(v.into_owned())
 }
 
 /// Decoded `name=value` pairs; a later duplicate name wins.

@@ -187,9 +187,14 @@ fn allow(method: &Method, allowed: Methods, route: Route) -> Result<Route, ApiEr
 
 /// A path segment decoded for use as a parameter; invalid UTF-8 is a client error.
 pub fn param(seg: &str) -> Result<Cow<'_, str>, ApiError> {
-    percent_decode_str(seg)
+    let p = percent_decode_str(seg)
         .decode_utf8()
-        .map_err(|_| ApiError::invalid("path parameter is not valid UTF-8"))
+        .map_err(|_| ApiError::invalid("path parameter is not valid UTF-8"))?;
+    // Postgres text cannot hold NUL: refused here, not as a database error later.
+    if p.contains('\0') {
+        return Err(ApiError::invalid("path parameter holds a NUL character"));
+    }
+    Ok(p)
 }
 
 pub async fn dispatch(
@@ -270,5 +275,6 @@ mod tests {
     fn params_are_percent_decoded() {
         assert_eq!(param("%E8%AF%9D%E8%B4%B9-100").unwrap(), "话费-100");
         assert!(param("%FF").is_err());
+        assert!(param("a%00b").is_err());
     }
 }
