@@ -59,7 +59,11 @@ impl App {
             .unwrap_or_default();
         let tokens = Tokens::new(&jwt_secret, std::time::Duration::from_secs(config.admin.token_ttl_secs));
         let rate_limits = RateLimits::new(&config.tiers);
-        let admission = Admission::new(&config.tiers, config.overload.max_in_flight_orders);
+        let admission = Admission::new(
+            &config.tiers,
+            config.overload.max_in_flight_orders,
+            std::time::Duration::from_millis(config.overload.standing_ms),
+        );
         let app = App {
             config,
             settings,

@@ -96,6 +96,7 @@ pub struct OrdersConfig {
 #[serde(deny_unknown_fields)]
 pub struct OverloadConfig {
     pub max_in_flight_orders: usize,
+    pub standing_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -2,38 +2,82 @@
 //! refused first with `503 overloaded`, so the top tier keeps its latency.
 //!
 //! The signal is the number of this process's order requests in flight (a batch is one):
-//! admitted and not yet answered, which includes the wait for the ledger's commit. By Little's law it is the
-//! arrival rate times the latency, so it rises both when too many orders arrive and when
-//! Redis or Postgres slow down, and it reacts at once, unlike a latency average. Each tier
-//! below the top has a share of `max_in_flight_orders` by its rank in `priority`: with
-//! four tiers the lowest is refused from a third of it, the next from two thirds, the
-//! third from all of it. The top tier is never refused here: what is shed makes room for
-//! it, and its own volume is bounded by its rate limit.
+//! admitted and not yet answered, which includes the wait for the ledger's commit. By
+//! Little's law it is the arrival rate times the latency, so it rises both when too many
+//! orders arrive and when Redis or Postgres slow down, and it reacts at once.
+//!
+//! Bursts are not overload: the gateway counts as saturated only once the count has
+//! stayed at or above half of `max_in_flight_orders` for `standing_ms` (a standing
+//! queue, as CoDel tells one from a burst). Then each tier below the top is refused from
+//! its share of `max_in_flight_orders` by its rank in `priority`: with four tiers the
+//! lowest from a third of it, the next from two thirds, the third from all of it. The top
+//! tier is never refused here: what is shed makes room for it, and its own volume is
+//! bounded by its rate limit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::config::Tier;
 use crate::error::ApiError;
 
+/// `above_since` when the count is below the floor.
+const BELOW: u64 = u64::MAX;
+
 pub struct Admission {
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
     /// Tier name -> in-flight count from which its orders are refused; absent: never.
     thresholds: HashMap<String, usize>,
+    state: Arc<Standing>,
 }
 
-/// Held while an order is in flight; dropping it ends the order.
-pub struct Slot<'a>(&'a AtomicUsize);
+/// Since when (µs after `epoch`) the count has been at or above `floor`.
+struct Standing {
+    floor: usize,
+    epoch: Instant,
+    above_since: AtomicU64,
+    standing: Duration,
+}
 
-impl Drop for Slot<'_> {
+impl Standing {
+    fn observe(&self, count: usize) {
+        if count < self.floor {
+            self.above_since.store(BELOW, Ordering::Relaxed);
+        } else if self.above_since.load(Ordering::Relaxed) == BELOW {
+            let now = self.epoch.elapsed().as_micros() as u64;
+            let _ = self
+                .above_since
+                .compare_exchange(BELOW, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    fn saturated(&self) -> bool {
+        let since = self.above_since.load(Ordering::Relaxed);
+        since != BELOW && self.epoch.elapsed().as_micros() as u64 >= since + self.standing.as_micros() as u64
+    }
+}
+
+/// Held while an order request is in flight; dropping it ends the request.
+pub struct Slot {
+    in_flight: Arc<AtomicUsize>,
+    state: Arc<Standing>,
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let after = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.state.observe(after);
         metrics::gauge!("cardgate_orders_in_flight").decrement(1.0);
     }
 }
 
 impl Admission {
-    pub fn new<'a>(tiers: impl IntoIterator<Item = (&'a String, &'a Tier)>, max_in_flight: usize) -> Admission {
+    pub fn new<'a>(
+        tiers: impl IntoIterator<Item = (&'a String, &'a Tier)>,
+        max_in_flight: usize,
+        standing: Duration,
+    ) -> Admission {
         let tiers: Vec<(&String, u32)> = tiers.into_iter().map(|(n, t)| (n, t.priority)).collect();
         let mut ranks: Vec<u32> = tiers.iter().map(|(_, p)| *p).collect();
         ranks.sort_unstable();
@@ -47,23 +91,35 @@ impl Admission {
             })
             .collect();
         Admission {
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             thresholds,
+            state: Arc::new(Standing {
+                floor: (max_in_flight / 2).max(1),
+                epoch: Instant::now(),
+                above_since: AtomicU64::new(BELOW),
+                standing,
+            }),
         }
     }
 
-    /// Admits one order request (single or batch) of `tier`, or refuses it when the gateway is too busy for that tier.
-    pub fn admit(&self, tier: &str) -> Result<Slot<'_>, ApiError> {
+    /// Admits one order request (single or batch) of `tier`, or refuses it when the
+    /// gateway is saturated and `tier`'s share is taken.
+    pub fn admit(&self, tier: &str) -> Result<Slot, ApiError> {
         let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        if self.thresholds.get(tier).is_some_and(|limit| before >= *limit) {
+        let over_share = self.thresholds.get(tier).is_some_and(|limit| before >= *limit);
+        if over_share && self.state.saturated() {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             metrics::counter!("cardgate_orders_shed_total", "tier" => tier.to_owned()).increment(1);
             metrics::counter!("cardgate_orders_total", "outcome" => "overloaded", "tier" => tier.to_owned())
                 .increment(1);
             return Err(ApiError::Overloaded { retry_after_secs: 1 });
         }
+        self.state.observe(before + 1);
         metrics::gauge!("cardgate_orders_in_flight").increment(1.0);
-        Ok(Slot(&self.in_flight))
+        Ok(Slot {
+            in_flight: self.in_flight.clone(),
+            state: self.state.clone(),
+        })
     }
 
     pub fn in_flight(&self) -> usize {
@@ -87,20 +143,34 @@ mod tests {
         }
     }
 
-    fn admission(tiers: &[(&str, u32)], max: usize) -> Admission {
+    fn admission(tiers: &[(&str, u32)], max: usize, standing: Duration) -> Admission {
         let tiers: Vec<(String, Tier)> = tiers.iter().map(|(n, p)| (n.to_string(), tier(*p))).collect();
-        Admission::new(tiers.iter().map(|(n, t)| (n, t)), max)
+        Admission::new(tiers.iter().map(|(n, t)| (n, t)), max, standing)
+    }
+
+    const TIERS: &[(&str, u32)] = &[("standard", 10), ("silver", 20), ("gold", 30), ("diamond", 40)];
+
+    #[test]
+    fn a_burst_is_admitted_whole() {
+        let a = admission(TIERS, 6, Duration::from_secs(3600));
+        let held: Vec<_> = (0..20)
+            .map(|_| a.admit("standard").expect("no standing queue yet"))
+            .collect();
+        assert_eq!(a.in_flight(), 20);
+        drop(held);
+        assert_eq!(a.in_flight(), 0);
     }
 
     #[test]
-    fn lower_tiers_are_refused_first_and_the_top_tier_never() {
-        let a = admission(&[("standard", 10), ("silver", 20), ("gold", 30), ("diamond", 40)], 6);
+    fn with_a_standing_queue_lower_tiers_are_refused_first_and_the_top_tier_never() {
+        let a = admission(TIERS, 6, Duration::ZERO);
         let mut held = Vec::new();
         for _ in 0..2 {
             held.push(a.admit("standard").expect("below a third"));
         }
+        // 2 in flight is below the floor (3): a queue that small is not saturation.
+        held.push(a.admit("standard").expect("not saturated"));
         assert!(matches!(a.admit("standard"), Err(ApiError::Overloaded { .. })));
-        held.push(a.admit("silver").unwrap());
         held.push(a.admit("silver").unwrap());
         assert!(matches!(a.admit("silver"), Err(ApiError::Overloaded { .. })));
         held.push(a.admit("gold").unwrap());
@@ -111,16 +181,16 @@ mod tests {
         }
         assert_eq!(a.in_flight(), 106);
         held.clear();
-        assert_eq!(a.in_flight(), 0, "refusals and finished orders give their slot back");
-        assert!(a.admit("standard").is_ok());
+        assert_eq!(a.in_flight(), 0, "refusals and finished requests give their slot back");
+        assert!(a.admit("standard").is_ok(), "the queue drained: no longer saturated");
     }
 
     #[test]
     fn equal_priorities_share_a_rank_and_one_tier_is_never_shed() {
-        let a = admission(&[("a", 1), ("b", 1), ("top", 5)], 3);
+        let a = admission(&[("a", 1), ("b", 1), ("top", 5)], 3, Duration::ZERO);
         let _x = (a.admit("a").unwrap(), a.admit("b").unwrap(), a.admit("a").unwrap());
         assert!(a.admit("b").is_err() && a.admit("a").is_err());
-        let solo = admission(&[("only", 1)], 1);
+        let solo = admission(&[("only", 1)], 1, Duration::ZERO);
         let _held: Vec<_> = (0..10).map(|_| solo.admit("only").unwrap()).collect();
     }
 }

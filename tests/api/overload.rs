@@ -12,9 +12,11 @@ use crate::orders::{buyer, shop_with, SKU};
 
 #[tokio::test]
 async fn lower_tiers_are_shed_first_while_the_top_tier_is_admitted() {
-    // Thresholds with four tiers and 3: standard from 1 in flight, silver from 2, gold from 3.
+    // Thresholds with four tiers and 3: standard from 1 in flight, silver from 2, gold
+    // from 3, once 1 (half of 3) has stood in flight for 50 ms.
     let (app, t, _) = shop_with(20, |env| {
         env.insert("CARDGATE_OVERLOAD__MAX_IN_FLIGHT_ORDERS".into(), "3".into());
+        env.insert("CARDGATE_OVERLOAD__STANDING_MS".into(), "50".into());
         env.insert("CARDGATE_ORDERS__COMMIT_TIMEOUT_MS".into(), "20000".into());
     })
     .await;
@@ -37,6 +39,7 @@ async fn lower_tiers_are_shed_first_while_the_top_tier_is_admitted() {
         eventually(Duration::from_secs(5), || async { app.stock_len(SKU).await == 19 }).await,
         "the first order is reserved and waits for the ledger"
     );
+    tokio::time::sleep(Duration::from_millis(200)).await; // a standing queue, not a burst
 
     let shed = |resp: reqwest::Response| async move {
         let retry_after = resp

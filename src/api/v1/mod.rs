@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::auth::reseller::{nonce_fresh, spend_nonce, verify, Caller, Verified};
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
+use crate::overload::Slot;
 use crate::ratelimit::{Class, Headers, Outcome};
 
 /// A signed request past authentication and the rate limiter.
@@ -23,6 +24,8 @@ pub struct Signed {
     headers: Option<Headers>,
     /// Set once the nonce was spent, by [`Signed::query`] or by [`Signed::finish`].
     nonce_spent: AtomicBool,
+    /// Order requests (the writes) hold their place in the overload count until answered.
+    _admitted: Option<Slot>,
 }
 
 pub enum Begin {
@@ -68,7 +71,21 @@ pub async fn begin(
             return Ok(Begin::Done(resp));
         }
     };
+    let mut admitted = None;
     if class == Class::Writes {
+        // Before the nonce: a shed request costs no Redis round trip, and since nothing of
+        // it was done, the same signed request may simply be sent again. A batch is
+        // admitted or shed whole.
+        match app.admission.admit(&r.tier) {
+            Ok(slot) => admitted = Some(slot),
+            Err(e) => {
+                let mut resp = crate::http::response::error(&e, &ctx.request_id);
+                if let Some(h) = headers {
+                    set_headers(&mut resp, h);
+                }
+                return Ok(Begin::Done(resp));
+            }
+        }
         spend_nonce(app, &verified).await?;
     }
     Ok(Begin::Go(Box::new(Signed {
@@ -77,6 +94,7 @@ pub async fn begin(
         verified,
         headers,
         nonce_spent: AtomicBool::new(class == Class::Writes),
+        _admitted: admitted,
     })))
 }
 

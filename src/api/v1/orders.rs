@@ -25,7 +25,6 @@ pub const BATCH_MAX: usize = 100;
 pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let s = signed!(app, ctx, req, Class::Writes);
     let result = async {
-        let _slot = app.admission.admit(&s.caller().reseller.tier)?;
         let order = OrderRequest::parse(&body::parse_json::<Value>(&s.body)?)?;
         match orders::place(app, &s.caller().reseller, &order).await? {
             Placed::Created(o) => response::json(StatusCode::CREATED, &o),
@@ -61,8 +60,6 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
     };
     let s = signed!(app, ctx, req, Class::Writes, count);
     let result = async {
-        // A batch is admitted or shed whole, so nothing of a refused batch is processed.
-        let _slot = app.admission.admit(&s.caller().reseller.tier)?;
         let v: Value = body::parse_json(&s.body)?;
         let cap = batch_cap(app, &s.caller().reseller.tier);
         let items = v
