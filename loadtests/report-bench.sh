@@ -24,11 +24,12 @@ SQL
 chunk=500000
 for ((done = 0; done < n; done += chunk)); do
   size=$(( n - done < chunk ? n - done : chunk ))
-  # Resellers buy on a skewed schedule: reseller r orders about every (1 + r % 7) days.
-  sql -v off="$done" -v size="$size" <<'SQL'
+  # Orders arrive in time order over the 180 days, as they are committed; resellers and
+  # SKUs are spread over them.
+  sql -v off="$done" -v size="$size" -v n="$n" <<'SQL'
 INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount, currency, created_at)
 SELECT 'ord_gen' || g, r.id, 'm' || g, p.id, p.sku, q, 9800, 9800 * q, 'CNY',
-       now() - (180 * random()) * interval '1 day'
+       now() - interval '180 days' + (g::float8 / :n) * interval '180 days'
   FROM generate_series(:off::bigint + 1, :off::bigint + :size) g
   CROSS JOIN LATERAL (SELECT 1 + (g * 7919) % 1000 AS r, 1 + (g * 104729) % 200 AS p, 1 + g % 3 AS q) k
   JOIN resellers r ON r.reseller_id = 'rs_gen' || k.r
