@@ -401,6 +401,13 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
         .admin_ok(&t, Method::POST, &path, Some(json!({"reason": "twice"})), 200)
         .await;
     assert_eq!(again, r, "idempotent: the first refund's answer");
+    // A bodiless replay (the reason is optional) says it is one.
+    let resp = app.client.post(app.url(&path)).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
     assert_eq!(app.balance_of(&k).await, 100_000, "credited once");
     let resp = app
         .admin(&t, Method::POST, "/admin/v1/orders/ord_nope/refund", Some(json!({})))

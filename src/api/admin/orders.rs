@@ -6,7 +6,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{authorize, authorized_json};
+use super::authorize;
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
@@ -63,19 +63,32 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
     response::json(StatusCode::OK, &json!({"orders": orders, "next_cursor": next_cursor}))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RefundBody {
     reason: Option<String>,
 }
 
 pub async fn refund(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str) -> Result<Response<Body>, ApiError> {
-    let (actor, body): (_, RefundBody) = authorized_json(app, ctx, req, Need::Write).await?;
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    // The reason is optional, so the body is too.
+    let bytes = crate::http::body::read_json_body(&parts, body, &app.config.http).await?;
+    let body: RefundBody = if bytes.is_empty() {
+        RefundBody::default()
+    } else {
+        crate::http::body::parse_json(&bytes)?
+    };
     if body.reason.as_ref().is_some_and(|r| r.len() > REASON_MAX) {
         return Err(ApiError::invalid(format!("reason: at most {REASON_MAX} bytes")));
     }
     let refunded = crate::orders::refund::refund(app, &actor, order_id, body.reason.as_deref()).await?;
-    response::json(StatusCode::OK, &refunded)
+    let mut resp = response::json(StatusCode::OK, &refunded)?;
+    if refunded.replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", hyper::header::HeaderValue::from_static("true"));
+    }
+    Ok(resp)
 }
 
 /// The reconciliation report; `200` either way, with `"ok": false` and the problems
