@@ -32,6 +32,20 @@ pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Result<Resp
     Ok(bytes(status, JSON, body))
 }
 
+/// A JSON answer carrying a secret shown only this once: no cache may keep it.
+pub fn secret_json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
+    let mut resp = json(status, value)?;
+    resp.headers_mut()
+        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// Marks the answer to an idempotent replay (`Idempotent-Replayed: true`).
+pub fn mark_replayed(resp: &mut Response<Body>) {
+    resp.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+}
+
 pub fn bytes(status: StatusCode, content_type: HeaderValue, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;

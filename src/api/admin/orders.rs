@@ -85,8 +85,7 @@ pub async fn refund(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str
     let refunded = crate::orders::refund::refund(app, &actor, order_id, body.reason.as_deref()).await?;
     let mut resp = response::json(StatusCode::OK, &refunded)?;
     if refunded.replayed {
-        resp.headers_mut()
-            .insert("idempotent-replayed", hyper::header::HeaderValue::from_static("true"));
+        response::mark_replayed(&mut resp);
     }
     Ok(resp)
 }

@@ -1,7 +1,6 @@
 //! Resellers, their API keys and balances.
 
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -163,10 +162,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     let row = load(&client, &reseller_id).await?;
     let mut body = reseller_json(&row, &app.config.currency);
     body["webhook_secret"] = Value::String(webhook_secret);
-    let mut resp = response::json(StatusCode::CREATED, &body)?;
-    resp.headers_mut()
-        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    response::secret_json(StatusCode::CREATED, &body)
 }
 
 pub async fn patch(
@@ -286,14 +282,10 @@ pub async fn create_key(
     )
     .await?;
     crate::sync::changed(app).await;
-    let mut resp = response::json(
+    response::secret_json(
         StatusCode::CREATED,
         &json!({"key_id": key_id, "secret": secret, "reseller_id": reseller_id, "created_at": rfc3339(created_at)}),
-    )?;
-    // The one answer that carries the secret must not be kept by any cache.
-    resp.headers_mut()
-        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    )
 }
 
 /// `POST /admin/v1/resellers/{id}/webhook_secret`: a new secret, shown only in this
@@ -329,13 +321,10 @@ pub async fn rotate_webhook_secret(
         json!({}),
     )
     .await?;
-    let mut resp = response::json(
+    response::secret_json(
         StatusCode::OK,
         &json!({"reseller_id": reseller_id, "webhook_secret": secret}),
-    )?;
-    resp.headers_mut()
-        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    )
 }
 
 pub async fn revoke_key(
@@ -395,8 +384,7 @@ pub async fn adjust_balance(
     let adjusted = balance::adjust(app, &actor, pk, reseller_id, a.amount, &a.reference, a.note.as_deref()).await?;
     let mut resp = response::json(StatusCode::OK, &adjusted)?;
     if adjusted.replayed {
-        resp.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        response::mark_replayed(&mut resp);
     }
     Ok(resp)
 }

@@ -5,7 +5,6 @@ use std::collections::HashSet;
 
 use futures_util::future::join_all;
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -31,8 +30,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
             Placed::Replayed(o) => {
                 reveal(app, s.caller(), &o, "replay").await?;
                 let mut resp = response::json(StatusCode::OK, &o)?;
-                resp.headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                response::mark_replayed(&mut resp);
                 Ok(resp)
             }
         }
