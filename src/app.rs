@@ -17,7 +17,7 @@ use crate::health::Health;
 use crate::ledger::Waiters;
 use crate::overload::Admission;
 use crate::ratelimit::RateLimits;
-use crate::store::{self, keys::Keys};
+use crate::store::{self, coalesce::Coalescer, keys::Keys};
 use crate::telemetry;
 
 pub struct App {
@@ -25,6 +25,8 @@ pub struct App {
     pub settings: Validated,
     pub pg: Pool,
     pub redis: ConnectionManager,
+    /// Signed reads' Redis commands, many requests to a pipeline.
+    pub coalescer: Coalescer,
     pub keys: Keys,
     pub metrics: PrometheusHandle,
     pub crypto: Crypto,
@@ -68,6 +70,7 @@ impl App {
             config,
             settings,
             pg,
+            coalescer: Coalescer::start(redis.clone()),
             redis,
             keys,
             metrics,

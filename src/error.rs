@@ -195,6 +195,13 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 
 impl From<redis::RedisError> for ApiError {
     fn from(e: redis::RedisError) -> Self {
+        ApiError::redis(&e)
+    }
+}
+
+impl ApiError {
+    /// A Redis failure: `unavailable` while Redis cannot be reached, otherwise internal.
+    pub fn redis(e: &redis::RedisError) -> Self {
         if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
             tracing::warn!(error = %e, "redis unavailable");
             ApiError::Unavailable {
@@ -202,7 +209,7 @@ impl From<redis::RedisError> for ApiError {
                 retry_after_secs: 1,
             }
         } else {
-            ApiError::Internal(e.into())
+            ApiError::Internal(anyhow::anyhow!("redis: {e}"))
         }
     }
 }

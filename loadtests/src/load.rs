@@ -28,7 +28,7 @@ use tokio::sync::{Barrier, Semaphore};
 #[derive(Clone, Debug)]
 pub struct Key {
     pub id: String,
-    pub secret: Vec<u8>,
+    pub signer: cardgate::auth::signing::Signer,
     pub tier: String,
 }
 
@@ -135,7 +135,7 @@ fn authorization(key: &Key, method: &str, path: &str, body: &[u8]) -> String {
         query: None,
         body,
     };
-    cardgate::auth::signing::authorization(&key.id, &key.secret, &message)
+    key.signer.authorization(&key.id, &message)
 }
 
 /// Request number `n` of the run: its key goes round the keys, so every tier gets its share.

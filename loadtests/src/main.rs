@@ -52,7 +52,7 @@ fn plan(f: &HashMap<String, String>) -> Plan {
                 let mut p = l.split_whitespace();
                 Some(Key {
                     id: p.next()?.to_owned(),
-                    secret: p.next()?.as_bytes().to_vec(),
+                    signer: cardgate::auth::signing::Signer::new(p.next()?.as_bytes()),
                     tier: p.next().unwrap_or("none").to_owned(),
                 })
             })

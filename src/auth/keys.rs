@@ -13,6 +13,7 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use ipnet::IpNet;
 
+use super::signing::Signer;
 use crate::config::parse_cidr;
 use crate::crypto::{Crypto, Purpose};
 
@@ -32,7 +33,7 @@ impl Reseller {
 }
 
 pub struct KeyEntry {
-    pub secret: Vec<u8>,
+    pub signer: Signer,
     pub reseller: Arc<Reseller>,
 }
 
@@ -88,7 +89,13 @@ impl KeyCache {
                     })
                 })
                 .clone();
-            keys.insert(key_id, Arc::new(KeyEntry { secret, reseller }));
+            keys.insert(
+                key_id,
+                Arc::new(KeyEntry {
+                    signer: Signer::new(&secret),
+                    reseller,
+                }),
+            );
         }
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         Ok(())

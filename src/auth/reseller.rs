@@ -1,20 +1,21 @@
 //! Authenticating a signed `/v1` request, in the order of API.md §1's table:
 //! header, timestamp window, signature, nonce, IP allow-list, suspension.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use hyper::header::AUTHORIZATION;
 use hyper::http::request::Parts;
 
 use super::keys::Reseller;
-use super::signing::{self, NONCE_TTL_SECS, TIMESTAMP_WINDOW_SECS};
+use super::signing::{self, Signer, NONCE_TTL_SECS, TIMESTAMP_WINDOW_SECS};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::http::Ctx;
 
-/// A secret no key has: an unknown key still costs a full HMAC, so the answer's timing
-/// does not say whether the key exists.
-const NO_SUCH_KEY_SECRET: &[u8] = b"cardgate: no such key, verification fails regardless";
+/// Keyed with a secret no key has: an unknown key still costs a full HMAC, so the
+/// answer's timing does not say whether the key exists.
+static NO_SUCH_KEY: LazyLock<Signer> =
+    LazyLock::new(|| Signer::new(b"cardgate: no such key, verification fails regardless"));
 
 #[derive(Clone)]
 pub struct Caller {
@@ -49,17 +50,16 @@ pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> Result<Verifi
     }
 
     let entry = app.key_cache.get(header.key_id);
-    let secret = entry.as_ref().map_or(NO_SUCH_KEY_SECRET, |e| e.secret.as_slice());
-    let sts = signing::Message {
+    let signer = entry.as_ref().map_or(&*NO_SUCH_KEY, |e| &e.signer);
+    let message = signing::Message {
         timestamp: header.timestamp,
         nonce: header.nonce,
         method: parts.method.as_str(),
         path: parts.uri.path(),
         query: parts.uri.query(),
         body,
-    }
-    .string_to_sign();
-    let valid = signing::verify(secret, &sts, &header.signature);
+    };
+    let valid = signer.verify(&message, &header.signature);
     let Some(entry) = entry.filter(|_| valid) else {
         return Err(ApiError::InvalidSignature);
     };

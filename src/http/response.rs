@@ -15,10 +15,9 @@ const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 pub fn new_request_id() -> String {
     let bytes: [u8; 12] = rand::thread_rng().gen();
-    let mut id = String::with_capacity(28);
-    id.push_str("req_");
-    id.push_str(&hex::encode(bytes));
-    id
+    let mut id = *b"req_000000000000000000000000";
+    hex::encode_to_slice(bytes, &mut id[4..]).expect("24 hex digits fit");
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 pub fn set_request_id(resp: &mut Response<Body>, request_id: &str) {

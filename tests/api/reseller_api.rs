@@ -395,3 +395,120 @@ async fn a_replayed_read_is_refused_even_when_the_first_answer_never_touched_red
     let replay = app.signed_at(&k, Method::GET, "/v1/products", None, now, &n, &[]).await;
     assert_eq!(code_of(replay).await, code(401, "nonce_reused"));
 }
+
+/// Concurrent reads share Redis pipelines (`store::coalesce`): each must still get its
+/// own balance, the live stock, and its own nonce spent exactly once.
+#[tokio::test]
+async fn concurrent_reads_share_pipelines_yet_each_gets_its_own_answer() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    app.create_product(&t, "coalesce-a").await;
+    app.create_product(&t, "coalesce-b").await;
+    app.import_codes(&t, "coalesce-a", "A1\nA2\nA3\n").await;
+    app.import_codes(&t, "coalesce-b", "B1\nB2\nB3\nB4\nB5\n").await;
+    let mut keys = Vec::new();
+    for i in 0..8i64 {
+        let k = app.reseller_with_key(&t, "gold", json!({})).await;
+        app.fund(&t, &k.reseller_id, 1_000 * (i + 1) + i).await;
+        keys.push(k);
+    }
+    let now = now_secs();
+    let mut calls = Vec::new();
+    for i in 0..320usize {
+        let (k, n) = (i % 8, nonce());
+        let path = if i % 2 == 0 { "/v1/balance" } else { "/v1/products" };
+        // Every fifth request is sent twice at once with the same nonce.
+        let copies = if i % 5 == 0 { 2 } else { 1 };
+        for _ in 0..copies {
+            let req = app.signed_request(&keys[k], Method::GET, path, None, now, &n, &[]);
+            calls.push(async move { (i, k, req.send().await.unwrap()) });
+        }
+    }
+    let answers = futures_util::future::join_all(calls).await;
+    let mut fresh = std::collections::HashMap::<usize, u32>::new();
+    for (i, k, resp) in answers {
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        if status == 401 {
+            assert_eq!(body["error"]["code"], "nonce_reused", "{body}");
+            continue;
+        }
+        assert_eq!(status, 200, "{body}");
+        *fresh.entry(i).or_default() += 1;
+        if i % 2 == 0 {
+            assert_eq!(body["balance"], 1_000 * (k as i64 + 1) + k as i64, "request {i}");
+        } else {
+            let available: std::collections::HashMap<_, _> = body["products"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p["sku"].as_str().unwrap().to_string(), p["available"].as_i64().unwrap()))
+                .collect();
+            assert_eq!(available["coalesce-a"], 3, "request {i}");
+            assert_eq!(available["coalesce-b"], 5, "request {i}");
+        }
+    }
+    // Every request answered once, the duplicates refused.
+    assert_eq!(fresh.len(), 320);
+    assert!(fresh.values().all(|&n| n == 1), "a nonce was accepted twice");
+    // And they did share: some pipeline carried more than one request.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let figure = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not exported"))
+    };
+    let (sum, count) = (
+        figure("cardgate_redis_coalesced_requests_sum"),
+        figure("cardgate_redis_coalesced_requests_count"),
+    );
+    assert!(sum > count, "{sum} requests in {count} pipelines: nothing was shared");
+}
+
+/// A command Redis refuses fails the request that sent it, not the others sharing its
+/// pipeline, and shared reads are asked once for all.
+#[tokio::test]
+async fn a_refused_command_fails_only_its_own_request() {
+    let client = redis::Client::open(env_url("CARDGATE_REDIS_URL").as_str()).unwrap();
+    let mut conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let p = format!("coalesce-test-{}", random_suffix());
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(format!("{p}:string"))
+        .arg("x")
+        .cmd("RPUSH")
+        .arg(format!("{p}:list"))
+        .arg(&["a", "b"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let coalescer = cardgate::store::coalesce::Coalescer::start(conn);
+    let mut calls = Vec::new();
+    for i in 0..60 {
+        let mut pipe = redis::pipe();
+        pipe.cmd("LLEN").arg(format!("{p}:list"));
+        if i % 3 == 0 {
+            // WRONGTYPE: a list command on a string.
+            pipe.cmd("LLEN").arg(format!("{p}:string"));
+        } else {
+            pipe.cmd("INCR").arg(format!("{p}:counter"));
+        }
+        let c = coalescer.clone();
+        calls.push(async move { (i, c.query(pipe).await) });
+    }
+    let mut counts = Vec::new();
+    for (i, r) in futures_util::future::join_all(calls).await {
+        if i % 3 == 0 {
+            assert!(r.is_err(), "request {i}: WRONGTYPE not reported");
+        } else {
+            let values = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(values.len(), 2);
+            assert_eq!(redis::from_redis_value::<i64>(values[0].clone()).unwrap(), 2);
+            counts.push(redis::from_redis_value::<i64>(values[1].clone()).unwrap());
+        }
+    }
+    // INCR is not a shared read: each request's own reply.
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=40).collect::<Vec<_>>());
+}

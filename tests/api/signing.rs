@@ -1,4 +1,4 @@
-use cardgate::auth::signing::{authorization, parse_header, sign, verify, Message};
+use cardgate::auth::signing::{authorization, parse_header, sign, verify, Message, Signer};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -39,6 +39,35 @@ fn our_signer_reproduces_every_vector() {
             sign(secret, &sts),
             v["signature"].as_str().unwrap(),
             "{name}: signature"
+        );
+        // The gateway's path: the keyed state cloned, the pieces fed without the string.
+        let signer = Signer::new(secret);
+        assert_eq!(
+            hex::encode(signer.sign(&message)),
+            v["signature"].as_str().unwrap(),
+            "{name}: signature fed in pieces"
+        );
+        let given = parse_header(v["authorization"].as_str().unwrap()).unwrap().signature;
+        assert!(signer.verify(&message, &given), "{name}: verified in pieces");
+        let mut body = message.body.to_vec();
+        body.push(b' ');
+        assert!(
+            !signer.verify(&Message { body: &body, ..message }, &given),
+            "{name}: body changed"
+        );
+        assert!(
+            !signer.verify(
+                &Message {
+                    timestamp: message.timestamp + 1,
+                    ..message
+                },
+                &given
+            ),
+            "{name}: timestamp changed"
+        );
+        assert!(
+            !Signer::new(b"another secret").verify(&message, &given),
+            "{name}: another secret"
         );
         let header = authorization("ak_test_vector", secret, &message);
         assert_eq!(header, v["authorization"].as_str().unwrap(), "{name}: header");

@@ -103,14 +103,13 @@ impl Signed {
         &self.verified.caller
     }
 
-    /// Runs `pipe` with the nonce's `SET NX` added at its end, in one Redis round trip,
-    /// and returns the replies of `pipe`'s own commands, or `nonce_reused`. Reads have no
-    /// side effects, so where the nonce stands in the pipeline does not matter; it is
-    /// checked before anything is answered.
+    /// Runs `pipe` with the nonce's `SET NX` added at its end, in one Redis round trip
+    /// shared with the other reads of the moment, and returns the replies of `pipe`'s own
+    /// commands, or `nonce_reused`. Reads have no side effects, so where the nonce stands
+    /// in the pipeline does not matter; it is checked before anything is answered.
     pub async fn query(&self, app: &App, mut pipe: redis::Pipeline) -> Result<Vec<redis::Value>, ApiError> {
         self.verified.spend_in(&mut pipe);
-        let mut redis = app.redis();
-        let mut replies: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
+        let mut replies = app.coalescer.query(pipe).await?;
         self.nonce_spent.store(true, Ordering::Relaxed);
         let nonce = replies
             .pop()

@@ -61,7 +61,11 @@ pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Re
         let counts = available(app, &s, &list).await?;
         let tier = &s.caller().reseller.tier;
         let views: Vec<_> = list.iter().zip(counts).map(|(p, n)| view(app, p, tier, n)).collect();
-        response::json(StatusCode::OK, &serde_json::json!({ "products": views }))
+        #[derive(Serialize)]
+        struct Products<'a> {
+            products: Vec<ProductView<'a>>,
+        }
+        response::json(StatusCode::OK, &Products { products: views })
     }
     .await;
     s.finish(app, ctx, result).await

@@ -1,0 +1,135 @@
+//! Signed reads' Redis commands, coalesced: the requests that arrive while earlier
+//! pipelines are out share the next one, as orders share a ledger commit. Each read
+//! still gets its own nonce spent and its own live figures; under load many go in one
+//! write to Redis and one reply, instead of one round trip each.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use redis::{Arg, Pipeline, RedisError, Value};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::ApiError;
+
+/// Pipelines out at once: while they are, new requests queue for the next.
+const IN_FLIGHT: usize = 4;
+/// Requests in one pipeline at most, so one reply never grows without bound.
+const MAX_REQUESTS: usize = 256;
+
+struct Job {
+    pipe: Pipeline,
+    reply: oneshot::Sender<Result<Vec<Value>, ApiError>>,
+}
+
+#[derive(Clone)]
+pub struct Coalescer {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Coalescer {
+    /// Starts the task that sends the pipelines; it ends when the last handle is dropped.
+    pub fn start(redis: ConnectionManager) -> Self {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(rx, redis));
+        Coalescer { jobs }
+    }
+
+    /// Runs `pipe`'s commands, in order, in a pipeline shared with other requests and
+    /// returns their replies. A command Redis refuses fails this request only.
+    pub async fn query(&self, pipe: Pipeline) -> Result<Vec<Value>, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || ApiError::internal(anyhow::anyhow!("the Redis coalescer has stopped"));
+        self.jobs.send(Job { pipe, reply }).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<Job>, redis: ConnectionManager) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        // A free slot first, then whatever has queued meanwhile: the batch forms while
+        // the slots are busy, and an idle gateway sends each request at once.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_REQUESTS {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut redis = redis.clone();
+        tokio::spawn(async move {
+            send(&mut redis, jobs).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Commands whose reply is the same for every request in one pipeline: each is sent
+/// once per pipeline however many requests ask it (the figure is as live as a request's
+/// own round trip would read it).
+const SHARED_READS: [&[u8]; 2] = [b"LLEN", b"GET"];
+
+async fn send(redis: &mut ConnectionManager, jobs: Vec<Job>) {
+    metrics::histogram!("cardgate_redis_coalesced_requests").record(jobs.len() as f64);
+    let mut pipe = redis::pipe();
+    // Errors come back per command, so one request's refusal is not another's.
+    pipe.ignore_errors();
+    let mut sent: HashMap<Vec<u8>, usize> = HashMap::new();
+    // For each job, the position of each of its commands' replies.
+    let mut wants: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
+    for j in &jobs {
+        let mut positions = Vec::with_capacity(j.pipe.len());
+        for c in j.pipe.cmd_iter() {
+            let shared = matches!(c.args_iter().next(), Some(Arg::Simple(name)) if SHARED_READS.contains(&name));
+            let position = if shared {
+                *sent.entry(c.get_packed_command()).or_insert_with(|| {
+                    pipe.add_command(c.clone());
+                    pipe.len() - 1
+                })
+            } else {
+                pipe.add_command(c.clone());
+                pipe.len() - 1
+            };
+            positions.push(position);
+        }
+        wants.push(positions);
+    }
+    match pipe.query_async::<Vec<Value>>(redis).await {
+        Ok(values) if values.len() != pipe.len() => {
+            for j in jobs {
+                let _ = j.reply.send(Err(ApiError::internal(anyhow::anyhow!(
+                    "a pipeline of {} commands had {} replies",
+                    pipe.len(),
+                    values.len()
+                ))));
+            }
+        }
+        Ok(values) => {
+            for (j, positions) in jobs.into_iter().zip(wants) {
+                let mine = positions.iter().map(|&p| values[p].clone()).collect();
+                let _ = j.reply.send(own(mine));
+            }
+        }
+        Err(e) => {
+            for j in jobs {
+                let _ = j.reply.send(Err(ApiError::redis(&e)));
+            }
+        }
+    }
+}
+
+/// One request's replies, or its first refused command as an error.
+fn own(values: Vec<Value>) -> Result<Vec<Value>, ApiError> {
+    match values.iter().find_map(|v| match v {
+        Value::ServerError(e) => Some(e.clone()),
+        _ => None,
+    }) {
+        Some(e) => Err(ApiError::from(RedisError::from(e))),
+        None => Ok(values),
+    }
+}
