@@ -48,7 +48,17 @@ fn bench(c: &mut Criterion) {
     };
     let fp = fingerprint(&f.sku, 1);
     c.bench_function("reservation EVALSHA built and packed", |b| {
-        b.iter(|| reserve_cmd(&keys, black_box(&f), &fp, "", 604_800).get_packed_command())
+        b.iter(|| {
+            reserve_cmd(
+                &keys,
+                black_box(&f),
+                &fp,
+                "",
+                604_800,
+                Some("cg:{s0}:nonce:ak_bench:7f3b2c1d9e8a4b5c6d7e8f9a0b1c2d3e"),
+            )
+            .get_packed_command()
+        })
     });
 
     for n in [1, 10] {

@@ -1,6 +1,7 @@
 //! Authenticating a signed `/v1` request, in the order of API.md §1's table:
 //! header, timestamp window, signature, nonce, IP allow-list, suspension.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use hyper::header::AUTHORIZATION;
@@ -84,6 +85,10 @@ pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> Result<Verifi
 }
 
 impl Verified {
+    pub fn nonce_key(&self) -> &str {
+        &self.nonce_key
+    }
+
     /// Adds the command that spends the nonce to `pipe`; its reply is `OK` when the nonce
     /// was fresh and nil when it was used before (see [`nonce_fresh`]).
     pub fn spend_in(&self, pipe: &mut redis::Pipeline) {
@@ -93,6 +98,25 @@ impl Verified {
             .arg("NX")
             .arg("EX")
             .arg(NONCE_TTL_SECS);
+    }
+}
+
+/// A request's nonce, handed to the one Redis command that will spend it.
+pub struct Nonce<'a> {
+    key: &'a str,
+    spent: &'a AtomicBool,
+}
+
+impl<'a> Nonce<'a> {
+    pub fn new(key: &'a str, spent: &'a AtomicBool) -> Self {
+        Nonce { key, spent }
+    }
+
+    /// The nonce's key, the first time only: whoever takes it must spend it (a retried
+    /// script must not find its own nonce and call itself a replay), and once taken it
+    /// counts as spent even if the command then fails, since it may have run.
+    pub fn take(&self) -> Option<&str> {
+        (!self.spent.swap(true, Ordering::Relaxed)).then_some(self.key)
     }
 }
 

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::app::App;
 use crate::auth::keys::Reseller;
+use crate::auth::reseller::Nonce;
 use crate::crypto::Purpose;
 use crate::error::ApiError;
 use crate::ledger::Settled;
@@ -95,10 +96,16 @@ pub enum Placed {
     Replayed(Order),
 }
 
-/// Places one order for `reseller`, answering only once Postgres holds it.
-pub async fn place(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result<Placed, ApiError> {
+/// Places one order for `reseller`, answering only once Postgres holds it. A `nonce`
+/// not yet spent is spent by the reservation script, before anything else it does.
+pub async fn place(
+    app: &App,
+    reseller: &Reseller,
+    req: &OrderRequest,
+    nonce: Option<Nonce<'_>>,
+) -> Result<Placed, ApiError> {
     let started = Instant::now();
-    let result = place_inner(app, reseller, req).await;
+    let result = place_inner(app, reseller, req, nonce).await;
     let outcome = match &result {
         Ok(Placed::Created(_)) => "created",
         Ok(Placed::Replayed(_)) => "replayed",
@@ -112,7 +119,12 @@ pub async fn place(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result
     result
 }
 
-async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Result<Placed, ApiError> {
+async fn place_inner(
+    app: &App,
+    reseller: &Reseller,
+    req: &OrderRequest,
+    nonce: Option<Nonce<'_>>,
+) -> Result<Placed, ApiError> {
     // Nothing reserved could be committed: answer now rather than after the commit timeout.
     if !app.health.postgres_up() {
         return Err(ApiError::Unavailable {
@@ -155,7 +167,8 @@ async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Resu
         let mut waiter = app.waiters.register(&f.order_id);
         let t = Instant::now();
         let mut redis = app.redis();
-        let reserved = reserve::reserve(&mut redis, &app.keys, &f, &fingerprint, refusal, ttl).await?;
+        let nonce_key = nonce.as_ref().and_then(|n| n.take());
+        let reserved = reserve::reserve(&mut redis, &app.keys, &f, &fingerprint, refusal, ttl, nonce_key).await?;
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
         let elements = match reserved {
             Reserved::Seen {
@@ -175,6 +188,7 @@ async fn place_inner(app: &App, reseller: &Reseller, req: &OrderRequest) -> Resu
                     ))
                 });
             }
+            Reserved::Refused(code) if code == "nonce_reused" => return Err(ApiError::NonceReused),
             Reserved::Refused(code) => {
                 // Redis has no record of this number; Postgres may (the record expired,
                 // or Redis was rebuilt). Its answer wins over any refusal.

@@ -10,6 +10,7 @@ use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::signing::NONCE_TTL_SECS;
 use crate::store::keys::Keys;
 
 /// The outbox's consumer group: every gateway's ledger writer reads through it.
@@ -87,8 +88,9 @@ pub async fn reserve<C: ConnectionLike>(
     fingerprint: &str,
     refusal: &str,
     record_ttl_secs: u64,
+    nonce_key: Option<&str>,
 ) -> Result<Reserved, RedisError> {
-    let cmd = reserve_cmd(keys, f, fingerprint, refusal, record_ttl_secs);
+    let cmd = reserve_cmd(keys, f, fingerprint, refusal, record_ttl_secs, nonce_key);
     let reply: Vec<Vec<u8>> = match cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             RESERVE.prepare_invoke().load_async(conn).await?;
@@ -101,24 +103,36 @@ pub async fn reserve<C: ConnectionLike>(
 
 /// The reservation's `EVALSHA`, built straight into one command buffer (a
 /// `ScriptInvocation` copies every argument once more); benches/order_path.rs measures it.
-pub fn reserve_cmd(keys: &Keys, f: &Fulfilment, fingerprint: &str, refusal: &str, record_ttl_secs: u64) -> Cmd {
+/// `nonce_key`, a request nonce's key (`Keys::nonce`), is spent by the script first.
+pub fn reserve_cmd(
+    keys: &Keys,
+    f: &Fulfilment,
+    fingerprint: &str,
+    refusal: &str,
+    record_ttl_secs: u64,
+    nonce_key: Option<&str>,
+) -> Cmd {
     // Serialising plain integers and strings cannot fail.
     let fields = serde_json::to_vec(f).unwrap_or_default();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(RESERVE.get_hash())
-        .arg(5)
+        .arg(if nonce_key.is_some() { 6 } else { 5 })
         .arg(keys.idempotency(f.reseller, &f.merchant_order_no))
         .arg(keys.stock(f.product))
         .arg(keys.balance(f.reseller))
         .arg(keys.outbox())
-        .arg(keys.epoch())
-        .arg(&f.order_id)
+        .arg(keys.epoch());
+    if let Some(k) = nonce_key {
+        cmd.arg(k);
+    }
+    cmd.arg(&f.order_id)
         .arg(fingerprint)
         .arg(f.quantity)
         .arg(f.amount)
         .arg(refusal)
         .arg(record_ttl_secs)
-        .arg(fields);
+        .arg(fields)
+        .arg(NONCE_TTL_SECS);
     cmd
 }
 

@@ -3,16 +3,21 @@
 -- reservation and append the fulfilment to the outbox stream.
 --
 -- KEYS: 1 idempotency record (hash), 2 stock (list), 3 hot balance, 4 outbox (stream),
---       5 epoch (the rebuild this state comes from; absent: Redis lost its state)
+--       5 epoch (the rebuild this state comes from; absent: Redis lost its state),
+--       6 (optional) the request's nonce, spent here first: one round trip per order
 -- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
 --       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
---       7 the fulfilment's fields (JSON, for the ledger writer)
+--       7 the fulfilment's fields (JSON, for the ledger writer), 8 the nonce's TTL
 --
 -- Answers:
 --   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
 --   {'refused', code}                      nothing taken ('rebuilding': no epoch)
 --   {'ok', element...}                     reserved; elements are stock elements
 --
+-- A replayed request is refused before anything, even its own idempotency record.
+if KEYS[6] and not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[8]) then
+  return {'refused', 'nonce_reused'}
+end
 -- Nothing is sold from a Redis that lost its state or is being rebuilt.
 local epoch = redis.call('GET', KEYS[5])
 if not epoch then

@@ -743,3 +743,74 @@ async fn orders_committed_by_another_gateways_writer_are_answered_promptly() {
     assert!(settled_elsewhere.contains("cardgate_ledger_batch_size_count"));
     a.assert_reconciled(&t).await;
 }
+
+/// An order's nonce is spent by the reservation script itself (one Redis round trip per
+/// order): a replayed request must still be refused before anything is taken, whether
+/// the first was placed, refused, malformed, a batch, or a read.
+#[tokio::test]
+async fn a_replayed_order_request_is_refused_and_takes_nothing() {
+    let (app, t, _) = shop(30).await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let now = now_secs();
+    let send = |path: &'static str, method: Method, body: Option<String>, n: String| {
+        let req = app.signed_request(&k, method, path, body.as_deref(), now, &n, &[]);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let v: serde_json::Value = resp.json().await.unwrap();
+            (status, v["error"]["code"].as_str().map(str::to_owned))
+        }
+    };
+    let reused = (401, Some("nonce_reused".to_string()));
+
+    // Placed, then the identical request again: not the idempotent replay, a refusal.
+    let n = nonce();
+    let body = order_body(SKU, 1, "M-NONCE-1").to_string();
+    assert_eq!(
+        send("/v1/orders", Method::POST, Some(body.clone()), n.clone()).await.0,
+        201
+    );
+    assert_eq!(send("/v1/orders", Method::POST, Some(body), n).await, reused);
+
+    // Twenty copies at once: one order, nineteen refusals.
+    let n = nonce();
+    let body = order_body(SKU, 1, "M-NONCE-2").to_string();
+    let answers = futures_util::future::join_all(
+        (0..20).map(|_| send("/v1/orders", Method::POST, Some(body.clone()), n.clone())),
+    )
+    .await;
+    assert_eq!(answers.iter().filter(|a| a.0 == 201).count(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|a| **a == reused).count(), 19, "{answers:?}");
+
+    // Refused by the script (no such product), malformed, a batch, a read: each nonce
+    // counts as used.
+    for (path, method, body) in [
+        (
+            "/v1/orders",
+            Method::POST,
+            Some(order_body("no-such-sku", 1, "M-NONCE-3").to_string()),
+        ),
+        ("/v1/orders", Method::POST, Some("{\"sku\":".to_string())),
+        (
+            "/v1/orders/batch",
+            Method::POST,
+            Some(json!({"orders": [order_body(SKU, 1, "M-NONCE-4")]}).to_string()),
+        ),
+        ("/v1/balance", Method::GET, None),
+    ] {
+        let n = nonce();
+        let first = send(path, method.clone(), body.clone(), n.clone()).await;
+        assert_ne!(first, reused, "{path}: the first use");
+        assert_eq!(send(path, method, body, n).await, reused, "{path}: the replay");
+    }
+    // A nonce spent on a read cannot be used for an order.
+    let n = nonce();
+    assert_eq!(send("/v1/balance", Method::GET, None, n.clone()).await.0, 200);
+    let body = order_body(SKU, 1, "M-NONCE-5").to_string();
+    assert_eq!(send("/v1/orders", Method::POST, Some(body), n).await, reused);
+
+    // Three orders were placed (1, 2 and the batch's 4), each charged once.
+    assert_eq!(app.balance_of(&k).await, 1_000_000 - 3 * GOLD);
+    assert_eq!(app.stock_len(SKU).await, 27);
+    app.assert_reconciled(&t).await;
+}

@@ -10,7 +10,7 @@ use hyper::{Request, Response};
 use crate::app::App;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::auth::reseller::{nonce_fresh, spend_nonce, verify, Caller, Verified};
+use crate::auth::reseller::{nonce_fresh, spend_nonce, verify, Caller, Nonce, Verified};
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
 use crate::overload::Slot;
@@ -22,7 +22,8 @@ pub struct Signed {
     pub body: bytes::Bytes,
     verified: Verified,
     headers: Option<Headers>,
-    /// Set once the nonce was spent, by [`Signed::query`] or by [`Signed::finish`].
+    /// Set once the nonce was spent (or sent to be): by [`Signed::query`], by the
+    /// reservation script ([`Signed::nonce`]), by [`Signed::spend`] or by [`Signed::finish`].
     nonce_spent: AtomicBool,
     /// Order requests (the writes) hold their place in the overload count until answered.
     _admitted: Option<Slot>,
@@ -35,10 +36,12 @@ pub enum Begin {
 }
 
 /// Reads the body (it is signed), authenticates, and takes `cost(body)` tokens from the
-/// caller's bucket of `class` (a batch of orders costs one per order). Writes spend the
-/// nonce here. Reads have no side effects, so a read handler spends the nonce in the same
-/// Redis round trip as its own commands ([`Signed::query`]); one that never touches Redis
-/// has it spent by [`Signed::finish`] before its answer goes out. Either way a replay is answered `nonce_reused`.
+/// caller's bucket of `class` (a batch of orders costs one per order). The nonce is spent
+/// by the handler before it changes or reveals anything: in the same Redis round trip as
+/// its own commands (a read's [`Signed::query`], an order's reservation script through
+/// [`Signed::nonce`]), or on its own ([`Signed::spend`]); a handler that never touches
+/// Redis has it spent by [`Signed::finish`] before its answer goes out. Either way a
+/// replay is answered `nonce_reused`.
 pub async fn begin(
     app: &App,
     ctx: &Ctx,
@@ -86,14 +89,13 @@ pub async fn begin(
                 return Ok(Begin::Done(resp));
             }
         }
-        spend_nonce(app, &verified).await?;
     }
     Ok(Begin::Go(Box::new(Signed {
         parts,
         body,
         verified,
         headers,
-        nonce_spent: AtomicBool::new(class == Class::Writes),
+        nonce_spent: AtomicBool::new(false),
         _admitted: admitted,
     })))
 }
@@ -118,6 +120,20 @@ impl Signed {
         Ok(replies)
     }
 
+    /// The nonce for a Redis script of the handler's to spend first thing, atomically
+    /// with its own work: see [`Nonce::take`].
+    pub fn nonce(&self) -> Nonce<'_> {
+        Nonce::new(self.verified.nonce_key(), &self.nonce_spent)
+    }
+
+    /// Spends the nonce on its own round trip, unless it was already.
+    pub async fn spend(&self, app: &App) -> Result<(), ApiError> {
+        if !self.nonce_spent.swap(true, Ordering::Relaxed) {
+            spend_nonce(app, &self.verified).await?;
+        }
+        Ok(())
+    }
+
     /// Spends the nonce if the handler did not, then puts the `RateLimit-*` headers on
     /// the answer, refusals included.
     pub async fn finish(
@@ -126,9 +142,7 @@ impl Signed {
         ctx: &Ctx,
         result: Result<Response<Body>, ApiError>,
     ) -> Result<Response<Body>, ApiError> {
-        if !self.nonce_spent.load(Ordering::Relaxed) {
-            spend_nonce(app, &self.verified).await?;
-        }
+        self.spend(app).await?;
         let mut resp = result.unwrap_or_else(|e| crate::http::response::error(&e, &ctx.request_id));
         if let Some(h) = self.headers {
             set_headers(&mut resp, h);

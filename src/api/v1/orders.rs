@@ -25,7 +25,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     let s = signed!(app, ctx, req, Class::Writes);
     let result = async {
         let order = OrderRequest::parse(&body::parse_json::<Value>(&s.body)?)?;
-        match orders::place(app, &s.caller().reseller, &order).await? {
+        match orders::place(app, &s.caller().reseller, &order, Some(s.nonce())).await? {
             Placed::Created(o) => response::json(StatusCode::CREATED, &o),
             Placed::Replayed(o) => {
                 reveal(app, s.caller(), &o, "replay").await?;
@@ -58,6 +58,8 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
     };
     let s = signed!(app, ctx, req, Class::Writes, count);
     let result = async {
+        // Before anything: the orders below run concurrently, none can carry the nonce.
+        s.spend(app).await?;
         let v: Value = body::parse_json(&s.body)?;
         let cap = batch_cap(app, &s.caller().reseller.tier);
         let items = v
@@ -79,7 +81,7 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
         let reseller = &s.caller().reseller;
         let placed = join_all(parsed.iter().map(|p| async move {
             match p {
-                Ok(o) => orders::place(app, reseller, o).await,
+                Ok(o) => orders::place(app, reseller, o, None).await,
                 Err(e) => Err(ApiError::invalid(e.to_string())),
             }
         }))
