@@ -35,6 +35,8 @@ SELECT 'ord_gen' || g, r.id, 'm' || g, p.id, p.sku, q, 9800, 9800 * q, 'CNY',
   JOIN resellers r ON r.reseller_id = 'rs_gen' || k.r
   JOIN products p ON p.sku = 'gen-' || k.p;
 SQL
+  # As the gateways' folds would have, as the orders came.
+  sql -c "SELECT sales_fold()" >/dev/null
   echo "  $(( done + size ))" >&2
 done
 sql -c "VACUUM ANALYZE orders" -c "VACUUM ANALYZE reseller_daily" -c "VACUUM ANALYZE product_daily"

@@ -25,6 +25,7 @@ pub mod ratelimit;
 pub mod rebuild;
 pub mod reconcile;
 pub mod reserve;
+pub mod rollups;
 pub mod stock;
 pub mod store;
 pub mod sync;
@@ -68,6 +69,7 @@ impl Server {
             tokio::spawn(health::watch(self.app.clone())),
             tokio::spawn(callbacks::dispatcher::run(self.app.clone())),
             tokio::spawn(gauges::run(self.app.clone())),
+            tokio::spawn(rollups::run(self.app.clone())),
         ];
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)

@@ -1,6 +1,9 @@
 //! Operator reports (API.md "Reports"): figures checked against orders placed through
 //! the API and moved back in time, JSON and CSV, and the rollup against the orders.
 
+use std::sync::Arc;
+
+use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -119,6 +122,7 @@ async fn reseller_loyalty_and_product_sales_over_a_range() {
     );
 
     // The rollups agree with the orders they summarise.
+    db.execute("SELECT sales_fold()", &[]).await.unwrap();
     let rollup: Vec<(i64, i64, i64)> = db
         .query(
             "SELECT (SELECT coalesce(sum(orders), 0)::bigint FROM reseller_daily),
@@ -177,4 +181,65 @@ async fn reports_come_as_csv_and_refuse_bad_ranges() {
         let (status, code, _) = error_of(resp).await;
         assert_eq!((status, code.as_str()), (400, "invalid_request"), "{q}");
     }
+}
+
+/// Commits append to `sales_pending` and folds move it into the rollups, concurrently
+/// with each other and with refunds: nothing is counted twice or lost.
+#[tokio::test]
+async fn folds_racing_commits_and_refunds_count_every_order_once() {
+    let (app, t, _) = shop(120).await;
+    let buyers = [
+        buyer(&app, &t, "gold", 10_000_000).await,
+        buyer(&app, &t, "silver", 10_000_000).await,
+    ];
+    let db = app.db().await;
+    let folding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let folder = {
+        let (db, folding) = (app.db().await, folding.clone());
+        tokio::spawn(async move {
+            let mut folds = 0;
+            while folding.load(std::sync::atomic::Ordering::Relaxed) {
+                db.execute("SELECT sales_fold()", &[]).await.unwrap();
+                folds += 1;
+            }
+            folds
+        })
+    };
+    let orders = futures_util::future::join_all((0..100).map(|i| {
+        let (app, k) = (&app, &buyers[i % 2]);
+        async move { app.order(k, order_body(SKU, 1, &format!("FOLD-{i}"))).await }
+    }))
+    .await;
+    let ids: Vec<String> = orders
+        .iter()
+        .map(|(s, o, _)| {
+            assert_eq!(*s, 201, "{o}");
+            o["order_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    futures_util::future::join_all(ids.iter().take(30).map(|id| {
+        let (app, t) = (&app, &t);
+        async move {
+            app.admin_ok(t, Method::POST, &format!("/admin/v1/orders/{id}/refund"), None, 200)
+                .await
+        }
+    }))
+    .await;
+    folding.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(folder.await.unwrap() > 1, "the folds did not race the commits");
+    db.execute("SELECT sales_fold()", &[]).await.unwrap();
+    let row = db
+        .query_one(
+            "SELECT (SELECT coalesce(sum(orders), 0)::bigint FROM reseller_daily),
+                    (SELECT coalesce(sum(codes), 0)::bigint FROM product_daily),
+                    (SELECT coalesce(sum(amount), 0)::bigint FROM reseller_daily),
+                    (SELECT coalesce(sum(amount), 0)::bigint FROM orders WHERE status = 'fulfilled'),
+                    (SELECT count(*) FROM sales_pending)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let figures: (i64, i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!((figures.0, figures.1, figures.4), (70, 70, 0), "{figures:?}");
+    assert_eq!(figures.2, figures.3, "rollup amount vs fulfilled orders");
 }

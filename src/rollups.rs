@@ -1,0 +1,27 @@
+//! The report rollups' pending additions (`sales_pending`, migrations/V7), folded into
+//! `reseller_daily` and `product_daily` every few seconds by each gateway, so that ledger
+//! commits only ever append and reports fold what little is left.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+
+const EVERY: Duration = Duration::from_secs(2);
+
+pub async fn run(app: Arc<App>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let folded = async { anyhow::Ok(fold(&**app.pg.get().await?).await?) }.await;
+        if let Err(e) = folded {
+            tracing::debug!(error = format!("{e:#}"), "report rollups not folded");
+        }
+    }
+}
+
+/// Moves every pending addition into the rollups; returns how many rows it moved.
+pub async fn fold(client: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
+    Ok(client.query_one("SELECT sales_fold()", &[]).await?.get(0))
+}
