@@ -107,6 +107,7 @@ pub struct CallbacksConfig {
     pub poll_ms: u64,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
+    pub retention_days: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -18,6 +18,7 @@ use crate::crypto::Purpose;
 
 /// Bytes of a receiver's refusal kept with the attempt.
 const ERROR_TEXT_MAX: usize = 200;
+const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 pub async fn run(app: Arc<App>) {
     let cfg = app.config.callbacks.clone();
@@ -38,7 +39,16 @@ pub async fn run(app: Arc<App>) {
     };
     let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let poll = Duration::from_millis(cfg.poll_ms);
+    let mut next_purge = Instant::now();
     loop {
+        if cfg.retention_days > 0 && Instant::now() >= next_purge {
+            next_purge = Instant::now() + PURGE_EVERY;
+            match purge(&app, cfg.retention_days).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "finished callback events past retention deleted"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "purging old callback events failed"),
+            }
+        }
         let free = slots.available_permits();
         if free == 0 {
             // Wait for a delivery to finish before claiming more.
@@ -63,6 +73,41 @@ pub async fn run(app: Arc<App>) {
                 tracing::warn!(error = %e, "claiming due callbacks failed");
                 tokio::time::sleep(poll).await;
             }
+        }
+    }
+}
+
+/// Deletes delivered and failed events created more than `days` ago, with their
+/// attempts, a slice at a time so no transaction holds many rows. Pending events stay
+/// whatever their age. Events are numbered in the order they were created, so the first
+/// one inside the window bounds the scan.
+async fn purge(app: &App, days: u32) -> anyhow::Result<u64> {
+    let client = app.pg.get().await?;
+    let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(days.into());
+    let bound: i64 = client
+        .query_opt(
+            "SELECT id FROM events WHERE created_at >= $1 ORDER BY id LIMIT 1",
+            &[&cutoff],
+        )
+        .await?
+        .map_or(i64::MAX, |r| r.get(0));
+    let mut purged = 0;
+    loop {
+        let n = client
+            .execute(
+                "WITH doomed AS (
+                     SELECT id FROM events WHERE id < $1 AND status <> 'pending' ORDER BY id LIMIT 5000
+                 ), attempts AS (
+                     DELETE FROM event_deliveries WHERE event_id IN (SELECT id FROM doomed)
+                 )
+                 DELETE FROM events WHERE id IN (SELECT id FROM doomed)",
+                &[&bound],
+            )
+            .await?;
+        purged += n;
+        metrics::counter!("cardgate_callback_events_purged_total").increment(n);
+        if n < 5000 {
+            return Ok(purged);
         }
     }
 }
@@ -255,6 +300,7 @@ mod tests {
             poll_ms: 100,
             backoff_base_ms: 10_000,
             backoff_max_ms: 3_600_000,
+            retention_days: 30,
         };
         for (attempt, full) in [
             (1, 10_000),

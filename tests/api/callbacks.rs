@@ -417,3 +417,99 @@ async fn retries_end_when_the_retry_window_closes() {
     assert_eq!(e["attempts"].as_i64(), Some(tried as i64));
     assert!(e["next_attempt_at"].is_null() && e["delivered_at"].is_null());
 }
+
+/// Finished events (delivered or failed) older than `callbacks.retention_days` are
+/// deleted with their attempts; pending ones and recent ones stay.
+#[tokio::test]
+async fn finished_events_past_retention_are_purged_pending_ones_stay() {
+    let (mut app, t, _) = shop_with(5, fast_retries).await;
+    let receiver = Receiver::start(&[], Reply::Status(200)).await;
+    let k = app
+        .reseller_with_key(&t, "gold", json!({"callback_url": receiver.url}))
+        .await;
+    app.fund(&t, &k.reseller_id, 100_000).await;
+    for i in 0..4 {
+        assert_eq!(app.order(&k, order_body(SKU, 1, &format!("cb-old-{i}"))).await.0, 201);
+    }
+    let delivered = || async {
+        let events = events_of(&app, &t, &k.reseller_id).await;
+        events.iter().filter(|e| e["status"] == "delivered").count() == 4
+    };
+    assert!(eventually(Duration::from_secs(5), delivered).await);
+    // The first three happened 31 days ago: one delivered, one failed, one still pending
+    // (due far ahead); the fourth is recent.
+    let db = app.db().await;
+    let ids: Vec<i64> = db
+        .query("SELECT id FROM events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The fund and the orders may have queued other events (balance.low): only ours count.
+    let ours: Vec<i64> = db
+        .query("SELECT id FROM events WHERE type = 'order.fulfilled' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ours.len(), 4, "{ids:?}");
+    db.execute(
+        "UPDATE events SET created_at = now() - interval '31 days' WHERE id = ANY($1)",
+        &[&ours[..3].to_vec()],
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE events SET status = 'failed' WHERE id = $1", &[&ours[1]])
+        .await
+        .unwrap();
+    db.execute(
+        "UPDATE events SET status = 'pending', next_attempt_at = now() + interval '1 day',
+                retry_until = now() + interval '2 days' WHERE id = $1",
+        &[&ours[2]],
+    )
+    .await
+    .unwrap();
+    // The next gateway purges as it starts.
+    let env = app.env.clone();
+    app.shutdown().await.unwrap();
+    let app = start(env).await;
+    let left = || async {
+        let rows = app
+            .db()
+            .await
+            .query("SELECT id FROM events WHERE type = 'order.fulfilled' ORDER BY id", &[])
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>() == vec![ours[2], ours[3]]
+    };
+    assert!(
+        eventually(Duration::from_secs(5), left).await,
+        "old finished events not purged"
+    );
+    let attempts: Vec<i64> = app
+        .db()
+        .await
+        .query(
+            "SELECT DISTINCT event_id FROM event_deliveries WHERE event_id = ANY($1) ORDER BY 1",
+            &[&ours],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(attempts, vec![ours[2], ours[3]], "attempts of purged events remain");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cardgate_callback_events_purged_total")
+                && l.split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v >= 2.0)),
+        "purge not counted"
+    );
+}
