@@ -814,3 +814,47 @@ async fn a_replayed_order_request_is_refused_and_takes_nothing() {
     assert_eq!(app.stock_len(SKU).await, 27);
     app.assert_reconciled(&t).await;
 }
+
+/// A replay in a batch shows codes again only once its reveal is audited; when that
+/// write fails, that order is an error without its codes and the others are answered.
+#[tokio::test]
+async fn a_batch_replay_whose_audit_fails_withholds_only_its_own_codes() {
+    let (app, t, _) = shop(10).await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let (s1, first, _) = app.order(&k, order_body(SKU, 1, "AUDIT-1")).await;
+    let (s2, _, _) = app.order(&k, order_body(SKU, 1, "AUDIT-2")).await;
+    assert_eq!((s1, s2), (201, 201));
+    let doomed = first["order_id"].as_str().unwrap().to_string();
+    // The audit log refuses this one order's reveal.
+    let db = app.db().await;
+    db.batch_execute(&format!(
+        "CREATE FUNCTION refuse_reveal() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'audit unavailable'; END $$;
+         CREATE TRIGGER refuse_reveal BEFORE INSERT ON audit_log FOR EACH ROW
+           WHEN (NEW.action = 'order.reveal' AND NEW.target = '{doomed}') EXECUTE FUNCTION refuse_reveal();"
+    ))
+    .await
+    .unwrap();
+    let body = json!({"orders": [order_body(SKU, 1, "AUDIT-1"), order_body(SKU, 1, "AUDIT-2"), order_body(SKU, 1, "AUDIT-3")]});
+    let resp = app
+        .signed(&k, Method::POST, "/v1/orders/batch", Some(&body.to_string()))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["status"], 500, "{v:#}");
+    assert_eq!(r[0]["error"]["code"], "internal_error", "{v:#}");
+    assert!(r[0].get("order").is_none(), "codes shown without an audit: {v:#}");
+    assert_eq!(r[1]["status"], 200, "{v:#}");
+    assert_eq!(codes_of(&r[1]["order"]).len(), 1);
+    assert_eq!(r[2]["status"], 201, "{v:#}");
+    let audited: i64 = db
+        .query_one(
+            "SELECT count(*) FROM audit_log WHERE action = 'order.reveal' AND target = $1",
+            &[&doomed],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 0);
+}

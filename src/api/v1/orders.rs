@@ -86,6 +86,16 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
             }
         }))
         .await;
+        // A replay shows codes again, so it is audited first; an order whose audit cannot
+        // be written is that order's error, its codes withheld, not the whole batch's.
+        let caller = s.caller();
+        let placed = join_all(placed.into_iter().map(|outcome| async move {
+            match outcome {
+                Ok(Placed::Replayed(o)) => reveal(app, caller, &o, "replay").await.map(|()| Placed::Replayed(o)),
+                other => other,
+            }
+        }))
+        .await;
         let mut results = Vec::with_capacity(items.len());
         for ((item, p), outcome) in items.iter().zip(&parsed).zip(placed) {
             let mon = match p {
@@ -94,10 +104,7 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
             };
             results.push(match outcome {
                 Ok(Placed::Created(o)) => json!({"merchant_order_no": mon, "status": 201, "order": o}),
-                Ok(Placed::Replayed(o)) => {
-                    reveal(app, s.caller(), &o, "replay").await?;
-                    json!({"merchant_order_no": mon, "status": 200, "order": o})
-                }
+                Ok(Placed::Replayed(o)) => json!({"merchant_order_no": mon, "status": 200, "order": o}),
                 Err(e) => {
                     if let ApiError::Internal(cause) = &e {
                         tracing::error!(error = format!("{cause:#}"), request_id = %ctx.request_id, "batch order failed");
