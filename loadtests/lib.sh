@@ -57,3 +57,20 @@ import_codes() {
   curl -fs "$base/admin/v1/products/$1/codes" -H "$auth" -H 'content-type: text/plain' --data-binary "@$codes"
   rm -f "$codes"
 }
+
+# stock SKU COUNT: a product with COUNT codes.
+stock() {
+  product "$1"
+  code_file "$2" "$1-$$"
+  import_codes "$1" >/dev/null
+}
+# keys TIER COUNT FILE: COUNT funded resellers of TIER, one key each, appended to FILE
+# as `key_id secret tier` lines (cardgate-load's --keys).
+keys() {
+  for _ in $(seq 1 "$2"); do
+    rid=$(admin_post /admin/v1/resellers "{\"name\":\"Load\",\"tier\":\"$1\"}" | json_field reseller_id)
+    admin_post "/admin/v1/resellers/$rid/balance" "{\"amount\":1000000000000,\"reference\":\"load-$rid\"}" >/dev/null
+    k=$(curl -fs -X POST "$base/admin/v1/resellers/$rid/keys" -H "$auth")
+    printf '%s %s %s\n' "$(printf '%s' "$k" | json_field key_id)" "$(printf '%s' "$k" | json_field secret)" "$1" >>"$3"
+  done
+}

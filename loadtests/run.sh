@@ -44,19 +44,6 @@ start_gateway "${limits[@]}"
 load=./target/release/cardgate-load
 note() { echo "load: $*" >&2; }
 
-stock() { # stock SKU COUNT
-  product "$1"
-  code_file "$2" "$1-$$"
-  import_codes "$1" >/dev/null
-}
-keys() { # keys TIER COUNT FILE: COUNT resellers of TIER, one key each, appended to FILE
-  for _ in $(seq 1 "$2"); do
-    rid=$(admin_post /admin/v1/resellers "{\"name\":\"Load\",\"tier\":\"$1\"}" | json_field reseller_id)
-    admin_post "/admin/v1/resellers/$rid/balance" "{\"amount\":1000000000000,\"reference\":\"load-$rid\"}" >/dev/null
-    k=$(curl -fs -X POST "$base/admin/v1/resellers/$rid/keys" -H "$auth")
-    printf '%s %s %s\n' "$(printf '%s' "$k" | json_field key_id)" "$(printf '%s' "$k" | json_field secret)" "$1" >>"$3"
-  done
-}
 note "setting up stock and resellers"
 stock load-orders 800000
 stock flash-sale $flash_stock
