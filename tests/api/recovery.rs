@@ -43,6 +43,11 @@ async fn redis_restarting_empty_is_rebuilt_from_postgres_and_never_resells_a_del
         .await
         .unwrap();
     redis.stop();
+    // Reads share Redis pipelines: with Redis gone they are refused promptly, not held.
+    let asked = std::time::Instant::now();
+    let (s, code, _) = error_of(app.signed(&k, Method::GET, "/v1/products", None).await).await;
+    assert_eq!((s, code.as_str()), (503, "unavailable"));
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
     redis.restart().await;
     let refused = eventually(Duration::from_secs(10), || async {
         let resp = app.post_order(&k, order_body(SKU, 1, "M-3")).await;
