@@ -110,6 +110,22 @@ fn rows(key: &str) -> String {
     )
 }
 
+/// What both reports start with: the operator's read right, the range, and a connection
+/// on which the rollups hold every order committed so far (what commits appended since
+/// the last fold is folded first).
+async fn open(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+) -> Result<(Parts, Range, deadpool_postgres::Object), ApiError> {
+    let (parts, _) = req.into_parts();
+    authorize(app, ctx, &parts, Need::Read).await?;
+    let range = Range::parse(&Query::parse(parts.uri.query())?)?;
+    let client = app.pg.get().await?;
+    crate::rollups::fold(&client).await?;
+    Ok((parts, range, client))
+}
+
 fn rows_params(r: &Range) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
     [
         &r.whole.0,
@@ -140,12 +156,7 @@ struct ResellerLine {
 
 /// `GET /admin/v1/reports/resellers?from=&to=`
 pub async fn resellers(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
-    let range = Range::parse(&Query::parse(parts.uri.query())?)?;
-    let client = app.pg.get().await?;
-    // What commits appended since the last fold counts too.
-    crate::rollups::fold(&client).await?;
+    let (parts, range, client) = open(app, ctx, req).await?;
     let sql = format!(
         "WITH rows AS ({}),
          days AS (
@@ -215,12 +226,7 @@ struct ProductLine {
 
 /// `GET /admin/v1/reports/products?from=&to=`
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
-    let range = Range::parse(&Query::parse(parts.uri.query())?)?;
-    let client = app.pg.get().await?;
-    // What commits appended since the last fold counts too.
-    crate::rollups::fold(&client).await?;
+    let (parts, range, client) = open(app, ctx, req).await?;
     let sql = format!(
         "WITH rows AS ({}),
          per AS (SELECT product_id, sum(orders)::bigint AS orders, sum(codes)::bigint AS codes,
