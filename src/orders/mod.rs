@@ -168,7 +168,8 @@ async fn place_inner(
         let t = Instant::now();
         let mut redis = app.redis();
         let nonce_key = nonce.as_ref().and_then(|n| n.take());
-        let reserved = reserve::reserve(&mut redis, &app.keys, &f, &fingerprint, refusal, ttl, nonce_key).await?;
+        let cmd = reserve::reserve_cmd(&app.keys, &f, &fingerprint, refusal, ttl, nonce_key);
+        let reserved = reserve::reserve(&mut redis, &cmd).await?;
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
         let elements = match reserved {
             Reserved::Seen {

@@ -80,17 +80,8 @@ pub fn fingerprint(sku: &str, quantity: i64) -> String {
     format!("{sku}\n{quantity}")
 }
 
-/// Runs the reservation script (`EVALSHA`, loading it on first use).
-pub async fn reserve<C: ConnectionLike>(
-    conn: &mut C,
-    keys: &Keys,
-    f: &Fulfilment,
-    fingerprint: &str,
-    refusal: &str,
-    record_ttl_secs: u64,
-    nonce_key: Option<&str>,
-) -> Result<Reserved, RedisError> {
-    let cmd = reserve_cmd(keys, f, fingerprint, refusal, record_ttl_secs, nonce_key);
+/// Runs a reservation built by [`reserve_cmd`] (`EVALSHA`, loading the script on first use).
+pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reserved, RedisError> {
     let reply: Vec<Vec<u8>> = match cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             RESERVE.prepare_invoke().load_async(conn).await?;
