@@ -679,3 +679,13 @@ pub async fn advisory_waiters(db: &tokio_postgres::Client) -> i64 {
     .unwrap()
     .get(0)
 }
+
+/// The sum of every series of a metric (all label sets) in the gateway's `/metrics`; 0
+/// when it is not exported.
+pub async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -11,14 +11,6 @@ use reqwest::Method;
 use crate::helpers::*;
 use crate::orders::{buyer, shop, shop_with, GOLD, SKU};
 
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn redis_restarting_empty_is_rebuilt_from_postgres_and_never_resells_a_delivered_code() {
     let mut redis = PrivateRedis::start().await;

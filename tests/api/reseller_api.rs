@@ -452,16 +452,9 @@ async fn concurrent_reads_share_pipelines_yet_each_gets_its_own_answer() {
     assert_eq!(fresh.len(), 320);
     assert!(fresh.values().all(|&n| n == 1), "a nonce was accepted twice");
     // And they did share: some pipeline carried more than one request.
-    let metrics = app.get("/metrics").await.text().await.unwrap();
-    let figure = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} not exported"))
-    };
     let (sum, count) = (
-        figure("cardgate_redis_coalesced_requests_sum"),
-        figure("cardgate_redis_coalesced_requests_count"),
+        metric(&app, "cardgate_redis_coalesced_requests_sum").await,
+        metric(&app, "cardgate_redis_coalesced_requests_count").await,
     );
     assert!(sum > count, "{sum} requests in {count} pipelines: nothing was shared");
 }
