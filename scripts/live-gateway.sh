@@ -1,7 +1,7 @@
 # Sourced (from the repository root) by checks that need a live gateway: the debug build
 # on the local Redis and Postgres, with a database and Redis prefix of its own.
 # start_live_gateway starts it and logs in as an admin; on exit it is stopped and its
-# database dropped. Then: $base, $token, $work (a scratch directory), admin PATH ARGS...
+# database and Redis keys dropped. Then: $base, $token, $work (a scratch directory), admin PATH ARGS...
 # (curl with the admin token) and field NAME (a field of the JSON on stdin).
 eval "$(scripts/dev services | sed 's/^/export /')"
 work=$(mktemp -d)
@@ -14,6 +14,7 @@ admin() { curl -fs "$base$1" -H "authorization: Bearer $token" "${@:2}"; }
 stop_live_gateway() {
   [ -n "$live_pid" ] && { kill "$live_pid" 2>/dev/null; wait "$live_pid" 2>/dev/null || true; }
   psql "$CARDGATE_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $live_db WITH (FORCE)" >/dev/null 2>&1 || true
+  redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "live$$:*" | xargs -r redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 
