@@ -42,6 +42,14 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    pub fn headers(self) -> Headers {
+        match self {
+            Outcome::Allowed(h) | Outcome::Refused { headers: h, .. } => h,
+        }
+    }
+}
+
 /// One bucket kind of one tier: the keyed limiter, its rate and its burst.
 struct Bucket<C: Clock> {
     limiter: Limiter<C>,

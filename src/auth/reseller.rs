@@ -8,7 +8,7 @@ use hyper::header::AUTHORIZATION;
 use hyper::http::request::Parts;
 
 use super::keys::Reseller;
-use super::signing::{self, Signer, NONCE_TTL_SECS, TIMESTAMP_WINDOW_SECS};
+use super::signing::{self, AuthHeader, Signer, NONCE_TTL_SECS, TIMESTAMP_WINDOW_SECS};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::http::Ctx;
@@ -35,21 +35,25 @@ pub struct Verified {
     pub refusal: Option<ApiError>,
 }
 
-/// Header, timestamp window and signature, all from memory; then the allow-list and the
-/// account status, kept for after the nonce.
-pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, body: &[u8]) -> Result<Verified, ApiError> {
+/// The first two checks of API.md §1, header and timestamp window: made before the body
+/// is read, so a request that could never pass is refused without reading it.
+pub fn authorization(parts: &Parts) -> Result<AuthHeader<'_>, ApiError> {
     let header = parts
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(signing::parse_header)
         .ok_or(ApiError::MissingAuthorization)?;
-
     let now = crate::auth::admin::unix_now() as i64;
     if (now - header.timestamp).abs() > TIMESTAMP_WINDOW_SECS {
         return Err(ApiError::TimestampOutOfWindow);
     }
+    Ok(header)
+}
 
+/// The signature over the body, from memory; then the allow-list and the account status,
+/// kept for after the nonce.
+pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, header: &AuthHeader, body: &[u8]) -> Result<Verified, ApiError> {
     let entry = app.key_cache.get(header.key_id);
     let signer = entry.as_ref().map_or(&*NO_SUCH_KEY, |e| &e.signer);
     let message = signing::Message {

@@ -25,7 +25,11 @@ pub struct AuthHeader<'a> {
 
 /// Parses the header value, or `None` for anything API.md calls `missing_authorization`.
 pub fn parse_header(value: &str) -> Option<AuthHeader<'_>> {
-    let rest = value.strip_prefix(SCHEME)?;
+    // Auth schemes are case-insensitive (RFC 9110 §11.1); the parameter names are not.
+    let rest = value
+        .get(..SCHEME.len())
+        .filter(|s| s.eq_ignore_ascii_case(SCHEME))
+        .map(|_| &value[SCHEME.len()..])?;
     // The scheme must be followed by whitespace, then parameters.
     if !rest.starts_with([' ', '\t']) {
         return None;
@@ -50,7 +54,13 @@ pub fn parse_header(value: &str) -> Option<AuthHeader<'_>> {
     }
     let key_id = key_id.filter(|k| !k.is_empty() && k.len() <= 64)?;
     let timestamp = timestamp?;
-    if timestamp.is_empty() || timestamp.len() > 12 || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+    // Canonical decimal only: the server signs the number it parsed, so a leading zero
+    // would make the client's string to sign differ from the server's.
+    if timestamp.is_empty()
+        || timestamp.len() > 12
+        || !timestamp.bytes().all(|b| b.is_ascii_digit())
+        || (timestamp.len() > 1 && timestamp.starts_with('0'))
+    {
         return None;
     }
     let nonce = nonce.filter(|n| valid_nonce(n))?;
@@ -210,6 +220,8 @@ mod tests {
         );
         let p = parse_header(&h).unwrap();
         assert_eq!((p.key_id, p.timestamp, p.nonce), ("ak_1", 17, "abcdefghijklmnop"));
+        let lower = h.replacen("CG1-HMAC-SHA256", "cg1-hmac-sha256", 1);
+        assert_eq!(parse_header(&lower), Some(p), "the scheme is case-insensitive");
     }
 
     #[test]
@@ -220,7 +232,7 @@ mod tests {
             String::new(),
             format!("Bearer {good}"),
             format!("CG1-HMAC-SHA256{good}"),
-            format!("cg1-hmac-sha256 {good}"),
+            format!("CG1-HMAC-SHA256 {}", good.replace("\"1\"", "\"01\"")),
             format!("CG1-HMAC-SHA256 {good},key_id=\"k\""),
             format!("CG1-HMAC-SHA256 {good},extra=\"1\""),
             good.replace("CG1", "")

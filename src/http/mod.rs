@@ -34,7 +34,9 @@ impl Ctx {
     /// The client's address: the TCP peer, or the last address of `X-Forwarded-For` not
     /// added by a trusted proxy when the peer is one (only those may speak for a client).
     pub fn client_ip(&self, app: &App, headers: &hyper::HeaderMap) -> std::net::IpAddr {
-        let peer = self.peer.ip();
+        // On a dual-stack listener an IPv4 client arrives as ::ffff:a.b.c.d; allow-lists
+        // and proxies are written as IPv4.
+        let peer = self.peer.ip().to_canonical();
         let trusted = |ip: &std::net::IpAddr| app.settings.trusted_proxies.iter().any(|n| n.contains(ip));
         if !trusted(&peer) {
             return peer;
@@ -48,7 +50,7 @@ impl Ctx {
             .map(str::trim)
             .collect::<Vec<_>>();
         for hop in hops.iter().rev() {
-            match hop.parse::<std::net::IpAddr>() {
+            match hop.parse::<std::net::IpAddr>().map(|ip| ip.to_canonical()) {
                 Ok(ip) => {
                     client = ip;
                     if !trusted(&ip) {

@@ -83,6 +83,16 @@ pub fn error(e: &ApiError, request_id: &str) -> Response<Body> {
         resp.headers_mut()
             .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
     }
+    // RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+    let challenge = match e {
+        ApiError::Unauthenticated(_) => Some("Bearer"),
+        e if e.status() == StatusCode::UNAUTHORIZED => Some(crate::auth::signing::SCHEME),
+        _ => None,
+    };
+    if let Some(scheme) = challenge {
+        resp.headers_mut()
+            .insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+    }
     if e.closes_connection() {
         resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }

@@ -116,7 +116,8 @@ pub fn resolve(method: &Method, path: &str) -> Result<Route, ApiError> {
             Method::POST => Route::CreateOrder,
             _ => allow(method, GET_POST, Route::FindOrder)?,
         },
-        [Some("v1"), Some("orders"), Some("batch"), None, ..] if method == Method::POST => Route::BatchOrders,
+        // Order ids never read "batch" (crate::ids), so the name is the batch route's alone.
+        [Some("v1"), Some("orders"), Some("batch"), None, ..] => allow(method, POST, Route::BatchOrders)?,
         [Some("v1"), Some("orders"), Some(id), None, ..] => allow(method, GET, Route::Order(param(id)?.into()))?,
         _ => return Err(ApiError::not_found("no such route")),
     };
@@ -269,6 +270,13 @@ mod tests {
             Err(ApiError::NotFound(_))
         ));
         assert!(matches!(resolve(&Method::GET, "*"), Err(ApiError::NotFound(_))));
+        assert_eq!(resolve(&Method::POST, "/v1/orders/batch").unwrap(), Route::BatchOrders);
+        for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
+            assert!(
+                matches!(resolve(&m, "/v1/orders/batch"), Err(ApiError::MethodNotAllowed { allow: "POST" })),
+                "{m} /v1/orders/batch"
+            );
+        }
     }
 
     #[test]

@@ -617,6 +617,11 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
     let before = app.stock_len(SKU).await;
     for bad in [
         batch(vec![order_body(SKU, 1, "D-1"), order_body(SKU, 1, "D-1")]),
+        // a duplicate whose other copy is malformed is a duplicate all the same
+        batch(vec![
+            order_body(SKU, 1, "D-2"),
+            json!({"merchant_order_no": "D-2", "sku": SKU, "quantity": 0}),
+        ]),
         batch(vec![]),
         batch((0..11).map(|i| order_body(SKU, 1, &format!("C-{i}"))).collect()),
         json!({"orders": "no"}).to_string(),
@@ -625,6 +630,22 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
         assert_eq!(error_of(resp).await.1, "invalid_request", "{bad}");
     }
     assert_eq!(app.stock_len(SKU).await, before);
+    let d2: i64 = app
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM orders WHERE merchant_order_no = 'D-2'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(d2, 0, "nothing of a refused batch is processed");
+
+    // A batch over the tier's cap (10 for standard) is refused for one token, not eleven.
+    let fresh = buyer(&app, &t, "standard", 1_000_000).await;
+    let over = batch((0..11).map(|i| order_body(SKU, 1, &format!("O-{i}"))).collect());
+    let resp = app.signed(&fresh, Method::POST, "/v1/orders/batch", Some(&over)).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["ratelimit-limit"], "40");
+    assert_eq!(resp.headers()["ratelimit-remaining"], "39");
 
     // The standard tier's write burst is 40: a batch that needs more tokens than are
     // left is refused whole (a fresh reseller, so no earlier call spent any).

@@ -505,3 +505,113 @@ async fn a_refused_command_fails_only_its_own_request() {
     counts.sort_unstable();
     assert_eq!(counts, (1..=40).collect::<Vec<_>>());
 }
+
+/// Every answer from the point the caller is known carries its bucket's headers; a 401
+/// carries a challenge instead, and is given before the body is even read.
+#[tokio::test]
+async fn refusals_after_authentication_carry_rate_limit_headers_and_401s_a_challenge() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let k = app
+        .reseller_with_key(&t, "gold", json!({"ip_allowlist": ["10.9.9.9/32"]}))
+        .await;
+    let has_limits = |r: &reqwest::Response| {
+        ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"]
+            .iter()
+            .all(|h| r.headers().contains_key(*h))
+    };
+
+    // Unsigned: 401 with the scheme to use, whatever the body; no bucket is named.
+    let resp = app
+        .client
+        .post(app.url("/v1/orders"))
+        .header("content-type", "text/plain")
+        .body(vec![b'x'; 200_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["www-authenticate"], "CG1-HMAC-SHA256");
+    assert!(!has_limits(&resp));
+    assert_eq!(code_of(resp).await, code(401, "missing_authorization"));
+
+    // Refused by the allow-list, then replayed: both counted, both with headers.
+    let n = nonce();
+    let now = now_secs();
+    let first = app.signed_at(&k, Method::GET, "/v1/balance", None, now, &n, &[]).await;
+    assert!(has_limits(&first));
+    assert_eq!(first.headers()["ratelimit-remaining"], "999", "gold: a burst of 1000 reads");
+    assert_eq!(code_of(first).await, code(403, "ip_not_allowed"));
+    let replay = app.signed_at(&k, Method::GET, "/v1/balance", None, now, &n, &[]).await;
+    assert!(has_limits(&replay));
+    assert_eq!(code_of(replay).await, code(401, "nonce_reused"));
+
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/resellers/{}", k.reseller_id),
+        Some(json!({"ip_allowlist": [], "status": "suspended"})),
+        200,
+    )
+    .await;
+    let resp = app.signed(&k, Method::GET, "/v1/balance", None).await;
+    assert!(has_limits(&resp));
+    assert_eq!(code_of(resp).await, code(403, "account_suspended"));
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/resellers/{}", k.reseller_id),
+        Some(json!({"status": "active"})),
+        200,
+    )
+    .await;
+
+    // A replay refused by the nonce spend at the end of a handler that never touched
+    // Redis (an unknown product is answered from memory) has them too.
+    let n = nonce();
+    let a = app
+        .signed_at(&k, Method::GET, "/v1/products/no-such", None, now_secs(), &n, &[])
+        .await;
+    assert!(has_limits(&a));
+    assert_eq!(code_of(a).await, code(404, "not_found"));
+    let b = app
+        .signed_at(&k, Method::GET, "/v1/products/no-such", None, now_secs(), &n, &[])
+        .await;
+    assert!(has_limits(&b));
+    assert_eq!(code_of(b).await, code(401, "nonce_reused"));
+
+    // The scheme is case-insensitive; a timestamp is written without leading zeros.
+    let n = nonce();
+    let ts = now_secs();
+    let message = cardgate::auth::signing::Message {
+        timestamp: ts,
+        nonce: &n,
+        method: "GET",
+        path: "/v1/balance",
+        query: None,
+        body: b"",
+    };
+    let auth = cardgate::auth::signing::authorization(&k.key_id, k.secret.as_bytes(), &message);
+    let send = |auth: String| app.client.get(app.url("/v1/balance")).header("authorization", auth).send();
+    let padded = auth.replace(&format!("timestamp=\"{ts}\""), &format!("timestamp=\"0{ts}\""));
+    assert_eq!(code_of(send(padded).await.unwrap()).await, code(401, "missing_authorization"));
+    let lower = auth.replacen("CG1-HMAC-SHA256", "cg1-hmac-sha256", 1);
+    assert_eq!(send(lower).await.unwrap().status(), 200);
+
+    // The batch route answers only POST.
+    let resp = app.signed(&k, Method::GET, "/v1/orders/batch", None).await;
+    assert_eq!(resp.headers()["allow"], "POST");
+    assert_eq!(code_of(resp).await, code(405, "method_not_allowed"));
+
+    // The admin API's 401 names its scheme; the scheme's case does not matter.
+    let resp = app.get("/admin/v1/orders").await;
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    assert_eq!(code_of(resp).await, code(401, "unauthenticated"));
+    let resp = app
+        .client
+        .get(app.url("/admin/v1/orders"))
+        .header("authorization", format!("BEARER {t}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

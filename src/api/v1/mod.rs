@@ -4,13 +4,13 @@ pub mod orders;
 pub mod reads;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::header::HeaderValue;
 use hyper::{Request, Response};
 
 use crate::app::App;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::auth::reseller::{nonce_fresh, spend_nonce, verify, Caller, Nonce, Verified};
+use crate::auth::reseller::{authorization, nonce_fresh, spend_nonce, verify, Caller, Nonce, Verified};
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
 use crate::overload::Slot;
@@ -35,43 +35,56 @@ pub enum Begin {
     Done(Response<Body>),
 }
 
-/// Reads the body (it is signed), authenticates, and takes `cost(body)` tokens from the
-/// caller's bucket of `class` (a batch of orders costs one per order). The nonce is spent
-/// by the handler before it changes or reveals anything: in the same Redis round trip as
-/// its own commands (a read's [`Signed::query`], an order's reservation script through
+/// Checks the `Authorization` header and its timestamp, reads the body (it is signed),
+/// verifies the signature, and takes `cost(body, tier)` tokens from the caller's bucket of
+/// `class` (a batch of orders costs one per order). The nonce is spent by the handler
+/// before it changes or reveals anything: in the same Redis round trip as its own
+/// commands (a read's [`Signed::query`], an order's reservation script through
 /// [`Signed::nonce`]), or on its own ([`Signed::spend`]); a handler that never touches
 /// Redis has it spent by [`Signed::finish`] before its answer goes out. Either way a
 /// replay is answered `nonce_reused`.
+///
+/// Every answer from the point the caller is known carries the `RateLimit-*` headers of
+/// its bucket; a `401` cannot (it must not tell whether the key exists).
 pub async fn begin(
     app: &App,
     ctx: &Ctx,
     req: Request<Incoming>,
     class: Class,
-    cost: impl FnOnce(&[u8]) -> u32,
+    cost: impl FnOnce(&[u8], &str) -> u32,
 ) -> Result<Begin, ApiError> {
     let (parts, body) = req.into_parts();
+    let header = authorization(&parts)?;
     let body = body::read_json_body(&parts, body, &app.config.http).await?;
-    let mut verified = verify(app, ctx, &parts, &body)?;
-    if let Some(refusal) = verified.refusal.take() {
-        spend_nonce(app, &verified).await?;
-        return Err(refusal);
-    }
+    let mut verified = verify(app, ctx, &parts, &header, &body)?;
+    let refusal = verified.refusal.take();
     let r = &verified.caller.reseller;
-    let headers = match app.rate_limits.check(&r.tier, class, r.pk, cost(&body).max(1)) {
+    let refused = |e: &ApiError, headers: Option<Headers>| -> Result<Begin, ApiError> {
+        let mut resp = crate::http::response::error(e, &ctx.request_id);
+        if let Some(h) = headers {
+            set_headers(&mut resp, h);
+        }
+        Ok(Begin::Done(resp))
+    };
+    if let Some(refusal) = refusal {
+        // Counted like any request, so a refused caller cannot call without limit.
+        let headers = app.rate_limits.check(&r.tier, class, r.pk, 1).map(Outcome::headers);
+        let e = spend_nonce(app, &verified).await.err().unwrap_or(refusal);
+        return refused(&e, headers);
+    }
+    let headers = match app.rate_limits.check(&r.tier, class, r.pk, cost(&body, &r.tier).max(1)) {
         None => None,
         Some(Outcome::Allowed(h)) => Some(h),
         Some(Outcome::Refused {
             headers,
             retry_after_secs,
         }) => {
-            spend_nonce(app, &verified).await?;
+            if let Err(e) = spend_nonce(app, &verified).await {
+                return refused(&e, Some(headers));
+            }
             metrics::counter!("cardgate_rate_limited_total", "tier" => r.tier.clone(), "class" => class_label(class))
                 .increment(1);
-            let mut resp = crate::http::response::error(&ApiError::RateLimited { retry_after_secs }, &ctx.request_id);
-            set_headers(&mut resp, headers);
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
-            return Ok(Begin::Done(resp));
+            return refused(&ApiError::RateLimited { retry_after_secs }, Some(headers));
         }
     };
     let mut admitted = None;
@@ -81,13 +94,7 @@ pub async fn begin(
         // admitted or shed whole.
         match app.admission.admit(&r.tier) {
             Ok(slot) => admitted = Some(slot),
-            Err(e) => {
-                let mut resp = crate::http::response::error(&e, &ctx.request_id);
-                if let Some(h) = headers {
-                    set_headers(&mut resp, h);
-                }
-                return Ok(Begin::Done(resp));
-            }
+            Err(e) => return refused(&e, headers),
         }
     }
     Ok(Begin::Go(Box::new(Signed {
@@ -142,7 +149,10 @@ impl Signed {
         ctx: &Ctx,
         result: Result<Response<Body>, ApiError>,
     ) -> Result<Response<Body>, ApiError> {
-        self.spend(app).await?;
+        let result = match self.spend(app).await {
+            Ok(()) => result,
+            Err(e) => Err(e),
+        };
         let mut resp = result.unwrap_or_else(|e| crate::http::response::error(&e, &ctx.request_id));
         if let Some(h) = self.headers {
             set_headers(&mut resp, h);
@@ -154,7 +164,7 @@ impl Signed {
 /// Authenticates and rate-limits, or returns the finished answer from the handler.
 macro_rules! signed {
     ($app:expr, $ctx:expr, $req:expr, $class:expr) => {
-        $crate::api::v1::signed!($app, $ctx, $req, $class, |_| 1)
+        $crate::api::v1::signed!($app, $ctx, $req, $class, |_, _| 1)
     };
     ($app:expr, $ctx:expr, $req:expr, $class:expr, $cost:expr) => {
         match $crate::api::v1::begin($app, $ctx, $req, $class, $cost).await? {

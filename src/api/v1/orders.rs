@@ -48,12 +48,13 @@ fn batch_cap(app: &App, tier: &str) -> usize {
 
 pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     // One write token per order. The count is read from the body before it is checked;
-    // a body that is not a batch costs one token and is refused below.
-    let count = |b: &[u8]| {
+    // a body that is not a batch the caller's tier may send costs one token and is
+    // refused below, not charged for orders that will never run.
+    let count = |b: &[u8], tier: &str| {
         serde_json::from_slice::<Value>(b)
             .ok()
             .and_then(|v| v.get("orders").and_then(Value::as_array).map(|a| a.len()))
-            .filter(|n| (1..=BATCH_MAX).contains(n))
+            .filter(|n| (1..=batch_cap(app, tier)).contains(n))
             .unwrap_or(1) as u32
     };
     let s = signed!(app, ctx, req, Class::Writes, count);
@@ -67,16 +68,17 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
             .and_then(Value::as_array)
             .filter(|a| (1..=cap).contains(&a.len()))
             .ok_or_else(|| ApiError::invalid(format!("orders: an array of 1 to {cap} orders")))?;
-        let parsed: Vec<Result<OrderRequest, ApiError>> = items.iter().map(OrderRequest::parse).collect();
+        // Over every item that names one, valid or not: a malformed copy of a number is
+        // still a duplicate, and the batch is refused whole.
         let mut seen = HashSet::new();
-        for o in parsed.iter().flatten() {
-            if !seen.insert(o.merchant_order_no.as_str()) {
+        for mon in items.iter().filter_map(|i| i.get("merchant_order_no")?.as_str()) {
+            if !seen.insert(mon) {
                 return Err(ApiError::invalid(format!(
-                    "orders: merchant_order_no {} appears twice; nothing was processed",
-                    o.merchant_order_no
+                    "orders: merchant_order_no {mon} appears twice; nothing was processed"
                 )));
             }
         }
+        let parsed: Vec<Result<OrderRequest, ApiError>> = items.iter().map(OrderRequest::parse).collect();
         // Concurrently, so the whole batch shares the ledger writer's commits.
         let reseller = &s.caller().reseller;
         let placed = join_all(parsed.iter().map(|p| async move {
