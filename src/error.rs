@@ -200,6 +200,23 @@ impl From<redis::RedisError> for ApiError {
 }
 
 impl ApiError {
+    /// An error from work spanning both stores: mapped as its store's own error would be
+    /// (`unavailable` while one is out of reach), otherwise internal.
+    pub fn store(e: anyhow::Error) -> Self {
+        let e = match e.downcast::<redis::RedisError>() {
+            Ok(r) => return ApiError::redis(&r),
+            Err(e) => e,
+        };
+        let e = match e.downcast::<tokio_postgres::Error>() {
+            Ok(p) => return p.into(),
+            Err(e) => e,
+        };
+        match e.downcast::<deadpool_postgres::PoolError>() {
+            Ok(p) => p.into(),
+            Err(e) => ApiError::Internal(e),
+        }
+    }
+
     /// A Redis failure: `unavailable` while Redis cannot be reached, otherwise internal.
     pub fn redis(e: &redis::RedisError) -> Self {
         if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {

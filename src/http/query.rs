@@ -22,15 +22,22 @@ fn decode(s: &str) -> Result<String, ApiError> {
     Ok(v.into_owned())
 }
 
-/// Decoded `name=value` pairs; a later duplicate name wins.
+/// Decoded `name=value` pairs, each name at most once.
 pub struct Query(Vec<(String, String)>);
 
 impl Query {
+    /// A name given twice is refused rather than one of its values picked silently.
     pub fn parse(raw: Option<&str>) -> Result<Query, ApiError> {
-        let mut pairs = Vec::new();
+        let mut pairs: Vec<(String, String)> = Vec::new();
         for part in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            pairs.push((decode(k)?, decode(v)?));
+            let k = decode(k)?;
+            if pairs.iter().any(|(seen, _)| *seen == k) {
+                return Err(ApiError::invalid(format!(
+                    "query parameter {k} is given more than once"
+                )));
+            }
+            pairs.push((k, decode(v)?));
         }
         Ok(Query(pairs))
     }
@@ -45,9 +52,18 @@ impl Query {
 
     /// An RFC 3339 time parameter.
     pub fn time(&self, name: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
+        let rfc3339 = |v: &str| time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339);
         self.get(name)
             .map(|v| {
-                time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                // An offset's `+` sent unencoded arrives decoded as a space.
+                rfc3339(v)
+                    .or_else(|e| {
+                        if v.contains(' ') {
+                            rfc3339(&v.replace(' ', "+"))
+                        } else {
+                            Err(e)
+                        }
+                    })
                     .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time")))
             })
             .transpose()
@@ -72,6 +88,14 @@ impl Query {
         }
         Ok(limit)
     }
+}
+
+/// Trims rows fetched with `LIMIT limit + 1` to the page; true when more follow it, so a
+/// page that happens to end the list is not given a cursor to an empty page.
+pub fn page<R>(rows: &mut Vec<R>, limit: i64) -> bool {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    more
 }
 
 /// RFC 3339 in UTC, to the second, as every time in the API is written.

@@ -273,7 +273,10 @@ mod tests {
         assert_eq!(resolve(&Method::POST, "/v1/orders/batch").unwrap(), Route::BatchOrders);
         for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
             assert!(
-                matches!(resolve(&m, "/v1/orders/batch"), Err(ApiError::MethodNotAllowed { allow: "POST" })),
+                matches!(
+                    resolve(&m, "/v1/orders/batch"),
+                    Err(ApiError::MethodNotAllowed { allow: "POST" })
+                ),
                 "{m} /v1/orders/batch"
             );
         }

@@ -455,6 +455,27 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
         )
         .await;
     assert_eq!(next["orders"][0]["merchant_order_no"], "R-1");
+    assert_eq!(
+        next["next_cursor"],
+        serde_json::Value::Null,
+        "the last page, though full, has no cursor to an empty one"
+    );
+    // An offset's `+` sent unencoded still reads as a time; an empty range, a parameter
+    // given twice, are refused.
+    let plus = app
+        .admin_ok(
+            &t,
+            Method::GET,
+            "/admin/v1/orders?from=2020-01-01T08:00:00+08:00",
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(plus["orders"].as_array().unwrap().len(), 2);
+    for q in ["from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", "sku=a&sku=b"] {
+        let resp = app.admin(&t, Method::GET, &format!("/admin/v1/orders?{q}"), None).await;
+        assert_eq!(error_of(resp).await.1, "invalid_request", "{q}");
+    }
     let mine = app
         .admin_ok(
             &t,

@@ -40,6 +40,11 @@ async fn redis_restarting_empty_is_rebuilt_from_postgres_and_never_resells_a_del
     let (s, code, _) = error_of(app.signed(&k, Method::GET, "/v1/products", None).await).await;
     assert_eq!((s, code.as_str()), (503, "unavailable"));
     assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    // Reconciliation cannot run without Redis: the store is away (503), not a bug (500).
+    let resp = app.admin(&t, Method::GET, "/admin/v1/reconcile", None).await;
+    assert!(resp.headers().contains_key("retry-after"));
+    let (s, code, _) = error_of(resp).await;
+    assert_eq!((s, code.as_str()), (503, "unavailable"));
     redis.restart().await;
     let refused = eventually(Duration::from_secs(10), || async {
         let resp = app.post_order(&k, order_body(SKU, 1, "M-3")).await;

@@ -70,7 +70,11 @@ async fn reseller_loyalty_and_product_sales_over_a_range() {
         (s["orders"].as_i64(), s["codes"].as_i64(), s["amount"].as_i64()),
         (Some(3), Some(4), Some(4 * 9800))
     );
-    assert_eq!(s["average_order_value"].as_f64(), Some(13066.67));
+    assert_eq!(
+        (s["average_order_value"].as_i64(), s["currency"].as_str()),
+        (Some(13067), Some("CNY")),
+        "money in whole minor units, with its currency"
+    );
     assert_eq!(s["active_days"], 3);
     assert_eq!(
         s["repeat_purchase_rate"].as_f64(),
@@ -146,11 +150,11 @@ async fn reports_come_as_csv_and_refuse_bad_ranges() {
     for (which, header) in [
         (
             "resellers",
-            "reseller_id,name,tier,orders,codes,amount,average_order_value,active_days",
+            "reseller_id,name,tier,orders,codes,amount,currency,average_order_value,active_days",
         ),
         (
             "products",
-            "sku,name,status,orders,codes_sold,amount,sell_rate_per_day,available,days_of_stock",
+            "sku,name,status,orders,codes_sold,amount,currency,sell_rate_per_day,available,days_of_stock",
         ),
     ] {
         let resp = app
@@ -242,4 +246,62 @@ async fn folds_racing_commits_and_refunds_count_every_order_once() {
     let figures: (i64, i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     assert_eq!((figures.0, figures.1, figures.4), (70, 70, 0), "{figures:?}");
     assert_eq!(figures.2, figures.3, "rollup amount vs fulfilled orders");
+}
+
+/// A CSV always has its header row, and no cell an operator typed can run as a formula
+/// in the spreadsheet it is opened in.
+#[tokio::test]
+async fn csv_reports_have_a_header_even_when_empty_and_defuse_formulas() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let csv = |which: &'static str| {
+        let (app, t) = (&app, &t);
+        async move {
+            let resp = app
+                .client
+                .get(app.url(&format!("/admin/v1/reports/{which}")))
+                .bearer_auth(t)
+                .header("accept", "text/csv")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.text().await.unwrap()
+        }
+    };
+    assert_eq!(
+        csv("products").await,
+        "sku,name,status,orders,codes_sold,amount,currency,sell_rate_per_day,available,days_of_stock\n"
+    );
+    assert!(csv("resellers").await.starts_with("reseller_id,name,tier,orders,"));
+    assert_eq!(csv("resellers").await.lines().count(), 1);
+
+    app.admin_ok(
+        &t,
+        Method::POST,
+        "/admin/v1/products",
+        Some(json!({"sku": "=1+1", "name": "@SUM(A1:A9)", "face_value": 100, "base_price": 90, "max_quantity": 5})),
+        201,
+    )
+    .await;
+    app.admin_ok(
+        &t,
+        Method::POST,
+        "/admin/v1/resellers",
+        Some(json!({"name": "-2+3", "tier": "gold"})),
+        201,
+    )
+    .await;
+    let products = csv("products").await;
+    assert!(
+        products.contains("\n'=1+1,'@SUM(A1:A9),on_sale,0,0,0,CNY,"),
+        "{products}"
+    );
+    let resellers = csv("resellers").await;
+    assert!(resellers.contains(",'-2+3,gold,0,"), "{resellers}");
+    // JSON carries the names as they are.
+    let json = app
+        .admin_ok(&t, Method::GET, "/admin/v1/reports/products", None, 200)
+        .await;
+    assert_eq!(json["products"][0]["sku"], "=1+1");
 }

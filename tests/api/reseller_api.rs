@@ -539,7 +539,11 @@ async fn refusals_after_authentication_carry_rate_limit_headers_and_401s_a_chall
     let now = now_secs();
     let first = app.signed_at(&k, Method::GET, "/v1/balance", None, now, &n, &[]).await;
     assert!(has_limits(&first));
-    assert_eq!(first.headers()["ratelimit-remaining"], "999", "gold: a burst of 1000 reads");
+    assert_eq!(
+        first.headers()["ratelimit-remaining"],
+        "999",
+        "gold: a burst of 1000 reads"
+    );
     assert_eq!(code_of(first).await, code(403, "ip_not_allowed"));
     let replay = app.signed_at(&k, Method::GET, "/v1/balance", None, now, &n, &[]).await;
     assert!(has_limits(&replay));
@@ -591,9 +595,17 @@ async fn refusals_after_authentication_carry_rate_limit_headers_and_401s_a_chall
         body: b"",
     };
     let auth = cardgate::auth::signing::authorization(&k.key_id, k.secret.as_bytes(), &message);
-    let send = |auth: String| app.client.get(app.url("/v1/balance")).header("authorization", auth).send();
+    let send = |auth: String| {
+        app.client
+            .get(app.url("/v1/balance"))
+            .header("authorization", auth)
+            .send()
+    };
     let padded = auth.replace(&format!("timestamp=\"{ts}\""), &format!("timestamp=\"0{ts}\""));
-    assert_eq!(code_of(send(padded).await.unwrap()).await, code(401, "missing_authorization"));
+    assert_eq!(
+        code_of(send(padded).await.unwrap()).await,
+        code(401, "missing_authorization")
+    );
     let lower = auth.replacen("CG1-HMAC-SHA256", "cg1-hmac-sha256", 1);
     assert_eq!(send(lower).await.unwrap().status(), 200);
 

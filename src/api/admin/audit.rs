@@ -8,7 +8,7 @@ use super::authorize;
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
-use crate::http::query::{rfc3339, Query};
+use crate::http::query::{page, rfc3339, Query};
 use crate::http::{response, Body, Ctx};
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -18,7 +18,7 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
     let limit = q.page_limit()?;
     let cursor = q.int("cursor")?;
     let client = app.pg.get().await?;
-    let rows = client
+    let mut rows = client
         .query(
             "SELECT id, at, actor, actor_kind, action, target, ip, detail FROM audit_log
              WHERE ($1::text IS NULL OR actor = $1) AND ($2::text IS NULL OR action = $2)
@@ -31,10 +31,11 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
                 &q.time("from")?,
                 &q.time("to")?,
                 &cursor,
-                &limit,
+                &(limit + 1),
             ],
         )
         .await?;
+    let more = page(&mut rows, limit);
     let entries: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -44,7 +45,7 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
                    "detail": r.get::<_, serde_json::Value>(7)})
         })
         .collect();
-    let next_cursor = (rows.len() as i64 == limit)
+    let next_cursor = more
         .then(|| rows.last().map(|r| r.get::<_, i64>(0).to_string()))
         .flatten();
     response::json(StatusCode::OK, &json!({"entries": entries, "next_cursor": next_cursor}))

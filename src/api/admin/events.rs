@@ -11,7 +11,7 @@ use crate::audit;
 use crate::auth::admin::Need;
 use crate::callbacks::{event_json, EVENT_COLUMNS};
 use crate::error::ApiError;
-use crate::http::query::Query;
+use crate::http::query::{page, Query};
 use crate::http::{response, Body, Ctx};
 
 /// `GET /admin/v1/resellers/{id}/events?limit=&cursor=`: newest first.
@@ -27,18 +27,19 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>, reseller_id: &st
         .await?
         .ok_or_else(|| ApiError::not_found("no such reseller"))?
         .get(0);
-    let rows = client
+    let mut rows = client
         .query(
             &format!(
                 "SELECT {EVENT_COLUMNS} FROM events e
                   WHERE e.reseller_id = $1 AND ($2::bigint IS NULL OR e.id < $2)
                   ORDER BY e.id DESC LIMIT $3"
             ),
-            &[&pk, &cursor, &limit],
+            &[&pk, &cursor, &(limit + 1)],
         )
         .await?;
+    let more = page(&mut rows, limit);
     let events: Vec<_> = rows.iter().map(event_json).collect();
-    let next_cursor = (rows.len() as i64 == limit)
+    let next_cursor = more
         .then(|| rows.last().map(|r| r.get::<_, i64>(8).to_string()))
         .flatten();
     response::json(StatusCode::OK, &json!({"events": events, "next_cursor": next_cursor}))

@@ -10,7 +10,7 @@ use super::authorize;
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
-use crate::http::query::{rfc3339, Query};
+use crate::http::query::{page, rfc3339, Query};
 use crate::http::{response, Body, Ctx};
 
 const REASON_MAX: usize = 500;
@@ -20,12 +20,18 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
     authorize(app, ctx, &parts, Need::Read).await?;
     let q = Query::parse(parts.uri.query())?;
     let limit = q.page_limit()?;
+    let (from, to) = (q.time("from")?, q.time("to")?);
+    if let (Some(f), Some(t)) = (from, to) {
+        if f >= t {
+            return Err(ApiError::invalid("from must be before to"));
+        }
+    }
     let status = q.get("status");
     if status.is_some_and(|s| s != "fulfilled" && s != "refunded") {
         return Err(ApiError::invalid("status must be fulfilled or refunded"));
     }
     let client = app.pg.get().await?;
-    let rows = client
+    let mut rows = client
         .query(
             "SELECT o.id, o.order_id, r.reseller_id, o.merchant_order_no, o.sku, o.quantity, o.unit_price, o.amount,
                     o.currency, o.status, o.created_at, o.refunded_at, o.refund_reason
@@ -37,14 +43,15 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
             &[
                 &q.get("reseller_id"),
                 &q.get("sku"),
-                &q.time("from")?,
-                &q.time("to")?,
+                &from,
+                &to,
                 &status,
                 &q.int("cursor")?,
-                &limit,
+                &(limit + 1),
             ],
         )
         .await?;
+    let more = page(&mut rows, limit);
     let orders: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -57,7 +64,7 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
                    "refund_reason": r.get::<_, Option<&str>>(12)})
         })
         .collect();
-    let next_cursor = (rows.len() as i64 == limit)
+    let next_cursor = more
         .then(|| rows.last().map(|r| r.get::<_, i64>(0).to_string()))
         .flatten();
     response::json(StatusCode::OK, &json!({"orders": orders, "next_cursor": next_cursor}))
@@ -95,7 +102,7 @@ pub async fn refund(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str
 pub async fn reconcile(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::Read).await?;
-    let report = crate::reconcile::run(app).await.map_err(ApiError::internal)?;
+    let report = crate::reconcile::run(app).await.map_err(ApiError::store)?;
     if !report.ok {
         tracing::error!(problems = ?report.problems, "reconciliation found differences");
         metrics::counter!("cardgate_reconcile_failures_total").increment(1);

@@ -137,7 +137,7 @@ fn rows_params(r: &Range) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
     ]
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct ResellerLine {
     reseller_id: String,
     name: String,
@@ -145,7 +145,9 @@ struct ResellerLine {
     orders: i64,
     codes: i64,
     amount: i64,
-    average_order_value: Option<f64>,
+    currency: String,
+    /// Money, so whole minor units like every amount (rounded to the nearest).
+    average_order_value: Option<i64>,
     active_days: i64,
     repeat_purchase_rate: Option<f64>,
     last_order_at: Option<String>,
@@ -198,7 +200,8 @@ pub async fn resellers(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<R
                 orders,
                 codes: r.get(4),
                 amount,
-                average_order_value: (orders > 0).then(|| round2(amount as f64 / orders as f64)),
+                currency: app.config.currency.clone(),
+                average_order_value: (orders > 0).then(|| (amount as f64 / orders as f64).round() as i64),
                 active_days,
                 repeat_purchase_rate: (active_days > 0).then(|| round2(repeat_days as f64 / active_days as f64)),
                 last_order_at: last.map(rfc3339),
@@ -208,10 +211,10 @@ pub async fn resellers(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<R
             }
         })
         .collect();
-    answer(&parts, &range, "resellers", &lines, json!({}))
+    answer(&parts, &range, "resellers", lines, json!({}))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct ProductLine {
     sku: String,
     name: String,
@@ -219,6 +222,7 @@ struct ProductLine {
     orders: i64,
     codes_sold: i64,
     amount: i64,
+    currency: String,
     sell_rate_per_day: f64,
     available: i64,
     days_of_stock: Option<f64>,
@@ -251,34 +255,75 @@ pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Re
                 orders: r.get(3),
                 codes_sold: codes,
                 amount: r.get(5),
+                currency: app.config.currency.clone(),
                 sell_rate_per_day: round2(rate),
                 available,
                 days_of_stock: (rate > 0.0).then(|| round2(available as f64 / rate)),
             }
         })
         .collect();
-    answer(&parts, &range, "products", &lines, json!({"days": round2(days)}))
+    answer(&parts, &range, "products", lines, json!({"days": round2(days)}))
 }
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// A report line's text cells, which a spreadsheet would run as a formula when one
+/// starts with `=`, `+`, `-`, `@`, tab or CR: in CSV those get a leading `'` (OWASP's
+/// advice), so an operator-given name or SKU cannot become a formula on a desk.
+trait CsvLine: Serialize + Default {
+    fn text_cells(&mut self) -> Vec<&mut String>;
+}
+
+impl CsvLine for ResellerLine {
+    fn text_cells(&mut self) -> Vec<&mut String> {
+        vec![&mut self.reseller_id, &mut self.name, &mut self.tier]
+    }
+}
+
+impl CsvLine for ProductLine {
+    fn text_cells(&mut self) -> Vec<&mut String> {
+        vec![&mut self.sku, &mut self.name, &mut self.status]
+    }
+}
+
+fn defuse(cell: &mut String) {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        cell.insert(0, '\'');
+    }
+}
+
+/// The CSV: one header row (even with no lines), then the lines.
+fn csv_of<T: CsvLine>(mut lines: Vec<T>) -> Result<Vec<u8>, ApiError> {
+    let fail = |e: csv::Error| ApiError::internal(anyhow::anyhow!("{e}"));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    if lines.is_empty() {
+        // csv writes the header with the first record: write a blank one, keep the header.
+        w.serialize(T::default()).map_err(fail)?;
+        let mut body = w.into_inner().map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
+        let end = body.iter().position(|&b| b == b'\n').map_or(body.len(), |i| i + 1);
+        body.truncate(end);
+        return Ok(body);
+    }
+    for line in &mut lines {
+        line.text_cells().into_iter().for_each(defuse);
+        w.serialize(&*line).map_err(fail)?;
+    }
+    w.into_inner().map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))
+}
+
 /// JSON `{"from","to",<key>: [...], ...extra}`, or CSV (one header row, then the lines)
 /// when the caller accepts `text/csv` and not JSON first.
-fn answer<T: Serialize>(
+fn answer<T: CsvLine>(
     parts: &Parts,
     range: &Range,
     key: &str,
-    lines: &[T],
+    lines: Vec<T>,
     extra: serde_json::Value,
 ) -> Result<Response<Body>, ApiError> {
     if wants_csv(parts) {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        for line in lines {
-            w.serialize(line).map_err(ApiError::internal)?;
-        }
-        let body = w.into_inner().map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
+        let body = csv_of(lines)?;
         let mut resp = response::bytes(
             StatusCode::OK,
             HeaderValue::from_static("text/csv; charset=utf-8"),
