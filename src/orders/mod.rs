@@ -35,6 +35,9 @@ impl OrderRequest {
         let o = v
             .as_object()
             .ok_or_else(|| ApiError::invalid("an order must be a JSON object"))?;
+        // Refused, as Stripe does: a misspelt `max_unit_price` must not place the order
+        // without the caller's price guard.
+        refuse_unknown(o, &["sku", "quantity", "merchant_order_no", "max_unit_price"])?;
         let sku = match o.get("sku") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(ApiError::invalid("sku: required, a non-empty string")),
@@ -65,6 +68,20 @@ impl OrderRequest {
             merchant_order_no,
             max_unit_price,
         })
+    }
+}
+
+/// `invalid_request` naming the first field of `o` not in `known`.
+pub fn refuse_unknown(o: &serde_json::Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
+    match o.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => {
+            let name: String = k.chars().take(64).collect();
+            Err(ApiError::invalid(format!(
+                "unknown field {name:?}; expected {}",
+                known.join(", ")
+            )))
+        }
     }
 }
 

@@ -197,6 +197,10 @@ async fn refusals_take_nothing() {
     let mut capped = order_body(SKU, 1, "M-1");
     capped["max_unit_price"] = json!(9799);
     assert_eq!(refused(capped).await, code(409, "price_changed"));
+    // A misspelt guard is refused, not ignored: the order would have gone through at 9800.
+    let mut misspelt = order_body(SKU, 1, "M-1");
+    misspelt["max_unit_prce"] = json!(9799);
+    assert_eq!(refused(misspelt).await, code(400, "invalid_request"));
     assert_eq!(
         refused(order_body("no-such-sku", 1, "M-1")).await,
         code(404, "not_found")
@@ -646,6 +650,7 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
         batch(vec![]),
         batch((0..11).map(|i| order_body(SKU, 1, &format!("C-{i}"))).collect()),
         json!({"orders": "no"}).to_string(),
+        json!({"orders": [order_body(SKU, 1, "U-1")], "dry_run": true}).to_string(),
     ] {
         let resp = app.signed(&k, Method::POST, "/v1/orders/batch", Some(&bad)).await;
         assert_eq!(error_of(resp).await.1, "invalid_request", "{bad}");

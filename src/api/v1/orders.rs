@@ -62,6 +62,9 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
         // Before anything: the orders below run concurrently, none can carry the nonce.
         s.spend(app).await?;
         let v: Value = body::parse_json(&s.body)?;
+        if let Some(o) = v.as_object() {
+            orders::refuse_unknown(o, &["orders"])?;
+        }
         let cap = batch_cap(app, &s.caller().reseller.tier);
         let items = v
             .get("orders")
