@@ -38,8 +38,8 @@ impl Keys {
     }
 
     /// Failed logins of one operator username, expiring with the lock-out window.
-    pub fn login_failures(&self, username: &str) -> String {
-        self.key(&["loginfail", username])
+    pub fn login_failures(&self, username: &str, ip: std::net::IpAddr) -> String {
+        self.key(&["loginfail", username, &ip.to_string()])
     }
 
     /// A spent request nonce of one API key (expires after the replay window).

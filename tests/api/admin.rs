@@ -5,7 +5,11 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn the_bootstrap_admin_logs_in_and_wrong_passwords_are_401_then_locked_out() {
-    let app = spawn_app().await;
+    // Behind a proxy on loopback, so that X-Forwarded-For can play a second address.
+    let app = spawn_app_with(|env| {
+        env.insert("CARDGATE_HTTP__TRUSTED_PROXIES".into(), "127.0.0.1/32".into());
+    })
+    .await;
     let token = app.root_token().await;
     assert!(token.split('.').count() == 3);
     for _ in 0..5 {
@@ -39,6 +43,16 @@ async fn the_bootstrap_admin_logs_in_and_wrong_passwords_are_401_then_locked_out
         .await
         .unwrap();
     assert_eq!(unknown.status(), 401);
+    // ... and per address: failures from elsewhere do not lock the operator out.
+    let elsewhere = app
+        .client
+        .post(app.url("/admin/v1/login"))
+        .header("x-forwarded-for", "198.51.100.7")
+        .json(&json!({"username": ROOT_USER, "password": ROOT_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 200);
 }
 
 fn forge(secret: &[u8], claims: serde_json::Value, alg: jsonwebtoken::Algorithm) -> String {

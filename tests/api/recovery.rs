@@ -45,6 +45,8 @@ async fn redis_restarting_empty_is_rebuilt_from_postgres_and_never_resells_a_del
     assert!(resp.headers().contains_key("retry-after"));
     let (s, code, _) = error_of(resp).await;
     assert_eq!((s, code.as_str()), (503, "unavailable"));
+    // Operators can still sign in to look at the outage.
+    app.login(ROOT_USER, ROOT_PASSWORD).await;
     redis.restart().await;
     let refused = eventually(Duration::from_secs(10), || async {
         let resp = app.post_order(&k, order_body(SKU, 1, "M-3")).await;
