@@ -34,10 +34,17 @@ pub fn content_type_is(parts: &Parts, want: &str) -> bool {
 /// it within `timeout`. The size is checked against `Content-Length` first and then again
 /// on every frame, so a lying or chunked client is cut off as soon as it passes the limit.
 pub async fn read_json_body(parts: &Parts, body: Incoming, http: &HttpConfig) -> Result<Bytes, ApiError> {
-    let (limit, timeout) = (
-        http.json_body_max_bytes,
-        Duration::from_millis(http.body_read_timeout_ms),
-    );
+    read_json_body_up_to(parts, body, http, http.json_body_max_bytes).await
+}
+
+/// As [`read_json_body`], for the one route whose body may be larger than the usual limit.
+pub async fn read_json_body_up_to(
+    parts: &Parts,
+    body: Incoming,
+    http: &HttpConfig,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let timeout = Duration::from_millis(http.body_read_timeout_ms);
     if !has_body(parts) {
         return Ok(Bytes::new());
     }

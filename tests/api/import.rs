@@ -211,4 +211,23 @@ async fn voiding_named_codes_and_all_available() {
     )
     .await;
     assert_eq!(s, 400);
+
+    // A supplier's bad batch named code by code: 6,000 codes is a body far over the usual
+    // JSON limit, and within the void route's own.
+    app.create_product(&t, "v2").await;
+    let bad: Vec<String> = (0..6000).map(|i| format!("BAD-BATCH-{i:08}-XXXX-YYYY")).collect();
+    let imported = app
+        .import_codes(&t, "v2", bad.join("\n"))
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(imported["imported"], 6000);
+    let body = json!({ "codes": bad });
+    assert!(body.to_string().len() > 64 * 1024);
+    let report = app
+        .admin_ok(&t, Method::POST, "/admin/v1/products/v2/codes/void", Some(body), 200)
+        .await;
+    assert_eq!(report, json!({"voided": 6000, "not_found": 0, "not_available": 0}));
+    assert_eq!(app.stock_len("v2").await, 0);
 }

@@ -7,7 +7,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{authorize, authorized_json, products::id_of};
+use super::{authorize, products::id_of};
 use crate::app::App;
 use crate::audit;
 use crate::auth::admin::Need;
@@ -18,6 +18,10 @@ use crate::stock::void;
 
 /// Codes named in one void call.
 const VOID_CODES_MAX: usize = 10_000;
+/// Room for that many codes of the longest importable kind (512 bytes, every byte
+/// escaped in JSON at worst) in one list; the usual JSON limit would refuse a list of a
+/// few thousand short codes.
+const VOID_BODY_MAX_BYTES: usize = VOID_CODES_MAX * (2 * 512 + 3) + 64;
 
 pub async fn import(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
@@ -66,7 +70,10 @@ struct VoidRequest {
 }
 
 pub async fn void(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
-    let (actor, v): (_, VoidRequest) = authorized_json(app, ctx, req, Need::Write).await?;
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let bytes = body::read_json_body_up_to(&parts, body, &app.config.http, VOID_BODY_MAX_BYTES).await?;
+    let v: VoidRequest = body::parse_json(&bytes)?;
     let client = app.pg.get().await?;
     let product_id = id_of(&client, sku).await?;
     let report = match (v.codes, v.all_available) {
