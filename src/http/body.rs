@@ -54,13 +54,17 @@ pub async fn read_json_body_up_to(
     read_limited(parts, body, limit, timeout).await
 }
 
-async fn read_limited(parts: &Parts, body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
-    let declared = parts
+/// The body length the client declared, if it did.
+pub fn declared_len(parts: &Parts) -> Option<u64> {
+    parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+async fn read_limited(parts: &Parts, body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    if declared_len(parts).is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge);
     }
     match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {

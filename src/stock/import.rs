@@ -42,9 +42,16 @@ struct Batch {
 
 impl Importer<'_> {
     /// Reads `body` to its end within `timeout` and at most `limit` bytes.
-    pub async fn run(&self, mut body: Incoming, limit: u64, timeout: Duration) -> Result<ImportReport, ApiError> {
+    /// Imports the body into `report`, which on an error still counts what was committed
+    /// before it (batches already in stay in).
+    pub async fn run(
+        &self,
+        mut body: Incoming,
+        limit: u64,
+        timeout: Duration,
+        report: &mut ImportReport,
+    ) -> Result<(), ApiError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut report = ImportReport::default();
         let mut splitter = Splitter::default();
         let mut batch = Batch {
             hashes: Vec::new(),
@@ -63,14 +70,13 @@ impl Importer<'_> {
             if read > limit {
                 return Err(ApiError::PayloadTooLarge);
             }
-            self.split(&mut splitter, &data, false, &mut batch, &mut report);
+            self.split(&mut splitter, &data, false, &mut batch, report);
             if batch.hashes.len() >= IMPORT_BATCH_CODES_MAX {
-                self.flush(&mut batch, &mut report).await?;
+                self.flush(&mut batch, report).await?;
             }
         }
-        self.split(&mut splitter, &Bytes::new(), true, &mut batch, &mut report);
-        self.flush(&mut batch, &mut report).await?;
-        Ok(report)
+        self.split(&mut splitter, &Bytes::new(), true, &mut batch, report);
+        self.flush(&mut batch, report).await
     }
 
     fn split(&self, splitter: &mut Splitter, data: &[u8], last: bool, batch: &mut Batch, report: &mut ImportReport) {

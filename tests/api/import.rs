@@ -231,3 +231,78 @@ async fn voiding_named_codes_and_all_available() {
     assert_eq!(report, json!({"voided": 6000, "not_found": 0, "not_available": 0}));
     assert_eq!(app.stock_len("v2").await, 0);
 }
+
+/// An import cut off part way keeps the batches it committed, says so in the audit log,
+/// and can be re-run: what went in counts as duplicates the second time.
+#[tokio::test]
+async fn an_import_cut_short_is_audited_with_what_went_in_and_can_be_re_run() {
+    let app = spawn_app_with(|env| {
+        env.insert("CARDGATE_HTTP__IMPORT_BODY_MAX_BYTES".into(), "200000".into());
+    })
+    .await;
+    let t = app.root_token().await;
+    app.create_product(&t, "cut").await;
+    // 8,000 codes of 25 bytes: 200,000 bytes, one past the limit with the last newline.
+    let body: String = (0..8000).map(|i| format!("CUT-{i:08}-AAAA-BBBB-C\n")).collect();
+    assert_eq!(body.len(), 200_000);
+    let body = format!("{body}X");
+
+    // Declared too large: refused before anything is read or stored.
+    let resp = app
+        .client
+        .post(app.url("/admin/v1/products/cut/codes"))
+        .bearer_auth(&t)
+        .header("content-type", "text/plain")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "payload_too_large");
+    assert_eq!(stock_len(&app, "cut").await, 0);
+
+    // Streamed without a length: the first batch of 5,000 is in before the limit is met.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.as_bytes().chunks(4096).map(|c| Ok(c.to_vec())).collect();
+    let resp = app
+        .client
+        .post(app.url("/admin/v1/products/cut/codes"))
+        .bearer_auth(&t)
+        .header("content-type", "text/plain")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.1, "payload_too_large");
+    let kept = stock_len(&app, "cut").await;
+    assert!(
+        (5000..8000).contains(&kept),
+        "one batch (5,000 and the rest of its frame) in: {kept}"
+    );
+    let detail: serde_json::Value = app
+        .db()
+        .await
+        .query_one(
+            "SELECT detail FROM audit_log WHERE action = 'codes.import' AND target = 'cut'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        detail,
+        json!({"imported": kept, "duplicates": 0, "rejected": 0, "interrupted_by": "payload_too_large"})
+    );
+
+    // Re-run within the limit: the rest goes in, what went in before is duplicates.
+    let whole: String = body.lines().take(8000).map(|l| format!("{l}\n")).collect::<String>();
+    let report = app
+        .import_codes(&t, "cut", whole[..whole.len() - 1].to_string())
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(
+        report,
+        json!({"imported": 8000 - kept, "duplicates": kept, "rejected": 0})
+    );
+    assert_eq!(stock_len(&app, "cut").await, 8000);
+}

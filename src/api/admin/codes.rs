@@ -13,7 +13,7 @@ use crate::audit;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
 use crate::http::{body, response, Body, Ctx};
-use crate::stock::import::Importer;
+use crate::stock::import::{ImportReport, Importer};
 use crate::stock::void;
 
 /// Codes named in one void call.
@@ -31,6 +31,10 @@ pub async fn import(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> 
             "Content-Type must be text/plain, one code per line",
         ));
     }
+    let limit = app.config.http.import_body_max_bytes;
+    if body::declared_len(&parts).is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge);
+    }
     let client = app.pg.get().await?;
     let product_id = id_of(&client, sku).await?;
     drop(client);
@@ -41,23 +45,20 @@ pub async fn import(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> 
         keys: &app.keys,
         product_id,
     };
-    let report = importer
-        .run(
-            body,
-            app.config.http.import_body_max_bytes,
-            Duration::from_millis(app.config.http.import_read_timeout_ms),
-        )
-        .await?;
-    let client = app.pg.get().await?;
-    audit::record(
-        &client,
-        &actor,
-        "codes.import",
-        Some(sku),
-        None,
-        serde_json::to_value(report).map_err(ApiError::internal)?,
-    )
-    .await?;
+    let mut report = ImportReport::default();
+    let timeout = Duration::from_millis(app.config.http.import_read_timeout_ms);
+    let done = importer.run(body, limit, timeout, &mut report).await;
+    // An import cut short keeps the batches it committed: audited all the same, with what
+    // went in and what stopped it (re-running it is safe: known codes are duplicates).
+    if done.is_ok() || report.imported > 0 {
+        let mut detail = serde_json::to_value(report).map_err(ApiError::internal)?;
+        if let Err(e) = &done {
+            detail["interrupted_by"] = json!(e.code());
+        }
+        let client = app.pg.get().await?;
+        audit::record(&client, &actor, "codes.import", Some(sku), None, detail).await?;
+    }
+    done?;
     response::json(StatusCode::OK, &report)
 }
 

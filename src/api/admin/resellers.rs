@@ -1,5 +1,6 @@
 //! Resellers, their API keys and balances.
 
+use deadpool_postgres::GenericClient;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
@@ -98,7 +99,7 @@ fn reseller_json(r: &Row, currency: &str) -> Value {
     })
 }
 
-async fn load(client: &deadpool_postgres::Client, reseller_id: &str) -> Result<Row, ApiError> {
+async fn load<C: GenericClient>(client: &C, reseller_id: &str) -> Result<Row, ApiError> {
     let sql = format!(
         "SELECT {RESELLER_COLUMNS} FROM resellers r JOIN balances b ON b.reseller_id = r.id WHERE r.reseller_id = $1"
     );
@@ -258,14 +259,17 @@ pub async fn create_key(
 ) -> Result<Response<Body>, ApiError> {
     let (parts, _) = req.into_parts();
     let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let client = app.pg.get().await?;
-    let pk: i64 = load(&client, reseller_id).await?.get(0);
+    let mut client = app.pg.get().await?;
+    // The key and its audit row commit together: a key whose creation could not be
+    // audited would exist with its secret already lost to a failed answer.
+    let tx = client.transaction().await?;
+    let pk: i64 = load(&tx, reseller_id).await?.get(0);
     let key_id = ids::key_id();
     let secret = ids::api_secret();
     let sealed = app
         .crypto
         .encrypt(Purpose::ApiSecret { key_id: &key_id }, secret.as_bytes());
-    let created_at: time::OffsetDateTime = client
+    let created_at: time::OffsetDateTime = tx
         .query_one(
             "INSERT INTO api_keys (key_id, reseller_id, secret_enc) VALUES ($1, $2, $3) RETURNING created_at",
             &[&key_id, &pk, &sealed],
@@ -273,7 +277,7 @@ pub async fn create_key(
         .await?
         .get(0);
     audit::record(
-        &client,
+        &tx,
         &actor,
         "key.create",
         Some(&key_id),
@@ -281,6 +285,7 @@ pub async fn create_key(
         json!({"reseller_id": reseller_id}),
     )
     .await?;
+    tx.commit().await?;
     crate::sync::changed(app).await;
     response::secret_json(
         StatusCode::CREATED,
@@ -302,8 +307,11 @@ pub async fn rotate_webhook_secret(
     let sealed = app
         .crypto
         .encrypt(Purpose::WebhookSecret { reseller_id }, secret.as_bytes());
-    let client = app.pg.get().await?;
-    let n = client
+    let mut client = app.pg.get().await?;
+    // With its audit row or not at all: a rotation that went through unanswered would
+    // leave the merchant unable to verify anything.
+    let tx = client.transaction().await?;
+    let n = tx
         .execute(
             "UPDATE resellers SET webhook_secret_enc = $2, updated_at = now() WHERE reseller_id = $1",
             &[&reseller_id, &sealed],
@@ -313,7 +321,7 @@ pub async fn rotate_webhook_secret(
         return Err(ApiError::not_found("no such reseller"));
     }
     audit::record(
-        &client,
+        &tx,
         &actor,
         "reseller.webhook_secret.rotate",
         Some(reseller_id),
@@ -321,6 +329,7 @@ pub async fn rotate_webhook_secret(
         json!({}),
     )
     .await?;
+    tx.commit().await?;
     response::secret_json(
         StatusCode::OK,
         &json!({"reseller_id": reseller_id, "webhook_secret": secret}),
