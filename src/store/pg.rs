@@ -59,6 +59,12 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_ID])
         .await?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
+    if report.is_ok() {
+        // The event triggers name the configured currency (migrations/V8).
+        client
+            .execute("UPDATE platform SET currency = $1", &[&config.currency])
+            .await?;
+    }
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_ID])
         .await?;

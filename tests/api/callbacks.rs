@@ -270,7 +270,12 @@ async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_th
 
 #[tokio::test]
 async fn refunds_restocks_price_changes_and_low_balances_are_announced_to_their_resellers() {
-    let (app, t, _) = shop_with(1, fast_retries).await;
+    // Another currency than the default: every amount in an event names the configured one.
+    let (app, t, _) = shop_with(1, |env| {
+        fast_retries(env);
+        env.insert("CARDGATE_CURRENCY".into(), "USD".into());
+    })
+    .await;
     let receiver = Receiver::start(&[], Reply::Status(200)).await;
     // Silver pays the base price (9800); after one order 20,200 is left, below 25,000.
     let k = app
@@ -350,8 +355,12 @@ async fn refunds_restocks_price_changes_and_low_balances_are_announced_to_their_
         (price[0]["price"].as_i64(), price[0]["previous_price"].as_i64()),
         (Some(9900), Some(9800))
     );
+    for e in low.iter().chain(&restocked).chain(&price) {
+        assert_eq!(e["currency"], "USD", "{e}");
+    }
     let refunded = of("order.refunded");
     assert_eq!(refunded.len(), 1);
+    assert_eq!(refunded[0]["currency"], "USD");
     assert_eq!(
         (&refunded[0]["order_id"], &refunded[0]["status"]),
         (&order["order_id"], &json!("refunded"))

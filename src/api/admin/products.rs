@@ -263,11 +263,12 @@ pub async fn patch(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> R
         tx.execute(
             "INSERT INTO events (reseller_id, type, data)
              SELECT n.reseller_id, 'product.price_changed',
-                    jsonb_build_object('sku', p.sku, 'name', p.name, 'price', n.price, 'previous_price', o.price)
+                    jsonb_build_object('sku', p.sku, 'name', p.name, 'price', n.price, 'previous_price', o.price,
+                                       'currency', $4::text)
                FROM products p CROSS JOIN LATERAL callback_prices(p.id) n
                JOIN unnest($2::bigint[], $3::bigint[]) AS o(r, price) ON o.r = n.reseller_id
               WHERE p.id = $1 AND n.price <> o.price",
-            &[&id, &before_resellers, &before_prices],
+            &[&id, &before_resellers, &before_prices, &app.config.currency],
         )
         .await?;
     }
