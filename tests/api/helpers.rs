@@ -373,6 +373,13 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `PATCH /admin/v1/resellers/{id}` with `body`, expected to succeed.
+    pub async fn patch_reseller(&self, token: &str, reseller_id: &str, body: serde_json::Value) -> serde_json::Value {
+        let path = format!("/admin/v1/resellers/{reseller_id}");
+        self.admin_ok(token, reqwest::Method::PATCH, &path, Some(body), 200)
+            .await
+    }
+
     pub async fn create_reseller(&self, token: &str, tier: &str) -> serde_json::Value {
         self.admin_ok(
             token,

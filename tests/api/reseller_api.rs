@@ -164,38 +164,20 @@ async fn rejections_come_in_api_md_order() {
     let replay = app.signed_at(&k, Method::GET, "/v1/balance", None, now, &n, &[]).await;
     assert_eq!(code_of(replay).await, code(401, "nonce_reused"));
     // 5. IP before 6. suspension
-    app.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/resellers/{}", k.reseller_id),
-        Some(json!({"status": "suspended"})),
-        200,
-    )
-    .await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"status": "suspended"}))
+        .await;
     assert_eq!(
         code_of(app.signed(&k, Method::GET, "/v1/balance", None).await).await,
         code(403, "ip_not_allowed")
     );
-    app.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/resellers/{}", k.reseller_id),
-        Some(json!({"ip_allowlist": ["127.0.0.0/8"]})),
-        200,
-    )
-    .await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"ip_allowlist": ["127.0.0.0/8"]}))
+        .await;
     assert_eq!(
         code_of(app.signed(&k, Method::GET, "/v1/balance", None).await).await,
         code(403, "account_suspended")
     );
-    app.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/resellers/{}", k.reseller_id),
-        Some(json!({"status": "active"})),
-        200,
-    )
-    .await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"status": "active"}))
+        .await;
     assert_eq!(app.signed(&k, Method::GET, "/v1/balance", None).await.status(), 200);
     // A revoked key is indistinguishable from an unknown one.
     app.admin_ok(&t, Method::DELETE, &format!("/admin/v1/keys/{}", k.key_id), None, 200)
@@ -283,14 +265,7 @@ async fn revocation_suspension_and_tier_changes_reach_a_second_instance_within_a
         .await
     );
 
-    a.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/resellers/{}", k2.reseller_id),
-        Some(json!({"tier": "diamond"})),
-        200,
-    )
-    .await;
+    a.patch_reseller(&t, &k2.reseller_id, json!({"tier": "diamond"})).await;
     let started = Instant::now();
     assert!(
         eventually(Duration::from_secs(1), || async {
@@ -306,14 +281,8 @@ async fn revocation_suspension_and_tier_changes_reach_a_second_instance_within_a
         "tier change not seen by B within 1 s"
     );
 
-    a.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/resellers/{}", k2.reseller_id),
-        Some(json!({"status": "suspended"})),
-        200,
-    )
-    .await;
+    a.patch_reseller(&t, &k2.reseller_id, json!({"status": "suspended"}))
+        .await;
     assert!(
         eventually(Duration::from_secs(1), || async {
             b.signed(&k2, Method::GET, "/v1/balance", None).await.status() == 403
@@ -549,25 +518,13 @@ async fn refusals_after_authentication_carry_rate_limit_headers_and_401s_a_chall
     assert!(has_limits(&replay));
     assert_eq!(code_of(replay).await, code(401, "nonce_reused"));
 
-    app.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/resellers/{}", k.reseller_id),
-        Some(json!({"ip_allowlist": [], "status": "suspended"})),
-        200,
-    )
-    .await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"ip_allowlist": [], "status": "suspended"}))
+        .await;
     let resp = app.signed(&k, Method::GET, "/v1/balance", None).await;
     assert!(has_limits(&resp));
     assert_eq!(code_of(resp).await, code(403, "account_suspended"));
-    app.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/resellers/{}", k.reseller_id),
-        Some(json!({"status": "active"})),
-        200,
-    )
-    .await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"status": "active"}))
+        .await;
 
     // A replay refused by the nonce spend at the end of a handler that never touched
     // Redis (an unknown product is answered from memory) has them too.
