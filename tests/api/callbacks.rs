@@ -515,3 +515,52 @@ async fn finished_events_past_retention_are_purged_pending_ones_stay() {
         "purge not counted"
     );
 }
+
+/// A tier change is a new price list for the reseller: each product on sale whose price
+/// for it moved is announced, once, with the old and new price.
+#[tokio::test]
+async fn a_tier_change_announces_the_prices_it_moved() {
+    let (app, t, _) = shop_with(1, fast_retries).await;
+    // A second product priced the same for every tier: a tier change does not move it.
+    app.admin_ok(
+        &t,
+        reqwest::Method::POST,
+        "/admin/v1/products",
+        Some(json!({"sku": "flat", "name": "Flat", "face_value": 100, "base_price": 90, "max_quantity": 5})),
+        201,
+    )
+    .await;
+    let receiver = Receiver::start(&[], Reply::Status(200)).await;
+    let k = app
+        .reseller_with_key(&t, "silver", json!({"callback_url": receiver.url}))
+        .await;
+    // Silver pays the base price (9800), gold 9650, diamond has no price of its own.
+    app.patch_reseller(&t, &k.reseller_id, json!({"tier": "silver"})).await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"tier": "gold"})).await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"tier": "diamond"})).await;
+    receiver.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got: Vec<Value> = receiver.received().iter().map(Received::json).collect();
+    assert!(got.iter().all(|e| e["type"] == "product.price_changed"), "{got:#?}");
+    let moves: Vec<(i64, i64)> = got
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["previous_price"].as_i64().unwrap(),
+                e["data"]["price"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        moves.len(),
+        2,
+        "no event for an unchanged tier or an unmoved price: {got:#?}"
+    );
+    assert!(
+        moves.contains(&(9800, 9650)) && moves.contains(&(9650, 9800)),
+        "{moves:?}"
+    );
+    assert!(got
+        .iter()
+        .all(|e| e["data"]["sku"] == SKU && e["data"]["currency"] == "CNY"));
+}

@@ -195,31 +195,54 @@ pub async fn patch(
         Some(u) => (true, u.clone()),
         None => (false, None),
     };
-    let client = app.pg.get().await?;
-    let n = client
-        .execute(
-            "UPDATE resellers SET name = coalesce($2, name), tier = coalesce($3, tier), status = coalesce($4, status),
-                    ip_allowlist = coalesce($5, ip_allowlist),
-                    callback_url = CASE WHEN $6 THEN $7 ELSE callback_url END,
-                    low_balance_threshold = coalesce($8, low_balance_threshold), updated_at = now()
-             WHERE reseller_id = $1",
-            &[
-                &reseller_id,
-                &p.name,
-                &p.tier,
-                &p.status,
-                &allowlist,
-                &set_url,
-                &url,
-                &p.low_balance_threshold,
-            ],
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let (pk, old_tier): (i64, String) = tx
+        .query_opt(
+            "SELECT id, tier FROM resellers WHERE reseller_id = $1 FOR UPDATE",
+            &[&reseller_id],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1)))
+        .ok_or_else(|| ApiError::not_found("no such reseller"))?;
+    tx.execute(
+        "UPDATE resellers SET name = coalesce($2, name), tier = coalesce($3, tier), status = coalesce($4, status),
+                ip_allowlist = coalesce($5, ip_allowlist),
+                callback_url = CASE WHEN $6 THEN $7 ELSE callback_url END,
+                low_balance_threshold = coalesce($8, low_balance_threshold), updated_at = now()
+         WHERE id = $1",
+        &[
+            &pk,
+            &p.name,
+            &p.tier,
+            &p.status,
+            &allowlist,
+            &set_url,
+            &url,
+            &p.low_balance_threshold,
+        ],
+    )
+    .await?;
+    // A new tier is a new price list: each product on sale whose price for this reseller
+    // moved is announced, as a product's own price change is.
+    if let Some(new_tier) = p.tier.as_deref().filter(|t| *t != old_tier) {
+        tx.execute(
+            "INSERT INTO events (reseller_id, type, data)
+             SELECT r.id, 'product.price_changed',
+                    jsonb_build_object('sku', p.sku, 'name', p.name, 'price', coalesce(np.price, p.base_price),
+                                       'previous_price', coalesce(op.price, p.base_price), 'currency', $4::text)
+               FROM resellers r CROSS JOIN products p
+               LEFT JOIN product_tier_prices op ON op.product_id = p.id AND op.tier = $2
+               LEFT JOIN product_tier_prices np ON np.product_id = p.id AND np.tier = $3
+              WHERE r.id = $1 AND r.callback_url IS NOT NULL AND r.status = 'active' AND p.status = 'on_sale'
+                AND coalesce(np.price, p.base_price) <> coalesce(op.price, p.base_price)
+              ORDER BY p.sku",
+            &[&pk, &old_tier, &new_tier, &app.config.currency],
         )
         .await?;
-    if n == 0 {
-        return Err(ApiError::not_found("no such reseller"));
     }
     audit::record(
-        &client,
+        &tx,
         &actor,
         "reseller.update",
         Some(reseller_id),
@@ -227,6 +250,7 @@ pub async fn patch(
         json!({"tier": p.tier, "status": p.status, "ip_allowlist": allowlist, "callback_url_changed": set_url}),
     )
     .await?;
+    tx.commit().await?;
     crate::sync::changed(app).await;
     let row = load(&client, reseller_id).await?;
     response::json(StatusCode::OK, &reseller_json(&row, &app.config.currency))
