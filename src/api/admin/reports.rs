@@ -296,21 +296,21 @@ fn defuse(cell: &mut String) {
 
 /// The CSV: one header row (even with no lines), then the lines.
 fn csv_of<T: CsvLine>(mut lines: Vec<T>) -> Result<Vec<u8>, ApiError> {
-    let fail = |e: csv::Error| ApiError::internal(anyhow::anyhow!("{e}"));
+    let fail = |e: &dyn std::fmt::Display| ApiError::internal(anyhow::anyhow!("csv: {e}"));
     let mut w = csv::Writer::from_writer(Vec::new());
     if lines.is_empty() {
         // csv writes the header with the first record: write a blank one, keep the header.
-        w.serialize(T::default()).map_err(fail)?;
-        let mut body = w.into_inner().map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
+        w.serialize(T::default()).map_err(|e| fail(&e))?;
+        let mut body = w.into_inner().map_err(|e| fail(&e))?;
         let end = body.iter().position(|&b| b == b'\n').map_or(body.len(), |i| i + 1);
         body.truncate(end);
         return Ok(body);
     }
     for line in &mut lines {
         line.text_cells().into_iter().for_each(defuse);
-        w.serialize(&*line).map_err(fail)?;
+        w.serialize(&*line).map_err(|e| fail(&e))?;
     }
-    w.into_inner().map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))
+    w.into_inner().map_err(|e| fail(&e))
 }
 
 /// JSON `{"from","to",<key>: [...], ...extra}`, or CSV (one header row, then the lines)

@@ -149,10 +149,7 @@ impl Signed {
         ctx: &Ctx,
         result: Result<Response<Body>, ApiError>,
     ) -> Result<Response<Body>, ApiError> {
-        let result = match self.spend(app).await {
-            Ok(()) => result,
-            Err(e) => Err(e),
-        };
+        let result = self.spend(app).await.and(result);
         let mut resp = result.unwrap_or_else(|e| crate::http::response::error(&e, &ctx.request_id));
         if let Some(h) = self.headers {
             set_headers(&mut resp, h);
