@@ -171,6 +171,18 @@ impl Signer {
     pub fn verify(&self, message: &Message<'_>, signature: &[u8; 32]) -> bool {
         self.mac(message).verify_slice(signature).is_ok()
     }
+
+    /// The whole header for a request signed with this secret.
+    pub fn authorization(&self, key_id: &str, message: &Message<'_>) -> String {
+        let mut sig = [0u8; 64];
+        hex::encode_to_slice(self.sign(message), &mut sig).expect("64 hex digits");
+        format!(
+            "{SCHEME} key_id=\"{key_id}\",timestamp=\"{}\",nonce=\"{}\",signature=\"{}\"",
+            message.timestamp,
+            message.nonce,
+            std::str::from_utf8(&sig).expect("hex is ASCII")
+        )
+    }
 }
 
 fn mac(secret: &[u8], message: &str) -> Hmac<Sha256> {
@@ -192,20 +204,6 @@ pub fn verify(secret: &[u8], string_to_sign: &str, signature: &[u8; 32]) -> bool
 /// A whole header for a request: what clients (and the tests) send.
 pub fn authorization(key_id: &str, secret: &[u8], message: &Message<'_>) -> String {
     Signer::new(secret).authorization(key_id, message)
-}
-
-impl Signer {
-    /// The whole header for a request signed with this secret.
-    pub fn authorization(&self, key_id: &str, message: &Message<'_>) -> String {
-        let mut sig = [0u8; 64];
-        hex::encode_to_slice(self.sign(message), &mut sig).expect("64 hex digits");
-        format!(
-            "{SCHEME} key_id=\"{key_id}\",timestamp=\"{}\",nonce=\"{}\",signature=\"{}\"",
-            message.timestamp,
-            message.nonce,
-            std::str::from_utf8(&sig).expect("hex is ASCII")
-        )
-    }
 }
 
 #[cfg(test)]
