@@ -52,6 +52,7 @@ pub struct HttpConfig {
     pub json_body_max_bytes: usize,
     pub import_body_max_bytes: u64,
     pub header_read_timeout_ms: u64,
+    pub header_max_bytes: usize,
     pub body_read_timeout_ms: u64,
     pub import_read_timeout_ms: u64,
     pub connections_max: usize,
@@ -255,6 +256,7 @@ impl Config {
         positive("http.json_body_max_bytes", h.json_body_max_bytes as u64)?;
         positive("http.import_body_max_bytes", h.import_body_max_bytes)?;
         positive("http.header_read_timeout_ms", h.header_read_timeout_ms)?;
+        positive("http.header_max_bytes", h.header_max_bytes as u64)?;
         positive("http.body_read_timeout_ms", h.body_read_timeout_ms)?;
         positive("http.import_read_timeout_ms", h.import_read_timeout_ms)?;
         positive("http.connections_max", h.connections_max as u64)?;

@@ -47,6 +47,8 @@ pub enum ApiError {
     OrderInProgress,
     #[error("request body too large")]
     PayloadTooLarge,
+    #[error("request line and headers are larger than {max} bytes")]
+    HeadersTooLarge { max: usize },
     #[error("request body was not received in time")]
     SlowBody,
     #[error("{0}")]
@@ -91,6 +93,7 @@ impl ApiError {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Conflict(_) | OutOfStock | IdempotencyConflict | PriceChanged | OrderInProgress => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QuantityOutOfRange(_) | ProductUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -103,7 +106,7 @@ impl ApiError {
         use ApiError::*;
         match self {
             InvalidJson(_) => "invalid_json",
-            InvalidRequest(_) | SlowBody => "invalid_request",
+            InvalidRequest(_) | SlowBody | HeadersTooLarge { .. } => "invalid_request",
             MissingAuthorization => "missing_authorization",
             TimestampOutOfWindow => "timestamp_out_of_window",
             InvalidSignature => "invalid_signature",
@@ -145,7 +148,10 @@ impl ApiError {
     /// Whether the connection must be closed after answering: the rest of the request
     /// body was not read, so the stream is no longer at a request boundary.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, ApiError::PayloadTooLarge | ApiError::SlowBody)
+        matches!(
+            self,
+            ApiError::PayloadTooLarge | ApiError::SlowBody | ApiError::HeadersTooLarge { .. }
+        )
     }
 
     /// The message shown to the client. Server faults never show their cause.

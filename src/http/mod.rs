@@ -72,7 +72,11 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         .keep_alive(true)
         // Slowloris on headers: the connection is dropped when a request's headers take
         // longer than this. Slow bodies are bounded per route in `body`.
-        .header_read_timeout(Duration::from_millis(app.config.http.header_read_timeout_ms));
+        .header_read_timeout(Duration::from_millis(app.config.http.header_read_timeout_ms))
+        // What a connection may buffer: past it hyper itself answers a bare 431 and closes.
+        // Well above `header_max_bytes`, so that below it the answer is ours (JSON, with a
+        // request id); the default (~400 KiB) let every idle connection hold that much.
+        .max_buf_size(head_buffer_max(app.config.http.header_max_bytes));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // A semaphore rather than a counter: the permit travels with the connection task and
     // is released however that task ends.
@@ -128,7 +132,12 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
         peer,
     };
     let method = telemetry::method_label(req.method());
-    let (route, result) = router::dispatch(&app, &ctx, req).await;
+    let max = app.config.http.header_max_bytes;
+    let (route, result) = if head_len(&req) > max {
+        ("unmatched", Err(crate::error::ApiError::HeadersTooLarge { max }))
+    } else {
+        router::dispatch(&app, &ctx, req).await
+    };
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -141,4 +150,16 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
     response::set_request_id(&mut resp, &ctx.request_id);
     telemetry::record_request(route, method, resp.status().as_u16(), started.elapsed());
     Ok(resp)
+}
+
+fn head_buffer_max(header_max_bytes: usize) -> usize {
+    header_max_bytes.saturating_mul(4).max(64 * 1024)
+}
+
+/// The request line and header fields as they came on the wire, give or take the
+/// version and line ends.
+fn head_len(req: &Request<Incoming>) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let fields: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    req.method().as_str().len() + target + fields
 }
