@@ -54,19 +54,22 @@ pub async fn read_json_body_up_to(
     read_limited(parts, body, limit, timeout).await
 }
 
-/// The body length the client declared, if it did.
-pub fn declared_len(parts: &Parts) -> Option<u64> {
-    parts
+/// `payload_too_large` when the client declared a body longer than `limit`: refused
+/// before any of it is read.
+pub fn refuse_declared_over(parts: &Parts, limit: u64) -> Result<(), ApiError> {
+    let declared = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit => Err(ApiError::PayloadTooLarge),
+        _ => Ok(()),
+    }
 }
 
 async fn read_limited(parts: &Parts, body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
-    if declared_len(parts).is_some_and(|len| len > limit as u64) {
-        return Err(ApiError::PayloadTooLarge);
-    }
+    refuse_declared_over(parts, limit as u64)?;
     match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Err(_) => Err(ApiError::SlowBody),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),

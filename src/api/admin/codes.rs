@@ -32,9 +32,7 @@ pub async fn import(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> 
         ));
     }
     let limit = app.config.http.import_body_max_bytes;
-    if body::declared_len(&parts).is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge);
-    }
+    body::refuse_declared_over(&parts, limit)?;
     let client = app.pg.get().await?;
     let product_id = id_of(&client, sku).await?;
     drop(client);
