@@ -10,14 +10,13 @@ use crate::app::App;
 const EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(app: Arc<App>) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = collect(&app).await {
+    let app = &app;
+    crate::every(EVERY, move || async move {
+        if let Err(e) = collect(app).await {
             tracing::debug!(error = format!("{e:#}"), "gauges not refreshed");
         }
-    }
+    })
+    .await
 }
 
 async fn collect(app: &App) -> anyhow::Result<()> {

@@ -47,12 +47,8 @@ impl Health {
 
 /// Runs [`check`] every half second, for the life of the server.
 pub async fn watch(app: Arc<App>) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        check(&app).await;
-    }
+    let app = &app;
+    crate::every(EVERY, move || check(app)).await
 }
 
 /// Probes both stores and rebuilds Redis if it lost its state (or holds an older one

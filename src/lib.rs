@@ -39,6 +39,18 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
+/// Runs `round` every `period` for as long as the task lives: the background work each
+/// gateway repeats (probes, gauges, rollups). A round that overruns delays the next
+/// instead of bunching them.
+pub(crate) async fn every<F: Future<Output = ()>>(period: std::time::Duration, mut round: impl FnMut() -> F) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        round().await;
+    }
+}
+
 /// A gateway that is connected, migrated and bound, ready to serve.
 pub struct Server {
     app: Arc<app::App>,

@@ -10,15 +10,14 @@ use crate::app::App;
 const EVERY: Duration = Duration::from_secs(2);
 
 pub async fn run(app: Arc<App>) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
+    let app = &app;
+    crate::every(EVERY, move || async move {
         let folded = async { anyhow::Ok(fold(&**app.pg.get().await?).await?) }.await;
         if let Err(e) = folded {
             tracing::debug!(error = format!("{e:#}"), "report rollups not folded");
         }
-    }
+    })
+    .await
 }
 
 /// Moves every pending addition into the rollups; returns how many rows it moved.
