@@ -8,12 +8,12 @@ cargo build --release --workspace --bins >/dev/null 2>&1 || cargo build --releas
 
 json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
-db="cgload_$$"
+# No "_" or "%": the name is its own LIKE pattern for scripts/dev forget.
+db="cgload$$"
 pid=
 cleanup() {
   [ -n "$pid" ] && { kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
-  psql "$CARDGATE_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-  redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "load$$:*" | xargs -r redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null 2>&1 || true
+  "$root/scripts/dev" forget "$db" "load$$:*" || true
 }
 trap cleanup EXIT
 

@@ -5,7 +5,8 @@
 # (curl with the admin token) and field NAME (a field of the JSON on stdin).
 eval "$(scripts/dev services | sed 's/^/export /')"
 work=$(mktemp -d)
-live_db="cglive_$$"
+# No "_" or "%": the name is its own LIKE pattern for scripts/dev forget.
+live_db="cglive$$"
 live_pid=
 
 field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
@@ -13,8 +14,7 @@ admin() { curl -fs "$base$1" -H "authorization: Bearer $token" "${@:2}"; }
 
 stop_live_gateway() {
   [ -n "$live_pid" ] && { kill "$live_pid" 2>/dev/null; wait "$live_pid" 2>/dev/null || true; }
-  psql "$CARDGATE_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $live_db WITH (FORCE)" >/dev/null 2>&1 || true
-  redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "live$$:*" | xargs -r redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null 2>&1 || true
+  scripts/dev forget "$live_db" "live$$:*" || true
   rm -rf "$work"
 }
 
