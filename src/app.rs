@@ -10,6 +10,7 @@ use secrecy::ExposeSecret;
 
 use crate::auth::admin::Tokens;
 use crate::auth::keys::KeyCache;
+use crate::bulkhead::Bulkheads;
 use crate::catalogue::Catalogue;
 use crate::config::{Config, Validated};
 use crate::crypto::Crypto;
@@ -23,7 +24,13 @@ use crate::telemetry;
 pub struct App {
     pub config: Config,
     pub settings: Validated,
+    /// Everything but the order path: operator routes, callbacks, rollups, gauges.
     pub pg: Pool,
+    /// The order path's own (DESIGN.md invariant 9): ledger writers, order lookups, key
+    /// and catalogue reloads, the Redis rebuild. No other route can take its connections.
+    pub pg_orders: Pool,
+    /// Heavy operator work, bounded so that it cannot crowd out orders.
+    pub bulkheads: Bulkheads,
     pub redis: ConnectionManager,
     /// Signed reads' Redis commands, many requests to a pipeline.
     pub coalescer: Coalescer,
@@ -39,6 +46,8 @@ pub struct App {
     /// Order requests of this process waiting for the ledger writer.
     pub waiters: Waiters,
     pub health: Health,
+    /// The health probe's own Postgres connection.
+    pub probe: store::pg::Probe,
     pub admission: Admission,
 }
 
@@ -48,8 +57,9 @@ impl App {
         let settings = config.validate()?;
         let metrics = telemetry::prometheus();
         store::pg::migrate(&config).await?;
-        let pg = store::pg::pool(&config)?;
-        store::pg::ping(&pg).await.context("Postgres is not answering")?;
+        let pg = store::pg::pool(&config, config.postgres.pool_size)?;
+        let pg_orders = store::pg::pool(&config, config.postgres.order_pool_size)?;
+        store::pg::ping(&pg_orders).await.context("Postgres is not answering")?;
         let redis_client = store::redis::client(&config)?;
         let redis = store::redis::connect(&redis_client, &config).await?;
         let keys = Keys::new(&config.redis_prefix);
@@ -66,10 +76,14 @@ impl App {
             config.overload.max_in_flight_orders,
             std::time::Duration::from_millis(config.overload.standing_ms),
         );
+        let bulkheads = Bulkheads::new(&config.admin);
+        let probe = store::pg::Probe::new(&config)?;
         let app = App {
             config,
             settings,
             pg,
+            pg_orders,
+            bulkheads,
             coalescer: Coalescer::start(redis.clone()),
             redis,
             keys,
@@ -82,11 +96,12 @@ impl App {
             rate_limits,
             waiters: Waiters::default(),
             health: Health::default(),
+            probe,
             admission,
         };
         app.bootstrap_admin().await?;
-        app.key_cache.reload(&app.pg, &app.crypto).await?;
-        app.catalogue.reload(&app.pg).await?;
+        app.key_cache.reload(&app.pg_orders, &app.crypto).await?;
+        app.catalogue.reload(&app.pg_orders).await?;
         Ok(Arc::new(app))
     }
 

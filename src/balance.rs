@@ -7,42 +7,12 @@
 //! written to the ledger first and only then made spendable. Both hot-balance moves are
 //! guarded by the Redis epoch the ledger transaction saw ([`crate::rebuild`]).
 
-use std::sync::LazyLock;
-
-use redis::Script;
 use serde::Serialize;
 
 use crate::app::App;
 use crate::audit::{self, Actor};
 use crate::error::ApiError;
-
-/// Takes ARGV[1] from the hot balance (KEYS[1]) if it holds that much: 1 taken, 0 too
-/// little, -1 no hot balance or Redis not at epoch ARGV[2] (KEYS[2]): Postgres alone
-/// decides, and the rebuild that follows reads its answer.
-static HOT_DEBIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
-local b = redis.call('GET', KEYS[1])
-if not b then return -1 end
-if tonumber(b) < tonumber(ARGV[1]) then return 0 end
-redis.call('DECRBY', KEYS[1], ARGV[1])
-return 1",
-    )
-});
-
-/// Adds ARGV[1] to the hot balance only if it exists and Redis is at epoch ARGV[2]:
-/// otherwise a rebuild reads the credit from Postgres, and adding it here would count it
-/// twice.
-static HOT_CREDIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[2]) == ARGV[2] and redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('INCRBY', KEYS[1], ARGV[1])
-end
-return false",
-    )
-});
+use crate::hot_balance::{self, Held};
 
 pub const ADJUSTMENT_MAX_ABS: i64 = 1_000_000_000_000;
 
@@ -56,19 +26,6 @@ pub struct Adjusted {
     pub currency: String,
     #[serde(skip)]
     pub replayed: bool,
-}
-
-/// Makes a credit recorded in a ledger transaction that saw `epoch` spendable.
-pub async fn hot_credit(app: &App, reseller_pk: i64, amount: i64, epoch: i64) -> Result<(), ApiError> {
-    let mut redis = app.redis();
-    HOT_CREDIT
-        .key(app.keys.balance(reseller_pk))
-        .key(app.keys.epoch())
-        .arg(amount)
-        .arg(epoch)
-        .invoke_async::<Option<i64>>(&mut redis)
-        .await?;
-    Ok(())
 }
 
 pub async fn adjust(
@@ -97,26 +54,119 @@ pub async fn adjust(
         Ok(answer(row.get(1), true))
     };
     if let Some(row) = client.query_opt(earlier, &[&reseller_pk, &reference]).await? {
+        drop(client);
+        // The first call may have committed without reaching Redis: finish that now.
+        hot_balance::settle(app, Some(reseller_pk)).await;
         return replay(row);
     }
+    let debit = amount < 0;
+    let recorded_epoch = if debit {
+        let epoch: i64 = client.query_one("SELECT epoch FROM redis_epoch", &[]).await?.get(0);
+        hot_balance::record_hold(&client, reseller_pk, reference, -amount, epoch).await?;
+        Some(epoch)
+    } else {
+        None
+    };
 
     let tx = client.transaction().await?;
     let epoch = crate::rebuild::fence(&tx).await?;
-    let mut taken_from_hot = false;
-    if amount < 0 {
-        let mut redis = app.redis();
-        let taken: i64 = HOT_DEBIT
-            .key(app.keys.balance(reseller_pk))
-            .key(app.keys.epoch())
-            .arg(-amount)
-            .arg(epoch)
-            .invoke_async(&mut redis)
-            .await?;
-        if taken == 0 {
-            return Err(ApiError::InsufficientBalance);
+    let held = match recorded_epoch {
+        None => Ok(Held::NotHeld),
+        // A rebuild came between: nothing was taken, the caller retries.
+        Some(e) if e != epoch => Err((
+            ApiError::Unavailable {
+                what: "balance",
+                retry_after_secs: 1,
+            },
+            false,
+        )),
+        // After a Redis error it is unknown whether the hold was taken.
+        Some(_) => hot_balance::take_hold(app, reseller_pk, reference, -amount, epoch)
+            .await
+            .map_err(|e| (ApiError::from(e), true)),
+    };
+    let written = match held {
+        Ok(Held::Short) => Err(ApiError::InsufficientBalance),
+        Ok(_) => {
+            write(
+                &tx,
+                actor,
+                reseller_pk,
+                reseller_id,
+                amount,
+                reference,
+                note,
+                epoch,
+                debit,
+            )
+            .await
         }
-        taken_from_hot = taken == 1;
+        Err((e, unknown)) => {
+            let _ = tx.rollback().await;
+            // If it may have been taken, the record stays and is given back once abandoned.
+            if !unknown {
+                hot_balance::forget_hold(&client, reseller_pk, reference).await;
+            }
+            return Err(e);
+        }
+    };
+    // The transaction ends before the hold is dealt with: it may hold the record's lock.
+    let written = match written {
+        Ok(Written::New { balance_after }) => tx.commit().await.map(|()| Some(balance_after)).map_err(ApiError::from),
+        Ok(Written::Earlier) => tx.rollback().await.map(|()| None).map_err(ApiError::from),
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    };
+    if debit && !matches!(written, Ok(Some(_))) {
+        if matches!(held, Ok(Held::Taken)) {
+            hot_balance::release(&client, reseller_pk, reference).await;
+        } else {
+            hot_balance::forget_hold(&client, reseller_pk, reference).await;
+        }
     }
+    drop(client);
+    let Some(balance_after) = written? else {
+        // A concurrent call with the same reference won: answer as it did.
+        let row = app
+            .pg
+            .get()
+            .await?
+            .query_opt(earlier, &[&reseller_pk, &reference])
+            .await?
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("ledger row vanished")))?;
+        return replay(row);
+    };
+    // A credit to apply, or a hold to give back: now if Redis answers.
+    hot_balance::settle(app, Some(reseller_pk)).await;
+    metrics::counter!("cardgate_balance_adjustments_total", "direction" => if amount > 0 { "credit" } else { "debit" })
+        .increment(1);
+    Ok(answer(balance_after, false))
+}
+
+enum Written {
+    New {
+        balance_after: i64,
+    },
+    /// Another call with this reference wrote it first.
+    Earlier,
+}
+
+/// The ledger row, its audit row and, for a credit, the record that makes it spendable,
+/// in the adjustment's transaction; for a debit, the hold it made final.
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    tx: &deadpool_postgres::Transaction<'_>,
+    actor: &Actor,
+    reseller_pk: i64,
+    reseller_id: &str,
+    amount: i64,
+    reference: &str,
+    note: Option<&str>,
+    epoch: i64,
+    debit: bool,
+) -> Result<Written, ApiError> {
     let inserted = tx
         .query_opt(
             "INSERT INTO balance_ledger (reseller_id, amount, kind, reference, note, actor)
@@ -124,41 +174,31 @@ pub async fn adjust(
              ON CONFLICT (reseller_id, kind, reference) DO NOTHING RETURNING id",
             &[&reseller_pk, &amount, &reference, &note, &actor.name],
         )
-        .await;
-    let give_back = || async {
-        if taken_from_hot {
-            hot_credit(app, reseller_pk, -amount, epoch).await
-        } else {
-            Ok(())
-        }
-    };
-    let row = match inserted {
-        Ok(row) => row,
-        Err(e) => {
-            give_back().await?;
+        .await
+        .map_err(|e| {
             if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) {
-                return Err(ApiError::InsufficientBalance);
+                ApiError::InsufficientBalance
+            } else {
+                e.into()
             }
-            return Err(e.into());
-        }
+        })?;
+    let Some(row) = inserted else {
+        return Ok(Written::Earlier);
     };
-    let Some(row) = row else {
-        // A concurrent call with the same reference won: answer as it did.
-        give_back().await?;
-        let row = tx
-            .query_opt(earlier, &[&reseller_pk, &reference])
-            .await?
-            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("ledger row vanished")))?;
-        return replay(row);
-    };
+    if debit {
+        hot_balance::keep_hold(tx, reseller_pk, reference).await?;
+    }
     // The AFTER trigger that moved the balance has run by now and recorded the result.
     let ledger_id: i64 = row.get(0);
     let balance_after: i64 = tx
         .query_one("SELECT balance_after FROM balance_ledger WHERE id = $1", &[&ledger_id])
         .await?
         .get(0);
+    if amount > 0 {
+        hot_balance::record_credit(tx, reseller_pk, ledger_id, amount, epoch).await?;
+    }
     audit::record(
-        &tx,
+        tx,
         actor,
         "balance.adjust",
         Some(reseller_id),
@@ -166,14 +206,5 @@ pub async fn adjust(
         serde_json::json!({"amount": amount, "reference": reference}),
     )
     .await?;
-    if let Err(e) = tx.commit().await {
-        give_back().await?;
-        return Err(e.into());
-    }
-    if amount > 0 {
-        hot_credit(app, reseller_pk, amount, epoch).await?;
-    }
-    metrics::counter!("cardgate_balance_adjustments_total", "direction" => if amount > 0 { "credit" } else { "debit" })
-        .increment(1);
-    Ok(answer(balance_after, false))
+    Ok(Written::New { balance_after })
 }

@@ -29,6 +29,9 @@ impl ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub listen: String,
+    /// `/admin/*` on this address only, off `listen` (an internal network).
+    #[serde(default)]
+    pub admin_listen: Option<String>,
     pub redis_url: SecretString,
     pub database_url: SecretString,
     pub master_key: Option<SecretString>,
@@ -56,6 +59,7 @@ pub struct HttpConfig {
     pub body_read_timeout_ms: u64,
     pub import_read_timeout_ms: u64,
     pub connections_max: usize,
+    pub connections_per_client_max: usize,
     pub shutdown_grace_ms: u64,
     pub trusted_proxies: Vec<String>,
 }
@@ -64,6 +68,7 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     pub pool_size: usize,
+    pub order_pool_size: usize,
     pub connect_timeout_ms: u64,
     pub statement_timeout_ms: u64,
 }
@@ -80,6 +85,8 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub token_ttl_secs: u64,
+    pub report_concurrency: usize,
+    pub import_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +134,7 @@ pub struct Tier {
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
     pub master_key: [u8; 32],
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -188,6 +196,15 @@ impl Config {
             .listen
             .parse()
             .map_err(|_| ConfigError::setting("listen (CARDGATE_LISTEN)", "must be an address like 127.0.0.1:8080"))?;
+        let admin_listen = match self.admin_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::setting(
+                    "admin_listen (CARDGATE_ADMIN_LISTEN)",
+                    "must be an address like 10.0.0.5:8081",
+                )
+            })?),
+        };
         if !self.redis_url.expose_secret().starts_with("redis://")
             && !self.redis_url.expose_secret().starts_with("rediss://")
         {
@@ -260,7 +277,17 @@ impl Config {
         positive("http.body_read_timeout_ms", h.body_read_timeout_ms)?;
         positive("http.import_read_timeout_ms", h.import_read_timeout_ms)?;
         positive("http.connections_max", h.connections_max as u64)?;
+        positive("http.connections_per_client_max", h.connections_per_client_max as u64)?;
         positive("postgres.pool_size", self.postgres.pool_size as u64)?;
+        // The ledger writers each hold one; the rest serve order lookups and the rebuild.
+        if self.postgres.order_pool_size <= self.orders.ledger_writers {
+            return Err(ConfigError::setting(
+                "postgres.order_pool_size",
+                "must be more than orders.ledger_writers",
+            ));
+        }
+        positive("admin.report_concurrency", self.admin.report_concurrency as u64)?;
+        positive("admin.import_concurrency", self.admin.import_concurrency as u64)?;
         positive("postgres.connect_timeout_ms", self.postgres.connect_timeout_ms)?;
         positive("postgres.statement_timeout_ms", self.postgres.statement_timeout_ms)?;
         positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
@@ -314,6 +341,7 @@ impl Config {
         }
         Ok(Validated {
             listen,
+            admin_listen,
             master_key,
             trusted_proxies,
         })

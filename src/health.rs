@@ -54,11 +54,7 @@ pub async fn watch(app: Arc<App>) {
 /// Probes both stores and rebuilds Redis if it lost its state (or holds an older one
 /// than Postgres's epoch, after a failover to a replica that lagged).
 pub async fn check(app: &App) {
-    let pg_epoch = async {
-        let client = app.pg.get().await.ok()?;
-        let row = client.query_one("SELECT epoch FROM redis_epoch", &[]).await.ok()?;
-        Some(row.get::<_, i64>(0))
-    };
+    let pg_epoch = app.probe.query_i64("SELECT epoch FROM redis_epoch");
     let mut redis = app.redis();
     let (pg_epoch, redis_epoch) = tokio::join!(
         tokio::time::timeout(PROBE_TIMEOUT, pg_epoch),

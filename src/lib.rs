@@ -9,6 +9,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod balance;
+pub mod bulkhead;
 pub mod callbacks;
 pub mod catalogue;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod crypto;
 pub mod error;
 pub mod gauges;
 pub mod health;
+pub mod hot_balance;
 pub mod http;
 pub mod ids;
 pub mod ledger;
@@ -35,6 +37,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 
 pub use config::Config;
@@ -55,20 +58,45 @@ pub(crate) async fn every<F: Future<Output = ()>>(period: std::time::Duration, m
 pub struct Server {
     app: Arc<app::App>,
     listener: TcpListener,
+    /// `admin_listen`'s, when configured: `/admin` is served there and not on `listener`.
+    admin_listener: Option<TcpListener>,
 }
 
 impl Server {
     /// Validates `config`, migrates Postgres, connects to Redis and rebuilds it from
     /// Postgres if it lost its state. The listener is already bound, so tests can bind
     /// port 0 and learn the address first.
+    /// `admin_listen`, when set, is bound here (port 0 works: see [`Server::admin_addr`]).
     pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Server> {
         let app = app::App::build(config).await?;
+        let admin_listener = match app.settings.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on admin_listen {addr}"))?,
+            ),
+            None => None,
+        };
         health::check(&app).await;
-        Ok(Server { app, listener })
+        Ok(Server {
+            app,
+            listener,
+            admin_listener,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The gateway's shared state: tests run single steps of background work on it.
+    pub fn app(&self) -> Arc<app::App> {
+        self.app.clone()
+    }
+
+    /// Where the operator API is served when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight requests, commits every
@@ -82,6 +110,7 @@ impl Server {
             tokio::spawn(callbacks::dispatcher::run(self.app.clone())),
             tokio::spawn(gauges::run(self.app.clone())),
             tokio::spawn(rollups::run(self.app.clone())),
+            tokio::spawn(hot_balance::run(self.app.clone())),
         ];
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
@@ -90,7 +119,16 @@ impl Server {
         let aborts: Vec<_> = writers.iter().map(|w| w.abort_handle()).collect();
         let mut writers = futures_util::future::join_all(writers);
         let app = self.app.clone();
-        http::serve(self.listener, self.app, shutdown).await;
+        match self.admin_listener {
+            None => http::serve(self.listener, self.app, http::Surface::All, shutdown).await,
+            Some(admin) => {
+                let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
+                tokio::join!(
+                    http::serve(self.listener, self.app.clone(), http::Surface::Public, shutdown.clone()),
+                    http::serve(admin, self.app, http::Surface::Admin, shutdown),
+                );
+            }
+        }
         let _ = stop.send(true);
         let drain = std::time::Duration::from_millis(app.config.orders.drain_timeout_ms);
         if tokio::time::timeout(drain, &mut writers).await.is_err() {

@@ -59,6 +59,9 @@ async fn serve(config: Config, listen: std::net::SocketAddr) -> anyhow::Result<(
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let server = cardgate::Server::build(config, listener).await?;
     tracing::info!(addr = %server.local_addr()?, "cardgate listening");
+    if let Some(admin) = server.admin_addr() {
+        tracing::info!(addr = %admin, "operator API listening (and no longer on the public address)");
+    }
     server.run(shutdown_signal()).await?;
     tracing::info!("cardgate stopped");
     Ok(())

@@ -64,7 +64,7 @@ pub async fn redis_epoch<C: ConnectionLike>(redis: &mut C, app: &App) -> redis::
 /// `None`: nothing to do, possibly because another gateway just did it.
 pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
     let started = Instant::now();
-    let mut client = app.pg.get().await?;
+    let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     // Reading and writing a million codes takes seconds; the lock waits for writers.
     tx.batch_execute("SET LOCAL statement_timeout = '120s'").await?;

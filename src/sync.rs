@@ -22,8 +22,8 @@ pub fn channel(app: &App) -> String {
 /// Reloads both caches. Errors are logged: the old cache stays in force meanwhile.
 pub async fn reload(app: &App) {
     let (keys, catalogue) = tokio::join!(
-        app.key_cache.reload(&app.pg, &app.crypto),
-        app.catalogue.reload(&app.pg)
+        app.key_cache.reload(&app.pg_orders, &app.crypto),
+        app.catalogue.reload(&app.pg_orders)
     );
     for r in [keys, catalogue] {
         if let Err(e) = r {

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 server: accept loop, per-request bookkeeping, graceful shutdown.
 
 pub mod body;
+pub mod per_client;
 pub mod query;
 pub mod response;
 pub mod router;
@@ -22,6 +23,30 @@ use crate::app::App;
 use crate::telemetry;
 
 pub use response::Body;
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Every route (no `admin_listen` configured).
+    All,
+    /// `/v1` and the operations routes; `/admin` is served elsewhere.
+    Public,
+    /// `/admin` and the operations routes, on `admin_listen`.
+    Admin,
+}
+
+impl Surface {
+    /// Whether a listener serving this surface answers `path` at all (others are `404`,
+    /// as if the route did not exist there).
+    pub fn serves(self, path: &str) -> bool {
+        let admin = path == "/admin" || path.starts_with("/admin/");
+        match self {
+            Surface::All => true,
+            Surface::Public => !admin,
+            Surface::Admin => admin || matches!(path, "/healthz" | "/readyz" | "/metrics"),
+        }
+    }
+}
 
 /// What every handler knows about the request besides the request itself.
 #[derive(Debug, Clone)]
@@ -64,9 +89,9 @@ impl Ctx {
     }
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and gives in-flight requests
-/// up to `http.shutdown_grace_ms` to finish.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+/// Serves `surface`'s routes until `shutdown` resolves, then stops accepting and gives
+/// in-flight requests up to `http.shutdown_grace_ms` to finish.
+pub async fn serve(listener: TcpListener, app: Arc<App>, surface: Surface, shutdown: impl Future<Output = ()>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .keep_alive(true)
@@ -81,6 +106,10 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     // A semaphore rather than a counter: the permit travels with the connection task and
     // is released however that task ends.
     let connections = Arc::new(Semaphore::new(app.config.http.connections_max));
+    let per_client = per_client::PerClient::new(
+        app.config.http.connections_per_client_max,
+        app.settings.trusted_proxies.clone(),
+    );
     tokio::pin!(shutdown);
 
     loop {
@@ -101,15 +130,20 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             drop(stream);
             continue;
         };
+        let Some(client_slot) = per_client.enter(peer.ip()) else {
+            metrics::counter!("cardgate_http_client_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let service = service_fn(move |req| handle(app.clone(), peer, req));
+        let service = service_fn(move |req| handle(app.clone(), surface, peer, req));
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            drop(permit);
+            drop((permit, client_slot));
         });
     }
 
@@ -124,7 +158,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     }
 }
 
-async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    app: Arc<App>,
+    surface: Surface,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let _in_flight = telemetry::InFlight::enter();
     let ctx = Ctx {
@@ -136,7 +175,7 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
     let (route, result) = if head_len(&req) > max {
         ("unmatched", Err(crate::error::ApiError::HeadersTooLarge { max }))
     } else {
-        router::dispatch(&app, &ctx, req).await
+        router::dispatch(&app, &ctx, surface, req).await
     };
     let mut resp = match result {
         Ok(resp) => resp,

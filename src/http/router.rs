@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use percent_encoding::percent_decode_str;
 
-use super::{Body, Ctx};
+use super::{Body, Ctx, Surface};
 use crate::api;
 use crate::app::App;
 use crate::error::ApiError;
@@ -201,8 +201,13 @@ pub fn param(seg: &str) -> Result<Cow<'_, str>, ApiError> {
 pub async fn dispatch(
     app: &App,
     ctx: &Ctx,
+    surface: Surface,
     req: Request<Incoming>,
 ) -> (&'static str, Result<Response<Body>, ApiError>) {
+    // Checked on the path, before the method: a route not served here is 404, never 405.
+    if !surface.serves(req.uri().path()) {
+        return (UNMATCHED, Err(ApiError::not_found("no such route")));
+    }
     let route = match resolve(req.method(), req.uri().path()) {
         Ok(route) => route,
         Err(e) => return (UNMATCHED, Err(e)),

@@ -217,7 +217,10 @@ async fn process(app: &App, entries: &[Entry]) {
                 break o;
             }
             Err(e) => {
-                app.health.set_postgres_up(false);
+                // A pool whose connections are all busy is not a store that is down.
+                if !crate::store::pg::is_pool_busy(&e) {
+                    app.health.set_postgres_up(false);
+                }
                 metrics::counter!("cardgate_ledger_commit_failures_total").increment(1);
                 tracing::warn!(
                     error = format!("{e:#}"),
@@ -308,7 +311,7 @@ async fn finish(app: &App, entries: &[Entry], outcomes: &[Settled]) {
 /// Of the codes these entries hold, the ones Postgres says may be sold again.
 async fn sellable<'a>(app: &App, entries: impl Iterator<Item = &'a Entry>) -> anyhow::Result<HashSet<i64>> {
     let ids: Vec<i64> = entries.flat_map(|e| crate::stock::code_ids(&e.elements)).collect();
-    let client = app.pg.get().await?;
+    let client = app.pg_orders.get().await?;
     let rows = client
         .query(
             "SELECT id FROM codes c WHERE id = ANY($1) AND status = 'available'
@@ -321,7 +324,7 @@ async fn sellable<'a>(app: &App, entries: impl Iterator<Item = &'a Entry>) -> an
 
 /// The outcome of every entry, in order.
 async fn commit(app: &App, entries: &[Entry]) -> anyhow::Result<Vec<Settled>> {
-    let mut client = app.pg.get().await?;
+    let mut client = app.pg_orders.get().await?;
     let currency = app.config.currency.as_str();
     let all: Vec<usize> = (0..entries.len()).collect();
     // An order ledger_commit gives no answer for is undone rather than left hanging.

@@ -308,7 +308,7 @@ pub async fn load(app: &App, reseller_pk: i64, by: By<'_>) -> Result<Option<Orde
         By::OrderId(v) => ("order_id", v),
         By::MerchantOrderNo(v) => ("merchant_order_no", v),
     };
-    let client = app.pg.get().await?;
+    let client = app.pg_orders.get().await?;
     let sql = format!(
         "SELECT o.order_id, o.merchant_order_no, o.sku, o.quantity, o.unit_price, o.amount, o.currency, o.status,
                 o.created_at, o.product_id,

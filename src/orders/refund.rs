@@ -45,6 +45,9 @@ pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&st
         replayed,
     };
     if row.get::<_, &str>(5) == "refunded" {
+        drop(tx);
+        drop(client);
+        crate::hot_balance::settle(app, Some(reseller_pk)).await;
         return Ok(answer(row.get(6), row.get(7), true));
     }
     let at: time::OffsetDateTime = tx
@@ -61,12 +64,15 @@ pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&st
     )
     .await?;
     if amount != 0 {
-        tx.execute(
-            "INSERT INTO balance_ledger (reseller_id, amount, kind, reference, note, actor)
-             VALUES ($1, $2, 'refund', $3, $4, $5)",
-            &[&reseller_pk, &amount, &order_id, &reason, &actor.name],
-        )
-        .await?;
+        let ledger_id: i64 = tx
+            .query_one(
+                "INSERT INTO balance_ledger (reseller_id, amount, kind, reference, note, actor)
+                 VALUES ($1, $2, 'refund', $3, $4, $5) RETURNING id",
+                &[&reseller_pk, &amount, &order_id, &reason, &actor.name],
+            )
+            .await?
+            .get(0);
+        crate::hot_balance::record_credit(&tx, reseller_pk, ledger_id, amount, epoch).await?;
     }
     audit::record(
         &tx,
@@ -78,11 +84,9 @@ pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&st
     )
     .await?;
     tx.commit().await?;
-    // Spendable only once recorded. If Redis misses this (down now), the hot balance is
-    // short by the refund until it is rebuilt from Postgres: never more than is owed.
-    if amount != 0 {
-        crate::balance::hot_credit(app, reseller_pk, amount, epoch).await?;
-    }
+    drop(client);
+    // Spendable only once recorded; if Redis misses it now, the background step applies it.
+    crate::hot_balance::settle(app, Some(reseller_pk)).await;
     metrics::counter!("cardgate_refunds_total").increment(1);
     Ok(answer(at, reason.map(str::to_owned), false))
 }

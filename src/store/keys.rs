@@ -37,6 +37,12 @@ impl Keys {
         self.key(&["bal", &reseller_pk.to_string()])
     }
 
+    /// Set once a hot-balance movement decided in Postgres has been applied here, so that a
+    /// retry of it is not applied twice ([`crate::hot_balance`]).
+    pub fn hot_movement(&self, movement: &str) -> String {
+        self.key(&["hotmv", movement])
+    }
+
     /// Failed logins of one operator username, expiring with the lock-out window.
     pub fn login_failures(&self, username: &str, ip: std::net::IpAddr) -> String {
         self.key(&["loginfail", username, &ip.to_string()])

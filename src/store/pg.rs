@@ -16,7 +16,7 @@ mod embedded {
 /// Serialises migrations when several gateways start at once.
 const MIGRATION_LOCK_ID: i64 = 0x6361_7264_6761_7465; // "cardgate"
 
-fn pg_config(config: &Config) -> anyhow::Result<tokio_postgres::Config> {
+pub(crate) fn pg_config(config: &Config) -> anyhow::Result<tokio_postgres::Config> {
     let mut pg: tokio_postgres::Config = config
         .database_url
         .expose_secret()
@@ -29,7 +29,8 @@ fn pg_config(config: &Config) -> anyhow::Result<tokio_postgres::Config> {
     Ok(pg)
 }
 
-pub fn pool(config: &Config) -> anyhow::Result<Pool> {
+/// A pool of at most `size` connections; the gateway keeps two (`App::pg_orders`, `App::pg`).
+pub fn pool(config: &Config, size: usize) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         pg_config(config)?,
         NoTls,
@@ -39,7 +40,7 @@ pub fn pool(config: &Config) -> anyhow::Result<Pool> {
     );
     let wait = Duration::from_millis(config.postgres.connect_timeout_ms);
     Pool::builder(manager)
-        .max_size(config.postgres.pool_size)
+        .max_size(size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(wait))
         .create_timeout(Some(wait))
@@ -82,4 +83,50 @@ pub async fn ping(pool: &Pool) -> anyhow::Result<()> {
     let client = pool.get().await?;
     client.simple_query("SELECT 1").await?;
     Ok(())
+}
+
+/// Whether `e` is only a wait for a pool connection that timed out: the pool is busy, and
+/// Postgres may be answering every connection it has.
+pub fn is_pool_busy(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<deadpool_postgres::PoolError>(),
+        Some(deadpool_postgres::PoolError::Timeout(
+            deadpool_postgres::TimeoutType::Wait
+        ))
+    )
+}
+
+/// A connection of its own for the health probe, outside both pools: however busy they
+/// are, the probe asks Postgres itself, so a busy pool is never read as a store that is
+/// down. Reconnects after any failure.
+pub struct Probe {
+    config: tokio_postgres::Config,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Probe {
+    pub fn new(config: &Config) -> anyhow::Result<Probe> {
+        Ok(Probe {
+            config: pg_config(config)?,
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Runs one query returning one `bigint`; `None` when Postgres did not answer.
+    pub async fn query_i64(&self, sql: &str) -> Option<i64> {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, connection) = self.config.connect(NoTls).await.ok()?;
+            tokio::spawn(connection);
+            *slot = Some(client);
+        }
+        let client = slot.as_ref()?;
+        match client.query_one(sql, &[]).await {
+            Ok(row) => row.try_get(0).ok(),
+            Err(_) => {
+                *slot = None;
+                None
+            }
+        }
+    }
 }

@@ -71,6 +71,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub database_url: String,
     pub env: HashMap<String, String>,
+    /// The gateway's state, for tests that run one step of its background work.
+    pub state: Option<std::sync::Arc<cardgate::app::App>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -92,6 +94,7 @@ pub async fn start(env: HashMap<String, String>) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let server = cardgate::Server::build(config, listener).await.expect("server builds");
     let addr = server.local_addr().expect("local addr");
+    let state = Some(server.app());
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(server.run(async move {
         let _ = rx.await;
@@ -106,6 +109,7 @@ pub async fn start(env: HashMap<String, String>) -> TestApp {
         client,
         database_url: env["CARDGATE_DATABASE_URL"].clone(),
         env,
+        state,
         shutdown: Some(tx),
         handle: Some(handle),
     }
@@ -123,6 +127,7 @@ impl TestApp {
                 .expect("http client"),
             database_url: env["CARDGATE_DATABASE_URL"].clone(),
             env,
+            state: None,
             shutdown: None,
             handle: None,
         }
@@ -598,8 +603,9 @@ pub fn codes_of(order: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// A TCP proxy in front of Postgres that can cut every connection and refuse new ones,
-/// as a network partition or a stopped server would, without touching the shared server.
+/// A TCP proxy in front of Postgres (or Redis: [`PgProxy::to`]) that can cut every
+/// connection and refuse new ones, as a network partition or a stopped server would,
+/// without touching the shared server.
 pub struct PgProxy {
     pub port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -609,13 +615,17 @@ pub struct PgProxy {
 
 impl PgProxy {
     pub async fn start(upstream: &str) -> PgProxy {
-        use std::sync::atomic::Ordering;
         let url: tokio_postgres::Config = upstream.parse().expect("postgres url");
         let host = match &url.get_hosts()[0] {
             tokio_postgres::config::Host::Tcp(h) => h.clone(),
             other => panic!("TCP Postgres expected, got {other:?}"),
         };
-        let target = format!("{}:{}", host, url.get_ports().first().copied().unwrap_or(5432));
+        PgProxy::to(format!("{}:{}", host, url.get_ports().first().copied().unwrap_or(5432))).await
+    }
+
+    /// A proxy to `target` (`host:port`).
+    pub async fn to(target: String) -> PgProxy {
+        use std::sync::atomic::Ordering;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

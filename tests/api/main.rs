@@ -8,6 +8,7 @@ mod binary;
 mod callbacks;
 mod config;
 mod faults;
+mod hot_balance;
 mod http_surface;
 mod import;
 mod ops;

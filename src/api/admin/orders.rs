@@ -18,6 +18,7 @@ const REASON_MAX: usize = 500;
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::Read).await?;
+    let _slot = app.bulkheads.reports.enter()?;
     let q = Query::parse(parts.uri.query())?;
     let limit = q.page_limit()?;
     let (from, to) = (q.time("from")?, q.time("to")?);
@@ -102,6 +103,7 @@ pub async fn refund(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str
 pub async fn reconcile(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::Read).await?;
+    let _slot = app.bulkheads.reports.enter()?;
     let report = crate::reconcile::run(app).await.map_err(ApiError::store)?;
     if !report.ok {
         tracing::error!(problems = ?report.problems, "reconciliation found differences");

@@ -113,17 +113,27 @@ fn rows(key: &str) -> String {
 /// What both reports start with: the operator's read right, the range, and a connection
 /// on which the rollups hold every order committed so far (what commits appended since
 /// the last fold is folded first).
-async fn open(
-    app: &App,
-    ctx: &Ctx,
-    req: Request<Incoming>,
-) -> Result<(Parts, Range, deadpool_postgres::Object), ApiError> {
+async fn open(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<(Parts, Range, Pg), ApiError> {
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::Read).await?;
+    let slot = app.bulkheads.reports.enter()?;
     let range = Range::parse(&Query::parse(parts.uri.query())?)?;
     let client = app.pg.get().await?;
     crate::rollups::fold(&client).await?;
-    Ok((parts, range, client))
+    Ok((parts, range, Pg { client, _slot: slot }))
+}
+
+/// A report's connection, holding its bulkhead slot until the answer is built.
+struct Pg {
+    client: deadpool_postgres::Object,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Pg {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
 }
 
 fn rows_params(r: &Range) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {

@@ -171,7 +171,7 @@ pub async fn find(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
 
 /// Every answer that shows an order's codes again is audited.
 async fn reveal(app: &App, caller: &Caller, o: &Order, via: &str) -> Result<(), ApiError> {
-    let client = app.pg.get().await?;
+    let client = app.pg_orders.get().await?;
     audit::record(
         &client,
         &Actor::reseller(&caller.reseller.reseller_id, caller.ip),

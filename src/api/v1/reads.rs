@@ -99,7 +99,7 @@ pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Res
         let balance = match hot {
             Some(b) => b,
             None => {
-                let client = app.pg.get().await?;
+                let client = app.pg_orders.get().await?;
                 client
                     .query_one("SELECT balance FROM balances WHERE reseller_id = $1", &[&r.pk])
                     .await?
