@@ -67,6 +67,8 @@ pub fn test_env(database_url: &str) -> HashMap<String, String> {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// `admin_listen`'s address when the test set one: `/admin` requests go there.
+    pub admin_addr: Option<SocketAddr>,
     pub base: String,
     pub client: reqwest::Client,
     pub database_url: String,
@@ -95,6 +97,7 @@ pub async fn start(env: HashMap<String, String>) -> TestApp {
     let server = cardgate::Server::build(config, listener).await.expect("server builds");
     let addr = server.local_addr().expect("local addr");
     let state = Some(server.app());
+    let admin_addr = server.admin_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(server.run(async move {
         let _ = rx.await;
@@ -105,6 +108,7 @@ pub async fn start(env: HashMap<String, String>) -> TestApp {
         .expect("http client");
     TestApp {
         addr,
+        admin_addr,
         base: format!("http://{addr}"),
         client,
         database_url: env["CARDGATE_DATABASE_URL"].clone(),
@@ -120,6 +124,7 @@ impl TestApp {
     pub fn external(addr: SocketAddr, env: HashMap<String, String>) -> TestApp {
         TestApp {
             addr,
+            admin_addr: None,
             base: format!("http://{addr}"),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -134,7 +139,10 @@ impl TestApp {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+        match self.admin_addr {
+            Some(admin) if path.starts_with("/admin/") => format!("http://{admin}{path}"),
+            _ => format!("{}{}", self.base, path),
+        }
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {

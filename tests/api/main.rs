@@ -11,6 +11,7 @@ mod faults;
 mod hot_balance;
 mod http_surface;
 mod import;
+mod isolation;
 mod ops;
 mod orders;
 mod overload;
