@@ -216,16 +216,18 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
         let got: Vec<Option<i64>> = redis::cmd("MGET").arg(chunk).query_async(&mut redis).await?;
         hot.extend(got);
     }
+    let unapplied = crate::hot_balance::unapplied(app, &client, &mut redis).await?;
     for (r, hot) in balances.iter().zip(hot) {
         let (pk, rid, balance, ledger): (i64, &str, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
         if balance != ledger {
             problems.push(format!("{rid}: balance {balance} != ledger sum {ledger}"));
         }
         let holding = flight.amounts.get(&pk).copied().unwrap_or(0);
+        let pending = unapplied.get(&pk).copied().unwrap_or(0);
         match hot {
             None => problems.push(format!("{rid}: no hot balance in Redis")),
-            Some(h) if h != balance - holding => problems.push(format!(
-                "{rid}: hot balance {h} != balance {balance} - in flight {holding}"
+            Some(h) if h != balance - holding - pending => problems.push(format!(
+                "{rid}: hot balance {h} != balance {balance} - in flight {holding} - not yet applied {pending}"
             )),
             Some(_) => {}
         }
