@@ -60,6 +60,8 @@ pub struct HttpConfig {
     pub import_read_timeout_ms: u64,
     pub connections_max: usize,
     pub connections_per_client_max: usize,
+    pub linger_ms: u64,
+    pub linger_max_bytes: u64,
     pub shutdown_grace_ms: u64,
     pub trusted_proxies: Vec<String>,
 }
@@ -278,6 +280,8 @@ impl Config {
         positive("http.import_read_timeout_ms", h.import_read_timeout_ms)?;
         positive("http.connections_max", h.connections_max as u64)?;
         positive("http.connections_per_client_max", h.connections_per_client_max as u64)?;
+        positive("http.linger_ms", h.linger_ms)?;
+        positive("http.linger_max_bytes", h.linger_max_bytes)?;
         positive("postgres.pool_size", self.postgres.pool_size as u64)?;
         // The ledger writers each hold one; the rest serve order lookups and the rebuild.
         if self.postgres.order_pool_size <= self.orders.ledger_writers {

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 server: accept loop, per-request bookkeeping, graceful shutdown.
 
 pub mod body;
+pub mod linger;
 pub mod per_client;
 pub mod query;
 pub mod response;
@@ -106,6 +107,10 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, surface: Surface, shutd
     // A semaphore rather than a counter: the permit travels with the connection task and
     // is released however that task ends.
     let connections = Arc::new(Semaphore::new(app.config.http.connections_max));
+    let linger = linger::Bounds {
+        time: Duration::from_millis(app.config.http.linger_ms),
+        bytes: app.config.http.linger_max_bytes,
+    };
     let per_client = per_client::PerClient::new(
         app.config.http.connections_per_client_max,
         app.settings.trusted_proxies.clone(),
@@ -138,6 +143,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, surface: Surface, shutd
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let service = service_fn(move |req| handle(app.clone(), surface, peer, req));
+        let stream = linger::Linger::new(stream, linger);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
