@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::app::App;
 use crate::audit::{self, Actor};
 use crate::error::ApiError;
+use crate::money::{self, MONEY_MAX_MINOR};
 
 /// Takes ARGV[1] from the hot balance (KEYS[1]) if it holds that much: 1 taken, 0 too
 /// little, -1 no hot balance or Redis not at epoch ARGV[2] (KEYS[2]): Postgres alone
@@ -44,7 +45,10 @@ return false",
     )
 });
 
+/// The largest credit or debit one adjustment may make: well inside the money bound, so
+/// that a typo of a few digits is refused rather than booked.
 pub const ADJUSTMENT_MAX_ABS: i64 = 1_000_000_000_000;
+const _: () = assert!(ADJUSTMENT_MAX_ABS <= MONEY_MAX_MINOR);
 
 #[derive(Debug, Serialize)]
 pub struct Adjusted {
@@ -88,6 +92,12 @@ pub async fn adjust(
         currency: app.config.currency.clone(),
         replayed,
     };
+    // Checked by the handler; here too because `-amount` below must not overflow.
+    if amount == 0 || !money::within(amount) {
+        return Err(ApiError::invalid(format!(
+            "amount must be non-zero and at most {MONEY_MAX_MINOR} in size"
+        )));
+    }
     let mut client = app.pg.get().await?;
     let earlier = "SELECT amount, balance_after FROM balance_ledger WHERE reseller_id = $1 AND kind = 'adjustment' AND reference = $2";
     let replay = |row: tokio_postgres::Row| {
@@ -137,6 +147,12 @@ pub async fn adjust(
         Err(e) => {
             give_back().await?;
             if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) {
+                let constraint = e.as_db_error().and_then(|d| d.constraint());
+                if constraint == Some("balance_bounded") {
+                    return Err(ApiError::invalid(format!(
+                        "amount: the balance would pass {MONEY_MAX_MINOR}"
+                    )));
+                }
                 return Err(ApiError::InsufficientBalance);
             }
             return Err(e.into());

@@ -19,6 +19,7 @@ pub mod health;
 pub mod http;
 pub mod ids;
 pub mod ledger;
+pub mod money;
 pub mod orders;
 pub mod overload;
 pub mod ratelimit;
