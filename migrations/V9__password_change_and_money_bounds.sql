@@ -1,3 +1,8 @@
+-- A password change ends every token issued before it: the gateway refuses a token
+-- whose `iat` is before this (read with the role on each admin call). NULL: never
+-- changed since the account was created.
+ALTER TABLE admins ADD COLUMN password_changed_at timestamptz;
+
 -- Money has bounds: 10^15 minor units either way (MONEY_MAX_MINOR in src/money.rs). The
 -- reservation scripts compare money as Lua numbers (doubles), exact only below 2^53
 -- (about 9.007 * 10^15), and a price times a quantity must stay far from i64 overflow.

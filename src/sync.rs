@@ -132,6 +132,7 @@ pub async fn refresh_periodically(app: Arc<App>) {
         tick.tick().await;
         reload(&app).await;
         app.rate_limits.sweep();
+        app.login_limiter.sweep();
     }
 }
 

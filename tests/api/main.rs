@@ -10,6 +10,7 @@ mod config;
 mod faults;
 mod http_surface;
 mod import;
+mod login;
 mod money;
 mod ops;
 mod orders;
