@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
 
-use crate::auth::admin::Tokens;
+use crate::auth::admin::{Passwords, Tokens};
 use crate::auth::keys::KeyCache;
 use crate::bulkhead::Bulkheads;
 use crate::catalogue::Catalogue;
@@ -17,7 +17,7 @@ use crate::crypto::Crypto;
 use crate::health::Health;
 use crate::ledger::Waiters;
 use crate::overload::Admission;
-use crate::ratelimit::RateLimits;
+use crate::ratelimit::{AddressLimiter, RateLimits};
 use crate::store::{self, coalesce::Coalescer, keys::Keys};
 use crate::telemetry;
 
@@ -38,6 +38,10 @@ pub struct App {
     pub metrics: PrometheusHandle,
     pub crypto: Crypto,
     pub tokens: Tokens,
+    /// Argon2id work of logins and password changes, bounded on its own.
+    pub passwords: Passwords,
+    /// Logins per client address, refused before any work is done.
+    pub login_limiter: AddressLimiter,
     /// For connections of their own (pub/sub), apart from the shared multiplexed one.
     pub redis_client: redis::Client,
     pub key_cache: KeyCache,
@@ -71,6 +75,14 @@ impl App {
             .unwrap_or_default();
         let tokens = Tokens::new(&jwt_secret, std::time::Duration::from_secs(config.admin.token_ttl_secs));
         let rate_limits = RateLimits::new(&config.tiers);
+        let passwords = Passwords::new(
+            config.admin.password_hash_concurrency,
+            std::time::Duration::from_millis(config.admin.password_hash_wait_ms),
+        );
+        let login_limiter = AddressLimiter::per_minute(
+            config.admin.login_per_address_per_minute,
+            config.admin.login_per_address_burst,
+        );
         let admission = Admission::new(
             &config.tiers,
             config.overload.max_in_flight_orders,
@@ -90,6 +102,8 @@ impl App {
             metrics,
             crypto,
             tokens,
+            passwords,
+            login_limiter,
             redis_client,
             key_cache: KeyCache::default(),
             catalogue: Catalogue::default(),

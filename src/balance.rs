@@ -13,8 +13,12 @@ use crate::app::App;
 use crate::audit::{self, Actor};
 use crate::error::ApiError;
 use crate::hot_balance::{self, Held};
+use crate::money::{self, MONEY_MAX_MINOR};
 
+/// The largest credit or debit one adjustment may make: well inside the money bound, so
+/// that a typo of a few digits is refused rather than booked.
 pub const ADJUSTMENT_MAX_ABS: i64 = 1_000_000_000_000;
+const _: () = assert!(ADJUSTMENT_MAX_ABS <= MONEY_MAX_MINOR);
 
 #[derive(Debug, Serialize)]
 pub struct Adjusted {
@@ -45,6 +49,12 @@ pub async fn adjust(
         currency: app.config.currency.clone(),
         replayed,
     };
+    // Checked by the handler; here too because `-amount` below must not overflow.
+    if amount == 0 || !money::within(amount) {
+        return Err(ApiError::invalid(format!(
+            "amount must be non-zero and at most {MONEY_MAX_MINOR} in size"
+        )));
+    }
     let mut client = app.pg.get().await?;
     let earlier = "SELECT amount, balance_after FROM balance_ledger WHERE reseller_id = $1 AND kind = 'adjustment' AND reference = $2";
     let replay = |row: tokio_postgres::Row| {
@@ -177,7 +187,12 @@ async fn write(
         .await
         .map_err(|e| {
             if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) {
-                ApiError::InsufficientBalance
+                let constraint = e.as_db_error().and_then(|d| d.constraint());
+                if constraint == Some("balance_bounded") {
+                    ApiError::invalid(format!("amount: the balance would pass {MONEY_MAX_MINOR}"))
+                } else {
+                    ApiError::InsufficientBalance
+                }
             } else {
                 e.into()
             }

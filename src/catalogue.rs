@@ -2,10 +2,12 @@
 //! whole on a published change and every `CACHE_REFRESH_SECS` (see `crate::sync`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+
+use crate::sync::Latest;
 
 #[derive(Debug)]
 pub struct Product {
@@ -28,7 +30,7 @@ impl Product {
 
 #[derive(Default)]
 pub struct Catalogue {
-    products: RwLock<Arc<BTreeMap<String, Arc<Product>>>>,
+    products: Latest<BTreeMap<String, Arc<Product>>>,
 }
 
 impl Catalogue {
@@ -37,10 +39,11 @@ impl Catalogue {
     }
 
     pub fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Product>>> {
-        self.products.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.products.get()
     }
 
     pub async fn reload(&self, pg: &Pool) -> anyhow::Result<()> {
+        let ticket = self.products.ticket();
         let client = pg.get().await.context("loading the catalogue")?;
         let rows = client
             .query(
@@ -67,7 +70,7 @@ impl Catalogue {
             };
             products.insert(p.sku.clone(), Arc::new(p));
         }
-        *self.products.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(products);
+        self.products.install(ticket, products);
         Ok(())
     }
 }

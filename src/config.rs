@@ -89,6 +89,10 @@ pub struct AdminConfig {
     pub token_ttl_secs: u64,
     pub report_concurrency: usize,
     pub import_concurrency: usize,
+    pub login_per_address_per_minute: u32,
+    pub login_per_address_burst: u32,
+    pub password_hash_concurrency: usize,
+    pub password_hash_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,7 +300,15 @@ impl Config {
         positive("postgres.statement_timeout_ms", self.postgres.statement_timeout_ms)?;
         positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
         positive("redis.response_timeout_ms", self.redis.response_timeout_ms)?;
-        positive("admin.token_ttl_secs", self.admin.token_ttl_secs)?;
+        let a = &self.admin;
+        positive("admin.token_ttl_secs", a.token_ttl_secs)?;
+        positive(
+            "admin.login_per_address_per_minute",
+            a.login_per_address_per_minute as u64,
+        )?;
+        positive("admin.login_per_address_burst", a.login_per_address_burst as u64)?;
+        positive("admin.password_hash_concurrency", a.password_hash_concurrency as u64)?;
+        positive("admin.password_hash_wait_ms", a.password_hash_wait_ms)?;
         let o = &self.orders;
         positive("orders.commit_timeout_ms", o.commit_timeout_ms)?;
         positive("orders.idempotency_ttl_secs", o.idempotency_ttl_secs)?;

@@ -21,6 +21,7 @@ pub mod hot_balance;
 pub mod http;
 pub mod ids;
 pub mod ledger;
+pub mod money;
 pub mod orders;
 pub mod overload;
 pub mod ratelimit;

@@ -5,6 +5,7 @@
 //! restart. Keys idle long enough to be full again are swept periodically.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -155,6 +156,68 @@ impl<C: Clock + Clone> RateLimits<C> {
     }
 }
 
+/// Addresses an [`AddressLimiter`] tracks before it forgets those whose bucket is full
+/// again on the next check, bounding its memory under a flood from many addresses
+/// (each entry is tens of bytes) between the periodic sweeps.
+const ADDRESS_LIMITER_KEYS_MAX: usize = 100_000;
+
+type AddressLimiterInner<C> =
+    RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, governor::middleware::NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// A GCRA bucket per client address, for routes that must refuse a flood before doing
+/// any work (logins). An IPv6 client usually holds a whole /64, so one counts as one
+/// address: otherwise it could take a fresh bucket for every request.
+pub struct AddressLimiter<C: Clock = DefaultClock> {
+    limiter: AddressLimiterInner<C>,
+    clock: C,
+}
+
+impl AddressLimiter<DefaultClock> {
+    pub fn per_minute(rate: u32, burst: u32) -> Self {
+        Self::with_clock(rate, burst, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> AddressLimiter<C> {
+    pub fn with_clock(per_minute: u32, burst: u32, clock: C) -> Self {
+        let quota = Quota::per_minute(nz(per_minute)).allow_burst(nz(burst));
+        AddressLimiter {
+            limiter: RateLimiter::new(quota, DashMapStateStore::default(), clock.clone()),
+            clock,
+        }
+    }
+
+    /// Takes one token for `ip`, or says how many whole seconds (at least 1) to wait.
+    pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        if self.limiter.len() >= ADDRESS_LIMITER_KEYS_MAX {
+            self.limiter.retain_recent();
+        }
+        self.limiter.check_key(&address_group(ip)).map_err(|not_until| {
+            (not_until.wait_time_from(self.clock.now()).as_millis() as u64)
+                .div_ceil(1000)
+                .max(1)
+        })
+    }
+
+    /// Forgets addresses whose buckets are full again.
+    pub fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    pub fn tracked_keys(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// IPv4 addresses as they are; IPv6 ones by their /64.
+fn address_group(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +291,27 @@ mod tests {
             rl.check("basic", Class::Writes, 2, 5),
             Some(Outcome::Refused { .. })
         ));
+    }
+
+    #[test]
+    fn addresses_are_limited_apart_and_an_ipv6_64_is_one_address() {
+        let clock = FakeRelativeClock::default();
+        let limiter = AddressLimiter::with_clock(20, 2, clock.clone());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(limiter.check(ip("192.0.2.1")).is_ok() && limiter.check(ip("192.0.2.1")).is_ok());
+        // 20 a minute: the next token comes in 3 s.
+        assert_eq!(limiter.check(ip("192.0.2.1")), Err(3));
+        assert!(limiter.check(ip("192.0.2.2")).is_ok());
+        assert!(limiter.check(ip("2001:db8:1:2::1")).is_ok() && limiter.check(ip("2001:db8:1:2:ffff::9")).is_ok());
+        assert!(limiter.check(ip("2001:db8:1:2:abcd::1")).is_err());
+        assert!(limiter.check(ip("2001:db8:1:3::1")).is_ok());
+        // An IPv4-mapped address is the IPv4 one.
+        assert!(limiter.check(ip("::ffff:192.0.2.1")).is_err());
+        clock.advance(Duration::from_secs(3));
+        assert!(limiter.check(ip("192.0.2.1")).is_ok());
+        clock.advance(Duration::from_secs(60));
+        limiter.sweep();
+        assert_eq!(limiter.tracked_keys(), 0);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! the subscriber reconnecting) is covered by a reload on every (re)subscription and a
 //! periodic one, so a cache is never staler than `CACHE_REFRESH_SECS`.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,6 +15,52 @@ use crate::app::App;
 
 pub const CACHE_REFRESH_SECS: u64 = 30;
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
+
+/// A cache's snapshot, replaced whole by reloads that may overlap (an announcement, a
+/// resubscription and the periodic refresh can all be running): each reload takes a
+/// ticket before it reads, and its snapshot is installed only if no reload that started
+/// later has installed one already. A reload that started after a commit read that
+/// commit, so once it is installed no older snapshot can undo it (a revocation coming
+/// back for up to `CACHE_REFRESH_SECS`), and reloads never wait for one another.
+pub struct Latest<T> {
+    next_ticket: AtomicU64,
+    // A std lock: held only to compare a ticket and swap an Arc, never across an await.
+    current: RwLock<(u64, Arc<T>)>,
+}
+
+/// When a reload began, relative to the others of its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+impl<T: Default> Default for Latest<T> {
+    fn default() -> Self {
+        Latest {
+            next_ticket: AtomicU64::new(1),
+            current: RwLock::new((0, Arc::new(T::default()))),
+        }
+    }
+}
+
+impl<T> Latest<T> {
+    pub fn get(&self) -> Arc<T> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// Taken by a reload before it reads its source.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.next_ticket.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Installs `value` unless a reload with a later ticket did already; says which.
+    pub fn install(&self, ticket: Ticket, value: T) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if ticket.0 <= current.0 {
+            return false;
+        }
+        *current = (ticket.0, Arc::new(value));
+        true
+    }
+}
 
 pub fn channel(app: &App) -> String {
     format!("{}:invalidate", app.config.redis_prefix)
@@ -85,5 +132,27 @@ pub async fn refresh_periodically(app: Arc<App>) {
         tick.tick().await;
         reload(&app).await;
         app.rate_limits.sweep();
+        app.login_limiter.sweep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_reload_finishing_last_does_not_replace_a_newer_one() {
+        let cache: Latest<&str> = Latest::default();
+        // The first reload reads before a revocation, the second after it; the first is
+        // slow and finishes last.
+        let before = cache.ticket();
+        let after = cache.ticket();
+        assert!(cache.install(after, "revoked"));
+        assert!(!cache.install(before, "still live"));
+        assert_eq!(*cache.get(), "revoked");
+        // In order, each replaces the one before.
+        let next = cache.ticket();
+        assert!(cache.install(next, "next"));
+        assert_eq!(*cache.get(), "next");
     }
 }

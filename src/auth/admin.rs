@@ -4,6 +4,7 @@
 //! so disabling an account or changing its role takes effect at once. The admin API is
 //! not on the hot path, and one indexed lookup is cheap next to that guarantee.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -12,6 +13,7 @@ use hyper::header::AUTHORIZATION;
 use hyper::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
 
@@ -98,13 +100,12 @@ impl Tokens {
         }
     }
 
-    /// A token for `username` and its expiry (Unix seconds).
-    pub fn issue(&self, username: &str) -> Result<(String, u64), ApiError> {
-        let now = unix_now();
-        let exp = now + self.ttl.as_secs();
+    /// A token for `username` issued at `iat` (Unix seconds), and its expiry.
+    pub fn issue(&self, username: &str, iat: u64) -> Result<(String, u64), ApiError> {
+        let exp = iat + self.ttl.as_secs();
         let claims = Claims {
             sub: username.to_string(),
-            iat: now,
+            iat,
             exp,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -140,6 +141,51 @@ pub fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthenticated("missing bearer token"))
+}
+
+/// Argon2id work, CPU-heavy and about 19 MiB a call, bounded apart from everything else
+/// (DESIGN.md invariant 9): at most `concurrency` at once on the blocking pool, and a
+/// caller that cannot get a turn within `wait` is refused `503 overloaded` rather than
+/// queued, so a flood of logins neither starves the order path of CPU nor piles up.
+pub struct Passwords {
+    permits: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl Passwords {
+    pub fn new(concurrency: usize, wait: Duration) -> Self {
+        Passwords {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            wait,
+        }
+    }
+
+    pub async fn hash(&self, password: String) -> Result<String, ApiError> {
+        self.run(move || hash_password(&password)).await?
+    }
+
+    /// See [`verify_password`].
+    pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, ApiError> {
+        self.run(move || verify_password(&password, stored.as_deref())).await
+    }
+
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                metrics::counter!("cardgate_password_hash_refused_total").increment(1);
+                ApiError::Overloaded { retry_after_secs: 1 }
+            })?
+            .map_err(ApiError::internal)?;
+        // The permit moves into the blocking task: if the client goes away, the work still
+        // runs to its end and holds its turn until then.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(ApiError::internal)
+    }
 }
 
 pub fn hash_password(password: &str) -> Result<String, ApiError> {
@@ -188,7 +234,7 @@ mod tests {
     #[test]
     fn tokens_verify_only_with_their_secret_and_before_expiry() {
         let t = Tokens::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
-        let (token, _) = t.issue("alice").unwrap();
+        let (token, _) = t.issue("alice", unix_now()).unwrap();
         assert_eq!(t.verify(&token).unwrap().sub, "alice");
         let other = Tokens::new(b"fedcba9876543210fedcba9876543210", Duration::from_secs(60));
         assert!(other.verify(&token).is_err());
@@ -200,5 +246,20 @@ mod tests {
         };
         let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &expired.encoding).unwrap();
         assert!(t.verify(&old).is_err());
+    }
+}
+
+#[cfg(test)]
+mod passwords {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_caller_without_a_turn_in_time_is_refused_overloaded() {
+        let p = Passwords::new(1, Duration::from_millis(10));
+        let held = p.permits.clone().acquire_owned().await.unwrap();
+        let e = p.verify("password".into(), None).await.unwrap_err();
+        assert_eq!((e.code(), e.retry_after_secs()), ("overloaded", Some(1)));
+        drop(held);
+        assert!(!p.verify("password".into(), None).await.unwrap());
     }
 }

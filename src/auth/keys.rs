@@ -7,7 +7,7 @@
 //! `CACHE_REFRESH_SECS` as a safety net against a lost message.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use super::signing::Signer;
 use crate::config::parse_cidr;
 use crate::crypto::{Crypto, Purpose};
+use crate::sync::Latest;
 
 #[derive(Debug)]
 pub struct Reseller {
@@ -23,12 +24,40 @@ pub struct Reseller {
     pub reseller_id: String,
     pub tier: String,
     pub suspended: bool,
-    pub allowlist: Vec<IpNet>,
+    pub allowlist: Allowlist,
 }
 
 impl Reseller {
     pub fn allows(&self, ip: std::net::IpAddr) -> bool {
-        self.allowlist.is_empty() || self.allowlist.iter().any(|n| n.contains(&ip))
+        self.allowlist.allows(ip)
+    }
+}
+
+/// A reseller's IP allow-list as stored: empty allows every address; otherwise only the
+/// networks it names. An entry that does not parse (written around the API's check)
+/// names no address: it is never dropped, since dropping every entry of a list would
+/// turn it into the empty list that allows all.
+#[derive(Debug, Default)]
+pub struct Allowlist {
+    nets: Vec<IpNet>,
+    restricted: bool,
+}
+
+impl Allowlist {
+    pub fn parse(entries: &[String]) -> Allowlist {
+        Allowlist {
+            nets: entries.iter().filter_map(|c| parse_cidr(c)).collect(),
+            restricted: !entries.is_empty(),
+        }
+    }
+
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        !self.restricted || self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Entries that did not parse, and so allow nothing.
+    pub fn unparsed(&self, entries: &[String]) -> usize {
+        entries.len() - self.nets.len()
     }
 }
 
@@ -39,17 +68,16 @@ pub struct KeyEntry {
 
 #[derive(Default)]
 pub struct KeyCache {
-    // A std lock: held only to clone an Arc, never across an await.
-    keys: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
+    keys: Latest<HashMap<String, Arc<KeyEntry>>>,
 }
 
 impl KeyCache {
     pub fn get(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
-        let map = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
-        map.get(key_id).cloned()
+        self.keys.get().get(key_id).cloned()
     }
 
     pub async fn reload(&self, pg: &Pool, crypto: &Crypto) -> anyhow::Result<()> {
+        let ticket = self.keys.ticket();
         let client = pg.get().await.context("loading API keys")?;
         let rows = client
             .query(
@@ -76,16 +104,22 @@ impl KeyCache {
             let reseller = resellers
                 .entry(pk)
                 .or_insert_with(|| {
+                    let reseller_id: String = r.get(3);
+                    let entries: Vec<String> = r.get(6);
+                    let allowlist = Allowlist::parse(&entries);
+                    if allowlist.unparsed(&entries) > 0 {
+                        tracing::error!(
+                            reseller_id,
+                            unparsed = allowlist.unparsed(&entries),
+                            "ip_allowlist entries that are not an IP or CIDR allow no address"
+                        );
+                    }
                     Arc::new(Reseller {
                         pk,
-                        reseller_id: r.get(3),
+                        reseller_id,
                         tier: r.get(4),
                         suspended: r.get::<_, &str>(5) == "suspended",
-                        allowlist: r
-                            .get::<_, Vec<String>>(6)
-                            .iter()
-                            .filter_map(|c| parse_cidr(c))
-                            .collect(),
+                        allowlist,
                     })
                 })
                 .clone();
@@ -97,7 +131,22 @@ impl KeyCache {
                 }),
             );
         }
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.keys.install(ticket, keys);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_that_does_not_parse_narrows_the_list_never_widens_it() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(Allowlist::parse(&[]).allows(ip("203.0.113.9")));
+        let bad = Allowlist::parse(&["not-an-ip".to_string()]);
+        assert!(!bad.allows(ip("203.0.113.9")) && !bad.allows(ip("127.0.0.1")));
+        let mixed = Allowlist::parse(&["198.51.100.0/24".to_string(), "10.0.0.999".to_string()]);
+        assert!(mixed.allows(ip("198.51.100.7")) && !mixed.allows(ip("203.0.113.9")));
     }
 }

@@ -156,7 +156,11 @@ async fn place_inner(
         .get(&reseller.tier)
         .map_or(0, |t| t.max_quantity as i64);
     let unit_price = product.as_ref().map_or(0, |p| p.price_for(&reseller.tier));
-    let amount = unit_price.checked_mul(req.quantity);
+    // Past the money bound no balance could pay it, and the reservation script compares
+    // amounts as doubles: refused as an overflow is.
+    let amount = unit_price
+        .checked_mul(req.quantity)
+        .filter(|a| *a <= crate::money::MONEY_MAX_MINOR);
     // Refusals decided here are reported only after the idempotency check, so that a
     // replay of an order placed before a price or status change still gets its order.
     let refusal = match &product {

@@ -12,6 +12,8 @@ mod hot_balance;
 mod http_surface;
 mod import;
 mod isolation;
+mod login;
+mod money;
 mod ops;
 mod orders;
 mod overload;

@@ -905,3 +905,38 @@ async fn a_batch_replay_whose_audit_fails_withholds_only_its_own_codes() {
         .get(0);
     assert_eq!(audited, 0);
 }
+
+/// A replayed signed read of an order is refused before the order is loaded: no second
+/// decryption of its codes, no second reveal in the audit log.
+#[tokio::test]
+async fn a_replayed_order_read_reveals_nothing_and_audits_no_second_reveal() {
+    let (app, t, _) = shop(2).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let (status, order, _) = app.order(&k, order_body(SKU, 1, "M-REPLAYED-READ")).await;
+    assert_eq!(status, 201, "{order}");
+    let id = order["order_id"].as_str().unwrap();
+    let db = app.db().await;
+    let reveals = || async {
+        db.query_one(
+            "SELECT count(*) FROM audit_log WHERE action = 'order.reveal' AND target = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    for path in [
+        format!("/v1/orders/{id}"),
+        "/v1/orders?merchant_order_no=M-REPLAYED-READ".to_string(),
+    ] {
+        let (n, now) = (nonce(), now_secs());
+        let before = reveals().await;
+        let first = app.signed_at(&k, Method::GET, &path, None, now, &n, &[]).await;
+        assert_eq!(first.status(), 200, "{path}");
+        assert_eq!(reveals().await, before + 1, "{path}: the read is audited");
+        let replay = app.signed_at(&k, Method::GET, &path, None, now, &n, &[]).await;
+        let (status, code, _) = error_of(replay).await;
+        assert_eq!((status, code.as_str()), (401, "nonce_reused"), "{path}");
+        assert_eq!(reveals().await, before + 1, "{path}: the replay revealed nothing");
+    }
+}

@@ -188,6 +188,52 @@ async fn rejections_come_in_api_md_order() {
     );
 }
 
+/// An allow-list entry that does not parse (written around the API, which refuses it)
+/// names no address: it must never be dropped, which would leave the empty list that
+/// allows every address.
+#[tokio::test]
+async fn an_allowlist_entry_that_does_not_parse_allows_nothing() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let k = app.reseller_with_key(&t, "gold", json!({})).await;
+    assert_eq!(app.signed(&k, Method::GET, "/v1/balance", None).await.status(), 200);
+    let db = app.db().await;
+    let set = |list: &'static [&'static str]| {
+        let db = &db;
+        let rid = k.reseller_id.clone();
+        async move {
+            let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            db.execute(
+                "UPDATE resellers SET ip_allowlist = $2 WHERE reseller_id = $1",
+                &[&rid, &list],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // Any admin change reloads the caches: here a second key.
+    let reload = || async {
+        let path = format!("/admin/v1/resellers/{}/keys", k.reseller_id);
+        app.admin_ok(&t, Method::POST, &path, None, 201).await;
+    };
+    set(&["not-an-address"]).await;
+    reload().await;
+    assert_eq!(
+        code_of(app.signed(&k, Method::GET, "/v1/balance", None).await).await,
+        code(403, "ip_not_allowed")
+    );
+    // Beside a valid entry, the valid one still allows what it names.
+    set(&["127.0.0.1/32", "10.0.0.300"]).await;
+    reload().await;
+    assert_eq!(app.signed(&k, Method::GET, "/v1/balance", None).await.status(), 200);
+    set(&["10.0.0.300", "198.51.100.0/24"]).await;
+    reload().await;
+    assert_eq!(
+        code_of(app.signed(&k, Method::GET, "/v1/balance", None).await).await,
+        code(403, "ip_not_allowed")
+    );
+}
+
 #[tokio::test]
 async fn the_timestamp_window_is_300_seconds_either_way() {
     let app = spawn_app().await;

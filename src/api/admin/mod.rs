@@ -27,14 +27,28 @@ pub async fn authorize(app: &App, ctx: &Ctx, parts: &Parts, need: Need) -> Resul
     let claims = app.tokens.verify(bearer(parts)?)?;
     let client = app.pg.get().await?;
     let stmt = client
-        .prepare_cached("SELECT role, disabled FROM admins WHERE username = $1")
+        .prepare_cached(
+            "SELECT role, disabled, ceil(extract(epoch FROM password_changed_at))::bigint
+             FROM admins WHERE username = $1",
+        )
         .await?;
     let row = client
         .query_opt(&stmt, &[&claims.sub])
         .await?
         .ok_or(ApiError::Unauthenticated("missing, expired or invalid token"))?;
+    drop(client);
     if row.get::<_, bool>(1) {
         return Err(ApiError::Unauthenticated("account disabled"));
+    }
+    // A token issued before the account's last password change is over. `iat` is whole
+    // seconds, so the change is rounded up to one; `session::patch_admin` stamps it a
+    // second ahead and `session::login` issues no token before it, so neither a token
+    // from the same second nor a fresh login is misjudged.
+    let password_changed: Option<i64> = row.get(2);
+    if password_changed.is_some_and(|changed| i64::try_from(claims.iat).map_or(true, |iat| iat < changed)) {
+        return Err(ApiError::Unauthenticated(
+            "token issued before the last password change",
+        ));
     }
     let role = Role::parse(row.get(0)).ok_or_else(|| ApiError::internal(anyhow::anyhow!("unknown role in admins")))?;
     if !role.may(need) {

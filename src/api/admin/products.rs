@@ -16,6 +16,7 @@ use crate::auth::admin::Need;
 use crate::error::ApiError;
 use crate::http::query::rfc3339;
 use crate::http::{response, Body, Ctx};
+use crate::money;
 
 pub const PRODUCT_MAX_QUANTITY: i32 = 10_000;
 
@@ -83,13 +84,6 @@ pub fn valid_sku(sku: &str) -> bool {
             .any(|c| c.is_whitespace() || c.is_control() || "/?#%\\".contains(c))
 }
 
-fn check_money(field: &'static str, v: i64) -> Result<(), ApiError> {
-    if v < 0 {
-        return Err(ApiError::invalid(format!("{field} must be zero or more (minor units)")));
-    }
-    Ok(())
-}
-
 fn check_status(s: &str) -> Result<(), ApiError> {
     if s != "on_sale" && s != "off_sale" {
         return Err(ApiError::invalid("status must be on_sale or off_sale"));
@@ -111,7 +105,7 @@ fn check_tier_prices(app: &App, prices: &BTreeMap<String, i64>) -> Result<(), Ap
         if !app.config.tiers.contains_key(tier) {
             return Err(ApiError::invalid(format!("tier_prices: unknown tier {tier:?}")));
         }
-        check_money("tier_prices", *price)?;
+        money::check_non_negative(&format!("tier_prices.{tier}"), *price)?;
     }
     Ok(())
 }
@@ -131,8 +125,8 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
         ));
     }
     check_name(&p.name)?;
-    check_money("face_value", p.face_value)?;
-    check_money("base_price", p.base_price)?;
+    money::check_non_negative("face_value", p.face_value)?;
+    money::check_non_negative("base_price", p.base_price)?;
     check_tier_prices(app, &p.tier_prices)?;
     check_max_quantity(p.max_quantity)?;
     check_status(&p.status)?;
@@ -199,7 +193,7 @@ pub async fn patch(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> R
     }
     for (field, v) in [("face_value", p.face_value), ("base_price", p.base_price)] {
         if let Some(v) = v {
-            check_money(field, v)?;
+            money::check_non_negative(field, v)?;
         }
     }
     if let Some(tp) = &p.tier_prices {

@@ -18,6 +18,7 @@ use crate::error::ApiError;
 use crate::http::query::rfc3339;
 use crate::http::{response, Body, Ctx};
 use crate::ids;
+use crate::money;
 
 const ALLOWLIST_MAX: usize = 100;
 const URL_MAX_BYTES: usize = 2048;
@@ -80,10 +81,7 @@ fn check_url(url: &str) -> Result<(), ApiError> {
 }
 
 fn check_threshold(t: i64) -> Result<(), ApiError> {
-    if t < 0 {
-        return Err(ApiError::invalid("low_balance_threshold must be zero or more"));
-    }
-    Ok(())
+    money::check_non_negative("low_balance_threshold", t)
 }
 
 const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
@@ -400,7 +398,8 @@ pub async fn adjust_balance(
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let (actor, a): (_, Adjustment) = authorized_json(app, ctx, req, Need::Write).await?;
-    if a.amount == 0 || a.amount.abs() > ADJUSTMENT_MAX_ABS {
+    // unsigned_abs: i64::MIN has no positive counterpart, and abs() would overflow on it.
+    if a.amount == 0 || a.amount.unsigned_abs() > ADJUSTMENT_MAX_ABS.unsigned_abs() {
         return Err(ApiError::invalid(format!(
             "amount must be non-zero and at most {ADJUSTMENT_MAX_ABS} in size"
         )));

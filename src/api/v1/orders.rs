@@ -128,6 +128,9 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
 pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str) -> Result<Response<Body>, ApiError> {
     let s = signed!(app, ctx, req, Class::Reads);
     let result = async {
+        // Before the order is loaded, its codes decrypted and the reveal audited: a replay
+        // must cost nothing and leave no trace of a second reveal.
+        s.spend(app).await?;
         let o = orders::load(app, s.caller().reseller.pk, By::OrderId(order_id))
             .await?
             .ok_or_else(|| ApiError::not_found("no such order"))?;
@@ -141,6 +144,8 @@ pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str) -
 pub async fn find(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let s = signed!(app, ctx, req, Class::Reads);
     let result = async {
+        // First, as in `get`: nothing is loaded or revealed for a replay.
+        s.spend(app).await?;
         let q = Query::parse(s.parts.uri.query())?;
         let mon = q
             .get("merchant_order_no")
