@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,59 +110,6 @@ fn load(
             })
         })
         .collect()
-}
-
-struct Gateway {
-    child: Child,
-    env: HashMap<String, String>,
-    log: std::path::PathBuf,
-}
-
-impl Gateway {
-    fn start(env: &HashMap<String, String>, log: &std::path::Path) -> Gateway {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cardgate"))
-            .env_clear()
-            .envs(env)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Gateway {
-            child,
-            env: env.clone(),
-            log: log.to_path_buf(),
-        }
-    }
-
-    async fn wait_up(&self, app: &TestApp) {
-        let up = eventually(Duration::from_secs(30), || async {
-            app.client
-                .get(app.url("/healthz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        assert!(up, "gateway did not start; log: {}", self.tail());
-    }
-
-    fn restart(&mut self) {
-        *self = Gateway::start(&self.env, &self.log);
-    }
-
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]

@@ -714,3 +714,67 @@ pub async fn metric(app: &TestApp, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A `cardgate` process of the test's own (the real binary, its own runtime).
+pub struct Gateway {
+    pub child: Child,
+    env: HashMap<String, String>,
+    log: std::path::PathBuf,
+}
+
+impl Gateway {
+    pub fn start(env: &HashMap<String, String>, log: &std::path::Path) -> Gateway {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cardgate"))
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Gateway {
+            child,
+            env: env.clone(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub async fn wait_up(&self, app: &TestApp) {
+        let up = eventually(Duration::from_secs(30), || async {
+            app.client
+                .get(app.url("/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(up, "gateway did not start; log: {}", self.tail());
+    }
+
+    pub fn restart(&mut self) {
+        *self = Gateway::start(&self.env, &self.log);
+    }
+
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port for a gateway process to listen on.
+pub fn free_addr() -> SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    SocketAddr::new([127, 0, 0, 1].into(), port)
+}

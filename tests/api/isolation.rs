@@ -181,26 +181,52 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_on_every_other_route_leaves_orders_succeeding_with_their_usual_latency() {
-    let (app, t, _) = crate::orders::shop(400).await;
+    // The gateway in a process of its own, as in production: the flood's generator (this
+    // test) does not share its scheduler, only the machine's two cores.
+    let mut env = test_env(&create_database().await);
+    let addr = free_addr();
+    env.insert("CARDGATE_LISTEN".into(), addr.to_string());
+    let log = std::env::temp_dir().join(format!("cardgate-flood-{}.log", random_suffix()));
+    let gw = Gateway::start(&env, &log);
+    let app = TestApp::external(addr, env);
+    gw.wait_up(&app).await;
+    let t = app.root_token().await;
+    app.create_product(&t, crate::orders::SKU).await;
+    let codes: Vec<String> = (0..400).map(|i| format!("FLOOD-{i:04}-{}", random_suffix())).collect();
+    assert_eq!(
+        app.import_codes(&t, crate::orders::SKU, codes.join("\n"))
+            .await
+            .status(),
+        200
+    );
     let key = crate::orders::buyer(&app, &t, "diamond", 100_000_000).await;
     let (ok, base) = place_orders(&app, &key, "base", 60, 4).await;
     assert_eq!(ok, 60);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let addr = app.addr;
-    // Unauthenticated logins with random usernames from 50 addresses.
-    let logins = flood(200, &stop, move |i| async move {
-        let client = reqwest::Client::builder()
-            .local_address(Some(format!("127.0.1.{}", 1 + i % 50).parse().unwrap()))
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let body = serde_json::json!({"username": format!("u{}", random_suffix()), "password": "guess"});
-        let _ = client
-            .post(format!("http://{addr}/admin/v1/login"))
-            .json(&body)
-            .send()
-            .await;
+    // Unauthenticated logins with random usernames from 50 addresses, one HTTP client
+    // (with its keep-alive connections) per address.
+    let clients: std::sync::Arc<Vec<reqwest::Client>> = std::sync::Arc::new(
+        (1..=50)
+            .map(|n| {
+                reqwest::Client::builder()
+                    .local_address(Some(format!("127.0.1.{n}").parse().unwrap()))
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    let logins = flood(200, &stop, move |i| {
+        let clients = clients.clone();
+        async move {
+            let body = serde_json::json!({"username": format!("u{}", random_suffix()), "password": "guess"});
+            let _ = clients[i % 50]
+                .post(format!("http://{addr}/admin/v1/login"))
+                .json(&body)
+                .send()
+                .await;
+        }
     });
     // An operator's heavy reports, many at once.
     let reports = {
