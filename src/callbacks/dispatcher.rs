@@ -12,6 +12,7 @@ use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio_postgres::Row;
 
+use super::target::{self, Refused};
 use crate::app::App;
 use crate::config::CallbacksConfig;
 use crate::crypto::Purpose;
@@ -22,15 +23,22 @@ const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 pub async fn run(app: Arc<App>) {
     let cfg = app.config.callbacks.clone();
-    let client = match reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_millis(cfg.timeout_ms))
         .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
         // A redirect is the receiver's misconfiguration; following it would post the
         // signed body somewhere the operator never configured.
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("cardgate-callbacks/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
+        // A proxy from the environment would connect on our behalf to whatever address
+        // the name gives it, past the resolver below.
+        .no_proxy()
+        .user_agent(concat!("cardgate-callbacks/", env!("CARGO_PKG_VERSION")));
+    if !cfg.allow_private_targets {
+        // Every name is resolved here and connected to only if all its addresses are
+        // public: a name that turned private since it was set (DNS rebinding) is refused.
+        builder = builder.dns_resolver(Arc::new(target::PublicOnly));
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "callback HTTP client could not be built; callbacks stay queued");
@@ -233,6 +241,12 @@ async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
         Ok(s) => s,
         Err(_) => return failed("error", "the webhook secret could not be decrypted".into()),
     };
+    // reqwest calls no resolver for an IP-literal host, so those are judged here.
+    if !app.config.callbacks.allow_private_targets {
+        if let Err(refused) = reqwest::Url::parse(url).map_or(Ok(None), |u| target::check_host(&u)) {
+            return failed("refused", refused.to_string());
+        }
+    }
     let body = super::envelope(&event.event_id, &event.kind, event.created_at, &event.data);
     let t = time::OffsetDateTime::now_utc().unix_timestamp();
     let sent = client
@@ -261,10 +275,26 @@ async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
                 outcome: "http_error",
             }
         }
-        // Without the URL: its query string may hold the merchant's own token.
-        Err(e) if e.is_timeout() => failed("timeout", e.without_url().to_string()),
-        Err(e) => failed("error", e.without_url().to_string()),
+        Err(e) => match refusal(&e) {
+            Some(refused) => failed("refused", refused.to_string()),
+            // Without the URL: its query string may hold the merchant's own token.
+            None if e.is_timeout() => failed("timeout", e.without_url().to_string()),
+            None => failed("error", e.without_url().to_string()),
+        },
     }
+}
+
+/// The guard's refusal, when that is why a request failed: reqwest reports it only as
+/// the source of a connect error.
+fn refusal(e: &reqwest::Error) -> Option<&Refused> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<Refused>() {
+            return Some(r);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Delay after the `attempt`th failure: `backoff_base_ms` doubling up to `backoff_max_ms`,
@@ -301,6 +331,7 @@ mod tests {
             backoff_base_ms: 10_000,
             backoff_max_ms: 3_600_000,
             retention_days: 30,
+            allow_private_targets: false,
         };
         for (attempt, full) in [
             (1, 10_000),
