@@ -18,7 +18,11 @@ use crate::config::CallbacksConfig;
 use crate::crypto::Purpose;
 
 /// Bytes of a receiver's refusal kept with the attempt.
-const ERROR_TEXT_MAX: usize = 200;
+const ERROR_TEXT_MAX_BYTES: usize = 200;
+/// Bytes of a refusing receiver's body that are read at all: a little more than is kept,
+/// so that a character cut at the end does not shorten the kept text. The rest is never
+/// read; the connection is dropped instead (a receiver may answer with gigabytes).
+const RECEIVER_ANSWER_READ_MAX_BYTES: usize = 256;
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 pub async fn run(app: Arc<App>) {
@@ -266,8 +270,7 @@ async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
         },
         Ok(resp) => {
             let status = resp.status();
-            let mut text = resp.text().await.unwrap_or_default();
-            truncate(&mut text, ERROR_TEXT_MAX);
+            let text = answer_start(resp).await;
             Attempt {
                 delivered: false,
                 status_code: Some(status.as_u16() as i32),
@@ -295,6 +298,37 @@ fn refusal(e: &reqwest::Error) -> Option<&Refused> {
         cause = c.source();
     }
     None
+}
+
+/// The start of a refusing receiver's body, as text fit to store: at most
+/// `RECEIVER_ANSWER_READ_MAX_BYTES` are read, then the response is dropped, which closes
+/// the connection rather than draining the rest into memory or the pool.
+async fn answer_start(mut resp: reqwest::Response) -> String {
+    let mut head = Vec::with_capacity(RECEIVER_ANSWER_READ_MAX_BYTES);
+    while head.len() < RECEIVER_ANSWER_READ_MAX_BYTES {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = RECEIVER_ANSWER_READ_MAX_BYTES - head.len();
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            // A body that ends early or breaks off: what came is what is kept.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    drop(resp);
+    // Postgres text holds no NUL, and control characters make a poor log line.
+    let mut text: String = String::from_utf8_lossy(&head)
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    truncate(&mut text, ERROR_TEXT_MAX_BYTES);
+    text
 }
 
 /// Delay after the `attempt`th failure: `backoff_base_ms` doubling up to `backoff_max_ms`,

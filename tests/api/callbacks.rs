@@ -722,3 +722,99 @@ async fn a_private_target_set_earlier_is_refused_at_each_delivery() {
     }
     assert!(receiver.received().is_empty(), "the receiver on loopback was reached");
 }
+
+/// How one connection to the bottomless receiver ended.
+#[derive(Clone, Copy, Debug)]
+struct Drained {
+    sent: usize,
+    closed_after: Duration,
+}
+
+/// A receiver that answers `500` with a 1 GiB `Content-Length` and then streams zeros
+/// until the gateway goes away (or the test ends). Zeros are sent at a bounded pace, so
+/// that a gateway reading the whole body does not take this test's memory with it.
+async fn bottomless_receiver() -> (String, Arc<Mutex<Vec<Drained>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let ends = Arc::new(Mutex::new(Vec::new()));
+    let seen = ends.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let accepted = tokio::time::Instant::now();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 1073741824\r\n\r\n";
+                let mut sent = 0;
+                if stream.write_all(answer).await.is_ok() {
+                    let zeros = vec![0u8; 16 * 1024];
+                    while stream.write_all(&zeros).await.is_ok() {
+                        sent += zeros.len();
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                seen.lock().unwrap().push(Drained {
+                    sent,
+                    closed_after: accepted.elapsed(),
+                });
+            });
+        }
+    });
+    (url, ends)
+}
+
+/// A receiver's answer is read only as far as the attempt keeps of it: the attempt is
+/// recorded well within the callback timeout with a short error, and the connection is
+/// dropped rather than drained.
+#[tokio::test]
+async fn a_bottomless_answer_is_cut_off_after_its_first_bytes() {
+    const TIMEOUT_MS: i64 = 4000;
+    let (app, t, _) = shop_with(1, |env| {
+        fast_retries(env);
+        env.insert("CARDGATE_CALLBACKS__TIMEOUT_MS".into(), TIMEOUT_MS.to_string());
+    })
+    .await;
+    let (url, ends) = bottomless_receiver().await;
+    let k = app.reseller_with_key(&t, "silver", json!({"callback_url": url})).await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"tier": "gold"})).await;
+
+    let attempted = || async {
+        events_of(&app, &t, &k.reseller_id)
+            .await
+            .first()
+            .is_some_and(|e| !e["deliveries"].as_array().unwrap().is_empty())
+    };
+    assert!(
+        eventually(Duration::from_secs(3 * TIMEOUT_MS as u64 / 1000), attempted).await,
+        "no attempt recorded"
+    );
+    let e = &events_of(&app, &t, &k.reseller_id).await[0];
+    let d = &e["deliveries"][0];
+    assert_eq!(d["status_code"], 500, "{e:#}");
+    let error = d["error"].as_str().expect("the start of the answer is kept");
+    assert!(!error.is_empty() && error.len() <= 200, "{} bytes kept", error.len());
+    let took = d["duration_ms"].as_i64().unwrap();
+    assert!(
+        took < TIMEOUT_MS / 2,
+        "the attempt took {took} ms, as if the body were read"
+    );
+
+    let closed = || async { !ends.lock().unwrap().is_empty() };
+    assert!(
+        eventually(Duration::from_secs(5), closed).await,
+        "the receiver still streams: the connection was never closed"
+    );
+    let first = ends.lock().unwrap()[0];
+    assert!(
+        first.sent < 8 * 1024 * 1024 && first.closed_after < Duration::from_millis(TIMEOUT_MS as u64 / 2),
+        "{first:?}"
+    );
+}
