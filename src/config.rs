@@ -122,6 +122,8 @@ pub struct CallbacksConfig {
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
     pub retention_days: u32,
+    /// Lets `callback_url` reach loopback, private and other non-public addresses.
+    pub allow_private_targets: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -12,25 +12,37 @@ use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio_postgres::Row;
 
+use super::target::{self, Refused};
 use crate::app::App;
 use crate::config::CallbacksConfig;
 use crate::crypto::Purpose;
 
 /// Bytes of a receiver's refusal kept with the attempt.
-const ERROR_TEXT_MAX: usize = 200;
+const ERROR_TEXT_MAX_BYTES: usize = 200;
+/// Bytes of a refusing receiver's body that are read at all: a little more than is kept,
+/// so that a character cut at the end does not shorten the kept text. The rest is never
+/// read; the connection is dropped instead (a receiver may answer with gigabytes).
+const RECEIVER_ANSWER_READ_MAX_BYTES: usize = 256;
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 pub async fn run(app: Arc<App>) {
     let cfg = app.config.callbacks.clone();
-    let client = match reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_millis(cfg.timeout_ms))
         .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
         // A redirect is the receiver's misconfiguration; following it would post the
         // signed body somewhere the operator never configured.
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("cardgate-callbacks/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
+        // A proxy from the environment would connect on our behalf to whatever address
+        // the name gives it, past the resolver below.
+        .no_proxy()
+        .user_agent(concat!("cardgate-callbacks/", env!("CARGO_PKG_VERSION")));
+    if !cfg.allow_private_targets {
+        // Every name is resolved here and connected to only if all its addresses are
+        // public: a name that turned private since it was set (DNS rebinding) is refused.
+        builder = builder.dns_resolver(Arc::new(target::PublicOnly));
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "callback HTTP client could not be built; callbacks stay queued");
@@ -233,6 +245,12 @@ async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
         Ok(s) => s,
         Err(_) => return failed("error", "the webhook secret could not be decrypted".into()),
     };
+    // reqwest calls no resolver for an IP-literal host, so those are judged here.
+    if !app.config.callbacks.allow_private_targets {
+        if let Err(refused) = reqwest::Url::parse(url).map_or(Ok(None), |u| target::check_host(&u)) {
+            return failed("refused", refused.to_string());
+        }
+    }
     let body = super::envelope(&event.event_id, &event.kind, event.created_at, &event.data);
     let t = time::OffsetDateTime::now_utc().unix_timestamp();
     let sent = client
@@ -252,8 +270,7 @@ async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
         },
         Ok(resp) => {
             let status = resp.status();
-            let mut text = resp.text().await.unwrap_or_default();
-            truncate(&mut text, ERROR_TEXT_MAX);
+            let text = answer_start(resp).await;
             Attempt {
                 delivered: false,
                 status_code: Some(status.as_u16() as i32),
@@ -261,10 +278,57 @@ async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
                 outcome: "http_error",
             }
         }
-        // Without the URL: its query string may hold the merchant's own token.
-        Err(e) if e.is_timeout() => failed("timeout", e.without_url().to_string()),
-        Err(e) => failed("error", e.without_url().to_string()),
+        Err(e) => match refusal(&e) {
+            Some(refused) => failed("refused", refused.to_string()),
+            // Without the URL: its query string may hold the merchant's own token.
+            None if e.is_timeout() => failed("timeout", e.without_url().to_string()),
+            None => failed("error", e.without_url().to_string()),
+        },
     }
+}
+
+/// The guard's refusal, when that is why a request failed: reqwest reports it only as
+/// the source of a connect error.
+fn refusal(e: &reqwest::Error) -> Option<&Refused> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<Refused>() {
+            return Some(r);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// The start of a refusing receiver's body, as text fit to store: at most
+/// `RECEIVER_ANSWER_READ_MAX_BYTES` are read, then the response is dropped, which closes
+/// the connection rather than draining the rest into memory or the pool.
+async fn answer_start(mut resp: reqwest::Response) -> String {
+    let mut head = Vec::with_capacity(RECEIVER_ANSWER_READ_MAX_BYTES);
+    while head.len() < RECEIVER_ANSWER_READ_MAX_BYTES {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = RECEIVER_ANSWER_READ_MAX_BYTES - head.len();
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            // A body that ends early or breaks off: what came is what is kept.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    drop(resp);
+    // Postgres text holds no NUL, and control characters make a poor log line.
+    let mut text: String = String::from_utf8_lossy(&head)
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    truncate(&mut text, ERROR_TEXT_MAX_BYTES);
+    text
 }
 
 /// Delay after the `attempt`th failure: `backoff_base_ms` doubling up to `backoff_max_ms`,
@@ -301,6 +365,7 @@ mod tests {
             backoff_base_ms: 10_000,
             backoff_max_ms: 3_600_000,
             retention_days: 30,
+            allow_private_targets: false,
         };
         for (attempt, full) in [
             (1, 10_000),

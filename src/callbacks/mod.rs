@@ -3,6 +3,7 @@
 //! `dispatcher`, at least once, signed with the reseller's webhook secret.
 
 pub mod dispatcher;
+pub mod target;
 
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};

@@ -22,6 +22,9 @@ fn decode(s: &str) -> Result<String, ApiError> {
     Ok(v.into_owned())
 }
 
+/// Years (UTC) a time parameter may fall in; see `Query::time`.
+pub const TIME_YEARS: std::ops::RangeInclusive<i32> = 1970..=9998;
+
 /// Decoded `name=value` pairs, each name at most once.
 pub struct Query(Vec<(String, String)>);
 
@@ -49,13 +52,15 @@ impl Query {
             .map(|(_, v)| v.as_str())
     }
 
-    /// An RFC 3339 time parameter.
+    /// An RFC 3339 time parameter, in UTC. Only times from 1970 to the end of 9998 (UTC)
+    /// are taken: no order or audit entry is older, and the margin below year 9999 keeps
+    /// the ranges handlers derive from it (a day further, 30 days back) representable.
     pub fn time(&self, name: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
         let rfc3339 = |v: &str| time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339);
         self.get(name)
             .map(|v| {
                 // An offset's `+` sent unencoded arrives decoded as a space.
-                rfc3339(v)
+                let t = rfc3339(v)
                     .or_else(|e| {
                         if v.contains(' ') {
                             rfc3339(&v.replace(' ', "+"))
@@ -63,7 +68,16 @@ impl Query {
                             Err(e)
                         }
                     })
-                    .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time")))
+                    .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time")))?;
+                t.checked_to_offset(time::UtcOffset::UTC)
+                    .filter(|t| TIME_YEARS.contains(&t.year()))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "{name} must be between {}-01-01T00:00:00Z and {}-12-31T23:59:59Z",
+                            TIME_YEARS.start(),
+                            TIME_YEARS.end()
+                        ))
+                    })
             })
             .transpose()
     }
@@ -102,4 +116,53 @@ pub fn rfc3339(t: time::OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(t);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn time(v: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
+        Query::parse(Some(&format!("to={v}")))?.time("to")
+    }
+
+    #[test]
+    fn times_are_answered_in_utc() {
+        let t = time("2026-03-01T01:30:00%2B08:00").unwrap().unwrap();
+        assert_eq!(t.offset(), time::UtcOffset::UTC);
+        assert_eq!(rfc3339(t), "2026-02-28T17:30:00Z");
+        // An unencoded `+` arrives as a space.
+        assert_eq!(
+            rfc3339(time("2026-03-01T01:30:00+08:00").unwrap().unwrap()),
+            "2026-02-28T17:30:00Z"
+        );
+    }
+
+    #[test]
+    fn times_outside_1970_to_9998_utc_are_invalid_and_name_the_parameter() {
+        for bad in [
+            "9999-12-31T23:00:00-05:00",
+            "9999-12-31T23:59:59Z",
+            "9999-01-01T00:00:00Z",
+            "9998-12-31T23:00:00-01:00",
+            "0000-01-01T00:00:00Z",
+            "0000-01-01T00:00:00%2B01:00",
+            "1969-12-31T23:59:59Z",
+            "1970-01-01T00:30:00%2B01:00",
+            "-9999-01-01T00:00:00Z",
+            "%2B10000-01-01T00:00:00Z",
+        ] {
+            match time(bad) {
+                Err(e @ ApiError::InvalidRequest(_)) => assert!(e.to_string().starts_with("to "), "{bad}: {e}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        for good in [
+            "1970-01-01T00:00:00Z",
+            "9998-12-31T23:59:59Z",
+            "9999-01-01T00:30:00%2B01:00",
+        ] {
+            assert!(time(good).is_ok_and(|t| t.is_some()), "{good}");
+        }
+    }
 }

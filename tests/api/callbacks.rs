@@ -142,11 +142,18 @@ pub fn signed_by(r: &Received, secret: &str) -> bool {
     fresh && mac.verify_slice(&v1).is_ok()
 }
 
-fn fast_retries(env: &mut std::collections::HashMap<String, String>) {
+/// Quick retries, with the guard on: callback targets must be public.
+fn fast_retries_guarded(env: &mut std::collections::HashMap<String, String>) {
     env.insert("CARDGATE_CALLBACKS__TIMEOUT_MS".into(), "300".into());
     env.insert("CARDGATE_CALLBACKS__POLL_MS".into(), "50".into());
     env.insert("CARDGATE_CALLBACKS__BACKOFF_BASE_MS".into(), "100".into());
     env.insert("CARDGATE_CALLBACKS__BACKOFF_MAX_MS".into(), "400".into());
+}
+
+/// Quick retries to the test's receivers, which listen on loopback.
+fn fast_retries(env: &mut std::collections::HashMap<String, String>) {
+    fast_retries_guarded(env);
+    env.insert("CARDGATE_CALLBACKS__ALLOW_PRIVATE_TARGETS".into(), "true".into());
 }
 
 async fn events_of(app: &TestApp, t: &str, reseller_id: &str) -> Vec<Value> {
@@ -563,4 +570,251 @@ async fn a_tier_change_announces_the_prices_it_moved() {
     assert!(got
         .iter()
         .all(|e| e["data"]["sku"] == SKU && e["data"]["currency"] == "CNY"));
+}
+
+/// URLs that lead inside the operator's network, each as an address or a name for one.
+const INSIDE: &[&str] = &[
+    "http://127.0.0.1:6379/",
+    "http://169.254.169.254/latest/meta-data",
+    "http://[::1]:5432/",
+    "http://10.1.2.3/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://localhost:8080/",
+    "http://2130706433/",
+    "http://[64:ff9b::a9fe:a9fe]/",
+    "https://[2002:c0a8:0101::1]/",
+    "http://0.0.0.0:8080/",
+];
+
+/// With `callbacks.allow_private_targets` at its default (off), a callback URL aimed
+/// inside is `400 invalid_request` naming `callback_url`, on create and on patch, and
+/// nothing changes.
+#[tokio::test]
+async fn callback_urls_aimed_inside_are_refused_when_set_and_change_nothing() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let outside = "https://1.1.1.1/hooks?token=merchant-own";
+    let r = app
+        .admin_ok(
+            &t,
+            reqwest::Method::POST,
+            "/admin/v1/resellers",
+            Some(json!({"name": "Shop", "tier": "gold", "callback_url": outside})),
+            201,
+        )
+        .await;
+    assert_eq!(r["callback_url"], outside, "a public address is taken");
+    let rid = r["reseller_id"].as_str().unwrap();
+    let path = format!("/admin/v1/resellers/{rid}");
+    let before = app.admin_ok(&t, reqwest::Method::GET, &path, None, 200).await;
+    let listed = async || {
+        app.admin_ok(&t, reqwest::Method::GET, "/admin/v1/resellers", None, 200)
+            .await
+    };
+    let all_before = listed().await;
+    let audit_rows = async || -> i64 {
+        app.db()
+            .await
+            .query_one("SELECT count(*) FROM audit_log", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let audited = audit_rows().await;
+
+    for url in INSIDE {
+        let created = app
+            .admin(
+                &t,
+                reqwest::Method::POST,
+                "/admin/v1/resellers",
+                Some(json!({"name": "Inside", "tier": "gold", "callback_url": url})),
+            )
+            .await;
+        let (status, code, body) = error_of(created).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "invalid_request"),
+            "create {url}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("callback_url"), "create {url}: {message}");
+        assert!(!message.contains("merchant-own"));
+
+        let patched = app
+            .admin(
+                &t,
+                reqwest::Method::PATCH,
+                &path,
+                Some(json!({"callback_url": url, "name": "Moved"})),
+            )
+            .await;
+        let (status, code, body) = error_of(patched).await;
+        assert_eq!((status, code.as_str()), (400, "invalid_request"), "patch {url}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("callback_url"),
+            "{body}"
+        );
+    }
+    assert_eq!(app.admin_ok(&t, reqwest::Method::GET, &path, None, 200).await, before);
+    assert_eq!(listed().await, all_before, "no reseller was created");
+    assert_eq!(audit_rows().await, audited, "nothing was audited: nothing happened");
+}
+
+/// Sets a reseller's callback URL behind the API's back, as one set while private
+/// targets were allowed (or before the guard existed) would be.
+async fn aim_directly(app: &TestApp, reseller_id: &str, url: &str) {
+    let n = app
+        .db()
+        .await
+        .execute(
+            "UPDATE resellers SET callback_url = $2 WHERE reseller_id = $1",
+            &[&reseller_id, &url],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+/// A URL that was allowed when set is checked again at each delivery: an IP literal
+/// before connecting, a name by the client's resolver. The attempt is recorded as failed
+/// with the reason and retried by the usual backoff; the receiver never hears a thing.
+#[tokio::test]
+async fn a_private_target_set_earlier_is_refused_at_each_delivery() {
+    let (app, t, _) = shop_with(1, fast_retries_guarded).await;
+    let receiver = Receiver::start(&[], Reply::Status(200)).await;
+    let port = receiver
+        .url
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('/').next())
+        .unwrap();
+    let literal = app.reseller_with_key(&t, "silver", json!({})).await;
+    let named = app.reseller_with_key(&t, "silver", json!({})).await;
+    aim_directly(&app, &literal.reseller_id, &receiver.url).await;
+    let by_name = format!("http://localhost:{port}/hooks/cardgate?token=merchant-own");
+    aim_directly(&app, &named.reseller_id, &by_name).await;
+    // Silver pays the base price, gold less: each tier change announces the SKU's price.
+    app.patch_reseller(&t, &literal.reseller_id, json!({"tier": "gold"}))
+        .await;
+    app.patch_reseller(&t, &named.reseller_id, json!({"tier": "gold"}))
+        .await;
+
+    for k in [&literal, &named] {
+        let retried = || async {
+            let e = events_of(&app, &t, &k.reseller_id).await;
+            e.len() == 1 && e[0]["deliveries"].as_array().is_some_and(|d| d.len() >= 2)
+        };
+        assert!(
+            eventually(Duration::from_secs(10), retried).await,
+            "{:#}",
+            json!(events_of(&app, &t, &k.reseller_id).await)
+        );
+        let e = &events_of(&app, &t, &k.reseller_id).await[0];
+        assert_eq!(e["status"], "pending", "still retried by the usual backoff: {e:#}");
+        for d in e["deliveries"].as_array().unwrap() {
+            let error = d["error"].as_str().unwrap_or_default();
+            assert!(d["status_code"].is_null(), "{e:#}");
+            assert!(error.contains("callback target refused"), "{error}");
+            assert!(error.contains("loopback") || error.contains("this machine"), "{error}");
+            assert!(!error.contains("merchant-own"), "no URL in the error: {error}");
+        }
+    }
+    assert!(receiver.received().is_empty(), "the receiver on loopback was reached");
+}
+
+/// How one connection to the bottomless receiver ended.
+#[derive(Clone, Copy, Debug)]
+struct Drained {
+    sent: usize,
+    closed_after: Duration,
+}
+
+/// A receiver that answers `500` with a 1 GiB `Content-Length` and then streams zeros
+/// until the gateway goes away (or the test ends). Zeros are sent at a bounded pace, so
+/// that a gateway reading the whole body does not take this test's memory with it.
+async fn bottomless_receiver() -> (String, Arc<Mutex<Vec<Drained>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let ends = Arc::new(Mutex::new(Vec::new()));
+    let seen = ends.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let accepted = tokio::time::Instant::now();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 1073741824\r\n\r\n";
+                let mut sent = 0;
+                if stream.write_all(answer).await.is_ok() {
+                    let zeros = vec![0u8; 16 * 1024];
+                    while stream.write_all(&zeros).await.is_ok() {
+                        sent += zeros.len();
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                seen.lock().unwrap().push(Drained {
+                    sent,
+                    closed_after: accepted.elapsed(),
+                });
+            });
+        }
+    });
+    (url, ends)
+}
+
+/// A receiver's answer is read only as far as the attempt keeps of it: the attempt is
+/// recorded well within the callback timeout with a short error, and the connection is
+/// dropped rather than drained.
+#[tokio::test]
+async fn a_bottomless_answer_is_cut_off_after_its_first_bytes() {
+    const TIMEOUT_MS: i64 = 4000;
+    let (app, t, _) = shop_with(1, |env| {
+        fast_retries(env);
+        env.insert("CARDGATE_CALLBACKS__TIMEOUT_MS".into(), TIMEOUT_MS.to_string());
+    })
+    .await;
+    let (url, ends) = bottomless_receiver().await;
+    let k = app.reseller_with_key(&t, "silver", json!({"callback_url": url})).await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"tier": "gold"})).await;
+
+    let attempted = || async {
+        events_of(&app, &t, &k.reseller_id)
+            .await
+            .first()
+            .is_some_and(|e| !e["deliveries"].as_array().unwrap().is_empty())
+    };
+    assert!(
+        eventually(Duration::from_secs(3 * TIMEOUT_MS as u64 / 1000), attempted).await,
+        "no attempt recorded"
+    );
+    let e = &events_of(&app, &t, &k.reseller_id).await[0];
+    let d = &e["deliveries"][0];
+    assert_eq!(d["status_code"], 500, "{e:#}");
+    let error = d["error"].as_str().expect("the start of the answer is kept");
+    assert!(!error.is_empty() && error.len() <= 200, "{} bytes kept", error.len());
+    let took = d["duration_ms"].as_i64().unwrap();
+    assert!(
+        took < TIMEOUT_MS / 2,
+        "the attempt took {took} ms, as if the body were read"
+    );
+
+    let closed = || async { !ends.lock().unwrap().is_empty() };
+    assert!(
+        eventually(Duration::from_secs(5), closed).await,
+        "the receiver still streams: the connection was never closed"
+    );
+    let first = ends.lock().unwrap()[0];
+    assert!(
+        first.sent < 8 * 1024 * 1024 && first.closed_after < Duration::from_millis(TIMEOUT_MS as u64 / 2),
+        "{first:?}"
+    );
 }

@@ -305,3 +305,59 @@ async fn csv_reports_have_a_header_even_when_empty_and_defuse_formulas() {
         .await;
     assert_eq!(json["products"][0]["sku"], "=1+1");
 }
+
+/// A time the gateway cannot represent (in UTC, or after the day's arithmetic a report
+/// does) is `400 invalid_request` naming the parameter on every route that takes times,
+/// and the connection stays up; a normal time still answers.
+#[tokio::test]
+async fn times_outside_what_the_gateway_represents_are_invalid_requests() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    let routes = [
+        "/admin/v1/reports/resellers",
+        "/admin/v1/reports/products",
+        "/admin/v1/orders",
+        "/admin/v1/audit",
+    ];
+    let bad = [
+        "9999-12-31T23:00:00-05:00",
+        "9999-12-31T23:59:59Z",
+        "-9999-01-01T00:00:00Z",
+        "%2B10000-01-01T00:00:00Z",
+        "0000-01-01T00:00:00Z",
+        "0000-01-01T00:00:00%2B01:00",
+        "1969-12-31T23:59:59Z",
+    ];
+    for route in routes {
+        for param in ["from", "to"] {
+            for value in bad {
+                let resp = app
+                    .client
+                    .get(app.url(&format!("{route}?{param}={value}")))
+                    .bearer_auth(&t)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("{route}?{param}={value}: no answer: {e}"));
+                let (status, code, body) = error_of(resp).await;
+                assert_eq!(
+                    (status, code.as_str()),
+                    (400, "invalid_request"),
+                    "{route}?{param}={value}"
+                );
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(
+                    message.starts_with(&format!("{param} ")),
+                    "{route}?{param}={value}: {message}"
+                );
+            }
+        }
+        for good in [
+            "from=2020-01-01T00:00:00Z&to=2020-02-01T00:00:00%2B08:00",
+            "from=1970-01-01T00:00:00Z&to=9998-12-31T23:59:59Z",
+            "to=9999-01-01T00:30:00%2B01:00",
+        ] {
+            app.admin_ok(&t, Method::GET, &format!("{route}?{good}"), None, 200)
+                .await;
+        }
+    }
+}

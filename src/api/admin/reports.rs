@@ -39,14 +39,14 @@ struct Range {
 
 impl Range {
     fn parse(q: &Query) -> Result<Range, ApiError> {
-        let to = q
-            .time("to")?
-            .unwrap_or_else(OffsetDateTime::now_utc)
-            .to_offset(time::UtcOffset::UTC);
-        let from = q
-            .time("from")?
-            .map(|f| f.to_offset(time::UtcOffset::UTC))
-            .unwrap_or(to - Duration::days(DEFAULT_DAYS));
+        // `Query::time` answers in UTC and within years it can add days to; the
+        // arithmetic is checked all the same, so no time can panic it.
+        let out_of_range = || ApiError::invalid("from and to must leave a range of representable times");
+        let to = q.time("to")?.unwrap_or_else(OffsetDateTime::now_utc);
+        let from = match q.time("from")? {
+            Some(f) => f,
+            None => to.checked_sub(Duration::days(DEFAULT_DAYS)).ok_or_else(out_of_range)?,
+        };
         if from >= to {
             return Err(ApiError::invalid("from must be before to"));
         }
@@ -54,7 +54,7 @@ impl Range {
         let first = if midnight(from) == from {
             from
         } else {
-            midnight(from) + Duration::days(1)
+            midnight(from).checked_add(Duration::days(1)).ok_or_else(out_of_range)?
         };
         let end = midnight(to);
         Ok(if first < end {

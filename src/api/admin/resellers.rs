@@ -12,6 +12,7 @@ use crate::app::App;
 use crate::audit;
 use crate::auth::admin::Need;
 use crate::balance::{self, ADJUSTMENT_MAX_ABS};
+use crate::callbacks::target;
 use crate::config::parse_cidr;
 use crate::crypto::Purpose;
 use crate::error::ApiError;
@@ -73,11 +74,38 @@ fn check_allowlist(list: &[String]) -> Result<Vec<String>, ApiError> {
 fn check_url(url: &str) -> Result<(), ApiError> {
     let ok = (url.starts_with("https://") || url.starts_with("http://"))
         && url.len() <= URL_MAX_BYTES
-        && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some());
+        && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some())
+        // The dispatcher's parser, which also reads numeric hosts (`2130706433`) as IPv4.
+        && reqwest::Url::parse(url).is_ok_and(|u| u.host_str().is_some());
     if !ok {
         return Err(ApiError::invalid("callback_url must be an http(s) URL"));
     }
     Ok(())
+}
+
+/// A callback URL must lead to a public address (see `callbacks::target`), unless
+/// `callbacks.allow_private_targets` is set. A name that does not resolve now is taken:
+/// DNS may not be set up yet, and every delivery checks again where it connects.
+async fn check_url_target(app: &App, url: &str) -> Result<(), ApiError> {
+    if app.config.callbacks.allow_private_targets {
+        return Ok(());
+    }
+    let refused =
+        |why: String| ApiError::invalid(format!("callback_url: {why}; callbacks go to public addresses only"));
+    let parsed = reqwest::Url::parse(url).map_err(|_| ApiError::invalid("callback_url must be an http(s) URL"))?;
+    let Some(name) = target::check_host(&parsed).map_err(|r| refused(r.0))? else {
+        return Ok(());
+    };
+    let port = parsed.port_or_known_default().unwrap_or(0);
+    match tokio::time::timeout(target::SET_TIME_LOOKUP_TIMEOUT, target::resolve_public(&name, port)).await {
+        Ok(Err(target::LookupError::Refused(r))) => Err(refused(r.0)),
+        Ok(Ok(_)) | Ok(Err(target::LookupError::Failed(_))) | Err(_) => Ok(()),
+    }
+}
+
+async fn check_callback_url(app: &App, url: &str) -> Result<(), ApiError> {
+    check_url(url)?;
+    check_url_target(app, url).await
 }
 
 fn check_threshold(t: i64) -> Result<(), ApiError> {
@@ -113,7 +141,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     check_tier(app, &new.tier)?;
     let allowlist = check_allowlist(&new.ip_allowlist)?;
     if let Some(u) = &new.callback_url {
-        check_url(u)?;
+        check_callback_url(app, u).await?;
     }
     check_threshold(new.low_balance_threshold)?;
 
@@ -184,7 +212,7 @@ pub async fn patch(
     }
     let allowlist = p.ip_allowlist.as_deref().map(check_allowlist).transpose()?;
     if let Some(Some(u)) = &p.callback_url {
-        check_url(u)?;
+        check_callback_url(app, u).await?;
     }
     if let Some(t) = p.low_balance_threshold {
         check_threshold(t)?;
