@@ -47,11 +47,17 @@ struct Login {
 /// The order of the steps is the point: the per-address limit before the body is read;
 /// the attempt counted before the password is checked; no Postgres connection held
 /// while Argon2 runs; Argon2 on its own bounded pool (`App::passwords`).
+/// How long a login refused by the per-address limit waits before its answer.
+const LOGIN_REFUSAL_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub async fn login(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let ip = ctx.client_ip(app, &parts.headers);
     if let Err(retry_after_secs) = app.login_limiter.check(ip) {
         metrics::counter!("cardgate_login_rate_limited_total").increment(1);
+        // A tarpit: a guesser's connection waits before each refusal, so a flood of them
+        // costs connections (capped per address) instead of the CPU orders need.
+        tokio::time::sleep(LOGIN_REFUSAL_DELAY).await;
         return Err(ApiError::RateLimited { retry_after_secs });
     }
     let login: Login = super::json(app, &parts, body).await?;
