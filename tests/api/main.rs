@@ -7,6 +7,7 @@ mod admin;
 mod binary;
 mod callbacks;
 mod config;
+mod early_refusals;
 mod faults;
 mod hot_balance;
 mod http_surface;
