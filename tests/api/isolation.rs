@@ -288,3 +288,36 @@ async fn a_flood_on_every_other_route_leaves_orders_succeeding_with_their_usual_
     );
     app.assert_reconciled(&t).await;
 }
+
+#[tokio::test]
+async fn every_operator_connection_busy_is_neither_read_as_postgres_down_nor_felt_by_orders() {
+    let (app, t, _) = crate::orders::shop_with(20, |env| {
+        env.insert("CARDGATE_POSTGRES__POOL_SIZE".into(), "2".into());
+    })
+    .await;
+    let key = crate::orders::buyer(&app, &t, "gold", 1_000_000).await;
+    let state = app.state.clone().unwrap();
+    // Every connection of the pool that operator routes and background work share, held.
+    let held = (state.pg.get().await.unwrap(), state.pg.get().await.unwrap());
+
+    cardgate::health::check(&state).await;
+    assert!(state.health.postgres_up(), "a busy pool is not Postgres down");
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    for i in 0..10 {
+        let (status, body, _) = app
+            .order(&key, order_body(crate::orders::SKU, 1, &format!("busy-{i}")))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // The operator routes wait for their own pool, not for the order path's.
+    let resp = app.admin(&t, reqwest::Method::GET, "/admin/v1/orders", None).await;
+    assert_eq!(
+        resp.status(),
+        503,
+        "the operator pool is busy: unavailable, with Retry-After"
+    );
+    assert!(resp.headers().contains_key("retry-after"));
+    drop(held);
+    app.admin_ok(&t, reqwest::Method::GET, "/admin/v1/orders", None, 200)
+        .await;
+}
