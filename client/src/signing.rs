@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn reproduces_every_published_vector() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/signing-vectors.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/signing-vectors.json");
         let text = std::fs::read_to_string(path).expect("the signing vectors are part of the repository");
         let file: Vectors = serde_json::from_str(&text).expect("vectors file parses");
         assert_eq!(file.scheme, SCHEME);
