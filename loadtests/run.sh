@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole load report in one run against local services: every scenario of the
-# gateway and every baseline DESIGN.md compares it with, measured in this invocation on
+# gateway and every baseline docs/design.md compares it with, measured in this invocation on
 # this machine, then loadtests/report/latest.{md,json} and latency.svg.
 #
 #   loadtests/run.sh [seconds per scenario, default 10]

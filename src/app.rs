@@ -26,7 +26,7 @@ pub struct App {
     pub settings: Validated,
     /// Everything but the order path: operator routes, callbacks, rollups, gauges.
     pub pg: Pool,
-    /// The order path's own (DESIGN.md invariant 9): ledger writers, order lookups, key
+    /// The order path's own (docs/invariants.md invariant 9): ledger writers, order lookups, key
     /// and catalogue reloads, the Redis rebuild. No other route can take its connections.
     pub pg_orders: Pool,
     /// Heavy operator work, bounded so that it cannot crowd out orders.

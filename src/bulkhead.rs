@@ -1,6 +1,6 @@
 //! Bulkheads: heavy operator work (reports, searches, imports) runs a bounded number at a
 //! time per gateway, so that no volume of it can take the CPU or Postgres from orders
-//! (DESIGN.md invariant 9). Past the bound the answer is `503 overloaded` at once, with
+//! (docs/invariants.md invariant 9). Past the bound the answer is `503 overloaded` at once, with
 //! `Retry-After`: queueing would only hold connections and memory for work that is
 //! already too much.
 

@@ -1,4 +1,4 @@
-//! The one error type of the HTTP surface and its one mapping to API.md §2.
+//! The one error type of the HTTP surface and its one mapping to docs/api.md §2.
 //!
 //! Client faults carry a message meant for the client. Server faults carry their cause
 //! for the log only: the client sees an opaque message and the request id.

@@ -8,7 +8,7 @@
 //! Postgres decides it, and applied by a script that checks a marker (applied once) and
 //! the epoch (a rebuild since then read Postgres's figure, which has it already). The
 //! request applies its own at once; a replay of it, and [`settle_due`] every second,
-//! retry whatever is left. DESIGN.md invariant 11: once per movement.
+//! retry whatever is left. docs/invariants.md invariant 11: once per movement.
 //!
 //! A credit:  ledger row + `credit` row in one transaction -> commit -> [`settle`].
 //! A debit:   [`record_hold`] (committed on its own) -> transaction: [`take_hold`] in

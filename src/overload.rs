@@ -1,4 +1,4 @@
-//! VIP priority under overload (DESIGN.md): when orders pile up, the lowest tiers are
+//! VIP priority under overload (docs/operations.md): when orders pile up, the lowest tiers are
 //! refused first with `503 overloaded`, so the top tier keeps its latency.
 //!
 //! The signal is the number of this process's order requests in flight (a batch is one):

@@ -1,4 +1,4 @@
-//! Rebuilding Redis from Postgres (DESIGN.md invariant 5).
+//! Rebuilding Redis from Postgres (docs/invariants.md invariant 5).
 //!
 //! Redis holds stock, hot balances and idempotency records, all of which Postgres can
 //! rebuild, plus the fulfilments in flight. Its `epoch` key names the rebuild its state

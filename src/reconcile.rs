@@ -1,4 +1,4 @@
-//! Reconciliation: proves the invariants of DESIGN.md from both stores at once.
+//! Reconciliation: proves the invariants of docs/invariants.md from both stores at once.
 //!
 //! For every SKU, imported = available (Redis stock) + in flight (outbox) + delivered +
 //! voided, and the Redis stock plus the in-flight codes are exactly the codes Postgres

@@ -34,7 +34,7 @@ struct BatchBody<'a> {
     orders: &'a [OrderBody<'a>],
 }
 
-/// API.md §3's order object; only `order_id` and `codes` are required, the rest is
+/// docs/api.md §3's order object; only `order_id` and `codes` are required, the rest is
 /// copied to the output when present.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Order {
@@ -290,7 +290,7 @@ pub fn rate_limit(headers: &HeaderMap) -> RateLimit {
     }
 }
 
-/// API.md promises whole seconds; an HTTP date (or garbage) from a proxy reads as absent.
+/// docs/api.md §3 promises whole seconds; an HTTP date (or garbage) from a proxy reads as absent.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     header_u64(headers, RETRY_AFTER.as_str()).map(Duration::from_secs)
 }

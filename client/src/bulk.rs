@@ -24,7 +24,7 @@ use crate::journal::{Journal, Record, RecordError, Status};
 use crate::pacing::{backoff, retry_after_with_jitter, TokenBucket};
 use crate::progress::Progress;
 
-/// API.md §3: a batch holds 1 to 100 orders.
+/// docs/api.md §3: a batch holds 1 to 100 orders.
 pub const BATCH_SIZE_MAX: usize = 100;
 /// Consecutive failed attempts at one batch (transport errors, 5xx) before giving up.
 pub const TRANSIENT_ATTEMPTS_MAX: u32 = 8;

@@ -18,7 +18,7 @@ const INPUT_BYTES_MAX: u64 = 256 << 20;
 /// Problems listed before the rest are summarised, so one broken column does not print
 /// a million lines.
 const PROBLEMS_SHOWN_MAX: usize = 50;
-/// API.md puts no limit on a SKU; this one only keeps a garbage cell out of every request.
+/// The contract (docs/api.md) puts no limit on a SKU; this one only keeps a garbage cell out of every request.
 const SKU_LEN_MAX: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +55,7 @@ impl fmt::Display for InvalidInput {
 
 impl std::error::Error for InvalidInput {}
 
-/// API.md §3: 1 to 64 characters of `[A-Za-z0-9_.:-]`.
+/// docs/api.md §3: 1 to 64 characters of `[A-Za-z0-9_.:-]`.
 pub fn valid_merchant_order_no(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && s.bytes()

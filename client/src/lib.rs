@@ -2,7 +2,7 @@
 //! (`POST /v1/orders/batch`), signed, paced, retried idempotently, and recorded to a
 //! JSON Lines file that doubles as the journal a re-run resumes from.
 //!
-//! Built on API.md alone, without the gateway's crate, so a reseller can build it.
+//! Built on the contract (docs/api.md) alone, without the gateway's crate, so a reseller can build it.
 
 #![forbid(unsafe_code)]
 

@@ -1,4 +1,4 @@
-//! `CG1-HMAC-SHA256` request signing, written from API.md §1 alone so that a reseller can
+//! `CG1-HMAC-SHA256` request signing, written from docs/api.md §1 alone so that a reseller can
 //! build this client without the gateway's source.
 //!
 //! A signature covers the timestamp, a nonce, the method, the path, the sorted raw query
@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 pub const SCHEME: &str = "CG1-HMAC-SHA256";
 
-/// API.md allows 16 to 64 characters; 32 random alphanumerics make a collision within
+/// docs/api.md §1 allows 16 to 64 characters; 32 random alphanumerics make a collision within
 /// the server's 600 s replay window practically impossible.
 const NONCE_LEN: usize = 32;
 
@@ -114,7 +114,7 @@ pub fn new_nonce() -> String {
         .collect()
 }
 
-/// Valid per API.md: a `key_id` goes inside double quotes in the header, so quotes,
+/// Valid per docs/api.md §1: a `key_id` goes inside double quotes in the header, so quotes,
 /// commas and control characters would break the header's syntax.
 pub fn valid_key_id(key_id: &str) -> bool {
     (1..=64).contains(&key_id.len()) && key_id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b',')
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn reproduces_every_published_vector() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/signing-vectors.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/signing-vectors.json");
         let text = std::fs::read_to_string(path).expect("the signing vectors are part of the repository");
         let file: Vectors = serde_json::from_str(&text).expect("vectors file parses");
         assert_eq!(file.scheme, SCHEME);

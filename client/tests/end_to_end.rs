@@ -1,7 +1,7 @@
 //! The real binary against a fake gateway that misbehaves on purpose: a 429 with
 //! `Retry-After`, a tier that caps batches, an item answered 503, and a connection
 //! dropped after the server fulfilled the batch (the case where a careless client buys
-//! twice). The fake checks every signature itself, from API.md, and counts fulfilments.
+//! twice). The fake checks every signature itself, from docs/api.md §1, and counts fulfilments.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -62,7 +62,7 @@ fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-/// API.md §1, checked independently of the client's own signing module.
+/// docs/api.md §1, checked independently of the client's own signing module.
 fn check_authorization(header: &str, method: &str, path: &str, query: &str, body: &[u8]) -> Result<String, String> {
     let params = header
         .strip_prefix("CG1-HMAC-SHA256 ")

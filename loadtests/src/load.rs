@@ -56,7 +56,7 @@ pub struct Plan {
 pub struct Tally {
     /// Microseconds, from due time (open loop) or send time (closed loop) to the last byte.
     pub latency: Histogram<u64>,
-    /// Answers by status and, for refusals, API.md error code: "201", "409 out_of_stock".
+    /// Answers by status and, for refusals, error code (docs/api.md §2): "201", "409 out_of_stock".
     pub outcomes: BTreeMap<String, u64>,
     /// Connection failures and unreadable answers.
     pub io_errors: u64,

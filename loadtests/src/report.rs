@@ -1,5 +1,5 @@
 //! Turns the result lines of one `loadtests/run.sh` into `latest.json` (every line, plus
-//! the checks), `latest.md` (figures, ratios against DESIGN.md's targets) and
+//! the checks), `latest.md` (figures, ratios against the targets, see docs/performance.md) and
 //! `latency.svg` (latency by percentile for each scenario).
 
 use std::path::Path;
@@ -178,7 +178,7 @@ fn markdown(lines: &[Value], checks: &[Check]) -> String {
             meta["commit"].as_str().unwrap_or("?")
         ));
     }
-    s.push_str("## Targets (DESIGN.md)\n\n");
+    s.push_str("## Targets (docs/performance.md)\n\n");
     s.push_str(&table(checks));
     s.push_str("\n## Scenarios\n\nLatency in ms; open-loop latency counts from when each request was due.\n\n");
     s.push_str("| scenario | target | mode | connections | offered/s | answered/s | succeeded/s | p50 | p99 | p99.9 | max | outcomes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");

@@ -1,4 +1,4 @@
-//! Handlers, one module per area of API.md.
+//! Handlers, one module per area of the contract (docs/api.md).
 
 pub mod admin;
 pub mod ops;

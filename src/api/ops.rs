@@ -1,4 +1,4 @@
-//! Operations endpoints (API.md §5): unsigned, for load balancers and Prometheus.
+//! Operations endpoints (docs/api.md §5): unsigned, for load balancers and Prometheus.
 
 use std::time::Duration;
 

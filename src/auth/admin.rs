@@ -144,7 +144,7 @@ pub fn bearer(parts: &Parts) -> Result<&str, ApiError> {
 }
 
 /// Argon2id work, CPU-heavy and about 19 MiB a call, bounded apart from everything else
-/// (DESIGN.md invariant 9): at most `concurrency` at once on the blocking pool, and a
+/// (docs/invariants.md invariant 9): at most `concurrency` at once on the blocking pool, and a
 /// caller that cannot get a turn within `wait` is refused `503 overloaded` rather than
 /// queued, so a flood of logins neither starves the order path of CPU nor piles up.
 pub struct Passwords {

@@ -1,4 +1,4 @@
-//! Authenticating a signed `/v1` request, in the order of API.md §1's table:
+//! Authenticating a signed `/v1` request, in the order of docs/api.md §1's table:
 //! header, timestamp window, signature, nonce, IP allow-list, suspension.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +35,7 @@ pub struct Verified {
     pub refusal: Option<ApiError>,
 }
 
-/// The first two checks of API.md §1, header and timestamp window: made before the body
+/// The first two checks of docs/api.md §1, header and timestamp window: made before the body
 /// is read, so a request that could never pass is refused without reading it.
 pub fn authorization(parts: &Parts) -> Result<AuthHeader<'_>, ApiError> {
     let header = parts

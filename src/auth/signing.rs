@@ -1,4 +1,4 @@
-//! `CG1-HMAC-SHA256` request signing (API.md §1).
+//! `CG1-HMAC-SHA256` request signing (docs/api.md §1).
 //!
 //! Parsing is strict and allocation-light: the header is split into its four parameters
 //! (any order, optional spaces, double-quoted values), and anything else is
@@ -23,7 +23,7 @@ pub struct AuthHeader<'a> {
     pub signature: [u8; 32],
 }
 
-/// Parses the header value, or `None` for anything API.md calls `missing_authorization`.
+/// Parses the header value, or `None` for anything docs/api.md §1 calls `missing_authorization`.
 pub fn parse_header(value: &str) -> Option<AuthHeader<'_>> {
     // Auth schemes are case-insensitive (RFC 9110 §11.1); the parameter names are not.
     let rest = value
@@ -85,7 +85,7 @@ pub fn canonical_query(raw: Option<&str>) -> String {
     pairs.join("&")
 }
 
-/// What a signature covers (API.md §1's string to sign, before joining).
+/// What a signature covers (docs/api.md §1's string to sign, before joining).
 #[derive(Debug, Clone, Copy)]
 pub struct Message<'a> {
     pub timestamp: i64,

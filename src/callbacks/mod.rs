@@ -1,4 +1,4 @@
-//! Merchant callbacks (API.md "Merchant callbacks"): events are queued in Postgres by
+//! Merchant callbacks (docs/api.md §4, "Merchant callbacks"): events are queued in Postgres by
 //! the transaction that makes them happen (migrations/V5), and delivered from there by
 //! `dispatcher`, at least once, signed with the reseller's webhook secret.
 

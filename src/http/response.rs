@@ -1,4 +1,4 @@
-//! Building answers: JSON bodies, the API.md §2 error body, request ids.
+//! Building answers: JSON bodies, the docs/api.md §2 error body, request ids.
 
 use bytes::Bytes;
 use http_body_util::Full;

@@ -91,7 +91,7 @@ pub fn valid_merchant_order_no(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
-/// An order as API.md §3 shows it.
+/// An order as docs/api.md §3 shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Order {
     pub order_id: String,

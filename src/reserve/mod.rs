@@ -75,7 +75,7 @@ pub enum Reserved {
     Refused(String),
 }
 
-/// What a replay must match to be a replay: the sku and the quantity (API.md §3).
+/// What a replay must match to be a replay: the sku and the quantity (docs/api.md §3).
 pub fn fingerprint(sku: &str, quantity: i64) -> String {
     format!("{sku}\n{quantity}")
 }

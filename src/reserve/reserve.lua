@@ -1,4 +1,4 @@
--- One order's reservation, atomically (DESIGN.md "Shape" step 3): idempotency check,
+-- One order's reservation, atomically (docs/design.md, "The shape" step 4): idempotency check,
 -- stock check, balance check, pop the codes, debit the hot balance, record the
 -- reservation and append the fulfilment to the outbox stream.
 --

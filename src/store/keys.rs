@@ -1,7 +1,7 @@
 //! Every Redis key is named here, so that moving to Redis Cluster is a local change.
 //!
 //! All keys one reservation touches must share a hash slot. Until resellers get home
-//! shards (DESIGN.md "Scale-out"), everything lives under the one tag `{s0}`.
+//! shards (docs/design.md, "Scale-out"), everything lives under the one tag `{s0}`.
 
 #[derive(Debug, Clone)]
 pub struct Keys {

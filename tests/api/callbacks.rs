@@ -1,4 +1,4 @@
-//! Merchant callbacks (API.md "Merchant callbacks") against a real HTTP receiver on
+//! Merchant callbacks (docs/api.md §4, "Merchant callbacks") against a real HTTP receiver on
 //! loopback that fails, times out and then succeeds, as a merchant's server may.
 
 use std::collections::VecDeque;

@@ -184,7 +184,7 @@ impl Drop for TestApp {
     }
 }
 
-/// Reads an API.md error body and checks its shape.
+/// Reads an error body (docs/api.md §2) and checks its shape.
 pub async fn error_of(resp: reqwest::Response) -> (u16, String, serde_json::Value) {
     let status = resp.status().as_u16();
     let header_id = resp

@@ -1,5 +1,5 @@
 //! Money committed in Postgres reaches the hot balance exactly once, however Redis fails
-//! in between (DESIGN.md invariant 11; `hot_balance`): a credit, a refund and a debit
+//! in between (docs/invariants.md invariant 11; `hot_balance`): a credit, a refund and a debit
 //! that is given back, each with Redis cut at the worst moment.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Orders are isolated from everything else (DESIGN.md invariant 9): the operator API on
+//! Orders are isolated from everything else (docs/invariants.md invariant 9): the operator API on
 //! a listener of its own, connections capped per client address, heavy operator work
 //! bounded, and a flood of hostile traffic on every other route leaving orders served.
 

@@ -1,4 +1,4 @@
-//! Money bounds (DESIGN.md invariant 11): every price, threshold, adjustment and balance
+//! Money bounds (docs/invariants.md invariant 11): every price, threshold, adjustment and balance
 //! within 10^15 minor units, refused by the API naming the field and by Postgres itself.
 
 use reqwest::Method;

@@ -1,4 +1,4 @@
-//! The order path (API.md §3 orders, DESIGN.md invariants 1, 2, 3, 4 and 6) against real
+//! The order path (docs/api.md §3 orders, docs/invariants.md invariants 1, 2, 3, 4 and 6) against real
 //! Redis and Postgres.
 
 use std::collections::HashSet;

@@ -1,4 +1,4 @@
-//! VIP priority under overload (DESIGN.md): orders waiting for a stalled ledger fill the
+//! VIP priority under overload (docs/operations.md): orders waiting for a stalled ledger fill the
 //! gateway, the lower tiers are refused with `503 overloaded` first, nothing is taken
 //! from them, and the top tier is still admitted.
 

@@ -1,4 +1,4 @@
-//! Faults (DESIGN.md invariants 2, 5 and 6): Redis restarting empty, a reservation caught
+//! Faults (docs/invariants.md invariants 2, 5 and 6): Redis restarting empty, a reservation caught
 //! by a rebuild, Postgres going away, against real Redis and Postgres.
 
 use std::collections::HashSet;

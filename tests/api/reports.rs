@@ -1,4 +1,4 @@
-//! Operator reports (API.md "Reports"): figures checked against orders placed through
+//! Operator reports (docs/api.md §4, "Reports"): figures checked against orders placed through
 //! the API and moved back in time, JSON and CSV, and the rollup against the orders.
 
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 """openapi.yaml kept true: schemathesis generates requests for every operation from the
-spec, this module signs them as a reseller (API.md section 1) or carries an admin
+spec, this module signs them as a reseller (docs/api.md section 1) or carries an admin
 token, and every answer must be no 5xx and match the spec: status documented, content
 type, headers and body schema.
 

@@ -1,4 +1,4 @@
-//! Operator API (API.md §4): JWT-authenticated, role-checked, every change audited.
+//! Operator API (docs/api.md §4): JWT-authenticated, role-checked, every change audited.
 
 pub mod audit;
 pub mod codes;

@@ -1,4 +1,4 @@
-//! Operator reports (API.md "Reports"): reseller loyalty and product sales over a range
+//! Operator reports (docs/api.md §4, "Reports"): reseller loyalty and product sales over a range
 //! `[from, to)`, as JSON or, with `Accept: text/csv`, as CSV.
 //!
 //! Whole UTC days come from the daily rollups (migrations/V6, V7) and only the partial

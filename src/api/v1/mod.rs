@@ -1,4 +1,4 @@
-//! Reseller API (API.md §3): every route signed, rate-limited by tier.
+//! Reseller API (docs/api.md §3): every route signed, rate-limited by tier.
 
 pub mod orders;
 pub mod reads;

@@ -1,5 +1,5 @@
 //! `POST /v1/orders`, `POST /v1/orders/batch`, `GET /v1/orders/{order_id}` and
-//! `GET /v1/orders?merchant_order_no=` (API.md §3).
+//! `GET /v1/orders?merchant_order_no=` (docs/api.md §3).
 
 use std::collections::HashSet;
 
@@ -18,7 +18,7 @@ use crate::http::{body, response, Body, Ctx};
 use crate::orders::{self, By, Order, OrderRequest, Placed};
 use crate::ratelimit::Class;
 
-/// API.md's ceiling on one batch; a tier's `max_batch` may be lower.
+/// The contract's ceiling on one batch (docs/api.md §3); a tier's `max_batch` may be lower.
 pub const BATCH_MAX: usize = 100;
 
 pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
