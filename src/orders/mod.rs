@@ -1,5 +1,38 @@
 //! Orders: placing one (reserve in Redis, wait for the ledger writer's commit), reading
 //! one back from Postgres, refunding one.
+//!
+//! # An order, hop by hop
+//!
+//! From the socket to the commit and back (`POST /v1/orders`; a batch runs hops 5 to 9
+//! per order, concurrently):
+//!
+//! 1. `http/mod.rs` [`serve`](crate::http::serve): the connection is accepted within
+//!    `connections_max` and the client's share (`http/per_client.rs`), read by hyper
+//!    under the header limits, and closed with a linger (`http/linger.rs`).
+//! 2. `http/router.rs`: the path and method name the route (`Route::CreateOrder`).
+//! 3. `api/v1/mod.rs` [`begin`](crate::api::v1::begin): the `Authorization` header and
+//!    timestamp (`auth/reseller.rs`), the body read within its limits (`http/body.rs`),
+//!    the HMAC checked against the key cache (`auth/signing.rs`, `auth/keys.rs`), the
+//!    tier's token bucket (`ratelimit.rs`) and admission under overload (`overload.rs`).
+//! 4. `api/v1/orders.rs` `create`: the body parsed into an [`OrderRequest`].
+//! 5. Here, [`place`]: the product and price from the catalogue cache (`catalogue.rs`);
+//!    refusals the gateway can decide are settled into a [`Refusal`] but not yet reported;
+//!    the [`Fulfilment`] is built and a waiter registered (`ledger/mod.rs` `Waiters`).
+//! 6. `reserve/mod.rs` `reserve_cmd` and `reserve/reserve.lua`: one `EVALSHA` spends the
+//!    nonce, checks the epoch, the idempotency record, the refusal, stock and hot balance,
+//!    pops the codes (ciphertext), debits the hot balance, records the reservation and
+//!    appends the fulfilment to the outbox stream. Its answer comes back as [`Reserved`]
+//!    (`Ok`, `Seen` or `Refused(Refusal)`: one mapping each way, `Refusal::wire`).
+//! 7. `ledger/writer.rs`: a ledger writer of some gateway reads the outbox (consumer
+//!    group), and commits a batch of fulfilments in one Postgres transaction through
+//!    `ledger_commit()` (the schema in `migrations/`): orders, their codes behind the
+//!    unique guard, the ledger debits; then `settle.lua` acknowledges them in Redis, or
+//!    `release.lua` undoes those Postgres refused.
+//! 8. The writer wakes the waiter with a `ledger::Settled` (a writer of another gateway
+//!    publishes it on the settle channel, `sync.rs`).
+//! 9. Back here: `Committed` decrypts the codes (`crypto.rs`) into an [`Order`];
+//!    `api/v1/orders.rs` renders it `201`, and the request id and metrics are added in
+//!    `http/mod.rs`. Any refusal maps to `error.rs`'s one table of statuses and codes.
 
 pub mod refund;
 
@@ -14,7 +47,7 @@ use crate::auth::reseller::Nonce;
 use crate::crypto::Purpose;
 use crate::error::ApiError;
 use crate::ledger::Settled;
-use crate::reserve::{self, Fulfilment, Reserved};
+use crate::reserve::{self, Fulfilment, Refusal, Reserved};
 
 /// Reservations retried after the last guard refused a code, before giving up.
 const LAST_GUARD_RETRIES: usize = 3;
@@ -164,12 +197,14 @@ async fn place_inner(
     // Refusals decided here are reported only after the idempotency check, so that a
     // replay of an order placed before a price or status change still gets its order.
     let refusal = match &product {
-        None => "not_found",
-        Some(p) if !p.on_sale => "product_unavailable",
-        Some(p) if req.quantity < 1 || req.quantity > (p.max_quantity as i64).min(tier_max) => "quantity_out_of_range",
-        _ if amount.is_none() => "quantity_out_of_range",
-        _ if req.max_unit_price.is_some_and(|max| unit_price > max) => "price_changed",
-        _ => "",
+        None => Some(Refusal::UnknownProduct),
+        Some(p) if !p.on_sale => Some(Refusal::ProductUnavailable),
+        Some(p) if req.quantity < 1 || req.quantity > (p.max_quantity as i64).min(tier_max) => {
+            Some(Refusal::QuantityOutOfRange)
+        }
+        _ if amount.is_none() => Some(Refusal::QuantityOutOfRange),
+        _ if req.max_unit_price.is_some_and(|max| unit_price > max) => Some(Refusal::PriceChanged),
+        _ => None,
     };
     let fingerprint = reserve::fingerprint(&req.sku, req.quantity);
     let ttl = app.config.orders.idempotency_ttl_secs;
@@ -210,14 +245,14 @@ async fn place_inner(
                     ))
                 });
             }
-            Reserved::Refused(code) if code == "nonce_reused" => return Err(ApiError::NonceReused),
-            Reserved::Refused(code) => {
+            Reserved::Refused(Refusal::NonceReused) => return Err(ApiError::NonceReused),
+            Reserved::Refused(refusal) => {
                 // Redis has no record of this number; Postgres may (the record expired,
                 // or Redis was rebuilt). Its answer wins over any refusal.
                 if let Some(placed) = recorded(app, reseller, req, &fingerprint).await? {
                     return Ok(placed);
                 }
-                return Err(refusal_error(&code));
+                return Err(refusal.into());
             }
             Reserved::Ok(elements) => elements,
         };
@@ -264,24 +299,6 @@ async fn place_inner(
         what: "stock",
         retry_after_secs: 1,
     })
-}
-
-fn refusal_error(code: &str) -> ApiError {
-    match code {
-        "out_of_stock" => ApiError::OutOfStock,
-        "insufficient_balance" => ApiError::InsufficientBalance,
-        "not_found" => ApiError::not_found("no such product"),
-        "product_unavailable" => ApiError::ProductUnavailable,
-        "price_changed" => ApiError::PriceChanged,
-        "quantity_out_of_range" => ApiError::QuantityOutOfRange(
-            "quantity must be between 1 and the product's max_quantity for your tier".into(),
-        ),
-        // Redis lost its state and has not been rebuilt from Postgres yet.
-        _ => ApiError::Unavailable {
-            what: "stock (being rebuilt)",
-            retry_after_secs: 1,
-        },
-    }
 }
 
 /// The order Postgres holds for this merchant_order_no: a replay if it matches, a

@@ -10,6 +10,8 @@ use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApiError;
+
 use crate::auth::signing::NONCE_TTL_SECS;
 use crate::store::keys::Keys;
 
@@ -70,9 +72,81 @@ pub enum Reserved {
         fingerprint: String,
         order_id: String,
     },
-    /// Nothing taken: `out_of_stock`, `insufficient_balance`, `rebuilding` (Redis lost
-    /// its state), `no_hot_balance`, or the refusal the caller passed in.
-    Refused(String),
+    /// Nothing taken.
+    Refused(Refusal),
+}
+
+/// Why a reservation took nothing. The first four are decided by the gateway before the
+/// script runs and passed to it, so that they are reported only after the idempotency
+/// check (a replay of an order placed before a price change still gets its order); the
+/// rest are the script's own. [`Refusal::wire`] and [`Refusal::from_wire`] are the one
+/// mapping to and from the codes `reserve.lua` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownProduct,
+    ProductUnavailable,
+    QuantityOutOfRange,
+    PriceChanged,
+    /// The request's nonce was spent already: a replayed request.
+    NonceReused,
+    /// Redis has lost its state and is not rebuilt from Postgres yet.
+    Rebuilding,
+    OutOfStock,
+    /// A reseller created while Redis was away: nothing is sold until the rebuild.
+    NoHotBalance,
+    InsufficientBalance,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 9] = [
+        Refusal::UnknownProduct,
+        Refusal::ProductUnavailable,
+        Refusal::QuantityOutOfRange,
+        Refusal::PriceChanged,
+        Refusal::NonceReused,
+        Refusal::Rebuilding,
+        Refusal::OutOfStock,
+        Refusal::NoHotBalance,
+        Refusal::InsufficientBalance,
+    ];
+
+    pub fn wire(self) -> &'static str {
+        match self {
+            Refusal::UnknownProduct => "not_found",
+            Refusal::ProductUnavailable => "product_unavailable",
+            Refusal::QuantityOutOfRange => "quantity_out_of_range",
+            Refusal::PriceChanged => "price_changed",
+            Refusal::NonceReused => "nonce_reused",
+            Refusal::Rebuilding => "rebuilding",
+            Refusal::OutOfStock => "out_of_stock",
+            Refusal::NoHotBalance => "no_hot_balance",
+            Refusal::InsufficientBalance => "insufficient_balance",
+        }
+    }
+
+    pub fn from_wire(code: &[u8]) -> Option<Refusal> {
+        Refusal::ALL.into_iter().find(|r| r.wire().as_bytes() == code)
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        match r {
+            Refusal::UnknownProduct => ApiError::not_found("no such product"),
+            Refusal::ProductUnavailable => ApiError::ProductUnavailable,
+            Refusal::QuantityOutOfRange => ApiError::QuantityOutOfRange(
+                "quantity must be between 1 and the product's max_quantity for your tier".into(),
+            ),
+            Refusal::PriceChanged => ApiError::PriceChanged,
+            Refusal::NonceReused => ApiError::NonceReused,
+            Refusal::OutOfStock => ApiError::OutOfStock,
+            Refusal::InsufficientBalance => ApiError::InsufficientBalance,
+            Refusal::Rebuilding | Refusal::NoHotBalance => ApiError::Unavailable {
+                what: "stock (being rebuilt)",
+                retry_after_secs: 1,
+            },
+        }
+    }
 }
 
 /// What a replay must match to be a replay: the sku and the quantity (docs/api.md §3).
@@ -99,7 +173,7 @@ pub fn reserve_cmd(
     keys: &Keys,
     f: &Fulfilment,
     fingerprint: &str,
-    refusal: &str,
+    refusal: Option<Refusal>,
     record_ttl_secs: u64,
     nonce_key: Option<&str>,
 ) -> Cmd {
@@ -120,7 +194,7 @@ pub fn reserve_cmd(
         .arg(fingerprint)
         .arg(f.quantity)
         .arg(f.amount)
-        .arg(refusal)
+        .arg(refusal.map_or("", Refusal::wire))
         .arg(record_ttl_secs)
         .arg(fields)
         .arg(NONCE_TTL_SECS);
@@ -137,7 +211,7 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
             fingerprint: text(it.next())?,
             order_id: text(it.next())?,
         },
-        b"refused" => Reserved::Refused(text(it.next())?),
+        b"refused" => Reserved::Refused(Refusal::from_wire(&it.next()?)?),
         _ => return None,
     })
 }
@@ -228,6 +302,23 @@ mod tests {
     }
 
     #[test]
+    fn every_refusal_reads_back_from_its_wire_code_and_the_script_speaks_each_of_its_own() {
+        let script = include_str!("reserve.lua");
+        for r in Refusal::ALL {
+            assert_eq!(Refusal::from_wire(r.wire().as_bytes()), Some(r));
+        }
+        for r in [
+            Refusal::NonceReused,
+            Refusal::Rebuilding,
+            Refusal::OutOfStock,
+            Refusal::NoHotBalance,
+            Refusal::InsufficientBalance,
+        ] {
+            assert!(script.contains(&format!("{{'refused', '{}'}}", r.wire())), "{r:?}");
+        }
+    }
+
+    #[test]
     fn replies_parse() {
         let b = |s: &str| s.as_bytes().to_vec();
         assert_eq!(
@@ -242,6 +333,11 @@ mod tests {
                 order_id: "ord_1".into()
             })
         );
+        assert_eq!(
+            parse_reserved(vec![b("refused"), b("out_of_stock")]),
+            Some(Reserved::Refused(Refusal::OutOfStock))
+        );
+        assert_eq!(parse_reserved(vec![b("refused"), b("no_such_refusal")]), None);
         assert_eq!(parse_reserved(vec![b("what")]), None);
         assert_eq!(parse_reserved(vec![]), None);
     }
