@@ -12,14 +12,15 @@ const EVERY: Duration = Duration::from_secs(5);
 pub async fn run(app: Arc<App>) {
     let app = &app;
     crate::every(EVERY, move || async move {
-        if let Err(e) = collect(app).await {
+        if let Err(e) = step(app).await {
             tracing::debug!(error = format!("{e:#}"), "gauges not refreshed");
         }
     })
     .await
 }
 
-async fn collect(app: &App) -> anyhow::Result<()> {
+/// Reads every gauge once.
+pub async fn step(app: &App) -> anyhow::Result<()> {
     let client = app.pg.get().await?;
     let products = client
         .query("SELECT id, sku, low_stock_threshold FROM products ORDER BY id", &[])

@@ -61,6 +61,8 @@ pub struct Server {
     listener: TcpListener,
     /// `admin_listen`'s, when configured: `/admin` is served there and not on `listener`.
     admin_listener: Option<TcpListener>,
+    /// See [`Server::manual_background`].
+    manual_background: bool,
 }
 
 impl Server {
@@ -83,7 +85,18 @@ impl Server {
             app,
             listener,
             admin_listener,
+            manual_background: false,
         })
+    }
+
+    /// For tests: the periodic background loops (the health and rebuild watcher, callback
+    /// delivery, gauges, rollups, hot-balance settling) are not started; the test runs
+    /// their steps itself (`health::check`, `Dispatcher::step`, `gauges::step`,
+    /// `rollups::step`, `hot_balance::settle_due`) and so never waits for them. The ledger
+    /// writers and the cache listeners still run: orders need them.
+    pub fn manual_background(mut self) -> Self {
+        self.manual_background = true;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -103,21 +116,24 @@ impl Server {
     /// Serves until `shutdown` resolves, then drains in-flight requests, commits every
     /// fulfilment still in this gateway's hands, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        // Background tasks live exactly as long as the server: aborted when it returns.
-        let tasks = [
-            tokio::spawn(sync::listen(self.app.clone())),
-            tokio::spawn(sync::refresh_periodically(self.app.clone())),
-            tokio::spawn(health::watch(self.app.clone())),
-            tokio::spawn(callbacks::dispatcher::run(self.app.clone())),
-            tokio::spawn(gauges::run(self.app.clone())),
-            tokio::spawn(rollups::run(self.app.clone())),
-            tokio::spawn(hot_balance::run(self.app.clone())),
-        ];
+        // Background tasks live exactly as long as the server: aborted when `run` returns
+        // or its future is dropped (the guard goes with it), however that happens.
+        let mut tasks = Background::default();
+        tasks.spawn(sync::listen(self.app.clone()));
+        tasks.spawn(sync::refresh_periodically(self.app.clone()));
+        if !self.manual_background {
+            tasks.spawn(health::watch(self.app.clone()));
+            tasks.spawn(callbacks::dispatcher::run(self.app.clone()));
+            tasks.spawn(gauges::run(self.app.clone()));
+            tasks.spawn(rollups::run(self.app.clone()));
+            tasks.spawn(hot_balance::run(self.app.clone()));
+        }
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
             .map(|i| tokio::spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))
             .collect();
-        let aborts: Vec<_> = writers.iter().map(|w| w.abort_handle()).collect();
+        let mut writer_guard = Background::default();
+        writer_guard.0 = writers.iter().map(|w| w.abort_handle()).collect();
         let mut writers = futures_util::future::join_all(writers);
         let app = self.app.clone();
         match self.admin_listener {
@@ -136,12 +152,25 @@ impl Server {
             // Whatever is left stays in the outbox, claimed by another gateway or by
             // this one's next start.
             tracing::warn!("ledger writers did not finish draining in time");
-            aborts.iter().for_each(|a| a.abort());
         }
-        for t in tasks {
-            t.abort();
-        }
+        drop((tasks, writer_guard));
         Ok(())
+    }
+}
+
+/// Tasks aborted when this is dropped (mini-redis's drop guard).
+#[derive(Default)]
+struct Background(Vec<tokio::task::AbortHandle>);
+
+impl Background {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task).abort_handle());
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.iter().for_each(tokio::task::AbortHandle::abort);
     }
 }
 

@@ -12,12 +12,16 @@ const EVERY: Duration = Duration::from_secs(2);
 pub async fn run(app: Arc<App>) {
     let app = &app;
     crate::every(EVERY, move || async move {
-        let folded = async { anyhow::Ok(fold(&**app.pg.get().await?).await?) }.await;
-        if let Err(e) = folded {
+        if let Err(e) = step(app).await {
             tracing::debug!(error = format!("{e:#}"), "report rollups not folded");
         }
     })
     .await
+}
+
+/// One fold on a pooled connection: how many pending rows it moved.
+pub async fn step(app: &App) -> anyhow::Result<i64> {
+    Ok(fold(&**app.pg.get().await?).await?)
 }
 
 /// Moves every pending addition into the rollups; returns how many rows it moved.

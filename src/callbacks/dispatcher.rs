@@ -25,30 +25,17 @@ const ERROR_TEXT_MAX_BYTES: usize = 200;
 const RECEIVER_ANSWER_READ_MAX_BYTES: usize = 256;
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
+/// Delivers due callbacks for the life of the server: as many at once as
+/// `callbacks.concurrency`, claiming more as deliveries finish.
 pub async fn run(app: Arc<App>) {
-    let cfg = app.config.callbacks.clone();
-    let mut builder = reqwest::Client::builder()
-        .timeout(Duration::from_millis(cfg.timeout_ms))
-        .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
-        // A redirect is the receiver's misconfiguration; following it would post the
-        // signed body somewhere the operator never configured.
-        .redirect(reqwest::redirect::Policy::none())
-        // A proxy from the environment would connect on our behalf to whatever address
-        // the name gives it, past the resolver below.
-        .no_proxy()
-        .user_agent(concat!("cardgate-callbacks/", env!("CARGO_PKG_VERSION")));
-    if !cfg.allow_private_targets {
-        // Every name is resolved here and connected to only if all its addresses are
-        // public: a name that turned private since it was set (DNS rebinding) is refused.
-        builder = builder.dns_resolver(Arc::new(target::PublicOnly));
-    }
-    let client = match builder.build() {
-        Ok(c) => c,
+    let dispatcher = match Dispatcher::new(&app) {
+        Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "callback HTTP client could not be built; callbacks stay queued");
             return;
         }
     };
+    let cfg = &app.config.callbacks;
     let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let poll = Duration::from_millis(cfg.poll_ms);
     let mut next_purge = Instant::now();
@@ -67,13 +54,13 @@ pub async fn run(app: Arc<App>) {
             drop(slots.acquire().await);
             continue;
         }
-        match claim(&app, &cfg, free).await {
+        match claim(&app, cfg, free).await {
             Ok(due) if !due.is_empty() => {
                 for event in due {
                     let Ok(slot) = slots.clone().acquire_owned().await else {
                         return;
                     };
-                    let (app, client) = (app.clone(), client.clone());
+                    let (app, client) = (app.clone(), dispatcher.client.clone());
                     tokio::spawn(async move {
                         deliver(&app, &client, event).await;
                         drop(slot);
@@ -86,6 +73,45 @@ pub async fn run(app: Arc<App>) {
                 tokio::time::sleep(poll).await;
             }
         }
+    }
+}
+
+/// The delivery side of callbacks: the HTTP client every attempt goes out through.
+pub struct Dispatcher {
+    client: reqwest::Client,
+}
+
+impl Dispatcher {
+    pub fn new(app: &App) -> anyhow::Result<Dispatcher> {
+        let cfg = &app.config.callbacks;
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5_000)))
+            // A redirect is the receiver's misconfiguration; following it would post the
+            // signed body somewhere the operator never configured.
+            .redirect(reqwest::redirect::Policy::none())
+            // A proxy from the environment would connect on our behalf to whatever address
+            // the name gives it, past the resolver below.
+            .no_proxy()
+            .user_agent(concat!("cardgate-callbacks/", env!("CARGO_PKG_VERSION")));
+        if !cfg.allow_private_targets {
+            // Every name is resolved here and connected to only if all its addresses are
+            // public: a name that turned private since it was set (DNS rebinding) is refused.
+            builder = builder.dns_resolver(Arc::new(target::PublicOnly));
+        }
+        Ok(Dispatcher {
+            client: builder.build()?,
+        })
+    }
+
+    /// One round: claims the events due now (at most `callbacks.concurrency`) and attempts
+    /// each, concurrently, returning when all are done: how many were attempted. Tests
+    /// call it instead of waiting for the background loop.
+    pub async fn step(&self, app: &App) -> anyhow::Result<usize> {
+        let due = claim(app, &app.config.callbacks, app.config.callbacks.concurrency.max(1)).await?;
+        let n = due.len();
+        futures_util::future::join_all(due.into_iter().map(|e| deliver(app, &self.client, e))).await;
+        Ok(n)
     }
 }
 

@@ -31,52 +31,82 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Runs until `stop` turns true and the outbox has nothing more for this writer. The
 /// outbox gauges are the same for every writer: only the one with `gauges` reports them.
 pub async fn run(app: Arc<App>, stop: watch::Receiver<bool>, gauges: bool) {
-    let consumer = crate::ids::random("writer_", 12);
-    let mut conn: Option<MultiplexedConnection> = None;
-    let mut next_claim = Instant::now();
-    let mut next_gauges = Instant::now();
+    let mut writer = Writer::new(gauges);
     let mut delay = Duration::from_millis(50);
     loop {
         let stopping = *stop.borrow();
-        let c = match conn.as_mut() {
-            Some(c) => c,
-            None => match connect(&app).await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ledger writer cannot reach Redis; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX);
-                    continue;
-                }
-            },
+        match writer.step(&app, !stopping).await {
+            Ok(Step::Idle) if stopping => return,
+            Ok(_) => delay = Duration::from_millis(50),
+            Err(e) => {
+                tracing::warn!(error = %e, "ledger writer lost its outbox reader; reconnecting");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// What one [`Writer::step`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Committed (or released) this many outbox entries; a round that looked for other
+    /// writers' leftovers counts here even when it found none.
+    Processed(usize),
+    /// Nothing new was waiting.
+    Idle,
+}
+
+/// One ledger writer: its consumer name in the outbox group and its Redis connection.
+pub struct Writer {
+    consumer: String,
+    conn: Option<MultiplexedConnection>,
+    next_claim: Instant,
+    next_gauges: Option<Instant>,
+}
+
+impl Writer {
+    pub fn new(gauges: bool) -> Writer {
+        Writer {
+            consumer: crate::ids::random("writer_", 12),
+            conn: None,
+            next_claim: Instant::now(),
+            next_gauges: gauges.then(Instant::now),
+        }
+    }
+
+    /// One round: reads what is due for this writer (new entries, waiting up to half a
+    /// second for them when `block`; every few seconds instead the entries other writers
+    /// left), commits them to Postgres, then settles or releases them in Redis and wakes
+    /// their requests. Tests call it directly.
+    pub async fn step(&mut self, app: &App, block: bool) -> redis::RedisResult<Step> {
+        if self.conn.is_none() {
+            self.conn = Some(connect(app).await?);
+        }
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(Step::Idle);
         };
-        let claiming = Instant::now() >= next_claim;
+        let claiming = Instant::now() >= self.next_claim;
         let read = if claiming {
-            next_claim = Instant::now() + CLAIM_EVERY;
-            claim(c, &app, &consumer).await
+            self.next_claim = Instant::now() + CLAIM_EVERY;
+            claim(c, app, &self.consumer).await
         } else {
-            read_new(c, &app, &consumer, !stopping).await
+            read_new(c, app, &self.consumer, block).await
         };
         let ids = match read {
             Ok(ids) => ids,
             Err(e) => {
-                tracing::warn!(error = %e, "ledger writer lost its outbox reader; reconnecting");
-                conn = None;
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RETRY_MAX);
-                continue;
+                self.conn = None;
+                return Err(e);
             }
         };
-        delay = Duration::from_millis(50);
-        if gauges && Instant::now() >= next_gauges {
-            next_gauges = Instant::now() + GAUGES_EVERY;
-            outbox_gauges(c, &app).await;
+        if self.next_gauges.is_some_and(|n| Instant::now() >= n) {
+            self.next_gauges = Some(Instant::now() + GAUGES_EVERY);
+            outbox_gauges(c, app).await;
         }
         if ids.is_empty() {
-            if stopping && !claiming {
-                return;
-            }
-            continue;
+            // A claim round that found nothing is not the end: new entries may wait.
+            return Ok(if claiming { Step::Processed(0) } else { Step::Idle });
         }
         let entries: Vec<Entry> = ids
             .iter()
@@ -90,7 +120,8 @@ pub async fn run(app: Arc<App>, stop: watch::Receiver<bool>, gauges: bool) {
                 e
             })
             .collect();
-        process(&app, &entries).await;
+        process(app, &entries).await;
+        Ok(Step::Processed(entries.len()))
     }
 }
 
