@@ -4,8 +4,8 @@
 //! credit or a refund is written to the ledger first and only then made spendable; a
 //! debit is held in the hot balance first (in-flight orders may already have the money)
 //! and given back if its ledger row is not written. Redis can fail between the two
-//! steps, so each movement is recorded in `hot_balance_pending` (migrations/V10) where
-//! Postgres decides it, and applied by a script that checks a marker (applied once) and
+//! steps, so each movement is recorded in `hot_balance_pending`
+//! (migrations/V1__baseline.sql) where Postgres decides it, and applied by a script that checks a marker (applied once) and
 //! the epoch (a rebuild since then read Postgres's figure, which has it already). The
 //! request applies its own at once; a replay of it, and [`settle_due`] every second,
 //! retry whatever is left. docs/invariants.md invariant 11: once per movement.

@@ -4,7 +4,8 @@
 //! way. The reservation scripts compare money as Lua numbers (doubles), which are exact
 //! only below 2^53 (about 9.007 * 10^15); 10^15 leaves room for a balance plus a
 //! movement, and a price times a quantity (at most 10,000) stays far from i64 overflow.
-//! Postgres holds the same bound as CHECK constraints (migrations/V9).
+//! Postgres holds the same bound as CHECK constraints (the `*_bounded` constraints in
+//! migrations/V1__baseline.sql).
 
 use crate::error::ApiError;
 

@@ -9,8 +9,8 @@
 //! refuses (`503 unavailable`).
 //!
 //! Ordering with everything else that changes mirrored state rests on the fence
-//! (migrations/V3): a transaction that changes orders, codes or balances takes it shared
-//! ([`fence`]), and a rebuild holds it exclusive. A change's Redis write made before its
+//! (migrations/V1__baseline.sql, `redis_fence`): a transaction that changes orders, codes
+//! or balances takes it shared ([`fence`]), and a rebuild holds it exclusive. A change's Redis write made before its
 //! commit is therefore never interleaved with a rebuild (which deletes and rewrites every
 //! key it could have touched); one made after its commit (a credit made spendable) is
 //! applied only if Redis is still at the epoch the transaction saw, because a rebuild

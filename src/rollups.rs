@@ -1,6 +1,7 @@
-//! The report rollups' pending additions (`sales_pending`, migrations/V7), folded into
-//! `reseller_daily` and `product_daily` every few seconds by each gateway, so that ledger
-//! commits only ever append and reports fold what little is left.
+//! The report rollups' pending additions (`sales_pending`, migrations/V1__baseline.sql),
+//! folded into `reseller_daily` and `product_daily` (`sales_fold`) every few seconds by
+//! each gateway, so that ledger commits only ever append and reports fold what little is
+//! left.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -399,8 +399,8 @@ fn last_guard(e: &Entry, why: &str) {
     tracing::error!(order_id = %e.f.order_id, code_ids = ?ids, why, "last guard: order not delivered with these codes");
 }
 
-/// One call of `ledger_commit` (migrations/V2) for the entries at `which`: one round
-/// trip and one transaction for the whole batch.
+/// One call of `ledger_commit` (migrations/V1__baseline.sql) for the entries at `which`:
+/// one round trip and one transaction for the whole batch.
 async fn commit_once(
     client: &mut deadpool_postgres::Client,
     currency: &str,

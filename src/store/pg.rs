@@ -61,7 +61,8 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
         .await?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
     if report.is_ok() {
-        // The event triggers name the configured currency (migrations/V8).
+        // The event triggers name the configured currency (`platform` in
+        // migrations/V1__baseline.sql, seeded with a placeholder).
         client
             .execute("UPDATE platform SET currency = $1", &[&config.currency])
             .await?;

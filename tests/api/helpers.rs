@@ -690,8 +690,8 @@ impl Drop for PgProxy {
     }
 }
 
-/// The advisory lock a Redis rebuild holds exclusive (migrations/V3): a test that holds
-/// it keeps rebuilds and ledger commits waiting.
+/// The advisory lock a Redis rebuild holds exclusive (migrations/V1__baseline.sql,
+/// `redis_rebuild_lock`): a test that holds it keeps rebuilds and ledger commits waiting.
 pub const REBUILD_LOCK: i64 = 7162819512125188460;
 
 /// Advisory-lock requests waiting in the app's database.

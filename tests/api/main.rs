@@ -21,4 +21,5 @@ mod overload;
 mod recovery;
 mod reports;
 mod reseller_api;
+mod schema;
 mod signing;

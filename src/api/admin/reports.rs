@@ -1,9 +1,9 @@
 //! Operator reports (docs/api.md §4, "Reports"): reseller loyalty and product sales over a range
 //! `[from, to)`, as JSON or, with `Accept: text/csv`, as CSV.
 //!
-//! Whole UTC days come from the daily rollups (migrations/V6, V7) and only the partial
-//! days at the edges from `orders`, so the cost follows the number of days and resellers,
-//! not of orders. Refunded orders are not sales and are left out.
+//! Whole UTC days come from the daily rollups (`reseller_daily`, `product_daily` in
+//! migrations/V1__baseline.sql) and only the partial days at the edges from `orders`, so
+//! the cost follows the number of days and resellers, not of orders. Refunded orders are not sales and are left out.
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT};
