@@ -156,6 +156,39 @@ fn fast_retries(env: &mut std::collections::HashMap<String, String>) {
     env.insert("CARDGATE_CALLBACKS__ALLOW_PRIVATE_TARGETS".into(), "true".into());
 }
 
+/// Fast retries, and callback delivery left to the test ([`deliver_due`]).
+fn stepped(env: &mut std::collections::HashMap<String, String>) {
+    fast_retries(env);
+    env.insert(MANUAL_BACKGROUND.into(), "1".into());
+}
+
+/// Attempts every callback due now, as the background loop would, round after round until
+/// one finds nothing due: how many attempts were made.
+async fn deliver_due(app: &TestApp) -> usize {
+    let state = app.state.as_ref().expect("an in-process gateway");
+    let dispatcher = cardgate::callbacks::dispatcher::Dispatcher::new(state).unwrap();
+    let mut attempts = 0;
+    for _ in 0..20 {
+        match dispatcher.step(state).await.unwrap() {
+            0 => return attempts,
+            n => attempts += n,
+        }
+    }
+    panic!("callbacks still due after 20 rounds");
+}
+
+/// Makes every pending callback due now, as if its backoff had passed.
+async fn backoff_passes(app: &TestApp) {
+    app.db()
+        .await
+        .execute(
+            "UPDATE events SET next_attempt_at = now() WHERE status = 'pending'",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
 async fn events_of(app: &TestApp, t: &str, reseller_id: &str) -> Vec<Value> {
     let r = app
         .admin_ok(
@@ -279,7 +312,7 @@ async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_th
 async fn refunds_restocks_price_changes_and_low_balances_are_announced_to_their_resellers() {
     // Another currency than the default: every amount in an event names the configured one.
     let (app, t, _) = shop_with(1, |env| {
-        fast_retries(env);
+        stepped(env);
         env.insert("CARDGATE_CURRENCY".into(), "USD".into());
     })
     .await;
@@ -330,11 +363,10 @@ async fn refunds_restocks_price_changes_and_low_balances_are_announced_to_their_
     )
     .await;
 
-    let got = receiver.wait_for(5).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(deliver_due(&app).await, 5);
     let got: Vec<Value> = {
         let all = receiver.received();
-        assert_eq!(all.len(), got.len(), "no more than one event each: {all:?}");
+        assert_eq!(all.len(), 5, "one event each, no more: {all:?}");
         assert!(all.iter().all(|r| signed_by(r, &k.webhook_secret)));
         all.iter().map(Received::json).collect()
     };
@@ -410,24 +442,33 @@ async fn the_queue_survives_a_restart_and_the_next_gateway_delivers() {
 
 #[tokio::test]
 async fn retries_end_when_the_retry_window_closes() {
-    let (app, t, _) = shop_with(5, fast_retries).await;
+    let (app, t, _) = shop_with(5, stepped).await;
     let receiver = Receiver::start(&[], Reply::Status(500)).await;
     let k = app
         .reseller_with_key(&t, "gold", json!({"callback_url": receiver.url}))
         .await;
     app.fund(&t, &k.reseller_id, 100_000).await;
     assert_eq!(app.order(&k, order_body(SKU, 1, "cb-gives-up")).await.0, 201);
-    receiver.wait_for(2).await;
+    assert_eq!(deliver_due(&app).await, 1);
+    backoff_passes(&app).await;
+    assert_eq!(deliver_due(&app).await, 1, "retried after its backoff");
+    assert_eq!(events_of(&app, &t, &k.reseller_id).await[0]["status"], "pending");
     // As if 24 hours had passed since the event.
     app.db()
         .await
         .execute("UPDATE events SET retry_until = now()", &[])
         .await
         .unwrap();
-    let failed = || async { events_of(&app, &t, &k.reseller_id).await[0]["status"] == "failed" };
-    assert!(eventually(Duration::from_secs(5), failed).await);
+    backoff_passes(&app).await;
+    let mut rounds = 0;
+    while events_of(&app, &t, &k.reseller_id).await[0]["status"] != "failed" {
+        rounds += 1;
+        assert!(rounds <= 3, "the event failed once its window closed");
+        deliver_due(&app).await;
+        backoff_passes(&app).await;
+    }
     let tried = receiver.received().len();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(deliver_due(&app).await, 0, "nothing due once failed");
     assert_eq!(receiver.received().len(), tried, "no attempt after the window");
     let e = &events_of(&app, &t, &k.reseller_id).await[0];
     assert_eq!(e["attempts"].as_i64(), Some(tried as i64));
@@ -527,7 +568,7 @@ async fn finished_events_past_retention_are_purged_pending_ones_stay() {
 /// for it moved is announced, once, with the old and new price.
 #[tokio::test]
 async fn a_tier_change_announces_the_prices_it_moved() {
-    let (app, t, _) = shop_with(1, fast_retries).await;
+    let (app, t, _) = shop_with(1, stepped).await;
     // A second product priced the same for every tier: a tier change does not move it.
     app.admin_ok(
         &t,
@@ -545,8 +586,7 @@ async fn a_tier_change_announces_the_prices_it_moved() {
     app.patch_reseller(&t, &k.reseller_id, json!({"tier": "silver"})).await;
     app.patch_reseller(&t, &k.reseller_id, json!({"tier": "gold"})).await;
     app.patch_reseller(&t, &k.reseller_id, json!({"tier": "diamond"})).await;
-    receiver.wait_for(2).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    deliver_due(&app).await;
     let got: Vec<Value> = receiver.received().iter().map(Received::json).collect();
     assert!(got.iter().all(|e| e["type"] == "product.price_changed"), "{got:#?}");
     let moves: Vec<(i64, i64)> = got

@@ -90,11 +90,20 @@ pub async fn spawn_app_with(overrides: impl FnOnce(&mut HashMap<String, String>)
     start(env).await
 }
 
+/// Put in a test app's settings: its periodic background loops are not started
+/// (`Server::manual_background`), and the test runs their steps.
+pub const MANUAL_BACKGROUND: &str = "TEST_MANUAL_BACKGROUND";
+
 /// Starts a server with exactly these settings (a second instance may share a database).
-pub async fn start(env: HashMap<String, String>) -> TestApp {
+pub async fn start(mut env: HashMap<String, String>) -> TestApp {
+    // Not a setting of the gateway's: the test runs the periodic steps itself.
+    let manual = env.remove(MANUAL_BACKGROUND).is_some();
     let config = Config::load(&env).expect("test config loads");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let server = cardgate::Server::build(config, listener).await.expect("server builds");
+    let mut server = cardgate::Server::build(config, listener).await.expect("server builds");
+    if manual {
+        server = server.manual_background();
+    }
     let addr = server.local_addr().expect("local addr");
     let state = Some(server.app());
     let admin_addr = server.admin_addr();
