@@ -20,9 +20,13 @@
 # Baselines:
 #   baseline-redis-script  redis-benchmark calling the reservation script (EVALSHA),
 #                          random order numbers, at the same connection counts
-#   baseline-pgbench-N     a Postgres-only reservation on the same schema: one
+#   baseline-pgbench-N     a Postgres-only reservation on cardgate's own schema: one
 #                          transaction per order, SELECT ... FOR UPDATE SKIP LOCKED,
 #                          N clients (16 and 64)
+#   baseline-pgbench-lean-N  the same on a lean schema (one unique index on orders, one
+#                          partial index on codes): what a user would otherwise run
+# Every gateway scenario also records CPU per request of the gateway, Redis, Postgres and
+# the generator (which signs every request before its clock starts).
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 secs=${1:-10}
 conns="64 256 512"  # closed-loop connection counts; each figure and baseline is taken at its best
@@ -60,9 +64,43 @@ for _ in $(seq 1 600); do
 done
 psql "$gw_db" -qc CHECKPOINT
 
-scenario() { # scenario NAME ARGS...: one cardgate-load run, its line kept
+redis_pid=$(redis-cli -u "$CARDGATE_REDIS_URL" INFO server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
+# cpu: CPU seconds used so far by the gateway, Redis and every Postgres process (JSON).
+cpu() {
+  python3 - "$pid" "$redis_pid" <<'PY'
+import json, os, sys
+hz = os.sysconf("SC_CLK_TCK")
+def secs(p):
+    try:
+        f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / hz
+    except (OSError, IndexError, ValueError):
+        return 0.0
+def comm(p):
+    try:
+        return open(f"/proc/{p}/comm").read().strip()
+    except OSError:
+        return ""
+pg = sum(secs(p) for p in os.listdir("/proc") if p.isdigit() and comm(p) == "postgres")
+print(json.dumps({"gateway": secs(sys.argv[1]), "redis": secs(sys.argv[2]), "postgres": pg}))
+PY
+}
+scenario() { # scenario NAME ARGS...: one cardgate-load run, its line kept with CPU per request by process
   note "$1"
-  "$load" run "$@" --addr "$addr" | tee -a "$results" | cut -c1-240 >&2
+  local before after line
+  before=$(cpu)
+  line=$("$load" run "$@" --addr "$addr")
+  after=$(cpu)
+  python3 - "$line" "$before" "$after" <<'PY' | tee -a "$results" | cut -c1-240 >&2
+import json, sys
+run, before, after = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+n = max(run["answered"], 1)
+cpu = {k: (after[k] - before[k]) for k in before}
+cpu["generator"] = run.get("generator_cpu_seconds", 0.0)
+run["cpu_us_per_request"] = {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}
+run["cpu_cores_busy"] = {k: round(v / run["seconds"], 2) for k, v in cpu.items()}
+print(json.dumps(run))
+PY
 }
 scenario healthz --target healthz --connections 64 --seconds "$secs"
 scenario signed-reads --target products --keys "$work/diamond" --connections 64 --seconds "$secs"
@@ -155,6 +193,42 @@ for c in 16 64; do
   pg=$(pgbench -n -c "$c" -j 2 -T "$secs" -f "$work/pgbench.sql" -D pid="$pid_pg" -D rmin="${range% *}" -D rmax="${range#* }" "$gw_db" 2>&1 |
     sed -n 's/^tps = \([0-9.]*\).*/\1/p')
   printf '{"scenario": "baseline-pgbench-%s", "connections": %s, "rate": %s}\n' "$c" "$c" "${pg:-0}" >>"$results"
+  tail -1 "$results" >&2
+done
+
+# The design a user would otherwise run: Postgres alone on a lean schema (one unique
+# index on orders, one partial index on codes), one transaction per order.
+note "baseline-pgbench-lean"
+lean_n=$((secs * 16000))
+psql "$gw_db" -q <<SQL
+CREATE TABLE lean_codes (id bigserial, product_id bigint NOT NULL, code text NOT NULL,
+                         available boolean NOT NULL DEFAULT true);
+CREATE INDEX lean_codes_available ON lean_codes (product_id, id) WHERE available;
+CREATE TABLE lean_balances (reseller_id bigint NOT NULL, balance bigint NOT NULL);
+CREATE TABLE lean_orders (reseller_id bigint NOT NULL, merchant_order_no text NOT NULL,
+                          product_id bigint NOT NULL, code_id bigint NOT NULL, amount bigint NOT NULL,
+                          created_at timestamptz NOT NULL DEFAULT now(),
+                          UNIQUE (reseller_id, merchant_order_no));
+INSERT INTO lean_codes (product_id, code) SELECT 1, 'LEAN-' || g FROM generate_series(1, $lean_n) g;
+INSERT INTO lean_balances SELECT g, 1000000000000 FROM generate_series(1, 64) g;
+CREATE UNIQUE INDEX ON lean_balances (reseller_id);
+VACUUM ANALYZE lean_codes; VACUUM ANALYZE lean_balances;
+SQL
+cat >"$work/pgbench-lean.sql" <<'SQL'
+\set rid random(1, 64)
+\set n random(1, 1000000000)
+BEGIN;
+SELECT id AS code_id FROM lean_codes WHERE product_id = 1 AND available ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED \gset
+UPDATE lean_codes SET available = false WHERE id = :code_id;
+INSERT INTO lean_orders (reseller_id, merchant_order_no, product_id, code_id, amount)
+  VALUES (:rid, 'pgb-' || :client_id || '-' || :n, 1, :code_id, 9800);
+UPDATE lean_balances SET balance = balance - 9800 WHERE reseller_id = :rid;
+COMMIT;
+SQL
+for c in 16 64; do
+  pg=$(pgbench -n -c "$c" -j 2 -T "$secs" -f "$work/pgbench-lean.sql" "$gw_db" 2>&1 |
+    sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+  printf '{"scenario": "baseline-pgbench-lean-%s", "connections": %s, "rate": %s}\n' "$c" "$c" "${pg:-0}" >>"$results"
   tail -1 "$results" >&2
 done
 

@@ -93,6 +93,17 @@ pub struct Run {
     /// Distinct codes delivered in successful order answers, and how many came again.
     pub codes_delivered: u64,
     pub codes_repeated: u64,
+    /// CPU this generator used while the clock ran (signing beforehand excluded).
+    pub cpu_seconds: f64,
+}
+
+/// User and system CPU of this process so far, from /proc (Linux reports it in USER_HZ,
+/// 100 per second on every architecture it runs on).
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// What one connection saw, kept small while the clock runs: a histogram per worker
@@ -138,33 +149,73 @@ fn authorization(key: &Key, method: &str, path: &str, body: &[u8]) -> String {
     key.signer.authorization(&key.id, &message)
 }
 
-/// Request number `n` of the run: its key goes round the keys, so every tier gets its share.
-fn request(plan: &Plan, run_id: &str, host: &str, n: u64) -> (u32, Request<Full<Bytes>>) {
-    let k = (n % plan.keys.len().max(1) as u64) as usize;
+/// Signed requests a closed-loop run prepares per second of its duration: more than the
+/// gateway can answer on this machine, so the run ends by time, not by running out.
+const PRESIGNED_PER_SEC: [(&str, u64); 2] = [("products", 200_000), ("orders", 60_000)];
+
+/// One request signed before the run starts: a generator that signs while the clock runs
+/// measures its own signing (HMAC and formatting per request) as much as the gateway.
+/// Sending one costs clones of two reference-counted buffers.
+struct Prepared {
+    key: u32,
+    authorization: hyper::header::HeaderValue,
+    body: Bytes,
+}
+
+/// Requests `0..count` of the run, signed now, on every core.
+fn prepare(plan: &Plan, run_id: &str, count: u64) -> Vec<Prepared> {
+    let one = |n: u64| {
+        let k = (n % plan.keys.len().max(1) as u64) as usize;
+        let (method, path, body) = match &plan.target {
+            Target::Orders { sku } => (
+                "POST",
+                "/v1/orders",
+                Bytes::from(format!(r#"{{"sku":"{sku}","quantity":1,"merchant_order_no":"{run_id}-{n}"}}"#)),
+            ),
+            _ => ("GET", "/v1/products", Bytes::new()),
+        };
+        let authorization = authorization(&plan.keys[k], method, path, &body)
+            .parse()
+            .expect("an authorization header is ASCII");
+        Prepared {
+            key: k as u32,
+            authorization,
+            body,
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let per = count.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = (0..threads)
+            .map(|t| scope.spawn(move || (t * per..((t + 1) * per).min(count)).map(one).collect::<Vec<_>>()))
+            .collect();
+        parts.into_iter().flat_map(|p| p.join().expect("signer thread")).collect()
+    })
+}
+
+/// Request number `n` of the run, from its prepared signature where it has one.
+fn request(plan: &Plan, host: &str, prepared: Option<&Prepared>) -> (u32, Request<Full<Bytes>>) {
     let builder = Request::builder().header("host", host);
-    let request = match &plan.target {
-        Target::Healthz => builder.uri("/healthz").body(Full::default()),
-        Target::Products => builder
-            .uri("/v1/products")
-            .header(
-                "authorization",
-                authorization(&plan.keys[k], "GET", "/v1/products", b""),
-            )
-            .body(Full::default()),
-        Target::Orders { sku } => {
-            let body = format!(r#"{{"sku":"{sku}","quantity":1,"merchant_order_no":"{run_id}-{n}"}}"#);
+    let (k, request) = match (&plan.target, prepared) {
+        (Target::Healthz, _) | (_, None) => (0, builder.uri("/healthz").body(Full::default())),
+        (Target::Products, Some(p)) => (
+            p.key,
+            builder
+                .uri("/v1/products")
+                .header("authorization", p.authorization.clone())
+                .body(Full::default()),
+        ),
+        (Target::Orders { .. }, Some(p)) => (
+            p.key,
             builder
                 .method("POST")
                 .uri("/v1/orders")
                 .header("content-type", "application/json")
-                .header(
-                    "authorization",
-                    authorization(&plan.keys[k], "POST", "/v1/orders", body.as_bytes()),
-                )
-                .body(Full::new(Bytes::from(body)))
-        }
+                .header("authorization", p.authorization.clone())
+                .body(Full::new(p.body.clone())),
+        ),
     };
-    (k as u32, request.expect("request parts are valid"))
+    (k, request.expect("request parts are valid"))
 }
 
 struct Shared {
@@ -176,6 +227,8 @@ struct Shared {
     limit: u64,
     /// Open loop: one permit per request that has fallen due.
     due: Option<Arc<Semaphore>>,
+    /// Signed before the run; empty for `/healthz`, which is not signed.
+    prepared: Vec<Prepared>,
 }
 
 async fn worker(shared: Arc<Shared>, mut sender: Option<Sender>, ready: Arc<Barrier>) -> Seen {
@@ -203,7 +256,7 @@ async fn worker(shared: Arc<Shared>, mut sender: Option<Sender>, ready: Arc<Barr
         if plan.rate.is_none() && due >= deadline {
             break;
         }
-        let (k, req) = request(plan, &shared.run_id, &host, n);
+        let (k, req) = request(plan, &host, shared.prepared.get(n as usize));
         if sender.is_none() {
             sender = connect(plan.addr).await;
         }
@@ -292,10 +345,23 @@ pub async fn run(plan: Plan) -> Run {
         .rate
         .map_or(u64::MAX, |r| (r * plan.duration.as_secs_f64()).ceil() as u64);
     let limit = by_time.min(plan.max_requests.unwrap_or(u64::MAX));
+    let run_id = format!("L{:016x}", rand::thread_rng().gen::<u64>());
+    let per_sec = |name: &str| PRESIGNED_PER_SEC.iter().find(|(n, _)| *n == name).map_or(0, |(_, r)| *r);
+    let prepared = match &plan.target {
+        Target::Healthz => Vec::new(),
+        t => {
+            let per = per_sec(if matches!(t, Target::Products) { "products" } else { "orders" });
+            let count = limit.min(per * plan.duration.as_secs().max(1));
+            prepare(&plan, &run_id, count)
+        }
+    };
+    // A signed run ends when its prepared requests do, if that comes first.
+    let limit = if prepared.is_empty() { limit } else { prepared.len() as u64 };
     let senders = futures_util::future::join_all((0..plan.connections).map(|_| warm(plan.addr))).await;
     let due = plan.rate.map(|_| Arc::new(Semaphore::new(0)));
     let shared = Arc::new(Shared {
-        run_id: format!("L{:016x}", rand::thread_rng().gen::<u64>()),
+        run_id,
+        prepared,
         next: AtomicU64::new(0),
         start: OnceLock::new(),
         limit,
@@ -307,6 +373,7 @@ pub async fn run(plan: Plan) -> Run {
         .into_iter()
         .map(|sender| tokio::spawn(worker(shared.clone(), sender, ready.clone())))
         .collect();
+    let cpu_before = own_cpu_seconds();
     let start = Instant::now();
     shared.start.set(start).expect("set once");
     ready.wait().await;
@@ -319,6 +386,7 @@ pub async fn run(plan: Plan) -> Run {
         seen.push(task.await.expect("worker"));
     }
     let elapsed = start.elapsed();
+    let cpu_seconds = own_cpu_seconds() - cpu_before;
     if let Some(p) = pacer {
         p.join().expect("pacer");
     }
@@ -357,5 +425,6 @@ pub async fn run(plan: Plan) -> Run {
         by_tier,
         codes_delivered: codes.len() as u64,
         codes_repeated,
+        cpu_seconds,
     }
 }

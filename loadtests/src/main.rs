@@ -138,6 +138,7 @@ fn summary(name: &str, plan: &Plan, run: &Run) -> Value {
         "curve": curve(&run.all.latency),
         "codes_delivered": run.codes_delivered,
         "codes_repeated": run.codes_repeated,
+        "generator_cpu_seconds": run.cpu_seconds,
         "tiers": tiers,
     })
 }
