@@ -6,19 +6,21 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-. scripts/live-gateway.sh
-start_live_gateway
-admin /admin/v1/products -H 'content-type: application/json' \
-  -d '{"sku":"client-1","name":"Client check","face_value":100,"base_price":90,"max_quantity":10}' >/dev/null
-seq -f "CHECK-%06g" 1 250 | admin /admin/v1/products/client-1/codes -H 'content-type: text/plain' --data-binary @- >/dev/null
-rid=$(admin /admin/v1/resellers -H 'content-type: application/json' -d '{"name":"Script","tier":"silver"}' | field reseller_id)
-key=$(admin "/admin/v1/resellers/$rid/keys" -X POST)
-admin "/admin/v1/resellers/$rid/balance" -H 'content-type: application/json' -d '{"amount":1000000,"reference":"fund"}' >/dev/null
-export CARDGATE_SECRET; CARDGATE_SECRET=$(echo "$key" | field secret)
-kid=$(echo "$key" | field key_id)
+# shellcheck source=scripts/lib/gateway.sh
+. scripts/lib/gateway.sh
+gw_services
+work=$(mktemp -d)
+trap 'gw_stop; rm -rf "$work"' EXIT
+gw_tag=clientcheck
+gw_log="$work/gateway.log"
+gw_start ./target/debug/cardgate
+gw_create_product '{"sku":"client-1","name":"Client check","face_value":100,"base_price":90,"max_quantity":10}'
+seq -f "CHECK-%06g" 1 250 | gw_import_codes client-1 >/dev/null
+gw_reseller silver 1000000 Script
+export CARDGATE_SECRET=$gw_secret
 { echo merchant_order_no,sku,quantity; seq -f 'm-%g,client-1,1' 1 200; echo 'too-many,client-1,100'; } >"$work/orders.csv"
 client=(./target/debug/cardgate-client orders --input "$work/orders.csv" --output "$work/codes.jsonl"
-  --base-url "$base" --key-id "$kid" --quiet)
+  --base-url "$gw_base" --key-id "$gw_key_id" --quiet)
 
 "${client[@]}" --rate 40 --batch-size 10 &
 pid=$!
@@ -27,8 +29,8 @@ kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 echo "client killed with $(wc -l <"$work/codes.jsonl") orders recorded" >&2
 "${client[@]}" --rate 200
 "${client[@]}" --rate 200   # nothing left: sends nothing, changes nothing
-balance=$(admin "/admin/v1/resellers/$rid" | field balance)
-reconciled=$(admin /admin/v1/reconcile | field ok)
+balance=$(gw_admin "/admin/v1/resellers/$gw_reseller_id" | gw_json balance)
+reconciled=$(gw_admin /admin/v1/reconcile | gw_json ok)
 python3 - "$work/codes.jsonl" "$balance" "$reconciled" <<'PY'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]

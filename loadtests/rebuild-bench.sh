@@ -10,11 +10,11 @@ start_gateway
 product bench
 code_file "$n" REBUILD
 import_codes bench >/dev/null
-redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "load$$:*" | xargs -r -n 1000 redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null
+redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "$gw_prefix:*" | xargs -r -n 1000 redis-cli -u "$CARDGATE_REDIS_URL" DEL >/dev/null
 start=$(date +%s.%N)
 until curl -fs "$base/readyz" >/dev/null 2>&1; do sleep 0.05; done
 end=$(date +%s.%N)
-stock=$(redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "load$$:*stock:*" | xargs redis-cli -u "$CARDGATE_REDIS_URL" LLEN)
+stock=$(redis-cli -u "$CARDGATE_REDIS_URL" --scan --pattern "$gw_prefix:*stock:*" | xargs redis-cli -u "$CARDGATE_REDIS_URL" LLEN)
 took=$(curl -fs "$base/metrics" | awk '/^cardgate_redis_rebuild_seconds_sum/ {print $2}')
 python3 - "$n" "$stock" "$took" "$start" "$end" <<'PY'
 import sys

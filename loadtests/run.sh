@@ -67,7 +67,7 @@ psql "$gw_db" -qc CHECKPOINT
 redis_pid=$(redis-cli -u "$CARDGATE_REDIS_URL" INFO server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
 # cpu: CPU seconds used so far by the gateway, Redis and every Postgres process (JSON).
 cpu() {
-  python3 - "$pid" "$redis_pid" <<'PY'
+  python3 - "$gw_pid" "$redis_pid" <<'PY'
 import json, os, sys
 hz = os.sysconf("SC_CLK_TCK")
 def secs(p):

@@ -12,6 +12,7 @@ use crate::auth::admin::{Passwords, Tokens};
 use crate::auth::keys::KeyCache;
 use crate::bulkhead::Bulkheads;
 use crate::catalogue::Catalogue;
+use crate::clock::Clock;
 use crate::config::{Config, Validated};
 use crate::crypto::Crypto;
 use crate::health::Health;
@@ -53,11 +54,18 @@ pub struct App {
     /// The health probe's own Postgres connection.
     pub probe: store::pg::Probe,
     pub admission: Admission,
+    /// The time of day, for everything that reads it (`crate::clock`).
+    pub clock: Clock,
 }
 
 impl App {
     /// Validates the configuration, migrates Postgres and connects to both stores.
     pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
+        App::build_with_clock(config, Clock::System).await
+    }
+
+    /// [`App::build`] reading the time from `clock` (tests: a manual one).
+    pub async fn build_with_clock(config: Config, clock: Clock) -> anyhow::Result<Arc<App>> {
         let settings = config.validate()?;
         let metrics = telemetry::prometheus();
         store::pg::migrate(&config).await?;
@@ -112,6 +120,7 @@ impl App {
             health: Health::default(),
             probe,
             admission,
+            clock,
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg_orders, &app.crypto).await?;

@@ -12,6 +12,7 @@ pub mod balance;
 pub mod bulkhead;
 pub mod callbacks;
 pub mod catalogue;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
@@ -71,7 +72,16 @@ impl Server {
     /// port 0 and learn the address first.
     /// `admin_listen`, when set, is bound here (port 0 works: see [`Server::admin_addr`]).
     pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Server> {
-        let app = app::App::build(config).await?;
+        Server::build_with_clock(config, listener, clock::Clock::System).await
+    }
+
+    /// [`Server::build`] on `clock`: tests build a gateway on a manual clock to move its time.
+    pub async fn build_with_clock(
+        config: Config,
+        listener: TcpListener,
+        clock: clock::Clock,
+    ) -> anyhow::Result<Server> {
+        let app = app::App::build_with_clock(config, clock).await?;
         let admin_listener = match app.settings.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)

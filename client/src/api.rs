@@ -4,7 +4,7 @@
 //! that says what the caller may do next (use the results, wait as told, shrink the
 //! batch, back off, or stop), so that every retry decision lives in [`crate::bulk`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
@@ -202,9 +202,7 @@ impl Api {
             }
         };
         let nonce = signing::new_nonce();
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let timestamp = signing::now_unix_secs();
         // Signed from the URL actually requested, so the path and query are exactly
         // what goes on the request line.
         let authorization = signing::authorization(

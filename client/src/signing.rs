@@ -114,6 +114,18 @@ pub fn new_nonce() -> String {
         .collect()
 }
 
+/// The timestamp to sign now, in Unix seconds: the gateway refuses one more than 300 s
+/// from its own clock, so a host whose clock drifts is refused `timestamp_out_of_window`.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the client signs on its host's real clock; the gateway's clock is not this crate's"
+)]
+pub fn now_unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Valid per docs/api.md §1: a `key_id` goes inside double quotes in the header, so quotes,
 /// commas and control characters would break the header's syntax.
 pub fn valid_key_id(key_id: &str) -> bool {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -135,9 +135,7 @@ struct ErrorBody {
 
 fn authorization(key: &Key, method: &str, path: &str, body: &[u8]) -> String {
     let nonce = format!("{:032x}", rand::thread_rng().gen::<u128>());
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let timestamp = cardgate::clock::Clock::System.now_unix_secs();
     let message = cardgate::auth::signing::Message {
         timestamp,
         nonce: &nonce,

@@ -5,7 +5,7 @@
 //! not on the hot path, and one indexed lookup is cheap next to that guarantee.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -79,6 +79,9 @@ pub struct Claims {
     pub exp: u64,
 }
 
+/// Seconds a token is still accepted past its expiry, for clocks a little apart.
+const TOKEN_LEEWAY_SECS: u64 = 5;
+
 pub struct Tokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
@@ -90,7 +93,10 @@ impl Tokens {
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
         // Only HS256: a token naming another algorithm (`none` included) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = TOKEN_LEEWAY_SECS;
+        // Expiry is judged in `verify` against the gateway's clock (`crate::clock`), not
+        // the library's own reading of the system time.
+        validation.validate_exp = false;
         validation.set_required_spec_claims(&["exp", "sub", "iat"]);
         Tokens {
             encoding: EncodingKey::from_secret(secret),
@@ -113,18 +119,18 @@ impl Tokens {
         Ok((token, exp))
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+    /// The claims of `token` if it is ours and has not expired at `now` (Unix seconds).
+    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, ApiError> {
+        let refused = || ApiError::Unauthenticated("missing, expired or invalid token");
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|d| d.claims)
-            .map_err(|_| ApiError::Unauthenticated("missing, expired or invalid token"))
+            .map_err(|_| refused())?;
+        let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
+        if exp.saturating_add(TOKEN_LEEWAY_SECS as i64) < now {
+            return Err(refused());
+        }
+        Ok(claims)
     }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The bearer token of a request, if it has one.
@@ -233,19 +239,24 @@ mod tests {
 
     #[test]
     fn tokens_verify_only_with_their_secret_and_before_expiry() {
+        const IAT: u64 = 1_700_000_000;
+        let now = IAT as i64;
         let t = Tokens::new(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60));
-        let (token, _) = t.issue("alice", unix_now()).unwrap();
-        assert_eq!(t.verify(&token).unwrap().sub, "alice");
+        let (token, exp) = t.issue("alice", IAT).unwrap();
+        assert_eq!(exp, IAT + 60);
+        assert_eq!(t.verify(&token, now).unwrap().sub, "alice");
         let other = Tokens::new(b"fedcba9876543210fedcba9876543210", Duration::from_secs(60));
-        assert!(other.verify(&token).is_err());
-        let expired = Tokens::new(b"0123456789abcdef0123456789abcdef", Duration::ZERO);
+        assert!(other.verify(&token, now).is_err());
+        let leeway = TOKEN_LEEWAY_SECS as i64;
+        assert!(t.verify(&token, now + 60 + leeway).is_ok(), "within the leeway");
+        assert!(t.verify(&token, now + 60 + leeway + 1).is_err(), "expired");
         let claims = Claims {
             sub: "alice".into(),
             iat: 1,
             exp: 2,
         };
-        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &expired.encoding).unwrap();
-        assert!(t.verify(&old).is_err());
+        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &t.encoding).unwrap();
+        assert!(t.verify(&old, now).is_err());
     }
 }
 

@@ -10,6 +10,7 @@ use hyper::http::request::Parts;
 use super::keys::Reseller;
 use super::signing::{self, AuthHeader, Signer, NONCE_TTL_SECS, TIMESTAMP_WINDOW_SECS};
 use crate::app::App;
+use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::http::Ctx;
 
@@ -37,14 +38,14 @@ pub struct Verified {
 
 /// The first two checks of docs/api.md §1, header and timestamp window: made before the body
 /// is read, so a request that could never pass is refused without reading it.
-pub fn authorization(parts: &Parts) -> Result<AuthHeader<'_>, ApiError> {
+pub fn authorization<'a>(parts: &'a Parts, clock: &Clock) -> Result<AuthHeader<'a>, ApiError> {
     let header = parts
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(signing::parse_header)
         .ok_or(ApiError::MissingAuthorization)?;
-    let now = crate::auth::admin::unix_now() as i64;
+    let now = clock.now_unix_secs();
     if (now - header.timestamp).abs() > TIMESTAMP_WINDOW_SECS {
         return Err(ApiError::TimestampOutOfWindow);
     }

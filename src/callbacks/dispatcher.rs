@@ -121,7 +121,7 @@ impl Dispatcher {
 /// one inside the window bounds the scan.
 async fn purge(app: &App, days: u32) -> anyhow::Result<u64> {
     let client = app.pg.get().await?;
-    let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(days.into());
+    let cutoff = app.clock.now() - time::Duration::days(days.into());
     let bound: i64 = client
         .query_opt(
             "SELECT id FROM events WHERE created_at >= $1 ORDER BY id LIMIT 1",
@@ -278,7 +278,7 @@ async fn post(app: &App, client: &reqwest::Client, event: &Due) -> Attempt {
         }
     }
     let body = super::envelope(&event.event_id, &event.kind, event.created_at, &event.data);
-    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    let t = app.clock.now_unix_secs();
     let sent = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -225,7 +225,7 @@ async fn outbox_gauges(c: &mut MultiplexedConnection, app: &App) {
             .first()
             .and_then(|(id, _)| id.split_once('-')?.0.parse::<u64>().ok())
             .map_or(0.0, |ms| {
-                (crate::auth::admin::unix_now() as f64 - ms as f64 / 1000.0).max(0.0)
+                ((app.clock.now_unix_ms() as f64 - ms as f64) / 1000.0).max(0.0)
             });
         metrics::gauge!("cardgate_outbox_oldest_age_seconds").set(age);
     }

@@ -218,7 +218,7 @@ async fn place_inner(
             quantity: req.quantity.clamp(0, i32::MAX as i64) as i32,
             unit_price,
             amount: amount.unwrap_or(0),
-            created_at: crate::auth::admin::unix_now() as i64,
+            created_at: app.clock.now_unix_secs(),
         };
         let mut waiter = app.waiters.register(&f.order_id);
         let t = Instant::now();

@@ -67,10 +67,7 @@ fn forge(secret: &[u8], claims: serde_json::Value, alg: jsonwebtoken::Algorithm)
 #[tokio::test]
 async fn missing_expired_forged_and_alg_none_tokens_are_401() {
     let app = spawn_app().await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = now_secs();
     let secret = app.env["CARDGATE_JWT_SECRET"].clone();
     let expired = forge(
         secret.as_bytes(),

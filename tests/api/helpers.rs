@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub use cardgate::clock::{Clock, ManualClock};
 use cardgate::Config;
 use rand::Rng;
 use tokio::net::TcpListener;
@@ -95,12 +96,25 @@ pub async fn spawn_app_with(overrides: impl FnOnce(&mut HashMap<String, String>)
 pub const MANUAL_BACKGROUND: &str = "TEST_MANUAL_BACKGROUND";
 
 /// Starts a server with exactly these settings (a second instance may share a database).
-pub async fn start(mut env: HashMap<String, String>) -> TestApp {
+pub async fn start(env: HashMap<String, String>) -> TestApp {
+    start_with_clock(env, Clock::System).await
+}
+
+/// A fresh app reading the time from `clock`: a test holding a [`ManualClock`] moves it.
+pub async fn spawn_app_on(clock: impl Into<Clock>) -> TestApp {
+    let database_url = create_database().await;
+    start_with_clock(test_env(&database_url), clock.into()).await
+}
+
+/// [`start`] on `clock`.
+pub async fn start_with_clock(mut env: HashMap<String, String>, clock: Clock) -> TestApp {
     // Not a setting of the gateway's: the test runs the periodic steps itself.
     let manual = env.remove(MANUAL_BACKGROUND).is_some();
     let config = Config::load(&env).expect("test config loads");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let mut server = cardgate::Server::build(config, listener).await.expect("server builds");
+    let mut server = cardgate::Server::build_with_clock(config, listener, clock)
+        .await
+        .expect("server builds");
     if manual {
         server = server.manual_background();
     }
@@ -434,11 +448,9 @@ pub struct ResellerKey {
     pub webhook_secret: String,
 }
 
+/// The real time, for a request signed as a reseller would sign it.
 pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    Clock::System.now_unix_secs()
 }
 
 pub fn nonce() -> String {

@@ -1,6 +1,11 @@
 //! Integration tests: one binary, every test against a real gateway on its own port, with
 //! its own Postgres database and Redis key prefix (see `helpers`).
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers fail their test by panicking, as the tests do"
+)]
+
 mod helpers;
 
 mod admin;

@@ -10,7 +10,7 @@ use crate::helpers::*;
 use crate::orders::{buyer, shop, SKU};
 
 fn at(days_ago: f64) -> String {
-    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds_f64(days_ago * 86_400.0);
+    let t = Clock::System.now() - time::Duration::seconds_f64(days_ago * 86_400.0);
     t.format(&time::format_description::well_known::Rfc3339).unwrap()
 }
 

@@ -1,6 +1,11 @@
+use std::time::Duration;
+
 use cardgate::auth::signing::{authorization, parse_header, sign, verify, Message, Signer};
 use proptest::prelude::*;
-use serde_json::Value;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{error_of, nonce, now_secs, spawn_app_on, ManualClock};
 
 /// The published vectors of docs/api.md §1, read from the file the contract links to, so
 /// that what resellers are given to check their signing against is what is verified here.
@@ -96,6 +101,43 @@ fn our_verifier_accepts_every_vector_and_rejects_any_one_byte_change() {
         bad_secret[0] ^= 0x01;
         assert!(!verify(&bad_secret, sts, &h.signature), "{name}: secret changed");
     }
+}
+
+/// The window is judged by the gateway's clock, not the host's: on a clock an hour
+/// behind, a request signed at the gateway's time is taken and one signed at the real
+/// time is refused, until the clock is moved on.
+#[tokio::test]
+async fn the_timestamp_window_is_judged_by_the_gateways_clock() {
+    const BEHIND_SECS: i64 = 3_600;
+    const MS_PER_SEC: i64 = 1_000;
+    let clock = ManualClock::at_unix_ms((now_secs() - BEHIND_SECS) * MS_PER_SEC);
+    let app = spawn_app_on(clock.clone()).await;
+    let t = app.root_token().await;
+    let k = app.reseller_with_key(&t, "gold", json!({})).await;
+    let (app, k) = (&app, &k);
+    let signed_at = |timestamp: i64| async move {
+        app.signed_at(k, Method::GET, "/v1/balance", None, timestamp, &nonce(), &[])
+            .await
+    };
+    let refused = |(status, code, _): (u16, String, Value)| status == 401 && code == "timestamp_out_of_window";
+
+    let gateway_time = clock.now_unix_ms() / MS_PER_SEC;
+    assert_eq!(
+        signed_at(gateway_time).await.status(),
+        200,
+        "signed at the gateway's time"
+    );
+    assert!(
+        refused(error_of(signed_at(now_secs()).await).await),
+        "signed at the real time, an hour ahead of the gateway's"
+    );
+
+    clock.advance(Duration::from_secs(BEHIND_SECS as u64));
+    assert_eq!(signed_at(now_secs()).await.status(), 200, "the gateway has caught up");
+    assert!(
+        refused(error_of(signed_at(gateway_time).await).await),
+        "the gateway's earlier time is an hour old now"
+    );
 }
 
 proptest! {

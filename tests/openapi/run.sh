@@ -9,14 +9,17 @@ if ! "$venv/bin/python" -c 'import schemathesis' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/openapi/requirements.txt
 fi
-. scripts/live-gateway.sh
-start_live_gateway
-admin /admin/v1/products -H 'content-type: application/json' \
-  -d '{"sku":"fuzz-1","name":"Fuzz","face_value":100,"base_price":90,"max_quantity":10}' >/dev/null
-seq -f "FUZZ-%06g" 1 500 | admin /admin/v1/products/fuzz-1/codes -H 'content-type: text/plain' --data-binary @- >/dev/null
-rid=$(admin /admin/v1/resellers -H 'content-type: application/json' -d '{"name":"Fuzz","tier":"diamond"}' | field reseller_id)
-key=$(admin "/admin/v1/resellers/$rid/keys" -X POST)
-admin "/admin/v1/resellers/$rid/balance" -H 'content-type: application/json' -d '{"amount":100000000,"reference":"fund"}' >/dev/null
-CARDGATE_FUZZ_BASE_URL="$base" CARDGATE_FUZZ_TOKEN="$token" CARDGATE_FUZZ_KEY_ID="$(echo "$key" | field key_id)" \
-  CARDGATE_FUZZ_SECRET="$(echo "$key" | field secret)" \
+# shellcheck source=scripts/lib/gateway.sh
+. scripts/lib/gateway.sh
+gw_services
+work=$(mktemp -d)
+trap 'gw_stop; rm -rf "$work"' EXIT
+gw_tag=fuzz
+gw_log="$work/gateway.log"
+gw_start ./target/debug/cardgate
+gw_create_product '{"sku":"fuzz-1","name":"Fuzz","face_value":100,"base_price":90,"max_quantity":10}'
+seq -f "FUZZ-%06g" 1 500 | gw_import_codes fuzz-1 >/dev/null
+gw_reseller diamond 100000000 Fuzz
+CARDGATE_FUZZ_BASE_URL="$gw_base" CARDGATE_FUZZ_TOKEN="$gw_token" CARDGATE_FUZZ_KEY_ID="$gw_key_id" \
+  CARDGATE_FUZZ_SECRET="$gw_secret" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/openapi/test_fuzz.py "$@"

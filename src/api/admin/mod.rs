@@ -24,7 +24,7 @@ use crate::http::{body, Ctx};
 /// now, may do `need`. Runs before the body is read, so an unauthenticated caller never
 /// gets the server to read a large body.
 pub async fn authorize(app: &App, ctx: &Ctx, parts: &Parts, need: Need) -> Result<(Admin, Actor), ApiError> {
-    let claims = app.tokens.verify(bearer(parts)?)?;
+    let claims = app.tokens.verify(bearer(parts)?, app.clock.now_unix_secs())?;
     let client = app.pg.get().await?;
     let stmt = client
         .prepare_cached(

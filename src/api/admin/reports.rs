@@ -29,6 +29,9 @@ const CHURN_GAPS: f64 = 3.0;
 
 /// The range split into what the rollup answers and what `orders` must.
 struct Range {
+    /// When the report was asked for: ranges default to end here, and what lies past it
+    /// has not happened yet.
+    now: OffsetDateTime,
     from: OffsetDateTime,
     to: OffsetDateTime,
     /// Whole days `[first, end)`, empty when the range holds none.
@@ -38,11 +41,11 @@ struct Range {
 }
 
 impl Range {
-    fn parse(q: &Query) -> Result<Range, ApiError> {
+    fn parse(q: &Query, now: OffsetDateTime) -> Result<Range, ApiError> {
         // `Query::time` answers in UTC and within years it can add days to; the
         // arithmetic is checked all the same, so no time can panic it.
         let out_of_range = || ApiError::invalid("from and to must leave a range of representable times");
-        let to = q.time("to")?.unwrap_or_else(OffsetDateTime::now_utc);
+        let to = q.time("to")?.unwrap_or(now);
         let from = match q.time("from")? {
             Some(f) => f,
             None => to.checked_sub(Duration::days(DEFAULT_DAYS)).ok_or_else(out_of_range)?,
@@ -59,6 +62,7 @@ impl Range {
         let end = midnight(to);
         Ok(if first < end {
             Range {
+                now,
                 from,
                 to,
                 whole: (first.date(), end.date()),
@@ -66,6 +70,7 @@ impl Range {
             }
         } else {
             Range {
+                now,
                 from,
                 to,
                 whole: (first.date(), first.date()),
@@ -76,7 +81,7 @@ impl Range {
 
     /// The range up to now: a range ending in the future has not happened yet.
     fn elapsed_days(&self) -> f64 {
-        let end = self.to.min(OffsetDateTime::now_utc());
+        let end = self.to.min(self.now);
         ((end - self.from).as_seconds_f64() / SECONDS_PER_DAY).max(0.0)
     }
 }
@@ -117,7 +122,7 @@ async fn open(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<(Parts, Ra
     let (parts, _) = req.into_parts();
     authorize(app, ctx, &parts, Need::Read).await?;
     let slot = app.bulkheads.reports.enter()?;
-    let range = Range::parse(&Query::parse(parts.uri.query())?)?;
+    let range = Range::parse(&Query::parse(parts.uri.query())?, app.clock.now())?;
     let client = app.pg.get().await?;
     crate::rollups::fold(&client).await?;
     Ok((parts, range, Pg { client, _slot: slot }))
@@ -194,7 +199,7 @@ pub async fn resellers(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<R
     let mut params = rows_params(&range).to_vec();
     params.push(&range.to);
     let rows = client.query(&sql, &params).await?;
-    let now = range.to.min(OffsetDateTime::now_utc());
+    let now = range.to.min(range.now);
     let lines: Vec<ResellerLine> = rows
         .iter()
         .map(|r| {
@@ -378,8 +383,24 @@ fn wants_csv(parts: &Parts) -> bool {
 mod tests {
     use super::*;
 
+    const NOW: OffsetDateTime = time::macros::datetime!(2026-12-01 12:00 UTC);
+
     fn range(from: &str, to: &str) -> Range {
-        Range::parse(&Query::parse(Some(&format!("from={from}&to={to}"))).unwrap()).unwrap_or_else(|_| panic!())
+        Range::parse(&Query::parse(Some(&format!("from={from}&to={to}"))).unwrap(), NOW).unwrap_or_else(|_| panic!())
+    }
+
+    #[test]
+    fn a_range_without_an_end_ends_now_and_only_the_past_counts() {
+        let r = Range::parse(&Query::parse(None).unwrap(), NOW).unwrap_or_else(|_| panic!());
+        assert_eq!(r.to, NOW);
+        assert_eq!(r.from, NOW - Duration::days(DEFAULT_DAYS));
+        assert_eq!(r.elapsed_days(), DEFAULT_DAYS as f64);
+        let ahead = range("2026-11-30T12:00:00Z", "2026-12-31T00:00:00Z");
+        assert_eq!(
+            ahead.elapsed_days(),
+            1.0,
+            "a range into the future has elapsed up to now"
+        );
     }
 
     #[test]
@@ -410,8 +431,10 @@ mod tests {
             time::macros::datetime!(2026-11-01 02:00 UTC),
             "offsets are honoured"
         );
-        assert!(
-            Range::parse(&Query::parse(Some("from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z")).unwrap()).is_err()
-        );
+        assert!(Range::parse(
+            &Query::parse(Some("from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z")).unwrap(),
+            NOW
+        )
+        .is_err());
     }
 }

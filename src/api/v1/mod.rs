@@ -54,7 +54,7 @@ pub async fn begin(
     cost: impl FnOnce(&[u8], &str) -> u32,
 ) -> Result<Begin, ApiError> {
     let (parts, body) = req.into_parts();
-    let header = authorization(&parts)?;
+    let header = authorization(&parts, &app.clock)?;
     let body = body::read_json_body(&parts, body, &app.config.http).await?;
     let mut verified = verify(app, ctx, &parts, &header, &body)?;
     let refusal = verified.refusal.take();
