@@ -101,7 +101,9 @@ pub struct Run {
 /// 100 per second on every architecture it runs on).
 fn own_cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -168,7 +170,9 @@ fn prepare(plan: &Plan, run_id: &str, count: u64) -> Vec<Prepared> {
             Target::Orders { sku } => (
                 "POST",
                 "/v1/orders",
-                Bytes::from(format!(r#"{{"sku":"{sku}","quantity":1,"merchant_order_no":"{run_id}-{n}"}}"#)),
+                Bytes::from(format!(
+                    r#"{{"sku":"{sku}","quantity":1,"merchant_order_no":"{run_id}-{n}"}}"#
+                )),
             ),
             _ => ("GET", "/v1/products", Bytes::new()),
         };
@@ -187,7 +191,10 @@ fn prepare(plan: &Plan, run_id: &str, count: u64) -> Vec<Prepared> {
         let parts: Vec<_> = (0..threads)
             .map(|t| scope.spawn(move || (t * per..((t + 1) * per).min(count)).map(one).collect::<Vec<_>>()))
             .collect();
-        parts.into_iter().flat_map(|p| p.join().expect("signer thread")).collect()
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("signer thread"))
+            .collect()
     })
 }
 
@@ -218,7 +225,6 @@ fn request(plan: &Plan, host: &str, prepared: Option<&Prepared>) -> (u32, Reques
 
 struct Shared {
     plan: Plan,
-    run_id: String,
     next: AtomicU64,
     /// Set once every connection is open, just before the workers are let go.
     start: OnceLock<Instant>,
@@ -344,21 +350,33 @@ pub async fn run(plan: Plan) -> Run {
         .map_or(u64::MAX, |r| (r * plan.duration.as_secs_f64()).ceil() as u64);
     let limit = by_time.min(plan.max_requests.unwrap_or(u64::MAX));
     let run_id = format!("L{:016x}", rand::thread_rng().gen::<u64>());
-    let per_sec = |name: &str| PRESIGNED_PER_SEC.iter().find(|(n, _)| *n == name).map_or(0, |(_, r)| *r);
+    let per_sec = |name: &str| {
+        PRESIGNED_PER_SEC
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, r)| *r)
+    };
     let prepared = match &plan.target {
         Target::Healthz => Vec::new(),
         t => {
-            let per = per_sec(if matches!(t, Target::Products) { "products" } else { "orders" });
+            let per = per_sec(if matches!(t, Target::Products) {
+                "products"
+            } else {
+                "orders"
+            });
             let count = limit.min(per * plan.duration.as_secs().max(1));
             prepare(&plan, &run_id, count)
         }
     };
     // A signed run ends when its prepared requests do, if that comes first.
-    let limit = if prepared.is_empty() { limit } else { prepared.len() as u64 };
+    let limit = if prepared.is_empty() {
+        limit
+    } else {
+        prepared.len() as u64
+    };
     let senders = futures_util::future::join_all((0..plan.connections).map(|_| warm(plan.addr))).await;
     let due = plan.rate.map(|_| Arc::new(Semaphore::new(0)));
     let shared = Arc::new(Shared {
-        run_id,
         prepared,
         next: AtomicU64::new(0),
         start: OnceLock::new(),

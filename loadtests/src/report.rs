@@ -217,7 +217,10 @@ fn markdown(lines: &[Value], checks: &[Check]) -> String {
     for l in lines.iter().filter(|l| l.get("cpu_us_per_request").is_some()) {
         let us = |k: &str| num(l, &["cpu_us_per_request", k]).unwrap_or(0.0);
         let busy = |k: &str| num(l, &["cpu_cores_busy", k]).unwrap_or(0.0);
-        let total: f64 = ["gateway", "redis", "postgres", "generator"].iter().map(|k| us(k)).sum();
+        let total: f64 = ["gateway", "redis", "postgres", "generator"]
+            .iter()
+            .map(|k| us(k))
+            .sum();
         s.push_str(&format!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {total:.1} | {:.2} / {:.2} / {:.2} / {:.2} |\n",
             l["scenario"].as_str().unwrap_or("?"),
