@@ -131,14 +131,17 @@ impl Server {
         let mut tasks = Background::default();
         tasks.spawn(sync::listen(self.app.clone()));
         tasks.spawn(sync::refresh_periodically(self.app.clone()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut dispatcher = None;
         if !self.manual_background {
             tasks.spawn(health::watch(self.app.clone()));
-            tasks.spawn(callbacks::dispatcher::run(self.app.clone()));
+            let d = tokio::spawn(callbacks::dispatcher::run(self.app.clone(), stopped.clone()));
+            tasks.0.push(d.abort_handle());
+            dispatcher = Some(d);
             tasks.spawn(gauges::run(self.app.clone()));
             tasks.spawn(rollups::run(self.app.clone()));
             tasks.spawn(hot_balance::run(self.app.clone()));
         }
-        let (stop, stopped) = tokio::sync::watch::channel(false);
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
             .map(|i| tokio::spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))
             .collect();
@@ -162,6 +165,12 @@ impl Server {
             // Whatever is left stays in the outbox, claimed by another gateway or by
             // this one's next start.
             tracing::warn!("ledger writers did not finish draining in time");
+        }
+        // Callback attempts in flight end within their timeout; one cut short would leave
+        // its event leased, unsent, until the lease runs out.
+        if let Some(d) = dispatcher {
+            let attempts = std::time::Duration::from_millis(app.config.callbacks.timeout_ms + 1_000);
+            let _ = tokio::time::timeout(attempts, d).await;
         }
         drop((tasks, writer_guard));
         Ok(())

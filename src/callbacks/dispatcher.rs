@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_postgres::Row;
 
 use super::target::{self, Refused};
@@ -25,9 +25,12 @@ const ERROR_TEXT_MAX_BYTES: usize = 200;
 const RECEIVER_ANSWER_READ_MAX_BYTES: usize = 256;
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
-/// Delivers due callbacks for the life of the server: as many at once as
-/// `callbacks.concurrency`, claiming more as deliveries finish.
-pub async fn run(app: Arc<App>) {
+/// Delivers due callbacks until `stop` turns true: as many at once as
+/// `callbacks.concurrency`, claiming more as deliveries finish. On stop it claims nothing
+/// more and returns once the attempts in flight have ended (each within its timeout): an
+/// event claimed and then dropped would wait out its lease before another gateway could
+/// try it.
+pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let dispatcher = match Dispatcher::new(&app) {
         Ok(d) => d,
         Err(e) => {
@@ -36,10 +39,11 @@ pub async fn run(app: Arc<App>) {
         }
     };
     let cfg = &app.config.callbacks;
-    let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let concurrency = cfg.concurrency.max(1);
+    let slots = Arc::new(Semaphore::new(concurrency));
     let poll = Duration::from_millis(cfg.poll_ms);
     let mut next_purge = Instant::now();
-    loop {
+    while !*stop.borrow() {
         if cfg.retention_days > 0 && Instant::now() >= next_purge {
             next_purge = Instant::now() + PURGE_EVERY;
             match purge(&app, cfg.retention_days).await {
@@ -48,32 +52,40 @@ pub async fn run(app: Arc<App>) {
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "purging old callback events failed"),
             }
         }
-        let free = slots.available_permits();
-        if free == 0 {
-            // Wait for a delivery to finish before claiming more.
-            drop(slots.acquire().await);
-            continue;
-        }
-        match claim(&app, cfg, free).await {
-            Ok(due) if !due.is_empty() => {
+        // The slots first, then the claim: nothing waits between claiming an event and
+        // starting its attempt.
+        let free = slots.available_permits().max(1);
+        let Ok(mut permits) = slots.clone().acquire_many_owned(free as u32).await else {
+            return;
+        };
+        let idle = match claim(&app, cfg, free).await {
+            Ok(due) => {
+                let idle = due.is_empty();
                 for event in due {
-                    let Ok(slot) = slots.clone().acquire_owned().await else {
-                        return;
-                    };
+                    let slot = permits.split(1);
                     let (app, client) = (app.clone(), dispatcher.client.clone());
                     tokio::spawn(async move {
                         deliver(&app, &client, event).await;
                         drop(slot);
                     });
                 }
+                idle
             }
-            Ok(_) => tokio::time::sleep(poll).await,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming due callbacks failed");
-                tokio::time::sleep(poll).await;
+                true
+            }
+        };
+        drop(permits);
+        if idle {
+            tokio::select! {
+                () = tokio::time::sleep(poll) => {}
+                _ = stop.changed() => {}
             }
         }
     }
+    // Every slot back: every attempt in flight has ended.
+    let _ = slots.acquire_many(concurrency as u32).await;
 }
 
 /// The delivery side of callbacks: the HTTP client every attempt goes out through.
