@@ -12,7 +12,6 @@ pub mod session;
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
 
 use crate::app::App;
 use crate::audit::Actor;
@@ -89,9 +88,4 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
         return Err(ApiError::invalid("name must be 1 to 200 characters"));
     }
     Ok(())
-}
-
-/// For PATCH fields that may be set to `null`: absent is `None`, `null` is `Some(None)`.
-pub fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
 }
