@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::http::query::{page, rfc3339, Page};
+use crate::http::query::{page, rfc3339, Page, Window};
 
 #[derive(Debug, Clone)]
 pub struct Actor {
@@ -114,14 +114,12 @@ impl<'c> std::ops::Deref for Audited<'c> {
 pub struct Search<'a> {
     pub actor: Option<&'a str>,
     pub action: Option<&'a str>,
-    pub from: Option<time::OffsetDateTime>,
-    pub to: Option<time::OffsetDateTime>,
-    pub cursor: Option<i64>,
-    pub limit: i64,
+    pub window: Window,
 }
 
 /// The audit log, newest first, one page of it.
 pub async fn search(app: &App, s: &Search<'_>) -> Result<Page, ApiError> {
+    let w = &s.window;
     let client = app.pg.get().await?;
     let mut rows = client
         .query(
@@ -130,10 +128,10 @@ pub async fn search(app: &App, s: &Search<'_>) -> Result<Page, ApiError> {
                AND ($3::timestamptz IS NULL OR at >= $3) AND ($4::timestamptz IS NULL OR at < $4)
                AND ($5::bigint IS NULL OR id < $5)
              ORDER BY id DESC LIMIT $6",
-            &[&s.actor, &s.action, &s.from, &s.to, &s.cursor, &(s.limit + 1)],
+            &[&s.actor, &s.action, &w.from, &w.to, &w.cursor, &(w.limit + 1)],
         )
         .await?;
-    let more = page(&mut rows, s.limit);
+    let more = page(&mut rows, w.limit);
     Ok(Page::of(&rows, more, 0, |r| {
         json!({"id": r.get::<_, i64>(0), "at": rfc3339(r.get(1)), "actor": r.get::<_, &str>(2),
                "actor_kind": r.get::<_, &str>(3), "action": r.get::<_, &str>(4),

@@ -111,6 +111,14 @@ pub fn page<R>(rows: &mut Vec<R>, limit: i64) -> bool {
     more
 }
 
+/// Where a newest-first search looks: `[from, to)`, below `cursor`, at most `limit` rows.
+pub struct Window {
+    pub from: Option<time::OffsetDateTime>,
+    pub to: Option<time::OffsetDateTime>,
+    pub cursor: Option<i64>,
+    pub limit: i64,
+}
+
 /// One page of a search, newest first: the entries and the cursor to the next page
 /// (`None` when none follows).
 pub struct Page {

@@ -4,21 +4,19 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::http::query::{page, rfc3339, Page};
+use crate::http::query::{page, rfc3339, Page, Window};
 
 /// What the search filters on; every field optional.
 pub struct Search<'a> {
     pub reseller_id: Option<&'a str>,
     pub sku: Option<&'a str>,
-    pub from: Option<time::OffsetDateTime>,
-    pub to: Option<time::OffsetDateTime>,
     /// `fulfilled` or `refunded`.
     pub status: Option<&'a str>,
-    pub cursor: Option<i64>,
-    pub limit: i64,
+    pub window: Window,
 }
 
 pub async fn search(app: &App, s: &Search<'_>) -> Result<Page, ApiError> {
+    let w = &s.window;
     let client = app.pg.get().await?;
     let mut rows = client
         .query(
@@ -32,15 +30,15 @@ pub async fn search(app: &App, s: &Search<'_>) -> Result<Page, ApiError> {
             &[
                 &s.reseller_id,
                 &s.sku,
-                &s.from,
-                &s.to,
+                &w.from,
+                &w.to,
                 &s.status,
-                &s.cursor,
-                &(s.limit + 1),
+                &w.cursor,
+                &(w.limit + 1),
             ],
         )
         .await?;
-    let more = page(&mut rows, s.limit);
+    let more = page(&mut rows, w.limit);
     Ok(Page::of(&rows, more, 0, |r| {
         json!({"order_id": r.get::<_, &str>(1), "reseller_id": r.get::<_, &str>(2),
                "merchant_order_no": r.get::<_, &str>(3), "sku": r.get::<_, &str>(4),

@@ -4,26 +4,29 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
-use super::authorize;
+use super::authorized_head;
 use crate::app::App;
 use crate::audit::{self, Search};
 use crate::auth::admin::Need;
 use crate::error::ApiError;
-use crate::http::query::Query;
+use crate::http::query::{Query, Window};
 use crate::http::{response, Body, Ctx};
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::ReadAudit).await?;
+    let (parts, _) = authorized_head(app, ctx, req, Need::ReadAudit).await?;
     let _slot = app.bulkheads.reports.enter()?;
     let q = Query::parse(parts.uri.query())?;
+    let limit = q.page_limit()?;
+    let cursor = q.int("cursor")?;
     let search = Search {
-        limit: q.page_limit()?,
-        cursor: q.int("cursor")?,
         actor: q.get("actor"),
         action: q.get("action"),
-        from: q.time("from")?,
-        to: q.time("to")?,
+        window: Window {
+            from: q.time("from")?,
+            to: q.time("to")?,
+            cursor,
+            limit,
+        },
     };
     let found = audit::search(app, &search).await?;
     response::json(

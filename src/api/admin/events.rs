@@ -5,7 +5,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
-use super::authorize;
+use super::authorized_head;
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::callbacks::events;
@@ -15,8 +15,7 @@ use crate::http::{response, Body, Ctx};
 
 /// `GET /admin/v1/resellers/{id}/events?limit=&cursor=`: newest first.
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>, reseller_id: &str) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
     let q = Query::parse(parts.uri.query())?;
     let limit = q.page_limit()?;
     let cursor = q.int("cursor")?;
@@ -34,8 +33,7 @@ pub async fn redeliver(
     req: Request<Incoming>,
     event_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let (_, actor) = authorized_head(app, ctx, req, Need::Write).await?;
     let event = events::redeliver(app, &actor, event_id).await?;
     response::json(StatusCode::ACCEPTED, &event)
 }

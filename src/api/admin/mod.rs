@@ -66,6 +66,18 @@ pub async fn authorize(app: &App, ctx: &Ctx, parts: &Parts, need: Need) -> Resul
     ))
 }
 
+/// The preamble of every admin route without a body: the request's head, authorized.
+pub async fn authorized_head(
+    app: &App,
+    ctx: &Ctx,
+    req: hyper::Request<Incoming>,
+    need: Need,
+) -> Result<(Parts, Actor), ApiError> {
+    let (parts, _) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, need).await?;
+    Ok((parts, actor))
+}
+
 /// Reads and parses a JSON body within the configured size and time limits.
 pub async fn json<T: DeserializeOwned>(app: &App, parts: &Parts, body: Incoming) -> Result<T, ApiError> {
     let bytes = body::read_json_body(parts, body, &app.config.http).await?;

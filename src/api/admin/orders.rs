@@ -7,19 +7,18 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::authorize;
+use super::{authorize, authorized_head};
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
-use crate::http::query::Query;
+use crate::http::query::{Query, Window};
 use crate::http::{response, Body, Ctx};
 use crate::orders::search::{self, Search};
 
 const REASON_MAX: usize = 500;
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
     let _slot = app.bulkheads.reports.enter()?;
     let q = Query::parse(parts.uri.query())?;
     let limit = q.page_limit()?;
@@ -36,11 +35,13 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
     let search = Search {
         reseller_id: q.get("reseller_id"),
         sku: q.get("sku"),
-        from,
-        to,
         status,
-        cursor: q.int("cursor")?,
-        limit,
+        window: Window {
+            from,
+            to,
+            cursor: q.int("cursor")?,
+            limit,
+        },
     };
     let found = search::search(app, &search).await?;
     response::json(
@@ -79,8 +80,7 @@ pub async fn refund(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str
 /// The reconciliation report; `200` either way, with `"ok": false` and the problems
 /// listed when anything disagrees.
 pub async fn reconcile(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    authorized_head(app, ctx, req, Need::Read).await?;
     let _slot = app.bulkheads.reports.enter()?;
     let report = crate::reconcile::run(app).await.map_err(ApiError::store)?;
     if !report.ok {

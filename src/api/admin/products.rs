@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
-use super::{authorize, authorized_json, check_name};
+use super::{authorized_head, authorized_json, check_name};
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::catalogue::products::{self, NewProduct, ProductPatch};
@@ -102,14 +102,12 @@ pub async fn patch(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> R
 }
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    authorized_head(app, ctx, req, Need::Read).await?;
     let products = products::list(app).await?;
     response::json(StatusCode::OK, &json!({"products": products}))
 }
 
 pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    authorized_head(app, ctx, req, Need::Read).await?;
     response::json(StatusCode::OK, &products::get(app, sku).await?)
 }

@@ -8,7 +8,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
-use super::authorize;
+use super::authorized_head;
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
@@ -23,8 +23,7 @@ async fn open(
     ctx: &Ctx,
     req: Request<Incoming>,
 ) -> Result<(Parts, Range, tokio::sync::OwnedSemaphorePermit), ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
     let slot = app.bulkheads.reports.enter()?;
     let range = Range::parse(&Query::parse(parts.uri.query())?)?;
     Ok((parts, range, slot))

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::{authorize, authorized_json, check_name};
+use super::{authorized_head, authorized_json, check_name};
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::balance::{self, Adjustment, ADJUSTMENT_MAX_ABS};
@@ -130,14 +130,12 @@ pub async fn patch(
 }
 
 pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>, reseller_id: &str) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    authorized_head(app, ctx, req, Need::Read).await?;
     response::json(StatusCode::OK, &resellers::get(app, reseller_id).await?)
 }
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    authorize(app, ctx, &parts, Need::Read).await?;
+    authorized_head(app, ctx, req, Need::Read).await?;
     let list = resellers::list(app).await?;
     response::json(StatusCode::OK, &json!({"resellers": list}))
 }
@@ -148,8 +146,7 @@ pub async fn create_key(
     req: Request<Incoming>,
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let (_, actor) = authorized_head(app, ctx, req, Need::Write).await?;
     let key = resellers::create_key(app, &actor, reseller_id).await?;
     response::secret_json(StatusCode::CREATED, &key)
 }
@@ -162,8 +159,7 @@ pub async fn rotate_webhook_secret(
     req: Request<Incoming>,
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let (_, actor) = authorized_head(app, ctx, req, Need::Write).await?;
     let secret = resellers::rotate_webhook_secret(app, &actor, reseller_id).await?;
     response::secret_json(
         StatusCode::OK,
@@ -177,8 +173,7 @@ pub async fn revoke_key(
     req: Request<Incoming>,
     key_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, _) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let (_, actor) = authorized_head(app, ctx, req, Need::Write).await?;
     let revoked_at = resellers::revoke_key(app, &actor, key_id).await?;
     response::json(
         StatusCode::OK,
