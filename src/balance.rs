@@ -1,16 +1,21 @@
 //! Operator balance adjustments: Postgres ledger first for credits, the Redis hot balance
 //! first for debits.
 //!
+//! A credit's way: `POST /admin/v1/resellers/{id}/balance` -> `api/admin/resellers.rs`
+//! `adjust_balance` (parses and bounds the request) -> [`adjust`] here (the ledger row,
+//! its audit row and the pending credit in one transaction) -> [`crate::hot_balance`]
+//! `settle` (the credit applied to the Redis hot balance exactly once).
+//!
 //! The hot balance is the Postgres balance less the orders in flight. A debit must not
 //! take money an in-flight order already holds, so it is taken from the hot balance
 //! before the ledger row is written (and given back if the row is not); a credit is
 //! written to the ledger first and only then made spendable. Both hot-balance moves are
 //! guarded by the Redis epoch the ledger transaction saw ([`crate::rebuild`]).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::app::App;
-use crate::audit::{self, Actor};
+use crate::audit::{Actor, Audited};
 use crate::error::ApiError;
 use crate::hot_balance::{self, Held};
 use crate::money::{self, MONEY_MAX_MINOR};
@@ -19,6 +24,16 @@ use crate::money::{self, MONEY_MAX_MINOR};
 /// that a typo of a few digits is refused rather than booked.
 pub const ADJUSTMENT_MAX_ABS: i64 = 1_000_000_000_000;
 const _: () = assert!(ADJUSTMENT_MAX_ABS <= MONEY_MAX_MINOR);
+
+/// `POST /admin/v1/resellers/{id}/balance`, bounded by the handler.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adjustment {
+    pub amount: i64,
+    /// Idempotency: one adjustment per reseller and reference.
+    pub reference: String,
+    pub note: Option<String>,
+}
 
 #[derive(Debug, Serialize)]
 pub struct Adjusted {
@@ -32,15 +47,8 @@ pub struct Adjusted {
     pub replayed: bool,
 }
 
-pub async fn adjust(
-    app: &App,
-    actor: &Actor,
-    reseller_pk: i64,
-    reseller_id: &str,
-    amount: i64,
-    reference: &str,
-    note: Option<&str>,
-) -> Result<Adjusted, ApiError> {
+pub async fn adjust(app: &App, actor: &Actor, reseller_id: &str, a: &Adjustment) -> Result<Adjusted, ApiError> {
+    let (amount, reference, note) = (a.amount, a.reference.as_str(), a.note.as_deref());
     let answer = |balance: i64, replayed: bool| Adjusted {
         reseller_id: reseller_id.to_string(),
         amount,
@@ -56,6 +64,7 @@ pub async fn adjust(
         )));
     }
     let mut client = app.pg.get().await?;
+    let reseller_pk = crate::resellers::pk_of(&client, reseller_id).await?;
     let earlier = "SELECT amount, balance_after FROM balance_ledger WHERE reseller_id = $1 AND kind = 'adjustment' AND reference = $2";
     let replay = |row: tokio_postgres::Row| {
         if row.get::<_, i64>(0) != amount {
@@ -78,8 +87,8 @@ pub async fn adjust(
         None
     };
 
-    let tx = client.transaction().await?;
-    let epoch = crate::rebuild::fence(&tx).await?;
+    let tx = Audited::begin(&mut client, actor, "balance.adjust", reseller_id).await?;
+    let epoch = crate::rebuild::fence(&*tx).await?;
     let held = match recorded_epoch {
         None => Ok(Held::NotHeld),
         // A rebuild came between: nothing was taken, the caller retries.
@@ -97,20 +106,7 @@ pub async fn adjust(
     };
     let written = match held {
         Ok(Held::Short) => Err(ApiError::InsufficientBalance),
-        Ok(_) => {
-            write(
-                &tx,
-                actor,
-                reseller_pk,
-                reseller_id,
-                amount,
-                reference,
-                note,
-                epoch,
-                debit,
-            )
-            .await
-        }
+        Ok(_) => write(&tx, actor, reseller_pk, amount, reference, note, epoch, debit).await,
         Err((e, unknown)) => {
             let _ = tx.rollback().await;
             // If it may have been taken, the record stays and is given back once abandoned.
@@ -122,8 +118,11 @@ pub async fn adjust(
     };
     // The transaction ends before the hold is dealt with: it may hold the record's lock.
     let written = match written {
-        Ok(Written::New { balance_after }) => tx.commit().await.map(|()| Some(balance_after)).map_err(ApiError::from),
-        Ok(Written::Earlier) => tx.rollback().await.map(|()| None).map_err(ApiError::from),
+        Ok(Written::New { balance_after }) => tx
+            .commit(serde_json::json!({"amount": amount, "reference": reference}))
+            .await
+            .map(|()| Some(balance_after)),
+        Ok(Written::Earlier) => tx.rollback().await.map(|()| None),
         Err(e) => {
             let _ = tx.rollback().await;
             Err(e)
@@ -163,14 +162,14 @@ enum Written {
     Earlier,
 }
 
-/// The ledger row, its audit row and, for a credit, the record that makes it spendable,
-/// in the adjustment's transaction; for a debit, the hold it made final.
+/// The ledger row and, for a credit, the record that makes it spendable, in the
+/// adjustment's transaction (which commits with its audit row); for a debit, the hold it
+/// made final.
 #[allow(clippy::too_many_arguments)]
 async fn write(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &Audited<'_>,
     actor: &Actor,
     reseller_pk: i64,
-    reseller_id: &str,
     amount: i64,
     reference: &str,
     note: Option<&str>,
@@ -201,7 +200,7 @@ async fn write(
         return Ok(Written::Earlier);
     };
     if debit {
-        hot_balance::keep_hold(tx, reseller_pk, reference).await?;
+        hot_balance::keep_hold(&**tx, reseller_pk, reference).await?;
     }
     // The AFTER trigger that moved the balance has run by now and recorded the result.
     let ledger_id: i64 = row.get(0);
@@ -210,16 +209,7 @@ async fn write(
         .await?
         .get(0);
     if amount > 0 {
-        hot_balance::record_credit(tx, reseller_pk, ledger_id, amount, epoch).await?;
+        hot_balance::record_credit(&**tx, reseller_pk, ledger_id, amount, epoch).await?;
     }
-    audit::record(
-        tx,
-        actor,
-        "balance.adjust",
-        Some(reseller_id),
-        None,
-        serde_json::json!({"amount": amount, "reference": reference}),
-    )
-    .await?;
     Ok(Written::New { balance_after })
 }

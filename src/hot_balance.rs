@@ -10,6 +10,9 @@
 //! request applies its own at once; a replay of it, and [`settle_due`] every second,
 //! retry whatever is left. docs/invariants.md invariant 11: once per movement.
 //!
+//! Movements come from `balance::adjust` (operator credits and debits, reached from
+//! `api/admin/resellers.rs` `adjust_balance`) and `orders::refund`.
+//!
 //! A credit:  ledger row + `credit` row in one transaction -> commit -> [`settle`].
 //! A debit:   [`record_hold`] (committed on its own) -> transaction: [`take_hold`] in
 //!            Redis, ledger row, [`keep_hold`] deletes the record -> commit. If the

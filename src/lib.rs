@@ -28,6 +28,8 @@ pub mod overload;
 pub mod ratelimit;
 pub mod rebuild;
 pub mod reconcile;
+pub mod reports;
+pub mod resellers;
 pub mod reserve;
 pub mod rollups;
 pub mod stock;

@@ -1,5 +1,7 @@
-//! Who is calling: operators by JWT (`admin`), resellers by HMAC signature (`signing`).
+//! Who is calling: operators by JWT (`admin`) against their accounts in Postgres
+//! (`accounts`), resellers by HMAC signature (`signing`).
 
+pub mod accounts;
 pub mod admin;
 pub mod keys;
 pub mod reseller;

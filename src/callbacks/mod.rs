@@ -1,9 +1,10 @@
 //! Merchant callbacks (docs/api.md §4, "Merchant callbacks"): events are queued in Postgres by
-//! the transaction that makes them happen (`ledger_commit` and the event triggers in
-//! migrations/V1__baseline.sql), and delivered from there by `dispatcher`, at least once,
-//! signed with the reseller's webhook secret.
+//! the transaction that makes them happen (where each type is queued: `events`), and
+//! delivered from there by `dispatcher`, at least once, signed with the reseller's webhook
+//! secret.
 
 pub mod dispatcher;
+pub mod events;
 pub mod target;
 
 use hmac::{Hmac, Mac};

@@ -113,6 +113,13 @@ fn has_escaped_nul(b: &[u8]) -> bool {
     false
 }
 
+/// For PATCH fields that may be set to `null`: absent is `None`, `null` is `Some(None)`.
+pub fn nullable<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -111,6 +111,39 @@ pub fn page<R>(rows: &mut Vec<R>, limit: i64) -> bool {
     more
 }
 
+/// Where a newest-first search looks: `[from, to)`, below `cursor`, at most `limit` rows.
+pub struct Window {
+    pub from: Option<time::OffsetDateTime>,
+    pub to: Option<time::OffsetDateTime>,
+    pub cursor: Option<i64>,
+    pub limit: i64,
+}
+
+/// One page of a search, newest first: the entries and the cursor to the next page
+/// (`None` when none follows).
+pub struct Page {
+    pub items: Vec<serde_json::Value>,
+    pub next_cursor: Option<String>,
+}
+
+impl Page {
+    /// The page of `rows` (already trimmed by [`page`]), each shown by `show`; the cursor
+    /// is the id in column `id_column` of the last row.
+    pub fn of(
+        rows: &[tokio_postgres::Row],
+        more: bool,
+        id_column: usize,
+        show: impl Fn(&tokio_postgres::Row) -> serde_json::Value,
+    ) -> Page {
+        Page {
+            items: rows.iter().map(show).collect(),
+            next_cursor: more
+                .then(|| rows.last().map(|r| r.get::<_, i64>(id_column).to_string()))
+                .flatten(),
+        }
+    }
+}
+
 /// RFC 3339 in UTC, to the second, as every time in the API is written.
 pub fn rfc3339(t: time::OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(t);

@@ -1,5 +1,5 @@
 //! Orders: placing one (reserve in Redis, wait for the ledger writer's commit), reading
-//! one back from Postgres, refunding one.
+//! one back from Postgres, refunding one (`refund`), searching them for operators (`search`).
 //!
 //! # An order, hop by hop
 //!
@@ -15,7 +15,7 @@
 //!    the HMAC checked against the key cache (`auth/signing.rs`, `auth/keys.rs`), the
 //!    tier's token bucket (`ratelimit.rs`) and admission under overload (`overload.rs`).
 //! 4. `api/v1/orders.rs` `create`: the body parsed into an [`OrderRequest`].
-//! 5. Here, [`place`]: the product and price from the catalogue cache (`catalogue.rs`);
+//! 5. Here, [`place`]: the product and price from the catalogue cache (`catalogue/mod.rs`);
 //!    refusals the gateway can decide are settled into a [`Refusal`] but not yet reported;
 //!    the [`Fulfilment`] is built and a waiter registered (`ledger/mod.rs` `Waiters`).
 //! 6. `reserve/mod.rs` `reserve_cmd` and `reserve/reserve.lua`: one `EVALSHA` spends the
@@ -35,6 +35,7 @@
 //!    `http/mod.rs`. Any refusal maps to `error.rs`'s one table of statuses and codes.
 
 pub mod refund;
+pub mod search;
 
 use std::time::{Duration, Instant};
 

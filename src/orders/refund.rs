@@ -1,10 +1,12 @@
 //! Refunds: the amount back to the balance through the ledger, the codes voided so they
-//! are never sold again. Idempotent: a second refund of an order answers the first.
+//! are never sold again, the audit row with them. Idempotent: a second refund of an order
+//! answers the first. The `order.refunded` event comes from the `order_refunded` trigger
+//! on the status change (`callbacks::events`).
 
 use serde::Serialize;
 
 use crate::app::App;
-use crate::audit::{self, Actor};
+use crate::audit::{Actor, Audited};
 use crate::error::ApiError;
 
 #[derive(Debug, Serialize)]
@@ -22,8 +24,8 @@ pub struct Refunded {
 
 pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&str>) -> Result<Refunded, ApiError> {
     let mut client = app.pg.get().await?;
-    let tx = client.transaction().await?;
-    let epoch = crate::rebuild::fence(&tx).await?;
+    let tx = Audited::begin(&mut client, actor, "order.refund", order_id).await?;
+    let epoch = crate::rebuild::fence(&*tx).await?;
     let row = tx
         .query_opt(
             "SELECT o.id, o.reseller_id, r.reseller_id, o.amount, o.currency, o.status, o.refunded_at, o.refund_reason
@@ -72,18 +74,10 @@ pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&st
             )
             .await?
             .get(0);
-        crate::hot_balance::record_credit(&tx, reseller_pk, ledger_id, amount, epoch).await?;
+        crate::hot_balance::record_credit(&*tx, reseller_pk, ledger_id, amount, epoch).await?;
     }
-    audit::record(
-        &tx,
-        actor,
-        "order.refund",
-        Some(order_id),
-        None,
-        serde_json::json!({"amount": amount, "reason": reason}),
-    )
-    .await?;
-    tx.commit().await?;
+    tx.commit(serde_json::json!({"amount": amount, "reason": reason}))
+        .await?;
     drop(client);
     // Spendable only once recorded; if Redis misses it now, the background step applies it.
     crate::hot_balance::settle(app, Some(reseller_pk)).await;

@@ -1,5 +1,9 @@
 //! Streamed code import: lines are encrypted and inserted in batches, each batch then
 //! pushed onto the product's Redis stock list.
+//!
+//! Each batch commits on its own, so an import cut short keeps what went in and can be
+//! re-run; its audit row (`codes.import`, the counts) therefore follows the batches
+//! rather than sharing their transaction.
 
 use std::time::Duration;
 
@@ -11,6 +15,8 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use super::lines::{Line, Splitter};
+use crate::app::App;
+use crate::audit::{Actor, Audited};
 use crate::crypto::{Crypto, Purpose};
 use crate::error::ApiError;
 use crate::store::keys::Keys;
@@ -25,6 +31,39 @@ pub struct ImportReport {
     pub imported: u64,
     pub duplicates: u64,
     pub rejected: u64,
+}
+
+/// Imports `body` (one code per line) into the product `sku` within the configured size
+/// and time limits, and audits it.
+pub async fn import(app: &App, actor: &Actor, sku: &str, body: Incoming) -> Result<ImportReport, ApiError> {
+    // No connection is held while the body streams in: each batch takes its own.
+    let product_id = crate::catalogue::products::id_of(&app.pg.get().await?, sku).await?;
+    let importer = Importer {
+        pg: &app.pg,
+        redis: app.redis(),
+        crypto: &app.crypto,
+        keys: &app.keys,
+        product_id,
+    };
+    let mut report = ImportReport::default();
+    let limit = app.config.http.import_body_max_bytes;
+    let timeout = Duration::from_millis(app.config.http.import_read_timeout_ms);
+    let done = importer.run(body, limit, timeout, &mut report).await;
+    // An import cut short keeps the batches it committed: audited all the same, with what
+    // went in and what stopped it (re-running it is safe: known codes are duplicates).
+    if done.is_ok() || report.imported > 0 {
+        let mut detail = serde_json::to_value(report).map_err(ApiError::internal)?;
+        if let Err(e) = &done {
+            detail["interrupted_by"] = serde_json::json!(e.code());
+        }
+        let mut client = app.pg.get().await?;
+        Audited::begin(&mut client, actor, "codes.import", sku)
+            .await?
+            .commit(detail)
+            .await?;
+    }
+    done?;
+    Ok(report)
 }
 
 pub struct Importer<'a> {

@@ -1,11 +1,14 @@
 //! Voiding unsold codes (a bad batch from a supplier): out of Redis first, so a code
 //! being voided cannot be reserved meanwhile, then marked voided in Postgres, all inside
-//! the rebuild fence ([`crate::rebuild`]).
+//! the rebuild fence ([`crate::rebuild`]) and in one transaction with the audit row
+//! (`codes.void`, the report as its detail).
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::GenericClient;
 use redis::aio::ConnectionManager;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::app::App;
+use crate::audit::{Actor, Audited};
 use crate::crypto::Crypto;
 use crate::error::ApiError;
 use crate::store::keys::Keys;
@@ -22,8 +25,45 @@ pub struct VoidReport {
     pub not_available: u64,
 }
 
+/// Codes named in one void call.
+pub const VOID_CODES_MAX: usize = 10_000;
+
+/// `POST /admin/v1/products/{sku}/codes/void`: either `codes` or `all_available: true`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoidRequest {
+    codes: Option<Vec<String>>,
+    #[serde(default)]
+    all_available: bool,
+}
+
+/// Voids codes of the product `sku`, audited in the same transaction. An unknown SKU is
+/// `404` before the request's shape is judged.
+pub async fn void(app: &App, actor: &Actor, sku: &str, req: VoidRequest) -> Result<VoidReport, ApiError> {
+    let mut client = app.pg.get().await?;
+    let product_id = crate::catalogue::products::id_of(&client, sku).await?;
+    let codes = match (req.codes, req.all_available) {
+        (Some(codes), false) if !codes.is_empty() && codes.len() <= VOID_CODES_MAX => Some(codes),
+        (None, true) => None,
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "give either codes (1 to {VOID_CODES_MAX}) or all_available: true"
+            )))
+        }
+    };
+    let tx = Audited::begin(&mut client, actor, "codes.void", sku).await?;
+    crate::rebuild::fence(&*tx).await?;
+    let report = match codes {
+        Some(codes) => void_codes(&*tx, app.redis(), &app.crypto, &app.keys, product_id, &codes).await?,
+        None => void_all_available(&*tx, app.redis(), &app.keys, product_id).await?,
+    };
+    tx.commit(serde_json::json!(report)).await?;
+    Ok(report)
+}
+
+/// In the caller's transaction, which holds the fence.
 pub async fn void_codes(
-    pg: &Pool,
+    tx: &impl GenericClient,
     mut redis: ConnectionManager,
     crypto: &Crypto,
     keys: &Keys,
@@ -36,9 +76,6 @@ pub async fn void_codes(
         .collect();
     hashes.sort();
     hashes.dedup();
-    let mut client = pg.get().await?;
-    let tx = client.transaction().await?;
-    crate::rebuild::fence(&tx).await?;
     let rows = tx
         .query(
             "SELECT id, code_enc, status FROM codes WHERE product_id = $1 AND code_hash = ANY($2)",
@@ -70,20 +107,17 @@ pub async fn void_codes(
         .collect();
     // Available in Postgres yet not in the Redis list: reserved by an order in flight.
     report.not_available += (available.len() - ids.len()) as u64;
-    report.voided = mark_voided(&tx, &ids).await?;
-    tx.commit().await?;
+    report.voided = mark_voided(tx, &ids).await?;
     Ok(report)
 }
 
+/// In the caller's transaction, which holds the fence.
 pub async fn void_all_available(
-    pg: &Pool,
+    tx: &impl GenericClient,
     mut redis: ConnectionManager,
     keys: &Keys,
     product_id: i64,
 ) -> Result<VoidReport, ApiError> {
-    let mut client = pg.get().await?;
-    let tx = client.transaction().await?;
-    crate::rebuild::fence(&tx).await?;
     let mut report = VoidReport::default();
     loop {
         let popped: Option<Vec<Vec<u8>>> = redis::cmd("LPOP")
@@ -95,13 +129,12 @@ pub async fn void_all_available(
             break;
         };
         let ids: Vec<i64> = super::code_ids(&popped).collect();
-        report.voided += mark_voided(&tx, &ids).await?;
+        report.voided += mark_voided(tx, &ids).await?;
     }
-    tx.commit().await?;
     Ok(report)
 }
 
-async fn mark_voided(client: &impl deadpool_postgres::GenericClient, ids: &[i64]) -> Result<u64, ApiError> {
+async fn mark_voided(client: &impl GenericClient, ids: &[i64]) -> Result<u64, ApiError> {
     if ids.is_empty() {
         return Ok(0);
     }

@@ -1,4 +1,12 @@
 //! Operator API (docs/api.md §4): JWT-authenticated, role-checked, every change audited.
+//!
+//! The handlers are thin: each authorizes, parses and checks the request, calls the
+//! domain module that owns the work, and renders its answer. The domains:
+//! `catalogue::products` (products, prices), `stock` (imports, voids), `resellers`
+//! (accounts, keys, webhook secrets), `balance` then `hot_balance` (adjustments),
+//! `orders` (refunds, search), `reports`, `callbacks::events` (events, redelivery),
+//! `auth::accounts` (operator accounts, logins), `audit` (the log; every write commits
+//! with its row through `audit::Audited`).
 
 pub mod audit;
 pub mod codes;
@@ -12,10 +20,10 @@ pub mod session;
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
 
 use crate::app::App;
 use crate::audit::Actor;
+use crate::auth::accounts;
 use crate::auth::admin::{bearer, Admin, Need, Role};
 use crate::error::ApiError;
 use crate::http::{body, Ctx};
@@ -25,32 +33,26 @@ use crate::http::{body, Ctx};
 /// gets the server to read a large body.
 pub async fn authorize(app: &App, ctx: &Ctx, parts: &Parts, need: Need) -> Result<(Admin, Actor), ApiError> {
     let claims = app.tokens.verify(bearer(parts)?, app.clock.now_unix_secs())?;
-    let client = app.pg.get().await?;
-    let stmt = client
-        .prepare_cached(
-            "SELECT role, disabled, ceil(extract(epoch FROM password_changed_at))::bigint
-             FROM admins WHERE username = $1",
-        )
-        .await?;
-    let row = client
-        .query_opt(&stmt, &[&claims.sub])
+    let account = accounts::standing(app, &claims.sub)
         .await?
         .ok_or(ApiError::Unauthenticated("missing, expired or invalid token"))?;
-    drop(client);
-    if row.get::<_, bool>(1) {
+    if account.disabled {
         return Err(ApiError::Unauthenticated("account disabled"));
     }
     // A token issued before the account's last password change is over. `iat` is whole
-    // seconds, so the change is rounded up to one; `session::patch_admin` stamps it a
-    // second ahead and `session::login` issues no token before it, so neither a token
-    // from the same second nor a fresh login is misjudged.
-    let password_changed: Option<i64> = row.get(2);
-    if password_changed.is_some_and(|changed| i64::try_from(claims.iat).map_or(true, |iat| iat < changed)) {
+    // seconds, so the change is rounded up to one; `accounts::update` stamps it a second
+    // ahead and `session::login` issues no token before it, so neither a token from the
+    // same second nor a fresh login is misjudged.
+    if account
+        .password_changed
+        .is_some_and(|changed| i64::try_from(claims.iat).map_or(true, |iat| iat < changed))
+    {
         return Err(ApiError::Unauthenticated(
             "token issued before the last password change",
         ));
     }
-    let role = Role::parse(row.get(0)).ok_or_else(|| ApiError::internal(anyhow::anyhow!("unknown role in admins")))?;
+    let role =
+        Role::parse(&account.role).ok_or_else(|| ApiError::internal(anyhow::anyhow!("unknown role in admins")))?;
     if !role.may(need) {
         return Err(ApiError::Forbidden);
     }
@@ -62,6 +64,18 @@ pub async fn authorize(app: &App, ctx: &Ctx, parts: &Parts, need: Need) -> Resul
         },
         actor,
     ))
+}
+
+/// The preamble of every admin route without a body: the request's head, authorized.
+pub async fn authorized_head(
+    app: &App,
+    ctx: &Ctx,
+    req: hyper::Request<Incoming>,
+    need: Need,
+) -> Result<(Parts, Actor), ApiError> {
+    let (parts, _) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, need).await?;
+    Ok((parts, actor))
 }
 
 /// Reads and parses a JSON body within the configured size and time limits.
@@ -89,9 +103,4 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
         return Err(ApiError::invalid("name must be 1 to 200 characters"));
     }
     Ok(())
-}
-
-/// For PATCH fields that may be set to `null`: absent is `None`, `null` is `Some(None)`.
-pub fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
 }

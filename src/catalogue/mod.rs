@@ -1,5 +1,9 @@
 //! The product catalogue in memory: prices, limits and status for the hot path, reloaded
 //! whole on a published change and every `CACHE_REFRESH_SECS` (see `crate::sync`).
+//! Products and their prices as Postgres records them, and the operator's changes to
+//! them, are [`products`].
+
+pub mod products;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -1,0 +1,284 @@
+//! Reseller accounts, their API keys and webhook secrets, as Postgres records them; a new
+//! account's hot balance (zero) in Redis. Every change is audited with it
+//! ([`crate::audit::Audited`]) and announced to every gateway's key cache
+//! (`crate::sync::changed`, `crate::auth::keys`) once committed.
+//!
+//! Money is not here: a balance credit or debit goes route -> `api/admin/resellers.rs`
+//! (`adjust_balance` parses it) -> [`crate::balance`] (the ledger row) ->
+//! [`crate::hot_balance`] (made spendable in Redis exactly once).
+
+use deadpool_postgres::GenericClient;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_postgres::Row;
+
+use crate::app::App;
+use crate::audit::{Actor, Audited};
+use crate::callbacks::events::{self, Repricing};
+use crate::crypto::Purpose;
+use crate::error::ApiError;
+use crate::http::body::nullable;
+use crate::http::query::rfc3339;
+use crate::ids;
+
+/// `POST /admin/v1/resellers`, checked by the handler (the allow-list normalised).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewReseller {
+    pub name: String,
+    pub tier: String,
+    #[serde(default)]
+    pub ip_allowlist: Vec<String>,
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    pub low_balance_threshold: i64,
+}
+
+/// `PATCH /admin/v1/resellers/{id}`: absent fields stay as they are.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResellerPatch {
+    pub name: Option<String>,
+    pub tier: Option<String>,
+    pub status: Option<String>,
+    pub ip_allowlist: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub callback_url: Option<Option<String>>,
+    pub low_balance_threshold: Option<i64>,
+}
+
+/// A reseller as the operator API shows it.
+#[derive(Serialize)]
+pub struct Reseller {
+    pub reseller_id: String,
+    pub name: String,
+    pub tier: String,
+    pub status: String,
+    pub ip_allowlist: Vec<String>,
+    pub callback_url: Option<String>,
+    pub low_balance_threshold: i64,
+    pub balance: i64,
+    pub currency: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A new API key; its secret is in this answer only.
+#[derive(Serialize)]
+pub struct NewKey {
+    pub key_id: String,
+    pub secret: String,
+    pub reseller_id: String,
+    pub created_at: String,
+}
+
+const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
+     r.low_balance_threshold, r.created_at, r.updated_at, b.balance";
+
+fn reseller_of(r: &Row, currency: &str) -> Reseller {
+    Reseller {
+        reseller_id: r.get(1),
+        name: r.get(2),
+        tier: r.get(3),
+        status: r.get(4),
+        ip_allowlist: r.get(5),
+        callback_url: r.get(6),
+        low_balance_threshold: r.get(7),
+        balance: r.get(10),
+        currency: currency.to_string(),
+        created_at: rfc3339(r.get(8)),
+        updated_at: rfc3339(r.get(9)),
+    }
+}
+
+async fn load<C: GenericClient>(client: &C, reseller_id: &str) -> Result<Row, ApiError> {
+    let sql = format!(
+        "SELECT {RESELLER_COLUMNS} FROM resellers r JOIN balances b ON b.reseller_id = r.id WHERE r.reseller_id = $1"
+    );
+    client
+        .query_opt(&sql, &[&reseller_id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such reseller"))
+}
+
+/// The reseller's row id (`404` for an unknown reseller).
+pub async fn pk_of<C: GenericClient>(client: &C, reseller_id: &str) -> Result<i64, ApiError> {
+    Ok(client
+        .query_opt("SELECT id FROM resellers WHERE reseller_id = $1", &[&reseller_id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such reseller"))?
+        .get(0))
+}
+
+/// Creates the account with a zero balance; answers it and its webhook secret (shown
+/// only in this answer).
+pub async fn create(app: &App, actor: &Actor, new: &NewReseller) -> Result<(Reseller, String), ApiError> {
+    let reseller_id = ids::reseller_id();
+    let webhook_secret = ids::webhook_secret();
+    let sealed = app.crypto.encrypt(
+        Purpose::WebhookSecret {
+            reseller_id: &reseller_id,
+        },
+        webhook_secret.as_bytes(),
+    );
+    let mut client = app.pg.get().await?;
+    let tx = Audited::begin(&mut client, actor, "reseller.create", &reseller_id).await?;
+    crate::rebuild::fence(&*tx).await?;
+    let pk: i64 = tx
+        .query_one(
+            "INSERT INTO resellers (reseller_id, name, tier, ip_allowlist, callback_url, low_balance_threshold, webhook_secret_enc)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[&reseller_id, &new.name, &new.tier, &new.ip_allowlist, &new.callback_url, &new.low_balance_threshold, &sealed],
+        )
+        .await?
+        .get(0);
+    tx.execute("INSERT INTO balances (reseller_id) VALUES ($1)", &[&pk])
+        .await?;
+    // The hot balance starts at zero, set inside the fence so that no rebuild comes
+    // between (NX: one that ran first has set it already).
+    let mut redis = app.redis();
+    redis::cmd("SET")
+        .arg(app.keys.balance(pk))
+        .arg(0)
+        .arg("NX")
+        .query_async::<()>(&mut redis)
+        .await?;
+    tx.commit(json!({"tier": new.tier})).await?;
+    let row = load(&client, &reseller_id).await?;
+    Ok((reseller_of(&row, &app.config.currency), webhook_secret))
+}
+
+pub async fn update(app: &App, actor: &Actor, reseller_id: &str, p: &ResellerPatch) -> Result<Reseller, ApiError> {
+    let (set_url, url) = match &p.callback_url {
+        Some(u) => (true, u.clone()),
+        None => (false, None),
+    };
+    let mut client = app.pg.get().await?;
+    let tx = Audited::begin(&mut client, actor, "reseller.update", reseller_id).await?;
+    let (pk, old_tier): (i64, String) = tx
+        .query_opt(
+            "SELECT id, tier FROM resellers WHERE reseller_id = $1 FOR UPDATE",
+            &[&reseller_id],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1)))
+        .ok_or_else(|| ApiError::not_found("no such reseller"))?;
+    tx.execute(
+        "UPDATE resellers SET name = coalesce($2, name), tier = coalesce($3, tier), status = coalesce($4, status),
+                ip_allowlist = coalesce($5, ip_allowlist),
+                callback_url = CASE WHEN $6 THEN $7 ELSE callback_url END,
+                low_balance_threshold = coalesce($8, low_balance_threshold), updated_at = now()
+         WHERE id = $1",
+        &[
+            &pk,
+            &p.name,
+            &p.tier,
+            &p.status,
+            &p.ip_allowlist,
+            &set_url,
+            &url,
+            &p.low_balance_threshold,
+        ],
+    )
+    .await?;
+    // A new tier is a new price list, announced as a product's own price change is.
+    if let Some(new_tier) = p.tier.as_deref().filter(|t| *t != old_tier) {
+        let why = Repricing::Tier {
+            reseller_pk: pk,
+            from: &old_tier,
+            to: new_tier,
+        };
+        events::product_price_changed(&*tx, why, &app.config.currency).await?;
+    }
+    tx.commit(
+        json!({"tier": p.tier, "status": p.status, "ip_allowlist": p.ip_allowlist,
+                     "callback_url_changed": set_url}),
+    )
+    .await?;
+    crate::sync::changed(app).await;
+    let row = load(&client, reseller_id).await?;
+    Ok(reseller_of(&row, &app.config.currency))
+}
+
+pub async fn get(app: &App, reseller_id: &str) -> Result<Reseller, ApiError> {
+    let client = app.pg.get().await?;
+    let row = load(&client, reseller_id).await?;
+    Ok(reseller_of(&row, &app.config.currency))
+}
+
+pub async fn list(app: &App) -> Result<Vec<Reseller>, ApiError> {
+    let client = app.pg.get().await?;
+    let sql =
+        format!("SELECT {RESELLER_COLUMNS} FROM resellers r JOIN balances b ON b.reseller_id = r.id ORDER BY r.id");
+    let rows = client.query(&sql, &[]).await?;
+    Ok(rows.iter().map(|r| reseller_of(r, &app.config.currency)).collect())
+}
+
+/// A new API key for the reseller. The key and its audit row commit together: a key
+/// whose creation could not be audited would exist with its secret already lost to a
+/// failed answer.
+pub async fn create_key(app: &App, actor: &Actor, reseller_id: &str) -> Result<NewKey, ApiError> {
+    let key_id = ids::key_id();
+    let secret = ids::api_secret();
+    let sealed = app
+        .crypto
+        .encrypt(Purpose::ApiSecret { key_id: &key_id }, secret.as_bytes());
+    let mut client = app.pg.get().await?;
+    let tx = Audited::begin(&mut client, actor, "key.create", &key_id).await?;
+    let pk: i64 = load(&*tx, reseller_id).await?.get(0);
+    let created_at: time::OffsetDateTime = tx
+        .query_one(
+            "INSERT INTO api_keys (key_id, reseller_id, secret_enc) VALUES ($1, $2, $3) RETURNING created_at",
+            &[&key_id, &pk, &sealed],
+        )
+        .await?
+        .get(0);
+    tx.commit(json!({"reseller_id": reseller_id})).await?;
+    crate::sync::changed(app).await;
+    Ok(NewKey {
+        key_id,
+        secret,
+        reseller_id: reseller_id.to_string(),
+        created_at: rfc3339(created_at),
+    })
+}
+
+/// Revokes the key (a second call keeps the first time) and answers when it was revoked.
+pub async fn revoke_key(app: &App, actor: &Actor, key_id: &str) -> Result<time::OffsetDateTime, ApiError> {
+    let mut client = app.pg.get().await?;
+    let tx = Audited::begin(&mut client, actor, "key.revoke", key_id).await?;
+    let revoked_at = tx
+        .query_opt(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING revoked_at",
+            &[&key_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such key"))?
+        .get(0);
+    tx.commit(json!({})).await?;
+    crate::sync::changed(app).await;
+    Ok(revoked_at)
+}
+
+/// A new webhook secret, shown only in this answer; every callback sent from now on is
+/// signed with it alone. With its audit row or not at all: a rotation that went through
+/// unanswered would leave the merchant unable to verify anything.
+pub async fn rotate_webhook_secret(app: &App, actor: &Actor, reseller_id: &str) -> Result<String, ApiError> {
+    let secret = ids::webhook_secret();
+    let sealed = app
+        .crypto
+        .encrypt(Purpose::WebhookSecret { reseller_id }, secret.as_bytes());
+    let mut client = app.pg.get().await?;
+    let tx = Audited::begin(&mut client, actor, "reseller.webhook_secret.rotate", reseller_id).await?;
+    let n = tx
+        .execute(
+            "UPDATE resellers SET webhook_secret_enc = $2, updated_at = now() WHERE reseller_id = $1",
+            &[&reseller_id, &sealed],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("no such reseller"));
+    }
+    tx.commit(json!({})).await?;
+    Ok(secret)
+}
