@@ -259,10 +259,10 @@ async fn a_flood_on_every_other_route_leaves_orders_succeeding_with_their_usual_
             sent[n] += h.await.unwrap();
         }
     }
-    let (p50, p99) = (quantile(&base, 0.5), quantile(&base, 0.99));
-    let (f50, f99) = (quantile(&during, 0.5), quantile(&during, 0.99));
+    let (p50, p95) = (quantile(&base, 0.5), quantile(&base, 0.95));
+    let (f50, f95, fmax) = (quantile(&during, 0.5), quantile(&during, 0.95), quantile(&during, 1.0));
     eprintln!(
-        "orders: {ok}/200 during the flood; p50 {p50:?} -> {f50:?}, p99 {p99:?} -> {f99:?}; flood requests sent: logins {}, reports {}, slow connections {}",
+        "orders: {ok}/200 during the flood; p50 {p50:?} -> {f50:?}, p95 {p95:?} -> {f95:?}, max {fmax:?}; flood requests sent: logins {}, reports {}, slow connections {}",
         sent[0], sent[1], sent[2]
     );
     assert!(ok >= 198, "at least 99% of orders succeed during the flood: {ok}/200");
@@ -271,17 +271,16 @@ async fn a_flood_on_every_other_route_leaves_orders_succeeding_with_their_usual_
         metric(&app, "cardgate_login_rate_limited_total").await > 0.0,
         "the flood's logins were refused by the per-address limit"
     );
-    // The flood and the orders share two cores with this test's own generator: the bound
-    // is generous, but a stopped or starved order path (seconds) cannot pass it.
+    // The flood and the orders share two cores with this test's own generator (and, in the
+    // suite, with other tests): the bounds are generous, but a stopped or starved order
+    // path (seconds) cannot pass them.
     let bound = |normal: Duration| (normal * 5).max(normal + Duration::from_millis(100));
     assert!(
         f50 <= bound(p50),
         "median order latency {f50:?} vs {p50:?} without the flood"
     );
-    assert!(
-        f99 <= bound(p99).max(Duration::from_millis(500)),
-        "p99 {f99:?} vs {p99:?} without the flood"
-    );
+    assert!(f95 <= bound(p95), "p95 {f95:?} vs {p95:?} without the flood");
+    assert!(fmax <= Duration::from_secs(2), "slowest order {fmax:?}");
     assert!(
         metric(&app, "cardgate_bulkhead_refused_total").await > 0.0,
         "reports were bounded"
