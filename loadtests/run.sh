@@ -218,8 +218,12 @@ cat >"$work/pgbench-lean.sql" <<'SQL'
 \set rid random(1, 64)
 \set n random(1, 1000000000)
 BEGIN;
-SELECT id AS code_id FROM lean_codes WHERE product_id = 1 AND available ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED \gset
-UPDATE lean_codes SET available = false WHERE id = :code_id;
+-- One statement takes the code: the codes table's one index is the partial one, which
+-- the update reaches through the same predicate.
+UPDATE lean_codes SET available = false
+ WHERE product_id = 1 AND available
+   AND id = (SELECT id FROM lean_codes WHERE product_id = 1 AND available ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id AS code_id \gset
 INSERT INTO lean_orders (reseller_id, merchant_order_no, product_id, code_id, amount)
   VALUES (:rid, 'pgb-' || :client_id || '-' || :n, 1, :code_id, 9800);
 UPDATE lean_balances SET balance = balance - 9800 WHERE reseller_id = :rid;

@@ -204,7 +204,7 @@ async fn events_of(app: &TestApp, t: &str, reseller_id: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_then_redelivered() {
-    let (app, t, _) = shop_with(5, fast_retries).await;
+    let (app, t, _) = shop_with(5, stepped).await;
     let receiver = Receiver::start(
         &[Reply::Status(500), Reply::Hang(Duration::from_secs(2))],
         Reply::Status(204),
@@ -218,7 +218,14 @@ async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_th
     let (status, order, _) = app.order(&k, order_body(SKU, 1, "cb-1")).await;
     assert_eq!(status, 201, "the order does not wait for its callback: {order}");
 
-    let got = receiver.wait_for(3).await;
+    // Three rounds, the backoff passing between them: 500, a timeout, then 204.
+    for attempt in 1..=3 {
+        assert_eq!(deliver_due(&app).await, 1, "attempt {attempt}");
+        backoff_passes(&app).await;
+    }
+    assert_eq!(deliver_due(&app).await, 0, "a 2xx ends it");
+    let got = receiver.received();
+    assert_eq!(got.len(), 3);
     let first = got[0].json();
     assert_eq!(first["type"], "order.fulfilled");
     assert!(first["id"].as_str().is_some_and(|id| id.starts_with("evt_")));
@@ -252,14 +259,8 @@ async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_th
         assert!(!signed_by(r, "whsec_wrong"), "a check that can fail");
     }
 
-    let listed = async || events_of(&app, &t, &k.reseller_id).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            listed().await[0]["status"] == "delivered"
-        })
-        .await
-    );
-    let e = &listed().await[0];
+    let e = &events_of(&app, &t, &k.reseller_id).await[0];
+    assert_eq!(e["status"], "delivered");
     assert_eq!(e["id"], first["id"]);
     assert_eq!(e["attempts"], 3);
     let d = e["deliveries"].as_array().unwrap();
@@ -284,7 +285,8 @@ async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_th
     let path = format!("/admin/v1/events/{}/redeliver", e["id"].as_str().unwrap());
     let again = app.admin_ok(&t, reqwest::Method::POST, &path, None, 202).await;
     assert_eq!(again["status"], "pending");
-    assert!(signed_by(&receiver.wait_for(4).await[3], &k.webhook_secret));
+    assert_eq!(deliver_due(&app).await, 1);
+    assert!(signed_by(&receiver.received()[3], &k.webhook_secret));
     let rotated = app
         .admin_ok(
             &t,
@@ -297,7 +299,8 @@ async fn a_fulfilled_order_is_delivered_signed_through_an_error_and_a_timeout_th
     let new_secret = rotated["webhook_secret"].as_str().unwrap();
     assert!(new_secret.starts_with("whsec_") && new_secret != k.webhook_secret);
     app.admin_ok(&t, reqwest::Method::POST, &path, None, 202).await;
-    let last = &receiver.wait_for(5).await[4];
+    assert_eq!(deliver_due(&app).await, 1);
+    let last = &receiver.received()[4];
     assert!(signed_by(last, new_secret) && !signed_by(last, &k.webhook_secret));
 
     let (s, code, _) = error_of(
@@ -721,7 +724,11 @@ async fn aim_directly(app: &TestApp, reseller_id: &str, url: &str) {
 /// with the reason and retried by the usual backoff; the receiver never hears a thing.
 #[tokio::test]
 async fn a_private_target_set_earlier_is_refused_at_each_delivery() {
-    let (app, t, _) = shop_with(1, fast_retries_guarded).await;
+    let (app, t, _) = shop_with(1, |env| {
+        fast_retries_guarded(env);
+        env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    })
+    .await;
     let receiver = Receiver::start(&[], Reply::Status(200)).await;
     let port = receiver
         .url
@@ -740,17 +747,13 @@ async fn a_private_target_set_earlier_is_refused_at_each_delivery() {
     app.patch_reseller(&t, &named.reseller_id, json!({"tier": "gold"}))
         .await;
 
+    // Two rounds each, the backoff passing between them.
+    assert_eq!(deliver_due(&app).await, 2);
+    backoff_passes(&app).await;
+    assert_eq!(deliver_due(&app).await, 2);
     for k in [&literal, &named] {
-        let retried = || async {
-            let e = events_of(&app, &t, &k.reseller_id).await;
-            e.len() == 1 && e[0]["deliveries"].as_array().is_some_and(|d| d.len() >= 2)
-        };
-        assert!(
-            eventually(Duration::from_secs(10), retried).await,
-            "{:#}",
-            json!(events_of(&app, &t, &k.reseller_id).await)
-        );
         let e = &events_of(&app, &t, &k.reseller_id).await[0];
+        assert_eq!(e["deliveries"].as_array().map(Vec::len), Some(2), "{e:#}");
         assert_eq!(e["status"], "pending", "still retried by the usual backoff: {e:#}");
         for d in e["deliveries"].as_array().unwrap() {
             let error = d["error"].as_str().unwrap_or_default();
@@ -818,7 +821,7 @@ async fn bottomless_receiver() -> (String, Arc<Mutex<Vec<Drained>>>) {
 async fn a_bottomless_answer_is_cut_off_after_its_first_bytes() {
     const TIMEOUT_MS: i64 = 4000;
     let (app, t, _) = shop_with(1, |env| {
-        fast_retries(env);
+        stepped(env);
         env.insert("CARDGATE_CALLBACKS__TIMEOUT_MS".into(), TIMEOUT_MS.to_string());
     })
     .await;
@@ -826,16 +829,7 @@ async fn a_bottomless_answer_is_cut_off_after_its_first_bytes() {
     let k = app.reseller_with_key(&t, "silver", json!({"callback_url": url})).await;
     app.patch_reseller(&t, &k.reseller_id, json!({"tier": "gold"})).await;
 
-    let attempted = || async {
-        events_of(&app, &t, &k.reseller_id)
-            .await
-            .first()
-            .is_some_and(|e| !e["deliveries"].as_array().unwrap().is_empty())
-    };
-    assert!(
-        eventually(Duration::from_secs(3 * TIMEOUT_MS as u64 / 1000), attempted).await,
-        "no attempt recorded"
-    );
+    assert_eq!(deliver_due(&app).await, 1, "one attempt");
     let e = &events_of(&app, &t, &k.reseller_id).await[0];
     let d = &e["deliveries"][0];
     assert_eq!(d["status_code"], 500, "{e:#}");
