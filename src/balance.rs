@@ -99,13 +99,21 @@ pub async fn adjust(app: &App, actor: &Actor, reseller_id: &str, a: &Adjustment)
             },
             false,
         )),
+        // The record is locked before anything is taken: the background step skips a
+        // locked record, so it cannot give back a hold this request is still deciding.
         // After a Redis error it is unknown whether the hold was taken.
-        Some(_) => hot_balance::take_hold(app, reseller_pk, reference, -amount, epoch)
-            .await
-            .map_err(|e| (ApiError::from(e), true)),
+        Some(_) => match hot_balance::lock_hold(&*tx, reseller_pk, reference).await {
+            Err(e) => Err((e, false)),
+            Ok(()) => hot_balance::take_hold(app, reseller_pk, reference, -amount, epoch)
+                .await
+                .map_err(|e| (ApiError::from(e), true)),
+        },
     };
     let written = match held {
         Ok(Held::Short) => Err(ApiError::InsufficientBalance),
+        Ok(Held::Marked) => Err(ApiError::Conflict(
+            "a debit with this reference is still being applied; retry shortly".into(),
+        )),
         Ok(_) => write(&tx, actor, reseller_pk, amount, reference, note, epoch, debit).await,
         Err((e, unknown)) => {
             let _ = tx.rollback().await;

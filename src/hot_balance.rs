@@ -14,8 +14,8 @@
 //! `api/admin/resellers.rs` `adjust_balance`) and `orders::refund`.
 //!
 //! A credit:  ledger row + `credit` row in one transaction -> commit -> [`settle`].
-//! A debit:   [`record_hold`] (committed on its own) -> transaction: [`take_hold`] in
-//!            Redis, ledger row, [`keep_hold`] deletes the record -> commit. If the
+//! A debit:   [`record_hold`] (committed on its own) -> transaction: [`lock_hold`],
+//!            [`take_hold`] in Redis, ledger row, [`keep_hold`] deletes the record -> commit. If the
 //!            transaction fails: [`release`] marks the record and [`settle`] gives the
 //!            money back. If the gateway dies in between, the record is abandoned and
 //!            [`settle_due`] gives it back once it is older than any request can take.
@@ -55,11 +55,13 @@ return 1",
 
 /// Takes ARGV[1] from the hot balance if it holds that much, marking the hold (KEYS[3])
 /// so that giving it back happens at most once: 1 taken, 0 too little, -1 no hot balance
-/// or not at epoch ARGV[2] (Postgres alone decides; the rebuild that follows reads it).
+/// or not at epoch ARGV[2] (Postgres alone decides; the rebuild that follows reads it),
+/// -2 marked already by another hold of the same reference (nothing taken).
 static HOLD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
 local b = redis.call('GET', KEYS[1])
 if not b then return -1 end
 if tonumber(b) < tonumber(ARGV[1]) then return 0 end
@@ -112,6 +114,9 @@ pub enum Held {
     Short,
     /// Redis has no say (no hot balance, or a rebuild is due): Postgres alone decides.
     NotHeld,
+    /// A hold of this reference is marked already (a concurrent or earlier debit with the
+    /// same reference): nothing taken, so that giving one back never frees the other's.
+    Marked,
 }
 
 /// Records, committed before anything is taken, that a debit under `reference` is about
@@ -160,7 +165,23 @@ pub async fn take_hold(
     Ok(match taken {
         1 => Held::Taken,
         0 => Held::Short,
+        -2 => Held::Marked,
         _ => Held::NotHeld,
+    })
+}
+
+/// Locks the record of this request's hold inside its transaction; refused when the
+/// record is gone (taken for abandoned and settled meanwhile: nothing is taken then).
+pub async fn lock_hold(tx: &impl GenericClient, reseller_pk: i64, reference: &str) -> Result<(), ApiError> {
+    let locked = tx
+        .query_opt(
+            "SELECT 1 FROM hot_balance_pending WHERE movement = $1 AND kind = 'hold' FOR UPDATE",
+            &[&hold_id(reseller_pk, reference)],
+        )
+        .await?;
+    locked.map(drop).ok_or(ApiError::Unavailable {
+        what: "balance",
+        retry_after_secs: 1,
     })
 }
 

@@ -171,7 +171,11 @@ impl Server {
         // Callback attempts in flight end within their timeout; one cut short would leave
         // its event leased, unsent, until the lease runs out.
         if let Some(d) = dispatcher {
-            let attempts = std::time::Duration::from_millis(app.config.callbacks.timeout_ms + 1_000);
+            // An attempt: its timeout, then a pool wait and a statement to record it.
+            let c = &app.config;
+            let attempts = std::time::Duration::from_millis(
+                c.callbacks.timeout_ms + c.postgres.connect_timeout_ms + c.postgres.statement_timeout_ms,
+            );
             let _ = tokio::time::timeout(attempts, d).await;
         }
         drop((tasks, writer_guard));

@@ -58,6 +58,10 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let Ok(mut permits) = slots.clone().acquire_many_owned(free as u32).await else {
             return;
         };
+        // A stop that came while waiting for a slot: claim nothing more.
+        if *stop.borrow() {
+            break;
+        }
         let idle = match claim(&app, cfg, free).await {
             Ok(due) => {
                 let idle = due.is_empty();

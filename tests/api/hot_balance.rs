@@ -192,3 +192,35 @@ async fn a_debit_whose_ledger_row_fails_is_given_back_once_even_with_redis_away(
     assert_eq!(pg_balance(&app, &k).await, 70_000);
     app.assert_reconciled(&t).await;
 }
+
+#[tokio::test]
+async fn a_debit_whose_reference_is_held_already_takes_nothing_and_frees_nothing() {
+    let (app, t, _) = crate::orders::shop_with(1, |_| {}).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let pk: i64 = app
+        .db()
+        .await
+        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
+        .await
+        .unwrap()
+        .get(0);
+    // Another debit with this reference holds money in Redis and has not finished.
+    let mut r = app.redis().await;
+    let marker = format!("{}:{{s0}}:hotmv:hold:{pk}:twice", app.redis_prefix());
+    let _: () = redis::cmd("SET").arg(&marker).arg(1).query_async(&mut r).await.unwrap();
+    let path = format!("/admin/v1/resellers/{}/balance", k.reseller_id);
+    let resp = app
+        .admin(
+            &t,
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"amount": -1_000, "reference": "twice"})),
+        )
+        .await;
+    let (status, code, _) = error_of(resp).await;
+    assert_eq!((status, code.as_str()), (409, "conflict"));
+    assert_eq!(hot(&app, &k).await, 100_000, "nothing taken");
+    assert_eq!(pending(&app).await, 0, "its record dropped");
+    let still: bool = redis::cmd("EXISTS").arg(&marker).query_async(&mut r).await.unwrap();
+    assert!(still, "the other hold's marker is left to it");
+}
