@@ -135,7 +135,7 @@ mod base64_url {
 }
 
 #[tokio::test]
-async fn each_role_may_do_what_api_md_says_and_gets_403_otherwise() {
+async fn each_role_may_do_what_the_contract_says_and_gets_403_otherwise() {
     let app = spawn_app().await;
     let root = app.root_token().await;
     for (user, role) in [("op", "operator"), ("aud", "auditor")] {

@@ -92,7 +92,7 @@ async fn reads_show_the_callers_price_live_stock_and_balance() {
 }
 
 #[tokio::test]
-async fn rejections_come_in_api_md_order() {
+async fn rejections_come_in_the_contracts_order() {
     let app = spawn_app().await;
     let t = app.root_token().await;
     let k = app
