@@ -220,7 +220,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn roles_may_what_api_md_says() {
+    fn roles_may_what_the_contract_says() {
         assert!(
             Role::Admin.may(Need::ManageAdmins) && Role::Admin.may(Need::Write) && Role::Admin.may(Need::ReadAudit)
         );
