@@ -5,7 +5,7 @@
 //! restart. Keys idle long enough to be full again are swept periodically.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -192,11 +192,13 @@ impl<C: Clock + Clone> AddressLimiter<C> {
         if self.limiter.len() >= ADDRESS_LIMITER_KEYS_MAX {
             self.limiter.retain_recent();
         }
-        self.limiter.check_key(&address_group(ip)).map_err(|not_until| {
-            (not_until.wait_time_from(self.clock.now()).as_millis() as u64)
-                .div_ceil(1000)
-                .max(1)
-        })
+        self.limiter
+            .check_key(&crate::http::per_client::client_key(ip))
+            .map_err(|not_until| {
+                (not_until.wait_time_from(self.clock.now()).as_millis() as u64)
+                    .div_ceil(1000)
+                    .max(1)
+            })
     }
 
     /// Forgets addresses whose buckets are full again.
@@ -207,14 +209,6 @@ impl<C: Clock + Clone> AddressLimiter<C> {
 
     pub fn tracked_keys(&self) -> usize {
         self.limiter.len()
-    }
-}
-
-/// IPv4 addresses as they are; IPv6 ones by their /64.
-fn address_group(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
-        v4 => v4,
     }
 }
 
