@@ -92,13 +92,7 @@ pub async fn adjust(app: &App, actor: &Actor, reseller_id: &str, a: &Adjustment)
     let held = match recorded_epoch {
         None => Ok(Held::NotHeld),
         // A rebuild came between: nothing was taken, the caller retries.
-        Some(e) if e != epoch => Err((
-            ApiError::Unavailable {
-                what: "balance",
-                retry_after_secs: 1,
-            },
-            false,
-        )),
+        Some(e) if e != epoch => Err((hot_balance::balance_busy(), false)),
         // The record is locked before anything is taken: the background step skips a
         // locked record, so it cannot give back a hold this request is still deciding.
         // After a Redis error it is unknown whether the hold was taken.
@@ -111,9 +105,7 @@ pub async fn adjust(app: &App, actor: &Actor, reseller_id: &str, a: &Adjustment)
     };
     let written = match held {
         Ok(Held::Short) => Err(ApiError::InsufficientBalance),
-        Ok(Held::Marked) => Err(ApiError::Conflict(
-            "a debit with this reference is still being applied; retry shortly".into(),
-        )),
+        Ok(Held::Marked) => Err(hot_balance::debit_in_progress()),
         Ok(_) => write(&tx, actor, reseller_pk, amount, reference, note, epoch, debit).await,
         Err((e, unknown)) => {
             let _ = tx.rollback().await;

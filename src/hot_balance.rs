@@ -108,6 +108,21 @@ pub async fn record_credit(
     .map(drop)
 }
 
+/// A second debit with the reference of one still being applied: it is refused rather
+/// than queued, and the caller retries (the first one's answer is then its replay).
+pub fn debit_in_progress() -> ApiError {
+    ApiError::Conflict("a debit with this reference is still being applied; retry shortly".into())
+}
+
+/// The balance could not be decided now (a rebuild came between, or the hold's record is
+/// gone): nothing was taken, and the caller retries.
+pub fn balance_busy() -> ApiError {
+    ApiError::Unavailable {
+        what: "balance",
+        retry_after_secs: 1,
+    }
+}
+
 pub enum Held {
     Taken,
     /// The hot balance holds less than the debit.
@@ -136,9 +151,7 @@ pub async fn record_hold(
         )
         .await?;
     if recorded == 0 {
-        return Err(ApiError::Conflict(
-            "a debit with this reference is still being applied; retry shortly".into(),
-        ));
+        return Err(debit_in_progress());
     }
     Ok(())
 }
@@ -179,10 +192,7 @@ pub async fn lock_hold(tx: &impl GenericClient, reseller_pk: i64, reference: &st
             &[&hold_id(reseller_pk, reference)],
         )
         .await?;
-    locked.map(drop).ok_or(ApiError::Unavailable {
-        what: "balance",
-        retry_after_secs: 1,
-    })
+    locked.map(drop).ok_or_else(balance_busy)
 }
 
 /// Drops the record of a hold that was certainly not taken.
@@ -199,8 +209,9 @@ pub async fn forget_hold(client: &impl GenericClient, reseller_pk: i64, referenc
     }
 }
 
-/// Inside the debit's transaction: the hold becomes final when it commits. Refused when
-/// the hold was meanwhile taken for abandoned and given back.
+/// Inside the debit's transaction: the hold becomes final when it commits. Its record was
+/// locked by [`lock_hold`] in the same transaction, so it is there to delete; anything
+/// else is a broken invariant, and the transaction is not committed.
 pub async fn keep_hold(tx: &impl GenericClient, reseller_pk: i64, reference: &str) -> Result<(), ApiError> {
     let kept = tx
         .execute(
@@ -211,10 +222,9 @@ pub async fn keep_hold(tx: &impl GenericClient, reseller_pk: i64, reference: &st
     if kept == 1 {
         Ok(())
     } else {
-        Err(ApiError::Unavailable {
-            what: "balance",
-            retry_after_secs: 1,
-        })
+        Err(ApiError::internal(anyhow::anyhow!(
+            "a locked hold record vanished before its debit committed"
+        )))
     }
 }
 
