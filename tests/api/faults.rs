@@ -121,7 +121,7 @@ async fn faults_lose_nothing_acknowledged_and_deliver_nothing_twice() {
             .unwrap_or(1500),
     );
     let mut redis = PrivateRedis::start().await;
-    let proxy = PgProxy::start(&env_url("CARDGATE_DATABASE_URL")).await;
+    let proxy = TcpProxy::start(&env_url("CARDGATE_DATABASE_URL")).await;
     let mut env = test_env(&proxy.url_for(&create_database().await));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -632,28 +632,28 @@ pub fn codes_of(order: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// A TCP proxy in front of Postgres (or Redis: [`PgProxy::to`]) that can cut every
+/// A TCP proxy in front of Postgres (or Redis: [`TcpProxy::to`]) that can cut every
 /// connection and refuse new ones, as a network partition or a stopped server would,
 /// without touching the shared server.
-pub struct PgProxy {
+pub struct TcpProxy {
     pub port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: JoinHandle<()>,
 }
 
-impl PgProxy {
-    pub async fn start(upstream: &str) -> PgProxy {
+impl TcpProxy {
+    pub async fn start(upstream: &str) -> TcpProxy {
         let url: tokio_postgres::Config = upstream.parse().expect("postgres url");
         let host = match &url.get_hosts()[0] {
             tokio_postgres::config::Host::Tcp(h) => h.clone(),
             other => panic!("TCP Postgres expected, got {other:?}"),
         };
-        PgProxy::to(format!("{}:{}", host, url.get_ports().first().copied().unwrap_or(5432))).await
+        TcpProxy::to(format!("{}:{}", host, url.get_ports().first().copied().unwrap_or(5432))).await
     }
 
     /// A proxy to `target` (`host:port`).
-    pub async fn to(target: String) -> PgProxy {
+    pub async fn to(target: String) -> TcpProxy {
         use std::sync::atomic::Ordering;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -674,7 +674,7 @@ impl PgProxy {
                 conns2.lock().unwrap().push(h.abort_handle());
             }
         });
-        PgProxy {
+        TcpProxy {
             port,
             cut,
             conns,
@@ -704,7 +704,7 @@ impl PgProxy {
     }
 }
 
-impl Drop for PgProxy {
+impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();

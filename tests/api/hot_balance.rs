@@ -10,10 +10,10 @@ use crate::helpers::*;
 use crate::orders::{buyer, shop_with, SKU};
 
 /// A gateway whose Redis goes through a proxy the test can cut.
-async fn shop_behind_a_redis_proxy() -> (TestApp, String, PgProxy) {
+async fn shop_behind_a_redis_proxy() -> (TestApp, String, TcpProxy) {
     let real = env_url("CARDGATE_REDIS_URL");
     let hostport = real.trim_start_matches("redis://").trim_end_matches('/').to_string();
-    let proxy = PgProxy::to(hostport).await;
+    let proxy = TcpProxy::to(hostport).await;
     let port = proxy.port;
     let (app, t, _) = shop_with(5, move |env| {
         env.insert("CARDGATE_REDIS_URL".into(), format!("redis://127.0.0.1:{port}/"));
@@ -23,15 +23,18 @@ async fn shop_behind_a_redis_proxy() -> (TestApp, String, PgProxy) {
     (app, t, proxy)
 }
 
-/// The hot balance as Redis holds it, read past the proxy.
-async fn hot(app: &TestApp, key: &ResellerKey) -> i64 {
-    let pk: i64 = app
-        .db()
+async fn reseller_pk(app: &TestApp, key: &ResellerKey) -> i64 {
+    app.db()
         .await
         .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&key.reseller_id])
         .await
         .unwrap()
-        .get(0);
+        .get(0)
+}
+
+/// The hot balance as Redis holds it, read past the proxy.
+async fn hot(app: &TestApp, key: &ResellerKey) -> i64 {
+    let pk = reseller_pk(app, key).await;
     let mut r = redis::Client::open(env_url("CARDGATE_REDIS_URL"))
         .unwrap()
         .get_multiplexed_async_connection()
@@ -66,7 +69,7 @@ async fn pending(app: &TestApp) -> i64 {
         .get(0)
 }
 
-async fn redis_back(app: &TestApp, proxy: &PgProxy) {
+async fn redis_back(app: &TestApp, proxy: &TcpProxy) {
     proxy.restore();
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -197,13 +200,7 @@ async fn a_debit_whose_ledger_row_fails_is_given_back_once_even_with_redis_away(
 async fn a_debit_whose_reference_is_held_already_takes_nothing_and_frees_nothing() {
     let (app, t, _) = crate::orders::shop_with(1, |_| {}).await;
     let k = buyer(&app, &t, "gold", 100_000).await;
-    let pk: i64 = app
-        .db()
-        .await
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
-        .await
-        .unwrap()
-        .get(0);
+    let pk = reseller_pk(&app, &k).await;
     // Another debit with this reference holds money in Redis and has not finished.
     let mut r = app.redis().await;
     let marker = format!("{}:{{s0}}:hotmv:hold:{pk}:twice", app.redis_prefix());

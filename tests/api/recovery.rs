@@ -144,7 +144,7 @@ async fn a_reservation_a_rebuild_overtakes_is_never_committed_and_the_order_is_p
 
 #[tokio::test]
 async fn orders_are_refused_promptly_while_postgres_is_away_and_reservations_commit_when_it_returns() {
-    let proxy = PgProxy::start(&env_url("CARDGATE_DATABASE_URL")).await;
+    let proxy = TcpProxy::start(&env_url("CARDGATE_DATABASE_URL")).await;
     let database_url = proxy.url_for(&create_database().await);
     let mut env = test_env(&database_url);
     env.insert("CARDGATE_ORDERS__COMMIT_TIMEOUT_MS".into(), "2000".into());
