@@ -149,9 +149,16 @@ fn authorization(key: &Key, method: &str, path: &str, body: &[u8]) -> String {
     key.signer.authorization(&key.id, &message)
 }
 
-/// Signed requests a closed-loop run prepares per second of its duration: more than the
-/// gateway can answer on this machine, so the run ends by time, not by running out.
-const PRESIGNED_PER_SEC: [(&str, u64); 2] = [("products", 200_000), ("orders", 60_000)];
+/// Signed requests a run prepares per second of its duration: more than the gateway can
+/// answer on this machine, so a closed-loop run ends by time, not by running out.
+/// `/healthz` is not signed: none.
+fn presigned_per_sec(target: &Target) -> u64 {
+    match target {
+        Target::Healthz => 0,
+        Target::Products => 200_000,
+        Target::Orders { .. } => 60_000,
+    }
+}
 
 /// One request signed before the run starts: a generator that signs while the clock runs
 /// measures its own signing (HMAC and formatting per request) as much as the gateway.
@@ -350,24 +357,8 @@ pub async fn run(plan: Plan) -> Run {
         .map_or(u64::MAX, |r| (r * plan.duration.as_secs_f64()).ceil() as u64);
     let limit = by_time.min(plan.max_requests.unwrap_or(u64::MAX));
     let run_id = format!("L{:016x}", rand::thread_rng().gen::<u64>());
-    let per_sec = |name: &str| {
-        PRESIGNED_PER_SEC
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, r)| *r)
-    };
-    let prepared = match &plan.target {
-        Target::Healthz => Vec::new(),
-        t => {
-            let per = per_sec(if matches!(t, Target::Products) {
-                "products"
-            } else {
-                "orders"
-            });
-            let count = limit.min(per * plan.duration.as_secs().max(1));
-            prepare(&plan, &run_id, count)
-        }
-    };
+    let presign = limit.min(presigned_per_sec(&plan.target) * plan.duration.as_secs().max(1));
+    let prepared = prepare(&plan, &run_id, presign);
     // A signed run ends when its prepared requests do, if that comes first.
     let limit = if prepared.is_empty() {
         limit
