@@ -137,18 +137,14 @@ impl Server {
         let mut dispatcher = None;
         if !self.manual_background {
             tasks.spawn(health::watch(self.app.clone()));
-            let d = tokio::spawn(callbacks::dispatcher::run(self.app.clone(), stopped.clone()));
-            tasks.0.push(d.abort_handle());
-            dispatcher = Some(d);
+            dispatcher = Some(tasks.spawn(callbacks::dispatcher::run(self.app.clone(), stopped.clone())));
             tasks.spawn(gauges::run(self.app.clone()));
             tasks.spawn(rollups::run(self.app.clone()));
             tasks.spawn(hot_balance::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
-            .map(|i| tokio::spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))
+            .map(|i| tasks.spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))
             .collect();
-        let mut writer_guard = Background::default();
-        writer_guard.0 = writers.iter().map(|w| w.abort_handle()).collect();
         let mut writers = futures_util::future::join_all(writers);
         let app = self.app.clone();
         match self.admin_listener {
@@ -178,7 +174,7 @@ impl Server {
             );
             let _ = tokio::time::timeout(attempts, d).await;
         }
-        drop((tasks, writer_guard));
+        drop(tasks);
         Ok(())
     }
 }
@@ -188,8 +184,14 @@ impl Server {
 struct Background(Vec<tokio::task::AbortHandle>);
 
 impl Background {
-    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.0.push(tokio::spawn(task).abort_handle());
+    /// Spawns `task`, aborted with the guard; the handle lets a caller wait for it first.
+    fn spawn<T: Send + 'static>(
+        &mut self,
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        let handle = tokio::spawn(task);
+        self.0.push(handle.abort_handle());
+        handle
     }
 }
 
