@@ -3,7 +3,8 @@
 //! For every SKU, imported = available (Redis stock) + in flight (outbox) + delivered +
 //! voided, and the Redis stock plus the in-flight codes are exactly the codes Postgres
 //! holds as sellable. Every balance equals the sum of its ledger, and every hot balance
-//! equals it less the orders in flight. Every order has its codes and its ledger rows.
+//! equals it less the orders in flight (orders are their own debits: `ledger_entries`).
+//! Every order holds exactly its codes, of its product, and every refund its ledger row.
 //!
 //! The stores are read one after the other, so an order moving between them can make
 //! one pass disagree; a difference is reported only if it is still there after
@@ -205,7 +206,7 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
     let balances = client
         .query(
             "SELECT r.id, r.reseller_id, b.balance,
-                    coalesce((SELECT sum(amount) FROM balance_ledger l WHERE l.reseller_id = r.id), 0)::int8
+                    coalesce((SELECT sum(amount) FROM ledger_entries l WHERE l.reseller_id = r.id), 0)::int8
                FROM resellers r JOIN balances b ON b.reseller_id = r.id ORDER BY r.id",
             &[],
         )
@@ -233,39 +234,38 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
         }
     }
 
+    // Orders are their own debits (ledger_entries); what is left to check is that each
+    // holds its codes and each refund its order.
     let orders = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id) <> o.quantity),
-                    count(*) FILTER (WHERE o.amount <> 0 AND NOT EXISTS (SELECT 1 FROM balance_ledger l
-                        WHERE l.reseller_id = o.reseller_id AND l.kind = 'order' AND l.reference = o.order_id AND l.amount = -o.amount)),
-                    count(*) FILTER (WHERE o.status = 'refunded' AND o.amount <> 0 AND NOT EXISTS (SELECT 1 FROM balance_ledger l
-                        WHERE l.reseller_id = o.reseller_id AND l.kind = 'refund' AND l.reference = o.order_id AND l.amount = o.amount))
-               FROM orders o",
+            "SELECT (SELECT count(*) FROM orders o
+                      WHERE (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id) <> o.quantity),
+                    (SELECT count(*) FROM order_codes oc
+                      WHERE NOT EXISTS (SELECT 1 FROM orders o JOIN codes c ON c.product_id = o.product_id
+                                         WHERE o.id = oc.order_id AND c.id = oc.code_id
+                                           AND c.status = CASE o.status WHEN 'fulfilled' THEN 'delivered' ELSE 'voided' END)),
+                    (SELECT count(*) FROM orders o WHERE o.status = 'refunded' AND o.amount <> 0
+                        AND NOT EXISTS (SELECT 1 FROM balance_ledger l WHERE l.reseller_id = o.reseller_id
+                                           AND l.kind = 'refund' AND l.reference = o.order_id AND l.amount = o.amount)),
+                    (SELECT count(*) FROM balance_ledger l WHERE l.kind = 'refund'
+                        AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = l.reference
+                                           AND o.reseller_id = l.reseller_id AND o.status = 'refunded'))",
             &[],
         )
         .await?;
-    let (short, uncharged, unrefunded): (i64, i64, i64) = (orders.get(0), orders.get(1), orders.get(2));
-    for (n, what) in [
-        (short, "orders do not hold exactly their quantity of codes"),
-        (uncharged, "orders have no matching charge in the ledger"),
-        (unrefunded, "refunded orders have no matching refund in the ledger"),
-    ] {
+    for (i, what) in [
+        "orders do not hold exactly their quantity of codes",
+        "delivered codes are not codes of their order's product in its order's state",
+        "refunded orders have no matching refund in the ledger",
+        "ledger refunds name an order that does not exist or was not refunded",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n: i64 = orders.get(i);
         if n > 0 {
             problems.push(format!("{n} {what}"));
         }
-    }
-    let orphans = client
-        .query_one(
-            "SELECT count(*) FROM balance_ledger l WHERE l.kind IN ('order', 'refund')
-                AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = l.reference AND o.reseller_id = l.reseller_id)",
-            &[],
-        )
-        .await?
-        .get::<_, i64>(0);
-    if orphans > 0 {
-        problems.push(format!(
-            "{orphans} ledger rows charge or refund an order that does not exist"
-        ));
     }
 
     Ok(Report {

@@ -66,12 +66,13 @@ async fn an_order_delivers_its_codes_charges_once_and_replays_the_same_answer() 
     assert_eq!(app.balance_of(&k).await, 100_000 - 2 * GOLD);
     assert_eq!(app.stock_len(SKU).await, 3);
 
-    // Committed before the answer (invariant 2): the order, its codes, its charge.
+    // Committed before the answer (invariant 2): the order, its codes, its charge (the
+    // order is its own ledger entry).
     let db = app.db().await;
     let row = db
         .query_one(
             "SELECT o.amount, (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id),
-                    (SELECT sum(amount) FROM balance_ledger l WHERE l.reference = o.order_id AND l.kind = 'order')::int8,
+                    (SELECT sum(amount) FROM ledger_entries l WHERE l.reference = o.order_id AND l.kind = 'order')::int8,
                     (SELECT balance FROM balances b WHERE b.reseller_id = o.reseller_id)
                FROM orders o WHERE o.order_id = $1",
             &[&first["order_id"].as_str().unwrap()],
@@ -356,12 +357,77 @@ async fn retry_storm_makes_one_order_and_one_charge() {
     let db = app.db().await;
     let r = db
         .query_one(
-            "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM balance_ledger WHERE kind = 'order')",
+            "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM ledger_entries WHERE kind = 'order')",
             &[],
         )
         .await
         .unwrap();
     assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (1, 1));
+    app.assert_reconciled(&t).await;
+}
+
+/// Invariant 11: orders are the ledger's order entries, so Postgres keeps them like the
+/// ledger itself: never deleted or rewritten, their one change the refund, and the
+/// balance always the sum of the statement.
+#[tokio::test]
+async fn orders_and_the_ledger_are_append_only_and_the_balance_is_their_sum() {
+    let (app, t, _) = shop(3).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let (s, order, _) = app.order(&k, order_body(SKU, 1, "AO-1")).await;
+    assert_eq!(s, 201, "{order}");
+    let id = order["order_id"].as_str().unwrap();
+    let db = app.db().await;
+    for (sql, what) in [
+        (
+            "UPDATE orders SET amount = 0, unit_price = 0 WHERE order_id = $1",
+            "an order's amount",
+        ),
+        (
+            "UPDATE orders SET created_at = created_at - interval '1 day' WHERE order_id = $1",
+            "an order's time",
+        ),
+        ("DELETE FROM orders WHERE order_id = $1", "an order"),
+        ("DELETE FROM balance_ledger WHERE reference <> $1", "a ledger row"),
+        (
+            "UPDATE balance_ledger SET amount = amount + 1 WHERE reference <> $1",
+            "a ledger row's amount",
+        ),
+    ] {
+        let err = db.execute(sql, &[&id]).await.expect_err(what);
+        let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+        assert!(message.contains("append-only"), "{what}: {err:?}");
+    }
+    for table in ["orders", "balance_ledger"] {
+        let err = db
+            .batch_execute(&format!("TRUNCATE {table} CASCADE"))
+            .await
+            .expect_err(table);
+        let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+        assert!(message.contains("append-only"), "{table}: {err:?}");
+    }
+    // The refund, through the API, is the one change.
+    app.admin_ok(
+        &t,
+        Method::POST,
+        &format!("/admin/v1/orders/{id}/refund"),
+        Some(json!({})),
+        200,
+    )
+    .await;
+    let (s, _, _) = app.order(&k, order_body(SKU, 2, "AO-2")).await;
+    assert_eq!(s, 201);
+    let r = db
+        .query_one(
+            "SELECT b.balance, (SELECT sum(amount) FROM ledger_entries l WHERE l.reseller_id = b.reseller_id)::int8,
+                    (SELECT count(*) FROM ledger_entries l WHERE l.reseller_id = b.reseller_id)
+               FROM balances b JOIN orders o ON o.reseller_id = b.reseller_id WHERE o.order_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (balance, sum, entries): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+    assert_eq!((balance, sum), (100_000 - 2 * GOLD, 100_000 - 2 * GOLD));
+    assert_eq!(entries, 4, "the credit, two orders and one refund");
     app.assert_reconciled(&t).await;
 }
 

@@ -200,3 +200,61 @@ async fn a_migrated_database_has_exactly_the_schema_of_the_snapshot() {
         assert!(diff.contains(what), "{what} in\n{diff}");
     }
 }
+
+mod migrations {
+    refinery::embed_migrations!("migrations");
+}
+
+/// A database with orders recorded under V1 (a debit row in balance_ledger per order)
+/// upgrades to orders that are their own ledger entries with every balance unchanged and
+/// reconciliation clean.
+#[tokio::test]
+async fn orders_recorded_before_v2_become_their_own_ledger_entries_with_balances_unchanged() {
+    let url = create_database().await;
+    let (mut db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    migrations::migrations::runner()
+        .set_target(refinery::Target::Version(1))
+        .run_async(&mut db)
+        .await
+        .expect("migrate to V1");
+    db.batch_execute(
+        "INSERT INTO resellers (reseller_id, name, tier, webhook_secret_enc) VALUES ('rsl_old', 'Old', 'gold', '\\x00');
+         INSERT INTO balances (reseller_id) SELECT id FROM resellers;
+         INSERT INTO balance_ledger (reseller_id, amount, kind, reference) SELECT id, 10000, 'adjustment', 'seed' FROM resellers;
+         INSERT INTO products (sku, name, face_value, base_price, max_quantity) VALUES ('old', 'Old', 300, 300, 10);
+         INSERT INTO codes (product_id, code_hash, code_enc) SELECT p.id, decode(md5(g::text), 'hex'), '\\x00'
+           FROM products p, generate_series(1, 3) g;",
+    )
+    .await
+    .unwrap();
+    let committed = db
+        .query(
+            "SELECT c.outcome FROM resellers r, products p, LATERAL ledger_commit('{0,0}', '{ord_old1,ord_old2}', ARRAY[r.id, r.id], '{OLD-1,OLD-2}',
+                 ARRAY[p.id, p.id], '{old,old}', '{2,1}', '{300,300}', '{600,300}', ARRAY[now(), now()], 'CNY',
+                 '{1,1,2}', (SELECT array_agg(id ORDER BY id) FROM codes), '{1,2,1}') c",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(committed.len(), 2);
+    assert!(committed.iter().all(|r| r.get::<_, &str>(0) == "committed"));
+    let order_rows = "SELECT count(*) FROM balance_ledger WHERE kind = 'order'";
+    let ledger_rows = db.query_one(order_rows, &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(ledger_rows, 2, "V1 wrote a debit row per order");
+
+    let app = start(test_env(&url)).await;
+    let t = app.root_token().await;
+    let ledger_rows = db.query_one(order_rows, &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(ledger_rows, 0, "the orders are the debits now");
+    let r = db
+        .query_one(
+            "SELECT b.balance, (SELECT sum(amount) FROM ledger_entries l WHERE l.reseller_id = b.reseller_id)::int8
+               FROM balances b",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (9100, 9100));
+    app.assert_reconciled(&t).await;
+}
