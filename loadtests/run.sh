@@ -20,7 +20,8 @@
 # Baselines:
 #   baseline-redis-script  redis-benchmark calling the reservation script (EVALSHA),
 #                          random order numbers, at the same connection counts
-#   baseline-pgbench-N     a Postgres-only reservation on cardgate's own schema: one
+#   baseline-pgbench-N     a Postgres-only reservation on cardgate's own schema (the order
+#                          row debits the balance, as in ledger_commit): one
 #                          transaction per order, SELECT ... FOR UPDATE SKIP LOCKED,
 #                          N clients (16 and 64)
 #   baseline-pgbench-lean-N  the same on a lean schema (one unique index on orders, one
@@ -186,7 +187,6 @@ INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, q
   VALUES ('pgb_' || :client_id || '_' || :n, :rid, 'pgb-' || :client_id || '-' || :n, :pid, 'pgbench-orders', 1, 9800, 9800, 'CNY', now())
   RETURNING id AS oid \gset
 INSERT INTO order_codes (order_id, code_id, position) VALUES (:oid, :code_id, 1);
-INSERT INTO balance_ledger (reseller_id, amount, kind, reference) VALUES (:rid, -9800, 'order', 'pgb_' || :client_id || '_' || :n);
 COMMIT;
 SQL
 for c in 16 64; do
