@@ -14,9 +14,9 @@ sql() { psql "$gw_db" -qAtX -v ON_ERROR_STOP=1 "$@"; }
 echo "generating $n orders..." >&2
 gen_start=$(date +%s)
 sql <<'SQL'
-INSERT INTO resellers (reseller_id, name, tier, webhook_secret_enc)
-SELECT 'rs_gen' || i, 'Reseller ' || i, (ARRAY['standard','silver','gold','diamond'])[1 + i % 4], '\x00'
-  FROM generate_series(1, 1000) i;
+INSERT INTO resellers (reseller_id, name, tier, base_tier, webhook_secret_enc)
+SELECT 'rs_gen' || i, 'Reseller ' || i, t, t, '\x00'
+  FROM generate_series(1, 1000) i, LATERAL (SELECT (ARRAY['standard','silver','gold','diamond'])[1 + i % 4] AS t) x;
 INSERT INTO balances (reseller_id) SELECT id FROM resellers;
 INSERT INTO products (sku, name, face_value, base_price, max_quantity)
 SELECT 'gen-' || i, 'Product ' || i, 10000, 9800, 100 FROM generate_series(1, 200) i;

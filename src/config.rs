@@ -46,7 +46,27 @@ pub struct Config {
     pub orders: OrdersConfig,
     pub overload: OverloadConfig,
     pub callbacks: CallbacksConfig,
+    pub vip: VipConfig,
+    #[serde(default)]
+    pub rebates: Vec<RebateBracket>,
     pub tiers: BTreeMap<String, Tier>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    pub window_days: u32,
+    pub downgrade_grace_days: u32,
+    pub rebate_close_delay_hours: u32,
+}
+
+/// One `[[rebates]]` bracket: a month's spend of at least `min_spend` earns `rate_bp`
+/// basis points of all of it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebateBracket {
+    pub min_spend: i64,
+    pub rate_bp: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +156,9 @@ pub struct Tier {
     pub reads_burst: u32,
     pub max_quantity: u32,
     pub max_batch: u32,
+    /// Spend over the `[vip]` window that earns this tier; `None`: operators only.
+    #[serde(default)]
+    pub upgrade_spend: Option<i64>,
 }
 
 /// Settings checked and decoded once at start-up.
@@ -355,6 +378,23 @@ impl Config {
             }
             if t.max_batch > 100 {
                 return Err(ConfigError::setting(&format!("tiers.{name}.max_batch"), "at most 100"));
+            }
+            if let Some(s) = t.upgrade_spend {
+                if !(1..=crate::money::MONEY_MAX_MINOR).contains(&s) {
+                    return Err(ConfigError::setting(
+                        &format!("tiers.{name}.upgrade_spend"),
+                        format!("between 1 and {}", crate::money::MONEY_MAX_MINOR),
+                    ));
+                }
+            }
+        }
+        positive("vip.window_days", self.vip.window_days as u64)?;
+        for (i, b) in self.rebates.iter().enumerate() {
+            if !(0..=crate::money::MONEY_MAX_MINOR).contains(&b.min_spend) || b.rate_bp > 10_000 {
+                return Err(ConfigError::setting(
+                    &format!("rebates[{i}]"),
+                    "min_spend between 0 and 10^15, rate_bp at most 10000",
+                ));
             }
         }
         Ok(Validated {

@@ -140,6 +140,7 @@ mod tests {
             reads_burst: 1,
             max_quantity: 1,
             max_batch: 1,
+            upgrade_spend: None,
         }
     }
 

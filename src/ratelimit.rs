@@ -227,6 +227,7 @@ mod tests {
             reads_burst: 3,
             max_quantity: 1,
             max_batch: 1,
+            upgrade_spend: None,
         };
         BTreeMap::from([("basic".to_string(), t)])
     }

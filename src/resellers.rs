@@ -126,8 +126,9 @@ pub async fn create(app: &App, actor: &Actor, new: &NewReseller) -> Result<(Rese
     crate::rebuild::fence(&*tx).await?;
     let pk: i64 = tx
         .query_one(
-            "INSERT INTO resellers (reseller_id, name, tier, ip_allowlist, callback_url, low_balance_threshold, webhook_secret_enc)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            "INSERT INTO resellers (reseller_id, name, tier, base_tier, ip_allowlist, callback_url, low_balance_threshold,
+                                    webhook_secret_enc)
+             VALUES ($1, $2, $3, $3, $4, $5, $6, $7) RETURNING id",
             &[&reseller_id, &new.name, &new.tier, &new.ip_allowlist, &new.callback_url, &new.low_balance_threshold, &sealed],
         )
         .await?
