@@ -56,6 +56,7 @@ fn bench(c: &mut Criterion) {
                 None,
                 604_800,
                 Some("cg:{s0}:nonce:ak_bench:7f3b2c1d9e8a4b5c6d7e8f9a0b1c2d3e"),
+                0,
             )
             .get_packed_command()
         })

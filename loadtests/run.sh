@@ -160,7 +160,7 @@ hostport=${CARDGATE_REDIS_URL#redis://}; hostport=${hostport%%/*}
 for c in $conns; do
   rb=$(redis-benchmark -h "${hostport%:*}" -p "${hostport#*:}" -c "$c" -n "$rb_n" -r 1000000000 --csv \
     EVALSHA "$sha" 6 "$bench:idem:1:__rand_int__" "$bench:stock" "$bench:bal" "$bench:outbox" "$bench:epoch" \
-    "$bench:nonce:__rand_int__" ord___rand_int__ s1 1 9800 "" 600 "$fields" 600 | tail -1)
+    "$bench:nonce:__rand_int__" ord___rand_int__ s1 1 9800 "" 600 "$fields" 600 0 | tail -1)
   # The command (first CSV column) holds quotes of its own: count columns from the end
   # (rps, avg, min, p50, p95, p99, max).
   python3 - "$rb" "$c" >>"$results" <<'PY'

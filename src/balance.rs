@@ -65,6 +65,12 @@ pub async fn adjust(app: &App, actor: &Actor, reseller_id: &str, a: &Adjustment)
     }
     let mut client = app.pg.get().await?;
     let reseller_pk = crate::resellers::pk_of(&client, reseller_id).await?;
+    // A debit may use the credit line as an order may; Postgres holds it to the limit as
+    // it stands when the debit commits.
+    let credit_limit: i64 = client
+        .query_one("SELECT credit_limit FROM resellers WHERE id = $1", &[&reseller_pk])
+        .await?
+        .get(0);
     let earlier = "SELECT amount, balance_after FROM balance_ledger WHERE reseller_id = $1 AND kind = 'adjustment' AND reference = $2";
     let replay = |row: tokio_postgres::Row| {
         if row.get::<_, i64>(0) != amount {
@@ -98,7 +104,7 @@ pub async fn adjust(app: &App, actor: &Actor, reseller_id: &str, a: &Adjustment)
         // After a Redis error it is unknown whether the hold was taken.
         Some(_) => match hot_balance::lock_hold(&*tx, reseller_pk, reference).await {
             Err(e) => Err((e, false)),
-            Ok(()) => hot_balance::take_hold(app, reseller_pk, reference, -amount, epoch)
+            Ok(()) => hot_balance::take_hold(app, reseller_pk, reference, -amount, epoch, credit_limit)
                 .await
                 .map_err(|e| (ApiError::from(e), true)),
         },

@@ -38,15 +38,18 @@ pub async fn step(app: &App) -> anyhow::Result<()> {
         metrics::gauge!("cardgate_stock_available", "sku" => sku).set(len as f64);
     }
 
-    let low: i64 = client
+    // Low is judged on what can be spent, the credit line included (docs/api.md §6).
+    let money = client
         .query_one(
-            "SELECT count(*) FROM resellers r JOIN balances b ON b.reseller_id = r.id
-              WHERE r.status = 'active' AND b.balance < r.low_balance_threshold",
+            "SELECT count(*) FILTER (WHERE r.status = 'active' AND b.balance + r.credit_limit < r.low_balance_threshold),
+                    coalesce(sum(greatest(0, -b.balance)), 0)::float8, count(*) FILTER (WHERE b.balance < 0)
+               FROM resellers r JOIN balances b ON b.reseller_id = r.id",
             &[],
         )
-        .await?
-        .get(0);
-    metrics::gauge!("cardgate_resellers_low_balance").set(low as f64);
+        .await?;
+    metrics::gauge!("cardgate_resellers_low_balance").set(money.get::<_, i64>(0) as f64);
+    metrics::gauge!("cardgate_credit_in_use").set(money.get::<_, f64>(1));
+    metrics::gauge!("cardgate_resellers_in_credit").set(money.get::<_, i64>(2) as f64);
 
     let queue = client
         .query_one(

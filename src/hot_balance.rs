@@ -53,7 +53,8 @@ return 1",
     )
 });
 
-/// Takes ARGV[1] from the hot balance if it holds that much, marking the hold (KEYS[3])
+/// Takes ARGV[1] from the hot balance if it holds that much with the credit line ARGV[4]
+/// (the balance may go down to minus it), marking the hold (KEYS[3])
 /// so that giving it back happens at most once: 1 taken, 0 too little, -1 no hot balance
 /// or not at epoch ARGV[2] (Postgres alone decides; the rebuild that follows reads it),
 /// -2 marked already by another hold of the same reference (nothing taken).
@@ -64,7 +65,7 @@ if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
 local b = redis.call('GET', KEYS[1])
 if not b then return -1 end
-if tonumber(b) < tonumber(ARGV[1]) then return 0 end
+if tonumber(b) + tonumber(ARGV[4]) < tonumber(ARGV[1]) then return 0 end
 redis.call('DECRBY', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
 return 1",
@@ -164,6 +165,7 @@ pub async fn take_hold(
     reference: &str,
     amount: i64,
     epoch: i64,
+    credit_limit: i64,
 ) -> redis::RedisResult<Held> {
     let mut redis = app.redis();
     let taken: i64 = HOLD
@@ -173,6 +175,7 @@ pub async fn take_hold(
         .arg(amount)
         .arg(epoch)
         .arg(MARKER_TTL_SECS)
+        .arg(credit_limit)
         .invoke_async(&mut redis)
         .await?;
     Ok(match taken {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod gauges;
+pub mod growth;
 pub mod health;
 pub mod hot_balance;
 pub mod http;
@@ -140,6 +141,7 @@ impl Server {
             dispatcher = Some(tasks.spawn(callbacks::dispatcher::run(self.app.clone(), stopped.clone())));
             tasks.spawn(gauges::run(self.app.clone()));
             tasks.spawn(rollups::run(self.app.clone()));
+            tasks.spawn(growth::run(self.app.clone()));
             tasks.spawn(hot_balance::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)

@@ -133,6 +133,14 @@ pub struct ResellerLine {
     pub days_since_last_order: Option<f64>,
     pub usual_gap_days: Option<f64>,
     pub churn_risk: bool,
+    /// The VIP programme as it stands now, whatever the range: spend over the `[vip]`
+    /// window, the credit line and how much of it is used, and the rebate bracket this
+    /// UTC month's spend has reached so far (basis points; 0 below every bracket).
+    pub spend_in_window: i64,
+    pub credit_limit: i64,
+    pub credit_used: i64,
+    pub month_spend: i64,
+    pub rebate_rate_bp: u32,
 }
 
 /// `GET /admin/v1/reports/resellers?from=&to=`
@@ -158,13 +166,21 @@ pub async fn resellers(app: &App, range: &Range) -> Result<Vec<ResellerLine>, Ap
          SELECT r.reseller_id, r.name, r.tier, coalesce(p.orders, 0), coalesce(p.codes, 0), coalesce(p.amount, 0),
                 coalesce(p.active_days, 0), coalesce(p.repeat_days, 0), coalesce(p.span, 0),
                 (SELECT max(o.created_at) FROM orders o
-                  WHERE o.reseller_id = r.id AND o.created_at < $7 AND o.status = 'fulfilled')
-           FROM resellers r LEFT JOIN per p ON p.reseller_id = r.id
+                  WHERE o.reseller_id = r.id AND o.created_at < $7 AND o.status = 'fulfilled'),
+                (SELECT coalesce(sum(amount), 0)::int8 FROM reseller_daily d WHERE d.reseller_id = r.id AND d.day >= $8),
+                r.credit_limit, greatest(0, -b.balance),
+                (SELECT coalesce(sum(amount), 0)::int8 FROM reseller_daily d WHERE d.reseller_id = r.id AND d.day >= $9)
+           FROM resellers r JOIN balances b ON b.reseller_id = r.id LEFT JOIN per p ON p.reseller_id = r.id
           ORDER BY coalesce(p.amount, 0) DESC, r.reseller_id",
         rows("reseller_id")
     );
+    let today = app.clock.now().date();
+    let window = crate::growth::window_start(&app.config, app.clock.now());
+    let month = today.replace_day(1).unwrap_or(today);
     let mut params = rows_params(range).to_vec();
     params.push(&range.to);
+    params.push(&window);
+    params.push(&month);
     let rows = client.query(&sql, &params).await?;
     let now = range.to.min(range.now);
     let lines: Vec<ResellerLine> = rows
@@ -190,6 +206,11 @@ pub async fn resellers(app: &App, range: &Range) -> Result<Vec<ResellerLine>, Ap
                 days_since_last_order: since,
                 usual_gap_days: usual_gap,
                 churn_risk: matches!((since, usual_gap), (Some(s), Some(g)) if s > CHURN_GAPS * g),
+                spend_in_window: r.get(10),
+                credit_limit: r.get(11),
+                credit_used: r.get(12),
+                month_spend: r.get(13),
+                rebate_rate_bp: rebate_rate_bp(&app.config.rebates, r.get(13)),
             }
         })
         .collect();
@@ -249,6 +270,15 @@ pub async fn products(app: &App, range: &Range) -> Result<(Vec<ProductLine>, f64
         })
         .collect();
     Ok((lines, round2(days)))
+}
+
+/// The rate of the highest `[[rebates]]` bracket `spend` reaches; 0 below every one.
+pub fn rebate_rate_bp(brackets: &[crate::config::RebateBracket], spend: i64) -> u32 {
+    brackets
+        .iter()
+        .filter(|b| spend >= b.min_spend)
+        .max_by_key(|b| b.min_spend)
+        .map_or(0, |b| b.rate_bp)
 }
 
 fn round2(x: f64) -> f64 {

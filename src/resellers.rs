@@ -45,6 +45,9 @@ pub struct ResellerPatch {
     #[serde(default, deserialize_with = "nullable")]
     pub callback_url: Option<Option<String>>,
     pub low_balance_threshold: Option<i64>,
+    /// Stops automatic tier changes (growth); `tier` also sets `base_tier`.
+    pub tier_locked: Option<bool>,
+    pub credit_limit: Option<i64>,
 }
 
 /// A reseller as the operator API shows it.
@@ -58,6 +61,13 @@ pub struct Reseller {
     pub callback_url: Option<String>,
     pub low_balance_threshold: i64,
     pub balance: i64,
+    /// The balance may go down to minus this; `available` is `balance + credit_limit`.
+    pub credit_limit: i64,
+    pub available: i64,
+    /// The tier an operator gave; automatic downgrades never go below it.
+    pub base_tier: String,
+    /// No automatic tier changes while set.
+    pub tier_locked: bool,
     pub currency: String,
     pub created_at: String,
     pub updated_at: String,
@@ -73,7 +83,7 @@ pub struct NewKey {
 }
 
 const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
-     r.low_balance_threshold, r.created_at, r.updated_at, b.balance";
+     r.low_balance_threshold, r.created_at, r.updated_at, b.balance, r.credit_limit, r.base_tier, r.tier_locked";
 
 fn reseller_of(r: &Row, currency: &str) -> Reseller {
     Reseller {
@@ -85,6 +95,10 @@ fn reseller_of(r: &Row, currency: &str) -> Reseller {
         callback_url: r.get(6),
         low_balance_threshold: r.get(7),
         balance: r.get(10),
+        credit_limit: r.get(11),
+        available: r.get::<_, i64>(10).saturating_add(r.get(11)),
+        base_tier: r.get(12),
+        tier_locked: r.get(13),
         currency: currency.to_string(),
         created_at: rfc3339(r.get(8)),
         updated_at: rfc3339(r.get(9)),
@@ -166,9 +180,11 @@ pub async fn update(app: &App, actor: &Actor, reseller_id: &str, p: &ResellerPat
         .ok_or_else(|| ApiError::not_found("no such reseller"))?;
     tx.execute(
         "UPDATE resellers SET name = coalesce($2, name), tier = coalesce($3, tier), status = coalesce($4, status),
-                ip_allowlist = coalesce($5, ip_allowlist),
+                base_tier = coalesce($3, base_tier), ip_allowlist = coalesce($5, ip_allowlist),
                 callback_url = CASE WHEN $6 THEN $7 ELSE callback_url END,
-                low_balance_threshold = coalesce($8, low_balance_threshold), updated_at = now()
+                low_balance_threshold = coalesce($8, low_balance_threshold),
+                tier_locked = coalesce($9, tier_locked), credit_limit = coalesce($10, credit_limit),
+                below_since = CASE WHEN $3 IS NULL THEN below_since END, updated_at = now()
          WHERE id = $1",
         &[
             &pk,
@@ -179,23 +195,30 @@ pub async fn update(app: &App, actor: &Actor, reseller_id: &str, p: &ResellerPat
             &set_url,
             &url,
             &p.low_balance_threshold,
+            &p.tier_locked,
+            &p.credit_limit,
         ],
     )
     .await?;
     // A new tier is a new price list, announced as a product's own price change is.
-    if let Some(new_tier) = p.tier.as_deref().filter(|t| *t != old_tier) {
+    let tier_changed = p.tier.as_deref().filter(|t| *t != old_tier);
+    if let Some(new_tier) = tier_changed {
         let why = Repricing::Tier {
             reseller_pk: pk,
             from: &old_tier,
             to: new_tier,
         };
         events::product_price_changed(&*tx, why, &app.config.currency).await?;
+        events::tier_changed(&*tx, pk, &old_tier, new_tier, "operator").await?;
     }
     tx.commit(
         json!({"tier": p.tier, "status": p.status, "ip_allowlist": p.ip_allowlist,
-                     "callback_url_changed": set_url}),
+               "callback_url_changed": set_url, "tier_locked": p.tier_locked, "credit_limit": p.credit_limit}),
     )
     .await?;
+    if tier_changed.is_some() {
+        metrics::counter!("cardgate_tier_changes_total", "reason" => "operator").increment(1);
+    }
     crate::sync::changed(app).await;
     let row = load(&client, reseller_id).await?;
     Ok(reseller_of(&row, &app.config.currency))

@@ -47,7 +47,7 @@ impl Role {
         match need {
             Need::Read => true,
             Need::Write => matches!(self, Role::Admin | Role::Operator),
-            Need::ManageAdmins => self == Role::Admin,
+            Need::ManageAdmins | Need::Credit => self == Role::Admin,
             Need::ReadAudit => matches!(self, Role::Admin | Role::Auditor),
         }
     }
@@ -64,6 +64,8 @@ pub enum Need {
     ManageAdmins,
     /// The audit log.
     ReadAudit,
+    /// Credit lines (docs/api.md §6): lending the platform's money, admin only.
+    Credit,
 }
 
 #[derive(Debug, Clone)]

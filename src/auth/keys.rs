@@ -25,6 +25,8 @@ pub struct Reseller {
     pub tier: String,
     pub suspended: bool,
     pub allowlist: Allowlist,
+    /// Orders may take the balance down to `-credit_limit` (docs/api.md §6).
+    pub credit_limit: i64,
 }
 
 impl Reseller {
@@ -81,7 +83,7 @@ impl KeyCache {
         let client = pg.get().await.context("loading API keys")?;
         let rows = client
             .query(
-                "SELECT k.key_id, k.secret_enc, r.id, r.reseller_id, r.tier, r.status, r.ip_allowlist
+                "SELECT k.key_id, k.secret_enc, r.id, r.reseller_id, r.tier, r.status, r.ip_allowlist, r.credit_limit
                  FROM api_keys k JOIN resellers r ON r.id = k.reseller_id
                  WHERE k.revoked_at IS NULL",
                 &[],
@@ -120,6 +122,7 @@ impl KeyCache {
                         tier: r.get(4),
                         suspended: r.get::<_, &str>(5) == "suspended",
                         allowlist,
+                        credit_limit: r.get(7),
                     })
                 })
                 .clone();

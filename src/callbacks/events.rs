@@ -13,6 +13,8 @@
 //! - `product.price_changed`: [`product_price_changed`] here, because its cause is either
 //!   a product repriced (`catalogue::products`) or a reseller moved to another tier
 //!   (`resellers`).
+//! - `reseller.tier_changed`: [`tier_changed`] here, by an operator's change
+//!   (`resellers`) or an automatic one (`growth`);
 //!
 //! Delivery is `dispatcher`'s.
 
@@ -100,6 +102,25 @@ pub async fn product_price_changed<C: GenericClient>(
             .await?;
         }
     }
+    Ok(())
+}
+
+/// `reseller.tier_changed`, for a reseller with a callback; `reason` is `upgrade`,
+/// `downgrade` or `operator`.
+pub async fn tier_changed<C: GenericClient>(
+    c: &C,
+    reseller_pk: i64,
+    previous: &str,
+    tier: &str,
+    reason: &str,
+) -> Result<(), ApiError> {
+    c.execute(
+        "INSERT INTO events (reseller_id, type, data)
+         SELECT r.id, 'reseller.tier_changed', jsonb_build_object('previous_tier', $2::text, 'tier', $3::text, 'reason', $4::text)
+           FROM resellers r WHERE r.id = $1 AND r.callback_url IS NOT NULL",
+        &[&reseller_pk, &previous, &tier, &reason],
+    )
+    .await?;
     Ok(())
 }
 

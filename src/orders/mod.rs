@@ -225,7 +225,15 @@ async fn place_inner(
         let t = Instant::now();
         let mut redis = app.redis();
         let nonce_key = nonce.as_ref().and_then(|n| n.take());
-        let cmd = reserve::reserve_cmd(&app.keys, &f, &fingerprint, refusal, ttl, nonce_key);
+        let cmd = reserve::reserve_cmd(
+            &app.keys,
+            &f,
+            &fingerprint,
+            refusal,
+            ttl,
+            nonce_key,
+            reseller.credit_limit,
+        );
         let reserved = reserve::reserve(&mut redis, &cmd).await?;
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
         let elements = match reserved {

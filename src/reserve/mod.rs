@@ -169,6 +169,8 @@ pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reser
 /// The reservation's `EVALSHA`, built straight into one command buffer (a
 /// `ScriptInvocation` copies every argument once more); benches/order_path.rs measures it.
 /// `nonce_key`, a request nonce's key (`Keys::nonce`), is spent by the script first.
+/// The hot balance may go down to `-credit_limit`.
+#[allow(clippy::too_many_arguments)]
 pub fn reserve_cmd(
     keys: &Keys,
     f: &Fulfilment,
@@ -176,6 +178,7 @@ pub fn reserve_cmd(
     refusal: Option<Refusal>,
     record_ttl_secs: u64,
     nonce_key: Option<&str>,
+    credit_limit: i64,
 ) -> Cmd {
     // Serialising plain integers and strings cannot fail.
     let fields = serde_json::to_vec(f).unwrap_or_default();
@@ -197,7 +200,8 @@ pub fn reserve_cmd(
         .arg(refusal.map_or("", Refusal::wire))
         .arg(record_ttl_secs)
         .arg(fields)
-        .arg(NONCE_TTL_SECS);
+        .arg(NONCE_TTL_SECS)
+        .arg(credit_limit);
     cmd
 }
 

@@ -7,7 +7,8 @@
 --       6 (optional) the request's nonce, spent here first: one round trip per order
 -- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
 --       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
---       7 the fulfilment's fields (JSON, for the ledger writer), 8 the nonce's TTL
+--       7 the fulfilment's fields (JSON, for the ledger writer), 8 the nonce's TTL,
+--       9 the reseller's credit limit (the balance may go down to minus it)
 --
 -- Answers:
 --   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
@@ -42,7 +43,7 @@ if not balance then
   return {'refused', 'no_hot_balance'}
 end
 local amount = tonumber(ARGV[4])
-if tonumber(balance) < amount then
+if tonumber(balance) + tonumber(ARGV[9]) < amount then
   return {'refused', 'insufficient_balance'}
 end
 local codes = redis.call('LPOP', KEYS[2], qty)

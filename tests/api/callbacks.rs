@@ -590,7 +590,27 @@ async fn a_tier_change_announces_the_prices_it_moved() {
     app.patch_reseller(&t, &k.reseller_id, json!({"tier": "gold"})).await;
     app.patch_reseller(&t, &k.reseller_id, json!({"tier": "diamond"})).await;
     deliver_due(&app).await;
-    let got: Vec<Value> = receiver.received().iter().map(Received::json).collect();
+    let all: Vec<Value> = receiver.received().iter().map(Received::json).collect();
+    // Each change of tier is announced as such, by reason "operator"; the unchanged one
+    // (silver to silver) is not.
+    let tiers: Vec<(&str, &str, &str)> = all
+        .iter()
+        .filter(|e| e["type"] == "reseller.tier_changed")
+        .map(|e| {
+            let d = &e["data"];
+            (
+                d["previous_tier"].as_str().unwrap(),
+                d["tier"].as_str().unwrap(),
+                d["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tiers.len(), 2, "{all:#?}");
+    assert!(tiers.contains(&("silver", "gold", "operator")) && tiers.contains(&("gold", "diamond", "operator")));
+    let got: Vec<Value> = all
+        .into_iter()
+        .filter(|e| e["type"] != "reseller.tier_changed")
+        .collect();
     assert!(got.iter().all(|e| e["type"] == "product.price_changed"), "{got:#?}");
     let moves: Vec<(i64, i64)> = got
         .iter()
@@ -741,16 +761,17 @@ async fn a_private_target_set_earlier_is_refused_at_each_delivery() {
     aim_directly(&app, &literal.reseller_id, &receiver.url).await;
     let by_name = format!("http://localhost:{port}/hooks/cardgate?token=merchant-own");
     aim_directly(&app, &named.reseller_id, &by_name).await;
-    // Silver pays the base price, gold less: each tier change announces the SKU's price.
+    // Silver pays the base price, gold less: each tier change is announced with the
+    // SKU's price it moved, two events per reseller.
     app.patch_reseller(&t, &literal.reseller_id, json!({"tier": "gold"}))
         .await;
     app.patch_reseller(&t, &named.reseller_id, json!({"tier": "gold"}))
         .await;
 
     // Two rounds each, the backoff passing between them.
-    assert_eq!(deliver_due(&app).await, 2);
+    assert_eq!(deliver_due(&app).await, 4);
     backoff_passes(&app).await;
-    assert_eq!(deliver_due(&app).await, 2);
+    assert_eq!(deliver_due(&app).await, 4);
     for k in [&literal, &named] {
         let e = &events_of(&app, &t, &k.reseller_id).await[0];
         assert_eq!(e["deliveries"].as_array().map(Vec::len), Some(2), "{e:#}");
@@ -829,7 +850,8 @@ async fn a_bottomless_answer_is_cut_off_after_its_first_bytes() {
     let k = app.reseller_with_key(&t, "silver", json!({"callback_url": url})).await;
     app.patch_reseller(&t, &k.reseller_id, json!({"tier": "gold"})).await;
 
-    assert_eq!(deliver_due(&app).await, 1, "one attempt");
+    // The tier change and the price it moved: one attempt each.
+    assert_eq!(deliver_due(&app).await, 2, "one attempt each");
     let e = &events_of(&app, &t, &k.reseller_id).await[0];
     let d = &e["deliveries"][0];
     assert_eq!(d["status_code"], 500, "{e:#}");

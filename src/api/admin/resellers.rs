@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::{authorized_head, authorized_json, check_name};
+use super::{authorize, authorized_head, authorized_json, check_name, json as read_json};
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::balance::{self, Adjustment, ADJUSTMENT_MAX_ABS};
@@ -106,7 +106,15 @@ pub async fn patch(
     req: Request<Incoming>,
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (actor, mut p): (_, ResellerPatch) = authorized_json(app, ctx, req, Need::Write).await?;
+    let (parts, body) = req.into_parts();
+    let (admin, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let mut p: ResellerPatch = read_json(app, &parts, body).await?;
+    if let Some(c) = p.credit_limit {
+        if !admin.role.may(Need::Credit) {
+            return Err(ApiError::Forbidden);
+        }
+        money::check_non_negative("credit_limit", c)?;
+    }
     if let Some(n) = &p.name {
         check_name(n)?;
     }

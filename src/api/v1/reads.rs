@@ -94,21 +94,33 @@ pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Res
         let replies = s.query(app, pipe).await?;
         let hot: Option<i64> = redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
             .map_err(ApiError::internal)?;
+        let client = app.pg_orders.get().await?;
         // The hot balance is what can be spent now; without it (Redis lost its state),
         // the recorded one.
         let balance = match hot {
             Some(b) => b,
-            None => {
-                let client = app.pg_orders.get().await?;
-                client
-                    .query_one("SELECT balance FROM balances WHERE reseller_id = $1", &[&r.pk])
-                    .await?
-                    .get(0)
-            }
+            None => client
+                .query_one("SELECT balance FROM balances WHERE reseller_id = $1", &[&r.pk])
+                .await?
+                .get(0),
         };
+        let window_days = app.config.vip.window_days;
+        let spend = crate::growth::spend(
+            &**client,
+            r.pk,
+            crate::growth::window_start(&app.config, app.clock.now()),
+        )
+        .await?;
+        let next_tier = crate::growth::next_tier(&app.config, &r.tier).map(|(tier, upgrade_spend)| {
+            serde_json::json!({"tier": tier, "upgrade_spend": upgrade_spend,
+                               "remaining": upgrade_spend.saturating_sub(spend).max(0)})
+        });
         response::json(
             StatusCode::OK,
-            &serde_json::json!({"balance": balance, "currency": app.config.currency, "tier": r.tier}),
+            &serde_json::json!({"balance": balance, "currency": app.config.currency, "tier": r.tier,
+                                "credit_limit": r.credit_limit, "available": balance.saturating_add(r.credit_limit),
+                                "spend": {"window_days": window_days, "amount": spend},
+                                "next_tier": next_tier}),
         )
     }
     .await;
