@@ -3,7 +3,7 @@
 
 use cardgate::crypto::{Crypto, Purpose};
 use cardgate::orders::Order;
-use cardgate::reserve::{fingerprint, reserve_cmd, Fulfilment};
+use cardgate::reserve::{fingerprint, reserve_cmd, Fulfilment, Guards};
 use cardgate::store::keys::Keys;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
@@ -45,6 +45,13 @@ fn bench(c: &mut Criterion) {
         unit_price: 9650,
         amount: 9650,
         created_at: 1_763_870_403,
+        key_id: "ak_bench".into(),
+    };
+    // The rules on by default, as a gateway runs them.
+    let guards = Guards {
+        address: Some("203.0.113.7".into()),
+        velocity: Some((10.0, 60)),
+        ..Guards::default()
     };
     let fp = fingerprint(&f.sku, 1);
     c.bench_function("reservation EVALSHA built and packed", |b| {
@@ -56,7 +63,7 @@ fn bench(c: &mut Criterion) {
                 None,
                 604_800,
                 Some("cg:{s0}:nonce:ak_bench:7f3b2c1d9e8a4b5c6d7e8f9a0b1c2d3e"),
-                0,
+                &guards,
             )
             .get_packed_command()
         })

@@ -56,6 +56,8 @@ pub struct App {
     pub admission: Admission,
     /// The time of day, for everything that reads it (`crate::clock`).
     pub clock: Clock,
+    /// What the risk rules saw, for the background task to record (`crate::risk`).
+    pub risk: crate::risk::Queue,
 }
 
 impl App {
@@ -121,6 +123,7 @@ impl App {
             probe,
             admission,
             clock,
+            risk: Default::default(),
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg_orders, &app.crypto).await?;

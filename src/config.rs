@@ -49,6 +49,7 @@ pub struct Config {
     pub vip: VipConfig,
     #[serde(default)]
     pub rebates: Vec<RebateBracket>,
+    pub risk: RiskConfig,
     pub tiers: BTreeMap<String, Tier>,
 }
 
@@ -58,6 +59,38 @@ pub struct VipConfig {
     pub window_days: u32,
     pub downgrade_grace_days: u32,
     pub rebate_close_delay_hours: u32,
+}
+
+/// What a risk rule does when it fires (docs/api.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RiskAction {
+    Flag,
+    Hold,
+    Off,
+}
+
+impl RiskAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RiskAction::Flag => "flag",
+            RiskAction::Hold => "hold",
+            RiskAction::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskConfig {
+    pub new_address: RiskAction,
+    pub velocity: RiskAction,
+    pub velocity_factor: f64,
+    pub velocity_min_per_minute: u32,
+    pub failed_signatures: RiskAction,
+    pub failed_signatures_per_minute: u32,
+    pub refund_rate: RiskAction,
+    pub refund_rate_max: f64,
 }
 
 /// One `[[rebates]]` bracket: a month's spend of at least `min_spend` earns `rate_bp`
@@ -389,6 +422,26 @@ impl Config {
             }
         }
         positive("vip.window_days", self.vip.window_days as u64)?;
+        let r = &self.risk;
+        // Bad signatures can come from anyone who knows a key_id: a rule they drive must
+        // never lock the reseller out.
+        if r.failed_signatures == RiskAction::Hold {
+            return Err(ConfigError::setting(
+                "risk.failed_signatures",
+                "can only flag or be off: bad signatures may come from anyone who knows a key_id",
+            ));
+        }
+        if !(r.velocity_factor.is_finite() && r.velocity_factor > 0.0) {
+            return Err(ConfigError::setting("risk.velocity_factor", "a positive number"));
+        }
+        positive("risk.velocity_min_per_minute", r.velocity_min_per_minute as u64)?;
+        positive(
+            "risk.failed_signatures_per_minute",
+            r.failed_signatures_per_minute as u64,
+        )?;
+        if !(0.0..=1.0).contains(&r.refund_rate_max) {
+            return Err(ConfigError::setting("risk.refund_rate_max", "between 0 and 1"));
+        }
         for (i, b) in self.rebates.iter().enumerate() {
             if !(0..=crate::money::MONEY_MAX_MINOR).contains(&b.min_spend) || b.rate_bp > 10_000 {
                 return Err(ConfigError::setting(

@@ -31,6 +31,10 @@ pub enum ApiError {
     Forbidden,
     #[error("insufficient balance")]
     InsufficientBalance,
+    #[error("the order would pass a daily spend limit")]
+    SpendLimitExceeded,
+    #[error("orders are held by risk control until an operator releases them")]
+    RiskHold,
     #[error("{0}")]
     NotFound(Cow<'static, str>),
     #[error("method not allowed")]
@@ -87,8 +91,8 @@ impl ApiError {
             MissingAuthorization | TimestampOutOfWindow | InvalidSignature | NonceReused | Unauthenticated(_) => {
                 StatusCode::UNAUTHORIZED
             }
-            IpNotAllowed | AccountSuspended | Forbidden => StatusCode::FORBIDDEN,
-            InsufficientBalance => StatusCode::PAYMENT_REQUIRED,
+            IpNotAllowed | AccountSuspended | Forbidden | RiskHold => StatusCode::FORBIDDEN,
+            InsufficientBalance | SpendLimitExceeded => StatusCode::PAYMENT_REQUIRED,
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Conflict(_) | OutOfStock | IdempotencyConflict | PriceChanged | OrderInProgress => StatusCode::CONFLICT,
@@ -116,6 +120,8 @@ impl ApiError {
             Unauthenticated(_) => "unauthenticated",
             Forbidden => "forbidden",
             InsufficientBalance => "insufficient_balance",
+            SpendLimitExceeded => "spend_limit_exceeded",
+            RiskHold => "risk_hold",
             NotFound(_) => "not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             Conflict(_) => "conflict",

@@ -32,6 +32,7 @@ pub mod reconcile;
 pub mod reports;
 pub mod resellers;
 pub mod reserve;
+pub mod risk;
 pub mod rollups;
 pub mod stock;
 pub mod store;
@@ -142,6 +143,7 @@ impl Server {
             tasks.spawn(gauges::run(self.app.clone()));
             tasks.spawn(rollups::run(self.app.clone()));
             tasks.spawn(growth::run(self.app.clone()));
+            tasks.spawn(risk::run(self.app.clone()));
             tasks.spawn(hot_balance::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)

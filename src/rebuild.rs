@@ -86,6 +86,7 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
     let dropped_in_flight = drop_in_flight(app, &mut redis).await?;
     let (products, codes) = load_stock(app, &tx, &mut redis).await?;
     let balances = load_balances(app, &tx, &mut redis).await?;
+    load_risk(app, &tx, &mut redis).await?;
     let idempotency_records = load_records(app, &tx, &mut redis).await?;
     // The ledger writers create the outbox's consumer group again when they find it gone.
     redis::cmd("SET")
@@ -207,6 +208,71 @@ async fn load_balances(
         mset.query_async::<()>(redis).await?;
     }
     Ok(rows.len() as u64)
+}
+
+/// Each reseller's risk hold and spend today, and each limited key's spend today, from
+/// the orders Postgres holds (nothing is in flight in the new epoch). The order-rate and
+/// address history the rules keep are Redis's alone: what survived is kept.
+async fn load_risk(
+    app: &App,
+    tx: &deadpool_postgres::Transaction<'_>,
+    redis: &mut ConnectionManager,
+) -> anyhow::Result<()> {
+    let now = app.clock.now();
+    let today = reserve::utc_day(now.unix_timestamp());
+    let midnight = now.replace_time(time::Time::MIDNIGHT);
+    let resellers = tx
+        .query(
+            "SELECT r.id, r.risk_hold_at IS NOT NULL,
+                    coalesce((SELECT sum(amount) FROM orders o WHERE o.reseller_id = r.id AND o.created_at >= $1), 0)::int8
+               FROM resellers r",
+            &[&midnight],
+        )
+        .await?;
+    for part in resellers.chunks(PUSH_CHUNK) {
+        let mut pipe = redis::pipe();
+        for r in part {
+            let key = app.keys.risk(r.get(0));
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg("day")
+                .arg(&today)
+                .arg("spent")
+                .arg(r.get::<_, i64>(2))
+                .ignore();
+            if r.get(1) {
+                pipe.cmd("HSET").arg(&key).arg("hold").arg("1").ignore();
+            } else {
+                pipe.cmd("HDEL").arg(&key).arg("hold").ignore();
+            }
+        }
+        send(pipe, redis).await?;
+    }
+    let keys = tx
+        .query(
+            "SELECT k.key_id, coalesce(sum(o.amount), 0)::int8
+               FROM api_keys k LEFT JOIN orders o ON o.key_id = k.key_id AND o.created_at >= $1
+              WHERE k.daily_spend_limit IS NOT NULL AND k.revoked_at IS NULL
+              GROUP BY k.key_id",
+            &[&midnight],
+        )
+        .await?;
+    for part in keys.chunks(PUSH_CHUNK) {
+        let mut pipe = redis::pipe();
+        for k in part {
+            let key = app.keys.key_spend(k.get(0));
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg("day")
+                .arg(&today)
+                .arg("spent")
+                .arg(k.get::<_, i64>(1))
+                .ignore();
+            pipe.cmd("EXPIRE").arg(&key).arg(172_800).ignore();
+        }
+        send(pipe, redis).await?;
+    }
+    Ok(())
 }
 
 /// Idempotency records of the most recent orders, so their replays stay on the fast path.

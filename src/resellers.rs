@@ -48,6 +48,9 @@ pub struct ResellerPatch {
     /// Stops automatic tier changes (growth); `tier` also sets `base_tier`.
     pub tier_locked: Option<bool>,
     pub credit_limit: Option<i64>,
+    /// `null` removes the limit.
+    #[serde(default, deserialize_with = "nullable")]
+    pub daily_spend_limit: Option<Option<i64>>,
 }
 
 /// A reseller as the operator API shows it.
@@ -68,6 +71,10 @@ pub struct Reseller {
     pub base_tier: String,
     /// No automatic tier changes while set.
     pub tier_locked: bool,
+    /// Minor units per UTC day; `None`: no limit.
+    pub daily_spend_limit: Option<i64>,
+    /// Set while risk control holds the reseller's orders.
+    pub risk_hold: Option<serde_json::Value>,
     pub currency: String,
     pub created_at: String,
     pub updated_at: String,
@@ -83,7 +90,8 @@ pub struct NewKey {
 }
 
 const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
-     r.low_balance_threshold, r.created_at, r.updated_at, b.balance, r.credit_limit, r.base_tier, r.tier_locked";
+     r.low_balance_threshold, r.created_at, r.updated_at, b.balance, r.credit_limit, r.base_tier, r.tier_locked,
+     r.daily_spend_limit, r.risk_hold_at, r.risk_hold_rule";
 
 fn reseller_of(r: &Row, currency: &str) -> Reseller {
     Reseller {
@@ -99,6 +107,10 @@ fn reseller_of(r: &Row, currency: &str) -> Reseller {
         available: r.get::<_, i64>(10).saturating_add(r.get(11)),
         base_tier: r.get(12),
         tier_locked: r.get(13),
+        daily_spend_limit: r.get(14),
+        risk_hold: r
+            .get::<_, Option<time::OffsetDateTime>>(15)
+            .map(|at| json!({"since": rfc3339(at), "rule": r.get::<_, Option<String>>(16)})),
         currency: currency.to_string(),
         created_at: rfc3339(r.get(8)),
         updated_at: rfc3339(r.get(9)),
@@ -184,6 +196,7 @@ pub async fn update(app: &App, actor: &Actor, reseller_id: &str, p: &ResellerPat
                 callback_url = CASE WHEN $6 THEN $7 ELSE callback_url END,
                 low_balance_threshold = coalesce($8, low_balance_threshold),
                 tier_locked = coalesce($9, tier_locked), credit_limit = coalesce($10, credit_limit),
+                daily_spend_limit = CASE WHEN $11 THEN $12 ELSE daily_spend_limit END,
                 below_since = CASE WHEN $3 IS NULL THEN below_since END, updated_at = now()
          WHERE id = $1",
         &[
@@ -197,6 +210,8 @@ pub async fn update(app: &App, actor: &Actor, reseller_id: &str, p: &ResellerPat
             &p.low_balance_threshold,
             &p.tier_locked,
             &p.credit_limit,
+            &p.daily_spend_limit.is_some(),
+            &p.daily_spend_limit.flatten(),
         ],
     )
     .await?;
@@ -213,7 +228,8 @@ pub async fn update(app: &App, actor: &Actor, reseller_id: &str, p: &ResellerPat
     }
     tx.commit(
         json!({"tier": p.tier, "status": p.status, "ip_allowlist": p.ip_allowlist,
-               "callback_url_changed": set_url, "tier_locked": p.tier_locked, "credit_limit": p.credit_limit}),
+               "callback_url_changed": set_url, "tier_locked": p.tier_locked, "credit_limit": p.credit_limit,
+               "daily_spend_limit": p.daily_spend_limit}),
     )
     .await?;
     if tier_changed.is_some() {

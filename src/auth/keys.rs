@@ -27,6 +27,8 @@ pub struct Reseller {
     pub allowlist: Allowlist,
     /// Orders may take the balance down to `-credit_limit` (docs/api.md §6).
     pub credit_limit: i64,
+    /// Minor units per UTC day (docs/api.md §7), counted by the reservation script.
+    pub daily_spend_limit: Option<i64>,
 }
 
 impl Reseller {
@@ -83,7 +85,8 @@ impl KeyCache {
         let client = pg.get().await.context("loading API keys")?;
         let rows = client
             .query(
-                "SELECT k.key_id, k.secret_enc, r.id, r.reseller_id, r.tier, r.status, r.ip_allowlist, r.credit_limit
+                "SELECT k.key_id, k.secret_enc, r.id, r.reseller_id, r.tier, r.status, r.ip_allowlist, r.credit_limit,
+                        r.daily_spend_limit
                  FROM api_keys k JOIN resellers r ON r.id = k.reseller_id
                  WHERE k.revoked_at IS NULL",
                 &[],
@@ -123,6 +126,7 @@ impl KeyCache {
                         suspended: r.get::<_, &str>(5) == "suspended",
                         allowlist,
                         credit_limit: r.get(7),
+                        daily_spend_limit: r.get(8),
                     })
                 })
                 .clone();

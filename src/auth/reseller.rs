@@ -66,6 +66,13 @@ pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, header: &AuthHeader, body: &[
         body,
     };
     let valid = signer.verify(&message, &header.signature);
+    if let (Some(e), false) = (&entry, valid) {
+        // Counted off this path (`risk`): the answer is the same as for an unknown key.
+        app.risk.signal(crate::risk::Signal::BadSignature {
+            reseller_pk: e.reseller.pk,
+            key_id: header.key_id.to_string(),
+        });
+    }
     let Some(entry) = entry.filter(|_| valid) else {
         return Err(ApiError::InvalidSignature);
     };

@@ -37,6 +37,8 @@ pub enum Route {
     AdminRevokeKey(String),
     AdminAdjustBalance(String),
     AdminResellerEvents(String),
+    AdminRiskEvents,
+    AdminRiskRelease(String),
     AdminRotateWebhookSecret(String),
     AdminRedeliverEvent(String),
     AdminAudit,
@@ -74,6 +76,8 @@ impl Route {
             Route::AdminRevokeKey(_) => "/admin/v1/keys/{key_id}",
             Route::AdminAdjustBalance(_) => "/admin/v1/resellers/{id}/balance",
             Route::AdminResellerEvents(_) => "/admin/v1/resellers/{id}/events",
+            Route::AdminRiskEvents => "/admin/v1/risk/events",
+            Route::AdminRiskRelease(_) => "/admin/v1/resellers/{id}/risk/release",
             Route::AdminRotateWebhookSecret(_) => "/admin/v1/resellers/{id}/webhook_secret",
             Route::AdminRedeliverEvent(_) => "/admin/v1/events/{event_id}/redeliver",
             Route::AdminAudit => "/admin/v1/audit",
@@ -153,6 +157,10 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
         ("resellers", Some(id), Some("keys"), None) => allow(m, POST, Route::AdminCreateKey(param(id)?.into()))?,
         ("resellers", Some(id), Some("balance"), None) => allow(m, POST, Route::AdminAdjustBalance(param(id)?.into()))?,
         ("resellers", Some(id), Some("events"), None) => allow(m, GET, Route::AdminResellerEvents(param(id)?.into()))?,
+        ("resellers", Some(id), Some("risk"), Some("release")) => {
+            allow(m, POST, Route::AdminRiskRelease(param(id)?.into()))?
+        }
+        ("risk", Some("events"), None, None) => allow(m, GET, Route::AdminRiskEvents)?,
         ("resellers", Some(id), Some("webhook_secret"), None) => {
             allow(m, POST, Route::AdminRotateWebhookSecret(param(id)?.into()))?
         }
@@ -213,7 +221,7 @@ pub async fn dispatch(
         Err(e) => return (UNMATCHED, Err(e)),
     };
     let name = route.name();
-    use api::admin::{audit, codes, events, orders, products, reports, resellers, session};
+    use api::admin::{audit, codes, events, orders, products, reports, resellers, risk, session};
     let result = match route {
         Route::Healthz => api::ops::healthz(),
         Route::Readyz => api::ops::readyz(app).await,
@@ -235,6 +243,8 @@ pub async fn dispatch(
         Route::AdminRevokeKey(k) => resellers::revoke_key(app, ctx, req, &k).await,
         Route::AdminAdjustBalance(id) => resellers::adjust_balance(app, ctx, req, &id).await,
         Route::AdminResellerEvents(id) => events::list(app, ctx, req, &id).await,
+        Route::AdminRiskEvents => risk::events(app, ctx, req).await,
+        Route::AdminRiskRelease(id) => risk::release(app, ctx, req, &id).await,
         Route::AdminRotateWebhookSecret(id) => resellers::rotate_webhook_secret(app, ctx, req, &id).await,
         Route::AdminRedeliverEvent(id) => events::redeliver(app, ctx, req, &id).await,
         Route::AdminAudit => audit::list(app, ctx, req).await,

@@ -447,10 +447,15 @@ async fn commit_once(
         .collect();
     let stmt = client
         .prepare_cached(
-            "SELECT idx, outcome FROM ledger_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "SELECT idx, outcome FROM ledger_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .await?;
     let epochs: Vec<i64> = sent.iter().map(|&i| entries[i].epoch).collect();
+    // Entries written before keys were recorded carry none.
+    let key_ids: Vec<Option<&str>> = fs
+        .iter()
+        .map(|f| Some(f.key_id.as_str()).filter(|k| !k.is_empty()))
+        .collect();
     let rows = client
         .query(
             &stmt,
@@ -469,6 +474,7 @@ async fn commit_once(
                 &code_orders,
                 &code_ids,
                 &positions,
+                &key_ids,
             ],
         )
         .await?;

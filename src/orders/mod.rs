@@ -44,11 +44,12 @@ use serde_json::Value;
 
 use crate::app::App;
 use crate::auth::keys::Reseller;
-use crate::auth::reseller::Nonce;
+use crate::auth::reseller::{Caller, Nonce};
+use crate::config::RiskAction;
 use crate::crypto::Purpose;
 use crate::error::ApiError;
 use crate::ledger::Settled;
-use crate::reserve::{self, Fulfilment, Refusal, Reserved};
+use crate::reserve::{self, Fulfilment, Guards, Refusal, Reserved};
 
 /// Reservations retried after the last guard refused a code, before giving up.
 const LAST_GUARD_RETRIES: usize = 3;
@@ -151,12 +152,13 @@ pub enum Placed {
 /// not yet spent is spent by the reservation script, before anything else it does.
 pub async fn place(
     app: &App,
-    reseller: &Reseller,
+    caller: &Caller,
     req: &OrderRequest,
     nonce: Option<Nonce<'_>>,
 ) -> Result<Placed, ApiError> {
     let started = Instant::now();
-    let result = place_inner(app, reseller, req, nonce).await;
+    let reseller = &*caller.reseller;
+    let result = place_inner(app, caller, req, nonce).await;
     let outcome = match &result {
         Ok(Placed::Created(_)) => "created",
         Ok(Placed::Replayed(_)) => "replayed",
@@ -172,10 +174,11 @@ pub async fn place(
 
 async fn place_inner(
     app: &App,
-    reseller: &Reseller,
+    caller: &Caller,
     req: &OrderRequest,
     nonce: Option<Nonce<'_>>,
 ) -> Result<Placed, ApiError> {
+    let reseller = &*caller.reseller;
     // Nothing reserved could be committed: answer now rather than after the commit timeout.
     if !app.health.postgres_up() {
         return Err(ApiError::Unavailable {
@@ -209,6 +212,14 @@ async fn place_inner(
     };
     let fingerprint = reserve::fingerprint(&req.sku, req.quantity);
     let ttl = app.config.orders.idempotency_ttl_secs;
+    let risk = &app.config.risk;
+    let guards = Guards {
+        credit_limit: reseller.credit_limit,
+        reseller_daily_limit: reseller.daily_spend_limit,
+        key_daily_limit: None,
+        address: (risk.new_address != RiskAction::Off).then(|| caller.ip.to_string()),
+        velocity: (risk.velocity != RiskAction::Off).then_some((risk.velocity_factor, risk.velocity_min_per_minute)),
+    };
     for _ in 0..LAST_GUARD_RETRIES {
         let f = Fulfilment {
             order_id: crate::ids::order_id(),
@@ -220,20 +231,13 @@ async fn place_inner(
             unit_price,
             amount: amount.unwrap_or(0),
             created_at: app.clock.now_unix_secs(),
+            key_id: caller.key_id.clone(),
         };
         let mut waiter = app.waiters.register(&f.order_id);
         let t = Instant::now();
         let mut redis = app.redis();
         let nonce_key = nonce.as_ref().and_then(|n| n.take());
-        let cmd = reserve::reserve_cmd(
-            &app.keys,
-            &f,
-            &fingerprint,
-            refusal,
-            ttl,
-            nonce_key,
-            reseller.credit_limit,
-        );
+        let cmd = reserve::reserve_cmd(&app.keys, &f, &fingerprint, refusal, ttl, nonce_key, &guards);
         let reserved = reserve::reserve(&mut redis, &cmd).await?;
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
         let elements = match reserved {
@@ -263,7 +267,17 @@ async fn place_inner(
                 }
                 return Err(refusal.into());
             }
-            Reserved::Ok(elements) => elements,
+            Reserved::Ok { signals, elements } => {
+                if !signals.is_empty() {
+                    app.risk.signal(crate::risk::Signal::Order {
+                        reseller_pk: reseller.pk,
+                        key_id: caller.key_id.clone(),
+                        address: caller.ip,
+                        fired: signals,
+                    });
+                }
+                elements
+            }
         };
         let timeout = Duration::from_millis(app.config.orders.commit_timeout_ms);
         match tokio::time::timeout(timeout, waiter.settled()).await {

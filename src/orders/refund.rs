@@ -82,5 +82,9 @@ pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&st
     // Spendable only once recorded; if Redis misses it now, the background step applies it.
     crate::hot_balance::settle(app, Some(reseller_pk)).await;
     metrics::counter!("cardgate_refunds_total").increment(1);
+    // Judged after the refund, which stands whatever the rule says.
+    if let Err(e) = crate::risk::after_refund(app, reseller_pk).await {
+        tracing::warn!(error = format!("{e:#}"), "refund rate not evaluated");
+    }
     Ok(answer(at, reason.map(str::to_owned), false))
 }

@@ -35,6 +35,29 @@ pub struct Fulfilment {
     pub amount: i64,
     /// Unix seconds: the order's `created_at`, the same in the first answer and in replays.
     pub created_at: i64,
+    /// The API key that placed it: its spend is counted against the key's limit.
+    #[serde(default)]
+    pub key_id: String,
+}
+
+/// The UTC day of a unix time, as spend is counted (`YYYY-MM-DD`).
+pub fn utc_day(unix_secs: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix_secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let d = t.date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+/// What the reservation script holds an order to beyond stock and balance: the credit
+/// line, the spend limits and the risk rules evaluated in the same step.
+#[derive(Debug, Clone, Default)]
+pub struct Guards {
+    pub credit_limit: i64,
+    pub reseller_daily_limit: Option<i64>,
+    pub key_daily_limit: Option<i64>,
+    /// The client's address, when the `new_address` rule is on.
+    pub address: Option<String>,
+    /// `(factor, floor per minute)`, when the `velocity` rule is on.
+    pub velocity: Option<(f64, u32)>,
 }
 
 /// One outbox entry, as `reserve.lua` appends it: the fulfilment (`o`), its stock
@@ -65,7 +88,8 @@ impl Entry {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reserved {
     /// Codes taken and money held (these stock elements); the fulfilment is in the outbox.
-    Ok(Vec<Vec<u8>>),
+    /// `signals`: the risk rules the order fired, as `reserve.lua` names them.
+    Ok { signals: String, elements: Vec<Vec<u8>> },
     /// The merchant_order_no has a record already.
     Seen {
         pending: bool,
@@ -95,10 +119,13 @@ pub enum Refusal {
     /// A reseller created while Redis was away: nothing is sold until the rebuild.
     NoHotBalance,
     InsufficientBalance,
+    SpendLimitExceeded,
+    /// Risk control holds the reseller's orders.
+    RiskHold,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 11] = [
         Refusal::UnknownProduct,
         Refusal::ProductUnavailable,
         Refusal::QuantityOutOfRange,
@@ -108,6 +135,8 @@ impl Refusal {
         Refusal::OutOfStock,
         Refusal::NoHotBalance,
         Refusal::InsufficientBalance,
+        Refusal::SpendLimitExceeded,
+        Refusal::RiskHold,
     ];
 
     pub fn wire(self) -> &'static str {
@@ -121,6 +150,8 @@ impl Refusal {
             Refusal::OutOfStock => "out_of_stock",
             Refusal::NoHotBalance => "no_hot_balance",
             Refusal::InsufficientBalance => "insufficient_balance",
+            Refusal::SpendLimitExceeded => "spend_limit_exceeded",
+            Refusal::RiskHold => "risk_hold",
         }
     }
 
@@ -141,6 +172,8 @@ impl From<Refusal> for ApiError {
             Refusal::NonceReused => ApiError::NonceReused,
             Refusal::OutOfStock => ApiError::OutOfStock,
             Refusal::InsufficientBalance => ApiError::InsufficientBalance,
+            Refusal::SpendLimitExceeded => ApiError::SpendLimitExceeded,
+            Refusal::RiskHold => ApiError::RiskHold,
             Refusal::Rebuilding | Refusal::NoHotBalance => ApiError::Unavailable {
                 what: "stock (being rebuilt)",
                 retry_after_secs: 1,
@@ -169,8 +202,6 @@ pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reser
 /// The reservation's `EVALSHA`, built straight into one command buffer (a
 /// `ScriptInvocation` copies every argument once more); benches/order_path.rs measures it.
 /// `nonce_key`, a request nonce's key (`Keys::nonce`), is spent by the script first.
-/// The hot balance may go down to `-credit_limit`.
-#[allow(clippy::too_many_arguments)]
 pub fn reserve_cmd(
     keys: &Keys,
     f: &Fulfilment,
@@ -178,18 +209,21 @@ pub fn reserve_cmd(
     refusal: Option<Refusal>,
     record_ttl_secs: u64,
     nonce_key: Option<&str>,
-    credit_limit: i64,
+    guards: &Guards,
 ) -> Cmd {
     // Serialising plain integers and strings cannot fail.
     let fields = serde_json::to_vec(f).unwrap_or_default();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(RESERVE.get_hash())
-        .arg(if nonce_key.is_some() { 6 } else { 5 })
+        .arg(if nonce_key.is_some() { 9 } else { 8 })
         .arg(keys.idempotency(f.reseller, &f.merchant_order_no))
         .arg(keys.stock(f.product))
         .arg(keys.balance(f.reseller))
         .arg(keys.outbox())
-        .arg(keys.epoch());
+        .arg(keys.epoch())
+        .arg(keys.risk(f.reseller))
+        .arg(keys.key_spend(&f.key_id))
+        .arg(keys.addresses(f.reseller));
     if let Some(k) = nonce_key {
         cmd.arg(k);
     }
@@ -201,15 +235,32 @@ pub fn reserve_cmd(
         .arg(record_ttl_secs)
         .arg(fields)
         .arg(NONCE_TTL_SECS)
-        .arg(credit_limit);
+        .arg(guards.credit_limit)
+        .arg(utc_day(f.created_at))
+        .arg(limit_arg(guards.reseller_daily_limit))
+        .arg(limit_arg(guards.key_daily_limit))
+        .arg(f.created_at)
+        .arg(guards.address.as_deref().unwrap_or(""))
+        .arg(f.created_at.div_euclid(60));
+    match guards.velocity {
+        Some((factor, floor)) => cmd.arg(factor).arg(floor),
+        None => cmd.arg(0).arg(""),
+    };
     cmd
+}
+
+fn limit_arg(limit: Option<i64>) -> String {
+    limit.map(|l| l.to_string()).unwrap_or_default()
 }
 
 fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
     let mut it = reply.into_iter();
     let text = |v: Option<Vec<u8>>| v.and_then(|b| String::from_utf8(b).ok());
     Some(match it.next()?.as_slice() {
-        b"ok" => Reserved::Ok(it.collect()),
+        b"ok" => Reserved::Ok {
+            signals: text(it.next())?,
+            elements: it.collect(),
+        },
         b"dup" => Reserved::Seen {
             pending: text(it.next())? == "pending",
             fingerprint: text(it.next())?,
@@ -261,12 +312,15 @@ pub async fn release<C: ConnectionLike>(
         .key(keys.balance(f.reseller))
         .key(keys.outbox())
         .key(keys.epoch())
+        .key(keys.risk(f.reseller))
+        .key(keys.key_spend(&f.key_id))
         .arg(&f.order_id)
         .arg(f.amount)
         .arg(GROUP)
         .arg(entry_id)
         .arg(if dedupe { "1" } else { "0" })
-        .arg(epoch);
+        .arg(epoch)
+        .arg(utc_day(f.created_at));
     for e in elements {
         inv.arg(e.as_slice());
     }
@@ -326,8 +380,11 @@ mod tests {
     fn replies_parse() {
         let b = |s: &str| s.as_bytes().to_vec();
         assert_eq!(
-            parse_reserved(vec![b("ok"), b("x"), b("y")]),
-            Some(Reserved::Ok(vec![b("x"), b("y")]))
+            parse_reserved(vec![b("ok"), b("av"), b("x"), b("y")]),
+            Some(Reserved::Ok {
+                signals: "av".into(),
+                elements: vec![b("x"), b("y")]
+            })
         );
         assert_eq!(
             parse_reserved(vec![b("dup"), b("done"), b("s\n1"), b("ord_1")]),

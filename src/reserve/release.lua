@@ -6,10 +6,12 @@
 -- A reservation made before the last rebuild is only acknowledged: the rebuild read
 -- Postgres, where it never was, so its codes and money are back already.
 --
--- KEYS: 1 idempotency record, 2 stock, 3 hot balance, 4 outbox, 5 epoch
+-- KEYS: 1 idempotency record, 2 stock, 3 hot balance, 4 outbox, 5 epoch,
+--       6 the reseller's risk state, 7 the key's spend
 -- ARGV: 1 order id, 2 amount, 3 consumer group, 4 entry id,
 --       5 '1' to remove other copies of each element first (after a last-guard hit),
---       6 the epoch the reservation was made at, 7.. the elements to return
+--       6 the epoch the reservation was made at, 7 the UTC day it was counted in,
+--       8.. the elements to return
 if redis.call('XDEL', KEYS[4], ARGV[4]) == 0 then
   return 0
 end
@@ -20,7 +22,7 @@ end
 if redis.call('HGET', KEYS[1], 'order') == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
-for i = #ARGV, 7, -1 do
+for i = #ARGV, 8, -1 do
   if ARGV[5] == '1' then
     redis.call('LREM', KEYS[2], 0, ARGV[i])
   end
@@ -29,5 +31,11 @@ end
 -- A missing hot balance is rebuilt whole from Postgres; creating it here would be wrong.
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('INCRBY', KEYS[3], ARGV[2])
+end
+-- Spend that was never made is not spend: back out of the day it was counted in.
+for k = 6, 7 do
+  if redis.call('HGET', KEYS[k], 'day') == ARGV[7] then
+    redis.call('HINCRBY', KEYS[k], 'spent', -tonumber(ARGV[2]))
+  end
 end
 return 1

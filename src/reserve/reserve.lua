@@ -1,22 +1,32 @@
 -- One order's reservation, atomically (docs/design.md, "The shape" step 4): idempotency check,
--- stock check, balance check, pop the codes, debit the hot balance, record the
--- reservation and append the fulfilment to the outbox stream.
+-- risk hold, stock check, spend limits, balance check, pop the codes, debit the hot
+-- balance, count the spend and the risk signals, record the reservation and append the
+-- fulfilment to the outbox stream.
 --
 -- KEYS: 1 idempotency record (hash), 2 stock (list), 3 hot balance, 4 outbox (stream),
 --       5 epoch (the rebuild this state comes from; absent: Redis lost its state),
---       6 (optional) the request's nonce, spent here first: one round trip per order
+--       6 the reseller's risk state (hash: hold, day, spent, m, n, avg),
+--       7 the key's spend (hash: day, spent), 8 the reseller's addresses (hash),
+--       9 (optional) the request's nonce, spent here first: one round trip per order
 -- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
 --       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
 --       7 the fulfilment's fields (JSON, for the ledger writer), 8 the nonce's TTL,
---       9 the reseller's credit limit (the balance may go down to minus it)
+--       9 the reseller's credit limit (the balance may go down to minus it),
+--       10 today (UTC), 11 the reseller's daily spend limit ('' for none),
+--       12 the key's daily spend limit ('' for none), 13 now (unix seconds),
+--       14 the client address ('' when the new_address rule is off),
+--       15 this minute (unix minutes), 16 the velocity factor, 17 the velocity floor per
+--       minute ('' when the velocity rule is off)
 --
 -- Answers:
 --   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
 --   {'refused', code}                      nothing taken ('rebuilding': no epoch)
---   {'ok', element...}                     reserved; elements are stock elements
+--   {'ok', signals, element...}            reserved; signals name the risk rules that
+--                                          fired ('a' new address, 'v' velocity), elements
+--                                          are stock elements
 --
 -- A replayed request is refused before anything, even its own idempotency record.
-if KEYS[6] and not redis.call('SET', KEYS[6], '1', 'NX', 'EX', ARGV[8]) then
+if KEYS[9] and not redis.call('SET', KEYS[9], '1', 'NX', 'EX', ARGV[8]) then
   return {'refused', 'nonce_reused'}
 end
 -- Nothing is sold from a Redis that lost its state or is being rebuilt.
@@ -33,16 +43,39 @@ end
 if ARGV[5] ~= '' then
   return {'refused', ARGV[5]}
 end
+local risk = redis.call('HMGET', KEYS[6], 'hold', 'day', 'spent', 'm', 'n', 'avg')
+if risk[1] then
+  return {'refused', 'risk_hold'}
+end
 local qty = tonumber(ARGV[3])
 if redis.call('LLEN', KEYS[2]) < qty then
   return {'refused', 'out_of_stock'}
+end
+local amount = tonumber(ARGV[4])
+-- Spend counts per UTC day: a counter of another day is yesterday's.
+local today = ARGV[10]
+local spent = 0
+if risk[2] == today then
+  spent = tonumber(risk[3]) or 0
+end
+if ARGV[11] ~= '' and spent + amount > tonumber(ARGV[11]) then
+  return {'refused', 'spend_limit_exceeded'}
+end
+local key_spent = 0
+if ARGV[12] ~= '' then
+  local k = redis.call('HMGET', KEYS[7], 'day', 'spent')
+  if k[1] == today then
+    key_spent = tonumber(k[2]) or 0
+  end
+  if key_spent + amount > tonumber(ARGV[12]) then
+    return {'refused', 'spend_limit_exceeded'}
+  end
 end
 local balance = redis.call('GET', KEYS[3])
 if not balance then
   -- A reseller created while Redis was away: nothing is sold until the rebuild.
   return {'refused', 'no_hot_balance'}
 end
-local amount = tonumber(ARGV[4])
 if tonumber(balance) + tonumber(ARGV[9]) < amount then
   return {'refused', 'insufficient_balance'}
 end
@@ -50,6 +83,51 @@ local codes = redis.call('LPOP', KEYS[2], qty)
 redis.call('DECRBY', KEYS[3], amount)
 redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+
+local signals = ''
+-- Velocity: orders this minute against an exponentially weighted mean of the minutes
+-- before (a tenth per minute, idle minutes counting as zero). It fires once a minute,
+-- on the order that first passes the threshold.
+local minute = tonumber(ARGV[15])
+local m, n, avg = tonumber(risk[4]), tonumber(risk[5]) or 0, tonumber(risk[6]) or 0
+if m ~= minute then
+  if m and minute > m then
+    avg = (avg * 0.9 + n * 0.1) * 0.9 ^ math.min(minute - m - 1, 1000)
+  end
+  n = 0
+end
+n = n + 1
+if ARGV[17] ~= '' then
+  local threshold = math.max(tonumber(ARGV[17]), tonumber(ARGV[16]) * avg)
+  if n > threshold and n - 1 <= threshold then
+    signals = signals .. 'v'
+  end
+end
+-- Whole numbers as integers ('%.0f'): a plain tostring writes 1e+15 past 10^14.
+redis.call('HSET', KEYS[6], 'day', today, 'spent', string.format('%.0f', spent + amount), 'm', minute, 'n', n,
+           'avg', tostring(avg))
+if ARGV[12] ~= '' then
+  redis.call('HSET', KEYS[7], 'day', today, 'spent', string.format('%.0f', key_spent + amount))
+  redis.call('EXPIRE', KEYS[7], 172800)
+end
+-- A new address: one this reseller, which has ordered before, has not ordered from in
+-- 30 days. At most 1024 addresses are remembered per reseller; past that, an address
+-- not remembered counts as new.
+if ARGV[14] ~= '' then
+  local now = tonumber(ARGV[13])
+  local seen = tonumber(redis.call('HGET', KEYS[8], ARGV[14]))
+  if not seen or now - seen > 2592000 then
+    if redis.call('HLEN', KEYS[8]) > 0 then
+      signals = signals .. 'a'
+    end
+    if seen or redis.call('HLEN', KEYS[8]) < 1024 then
+      redis.call('HSET', KEYS[8], ARGV[14], now)
+    end
+  elseif now - seen > 3600 then
+    redis.call('HSET', KEYS[8], ARGV[14], now)
+  end
+end
+
 -- Elements are binary and may be many: one field, each element behind a 2-byte length.
 local packed = {}
 for i = 1, #codes do
@@ -58,8 +136,8 @@ for i = 1, #codes do
 end
 -- The epoch goes with the fulfilment: Postgres refuses it if a rebuild came between.
 redis.call('XADD', KEYS[4], '*', 'o', ARGV[7], 'c', table.concat(packed), 'e', epoch)
-local out = {'ok'}
+local out = {'ok', signals}
 for i = 1, #codes do
-  out[i + 1] = codes[i]
+  out[i + 2] = codes[i]
 end
 return out

@@ -64,6 +64,27 @@ impl Keys {
         self.key(&["outbox"])
     }
 
+    /// A reseller's risk state, read and written by the reservation script (a hash:
+    /// `hold`, the day's spend as `day`/`spent`, the order rate as `m`/`n`/`avg`).
+    pub fn risk(&self, reseller_pk: i64) -> String {
+        self.key(&["risk", &reseller_pk.to_string()])
+    }
+
+    /// One API key's spend today (a hash: `day`, `spent`).
+    pub fn key_spend(&self, key_id: &str) -> String {
+        self.key(&["kspend", key_id])
+    }
+
+    /// The client addresses a reseller ordered from, each with when it last did (a hash).
+    pub fn addresses(&self, reseller_pk: i64) -> String {
+        self.key(&["addrs", &reseller_pk.to_string()])
+    }
+
+    /// Signatures that did not verify for one existing key in one minute.
+    pub fn signature_failures(&self, key_id: &str, minute: i64) -> String {
+        self.key(&["sigfail", key_id, &minute.to_string()])
+    }
+
     /// Written when the Redis state was last rebuilt from Postgres; its absence means
     /// Redis lost its data.
     pub fn epoch(&self) -> String {

@@ -440,6 +440,7 @@ impl TestApp {
     }
 }
 
+#[derive(Clone)]
 pub struct ResellerKey {
     pub reseller_id: String,
     pub key_id: String,

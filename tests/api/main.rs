@@ -26,6 +26,7 @@ mod overload;
 mod recovery;
 mod reports;
 mod reseller_api;
+mod risk;
 mod schema;
 mod signing;
 mod vip;

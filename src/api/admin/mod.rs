@@ -15,6 +15,7 @@ pub mod orders;
 pub mod products;
 pub mod reports;
 pub mod resellers;
+pub mod risk;
 pub mod session;
 
 use hyper::body::Incoming;

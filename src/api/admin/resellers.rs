@@ -133,6 +133,9 @@ pub async fn patch(
     if let Some(t) = p.low_balance_threshold {
         check_threshold(t)?;
     }
+    if let Some(Some(l)) = p.daily_spend_limit {
+        money::check_non_negative("daily_spend_limit", l)?;
+    }
     let reseller = resellers::update(app, &actor, reseller_id, &p).await?;
     response::json(StatusCode::OK, &reseller)
 }

@@ -25,7 +25,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     let s = signed!(app, ctx, req, Class::Writes);
     let result = async {
         let order = OrderRequest::parse(&body::parse_json::<Value>(&s.body)?)?;
-        match orders::place(app, &s.caller().reseller, &order, Some(s.nonce())).await? {
+        match orders::place(app, s.caller(), &order, Some(s.nonce())).await? {
             Placed::Created(o) => response::json(StatusCode::CREATED, &o),
             Placed::Replayed(o) => {
                 reveal(app, s.caller(), &o, "replay").await?;
@@ -83,10 +83,10 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
         }
         let parsed: Vec<Result<OrderRequest, ApiError>> = items.iter().map(OrderRequest::parse).collect();
         // Concurrently, so the whole batch shares the ledger writer's commits.
-        let reseller = &s.caller().reseller;
+        let caller = s.caller();
         let placed = join_all(parsed.iter().map(|p| async move {
             match p {
-                Ok(o) => orders::place(app, reseller, o, None).await,
+                Ok(o) => orders::place(app, caller, o, None).await,
                 Err(e) => Err(ApiError::invalid(e.to_string())),
             }
         }))

@@ -1,0 +1,325 @@
+//! Spend limits and risk rules (docs/api.md §7): limits counted in the reservation script,
+//! exact across gateways; holds that refuse orders until released and survive a Redis
+//! rebuild; rules that flag; and no rule a third party can use to lock a reseller out.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+use crate::orders::{buyer, shop_with, GOLD, SKU};
+
+/// A signed order sent from `from` (an address of the loopback range).
+async fn order_from(app: &TestApp, k: &ResellerKey, from: IpAddr, mon: &str) -> (u16, Value) {
+    let client = reqwest::Client::builder().local_address(from).build().unwrap();
+    let body = order_body(SKU, 1, mon).to_string();
+    let message = cardgate::auth::signing::Message {
+        timestamp: now_secs(),
+        nonce: &nonce(),
+        method: "POST",
+        path: "/v1/orders",
+        query: None,
+        body: body.as_bytes(),
+    };
+    let auth = cardgate::auth::signing::authorization(&k.key_id, k.secret.as_bytes(), &message);
+    let resp = client
+        .post(app.url("/v1/orders"))
+        .header("authorization", auth)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn risk_events(app: &TestApp, t: &str, reseller_id: &str) -> Vec<Value> {
+    let path = format!("/admin/v1/risk/events?reseller_id={reseller_id}");
+    let r = app.admin_ok(t, Method::GET, &path, None, 200).await;
+    r["events"].as_array().unwrap().clone()
+}
+
+async fn callbacks_of(app: &TestApp, kind: &str) -> i64 {
+    app.db()
+        .await
+        .query_one("SELECT count(*) FROM events WHERE type = $1", &[&kind])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn manual(env: &mut HashMap<String, String>) {
+    env.insert(MANUAL_BACKGROUND.into(), "1".into());
+}
+
+#[tokio::test]
+async fn a_daily_spend_limit_is_never_passed_by_concurrent_orders_on_two_gateways_nor_forgotten_by_a_rebuild() {
+    let (a, t, _) = shop_with(40, manual).await;
+    let b = start(a.env.clone()).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let k = Arc::new(buyer(&a, &t, "gold", 1_000_000).await);
+    // Five gold codes fit, and 99 minor units more: not a sixth.
+    let path = format!("/admin/v1/resellers/{}", k.reseller_id);
+    let r = a
+        .admin_ok(
+            &t,
+            Method::PATCH,
+            &path,
+            Some(json!({"daily_spend_limit": 5 * GOLD + 99})),
+            200,
+        )
+        .await;
+    assert_eq!(r["daily_spend_limit"], 5 * GOLD + 99);
+    let seen = eventually(Duration::from_secs(2), || async {
+        b.state
+            .as_ref()
+            .unwrap()
+            .key_cache
+            .get(&k.key_id)
+            .is_some_and(|e| e.reseller.daily_spend_limit.is_some())
+    })
+    .await;
+    assert!(seen, "the second gateway sees the limit");
+
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let (gw, k) = (if i % 2 == 0 { a.clone() } else { b.clone() }, k.clone());
+            tokio::spawn(async move { gw.order(&k, order_body(SKU, 1, &format!("SL-{i}"))).await })
+        })
+        .collect();
+    let mut sold = 0;
+    for task in tasks {
+        let (s, body, _) = task.await.unwrap();
+        match s {
+            201 => sold += 1,
+            _ => assert_eq!(
+                (s, body["error"]["code"].as_str()),
+                (402, Some("spend_limit_exceeded")),
+                "{body}"
+            ),
+        }
+    }
+    assert_eq!(sold, 5);
+    let spent: i64 = a
+        .db()
+        .await
+        .query_one(
+            "SELECT sum(o.amount)::int8 FROM orders o JOIN resellers r ON r.id = o.reseller_id WHERE r.reseller_id = $1",
+            &[&k.reseller_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(spent, 5 * GOLD);
+    assert_eq!(
+        a.balance_of(&k).await,
+        1_000_000 - 5 * GOLD,
+        "nothing taken by the refusals"
+    );
+
+    // A rebuild counts today's spend again from Postgres: still full.
+    cardgate::rebuild::rebuild(a.state.as_ref().unwrap(), true)
+        .await
+        .unwrap();
+    let (s, body, _) = b.order(&k, order_body(SKU, 1, "SL-after-rebuild")).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (402, Some("spend_limit_exceeded")),
+        "{body}"
+    );
+    // Raised by one code's worth: exactly one more.
+    a.admin_ok(
+        &t,
+        Method::PATCH,
+        &path,
+        Some(json!({"daily_spend_limit": 6 * GOLD})),
+        200,
+    )
+    .await;
+    let raised = eventually(Duration::from_secs(2), || async {
+        b.state
+            .as_ref()
+            .unwrap()
+            .key_cache
+            .get(&k.key_id)
+            .and_then(|e| e.reseller.daily_spend_limit)
+            == Some(6 * GOLD)
+    })
+    .await;
+    assert!(raised);
+    assert_eq!(b.order(&k, order_body(SKU, 1, "SL-raised")).await.0, 201);
+    assert_eq!(a.order(&k, order_body(SKU, 1, "SL-over")).await.0, 402);
+    // Removed: no limit.
+    a.admin_ok(&t, Method::PATCH, &path, Some(json!({"daily_spend_limit": null})), 200)
+        .await;
+    assert_eq!(a.order(&k, order_body(SKU, 1, "SL-unlimited")).await.0, 201);
+    a.assert_reconciled(&t).await;
+}
+
+#[tokio::test]
+async fn a_hold_from_a_second_address_refuses_orders_until_released_and_survives_a_rebuild() {
+    let (app, t, _) = shop_with(10, |env| {
+        manual(env);
+        env.insert("CARDGATE_RISK__NEW_ADDRESS".into(), "hold".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let state = app.state.clone().unwrap();
+    let home: IpAddr = "127.0.0.1".parse().unwrap();
+    let away: IpAddr = "127.0.0.2".parse().unwrap();
+    assert_eq!(order_from(&app, &k, home, "H-1").await.0, 201);
+    assert_eq!(order_from(&app, &k, home, "H-2").await.0, 201);
+    cardgate::risk::step(&state).await.unwrap();
+    assert!(
+        risk_events(&app, &t, &k.reseller_id).await.is_empty(),
+        "the first address is not new"
+    );
+
+    // The order from the new address goes through; the hold follows it.
+    assert_eq!(order_from(&app, &k, away, "H-3").await.0, 201);
+    assert_eq!(cardgate::risk::step(&state).await.unwrap(), 1);
+    let events = risk_events(&app, &t, &k.reseller_id).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0]["rule"].as_str(), events[0]["action"].as_str()),
+        (Some("new_address"), Some("hold"))
+    );
+    assert_eq!(events[0]["details"]["address"], "127.0.0.2");
+    assert_eq!(callbacks_of(&app, "account.held").await, 0, "no callback URL, no event");
+    for from in [home, away] {
+        let (s, body) = order_from(&app, &k, from, &format!("H-held-{from}")).await;
+        assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
+    }
+    let r = app
+        .admin_ok(
+            &t,
+            Method::GET,
+            &format!("/admin/v1/resellers/{}", k.reseller_id),
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(r["risk_hold"]["rule"], "new_address");
+
+    // Redis loses everything: the hold comes back from Postgres.
+    cardgate::rebuild::rebuild(&state, true).await.unwrap();
+    assert_eq!(order_from(&app, &k, home, "H-4").await.0, 403);
+
+    let path = format!("/admin/v1/resellers/{}/risk/release", k.reseller_id);
+    let r = app.admin_ok(&t, Method::POST, &path, None, 200).await;
+    assert_eq!(
+        (r["released"].as_bool(), r["rule"].as_str()),
+        (Some(true), Some("new_address"))
+    );
+    let again = app.admin_ok(&t, Method::POST, &path, None, 200).await;
+    assert_eq!(again["released"], false, "a second release has nothing to end");
+    assert_eq!(order_from(&app, &k, away, "H-5").await.0, 201);
+    let audit = app
+        .admin_ok(
+            &t,
+            Method::GET,
+            "/admin/v1/audit?action=reseller.risk_release",
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(audit["entries"].as_array().map(Vec::len), Some(1), "{audit}");
+    app.assert_reconciled(&t).await;
+}
+
+#[tokio::test]
+async fn a_velocity_burst_is_flagged_once_and_refuses_nothing() {
+    let (app, t, _) = shop_with(12, |env| {
+        manual(env);
+        env.insert("CARDGATE_RISK__VELOCITY_MIN_PER_MINUTE".into(), "5".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    for i in 0..9 {
+        let (s, body, _) = app.order(&k, order_body(SKU, 1, &format!("V-{i}"))).await;
+        assert_eq!(s, 201, "{body}");
+    }
+    cardgate::risk::step(&app.state.clone().unwrap()).await.unwrap();
+    let events = risk_events(&app, &t, &k.reseller_id).await;
+    let velocity: Vec<_> = events.iter().filter(|e| e["rule"] == "velocity").collect();
+    // Unless the burst straddled a minute, once; never once per order.
+    assert!((1..=2).contains(&velocity.len()), "{events:?}");
+    assert_eq!(velocity[0]["action"], "flag");
+    let listed = app
+        .admin_ok(&t, Method::GET, "/admin/v1/risk/events?rule=velocity", None, 200)
+        .await;
+    assert_eq!(listed["events"].as_array().map(Vec::len), Some(velocity.len()));
+    assert!(metric(&app, "cardgate_risk_events_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn failed_signatures_only_flag_and_the_real_reseller_keeps_ordering() {
+    let (app, t, _) = shop_with(3, |env| {
+        manual(env);
+        env.insert("CARDGATE_RISK__FAILED_SIGNATURES_PER_MINUTE".into(), "3".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    // Someone who knows only the key_id.
+    let forger = ResellerKey {
+        secret: "not-the-secret".into(),
+        ..k.clone()
+    };
+    for i in 0..10 {
+        let resp = app.post_order(&forger, order_body(SKU, 1, &format!("F-{i}"))).await;
+        assert_eq!(error_of(resp).await.1, "invalid_signature");
+    }
+    cardgate::risk::step(&app.state.clone().unwrap()).await.unwrap();
+    let events = risk_events(&app, &t, &k.reseller_id).await;
+    assert_eq!(events.len(), 1, "once a minute: {events:?}");
+    assert_eq!(
+        (events[0]["rule"].as_str(), events[0]["action"].as_str()),
+        (Some("failed_signatures"), Some("flag"))
+    );
+    assert_eq!(app.order(&k, order_body(SKU, 1, "F-real")).await.0, 201);
+
+    // The rule cannot be set to hold at all.
+    let mut env = app.env.clone();
+    env.insert("CARDGATE_RISK__FAILED_SIGNATURES".into(), "hold".into());
+    let err = cardgate::config::Config::load(&env).and_then(|c| c.validate().map(|_| ()));
+    assert!(err.is_err_and(|e| e.to_string().contains("failed_signatures")));
+}
+
+#[tokio::test]
+async fn a_refund_rate_over_its_limit_holds_the_reseller() {
+    let (app, t, _) = shop_with(6, |env| {
+        manual(env);
+        env.insert("CARDGATE_RISK__REFUND_RATE".into(), "hold".into());
+        env.insert("CARDGATE_RISK__REFUND_RATE_MAX".into(), "0.3".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let (s, body, _) = app.order(&k, order_body(SKU, 1, &format!("RR-{i}"))).await;
+        assert_eq!(s, 201);
+        ids.push(body["order_id"].as_str().unwrap().to_string());
+    }
+    let refund = |id: &str| format!("/admin/v1/orders/{id}/refund");
+    // One in four (25%) is within 30%; two in four is not.
+    app.admin_ok(&t, Method::POST, &refund(&ids[0]), Some(json!({})), 200)
+        .await;
+    assert!(risk_events(&app, &t, &k.reseller_id).await.is_empty());
+    assert_eq!(app.order(&k, order_body(SKU, 1, "RR-ok")).await.0, 201);
+    app.admin_ok(&t, Method::POST, &refund(&ids[1]), Some(json!({})), 200)
+        .await;
+    let events = risk_events(&app, &t, &k.reseller_id).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0]["rule"].as_str(), events[0]["action"].as_str()),
+        (Some("refund_rate"), Some("hold"))
+    );
+    let (s, body, _) = app.order(&k, order_body(SKU, 1, "RR-held")).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")));
+    app.assert_reconciled(&t).await;
+}
