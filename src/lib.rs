@@ -32,6 +32,7 @@ pub mod reports;
 pub mod resellers;
 pub mod reserve;
 pub mod rollups;
+pub mod statements;
 pub mod stock;
 pub mod store;
 pub mod sync;

@@ -37,6 +37,7 @@ pub enum Route {
     AdminRevokeKey(String),
     AdminAdjustBalance(String),
     AdminResellerEvents(String),
+    AdminResellerLedger(String),
     AdminRotateWebhookSecret(String),
     AdminRedeliverEvent(String),
     AdminAudit,
@@ -48,6 +49,7 @@ pub enum Route {
     Products,
     Product(String),
     Balance,
+    Ledger,
     CreateOrder,
     FindOrder,
     BatchOrders,
@@ -74,6 +76,7 @@ impl Route {
             Route::AdminRevokeKey(_) => "/admin/v1/keys/{key_id}",
             Route::AdminAdjustBalance(_) => "/admin/v1/resellers/{id}/balance",
             Route::AdminResellerEvents(_) => "/admin/v1/resellers/{id}/events",
+            Route::AdminResellerLedger(_) => "/admin/v1/resellers/{id}/ledger",
             Route::AdminRotateWebhookSecret(_) => "/admin/v1/resellers/{id}/webhook_secret",
             Route::AdminRedeliverEvent(_) => "/admin/v1/events/{event_id}/redeliver",
             Route::AdminAudit => "/admin/v1/audit",
@@ -85,6 +88,7 @@ impl Route {
             Route::Products => "/v1/products",
             Route::Product(_) => "/v1/products/{sku}",
             Route::Balance => "/v1/balance",
+            Route::Ledger => "/v1/ledger",
             Route::CreateOrder | Route::FindOrder => "/v1/orders",
             Route::BatchOrders => "/v1/orders/batch",
             Route::Order(_) => "/v1/orders/{order_id}",
@@ -112,6 +116,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<Route, ApiError> {
         [Some("v1"), Some("products"), None, ..] => allow(method, GET, Route::Products)?,
         [Some("v1"), Some("products"), Some(sku), None, ..] => allow(method, GET, Route::Product(param(sku)?.into()))?,
         [Some("v1"), Some("balance"), None, ..] => allow(method, GET, Route::Balance)?,
+        [Some("v1"), Some("ledger"), None, ..] => allow(method, GET, Route::Ledger)?,
         [Some("v1"), Some("orders"), None, ..] => match *method {
             Method::POST => Route::CreateOrder,
             _ => allow(method, GET_POST, Route::FindOrder)?,
@@ -153,6 +158,7 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
         ("resellers", Some(id), Some("keys"), None) => allow(m, POST, Route::AdminCreateKey(param(id)?.into()))?,
         ("resellers", Some(id), Some("balance"), None) => allow(m, POST, Route::AdminAdjustBalance(param(id)?.into()))?,
         ("resellers", Some(id), Some("events"), None) => allow(m, GET, Route::AdminResellerEvents(param(id)?.into()))?,
+        ("resellers", Some(id), Some("ledger"), None) => allow(m, GET, Route::AdminResellerLedger(param(id)?.into()))?,
         ("resellers", Some(id), Some("webhook_secret"), None) => {
             allow(m, POST, Route::AdminRotateWebhookSecret(param(id)?.into()))?
         }
@@ -235,6 +241,7 @@ pub async fn dispatch(
         Route::AdminRevokeKey(k) => resellers::revoke_key(app, ctx, req, &k).await,
         Route::AdminAdjustBalance(id) => resellers::adjust_balance(app, ctx, req, &id).await,
         Route::AdminResellerEvents(id) => events::list(app, ctx, req, &id).await,
+        Route::AdminResellerLedger(id) => api::statements::of_reseller(app, ctx, req, &id).await,
         Route::AdminRotateWebhookSecret(id) => resellers::rotate_webhook_secret(app, ctx, req, &id).await,
         Route::AdminRedeliverEvent(id) => events::redeliver(app, ctx, req, &id).await,
         Route::AdminAudit => audit::list(app, ctx, req).await,
@@ -246,6 +253,7 @@ pub async fn dispatch(
         Route::Products => api::v1::reads::products(app, ctx, req).await,
         Route::Product(sku) => api::v1::reads::product(app, ctx, req, &sku).await,
         Route::Balance => api::v1::reads::balance(app, ctx, req).await,
+        Route::Ledger => api::statements::own(app, ctx, req).await,
         Route::CreateOrder => api::v1::orders::create(app, ctx, req).await,
         Route::FindOrder => api::v1::orders::find(app, ctx, req).await,
         Route::BatchOrders => api::v1::orders::batch(app, ctx, req).await,
@@ -276,6 +284,15 @@ mod tests {
         ));
         assert!(matches!(resolve(&Method::GET, "*"), Err(ApiError::NotFound(_))));
         assert_eq!(resolve(&Method::POST, "/v1/orders/batch").unwrap(), Route::BatchOrders);
+        assert_eq!(resolve(&Method::GET, "/v1/ledger").unwrap(), Route::Ledger);
+        assert_eq!(
+            resolve(&Method::GET, "/admin/v1/resellers/rs_1/ledger").unwrap(),
+            Route::AdminResellerLedger("rs_1".into())
+        );
+        assert!(matches!(
+            resolve(&Method::POST, "/v1/ledger"),
+            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        ));
         for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
             assert!(
                 matches!(
