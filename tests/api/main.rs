@@ -28,3 +28,4 @@ mod reports;
 mod reseller_api;
 mod schema;
 mod signing;
+mod statements;
