@@ -54,7 +54,8 @@ impl EntryType {
     }
 }
 
-/// One movement, as JSON and CSV both show it.
+/// One movement, as JSON and CSV both show it (`Default`: the blank line CSV takes its
+/// header row from, see `http::response::csv`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Entry {
     pub id: String,
@@ -67,6 +68,7 @@ pub struct Entry {
     pub created_at: String,
 }
 
+/// One page of a statement, as JSON shows it (CSV carries the cursor in a header).
 #[derive(Serialize)]
 pub struct Statement {
     pub entries: Vec<Entry>,
