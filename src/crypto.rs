@@ -1,10 +1,13 @@
 //! Secrets at rest: AES-256-GCM for codes and API secrets, a keyed hash for finding
-//! duplicate codes without decrypting.
+//! duplicate codes without decrypting, and a keyed permutation for public identifiers
+//! of internal row numbers.
 //!
-//! Both keys are derived from `CARDGATE_MASTER_KEY` with HKDF, so the master key itself
-//! is never used directly and one key's compromise does not give the other.
+//! Every key is derived from `CARDGATE_MASTER_KEY` with HKDF, so the master key itself
+//! is never used directly and one key's compromise does not give another.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aes::cipher::BlockEncrypt;
+use aes_gcm::aes::Aes256;
 use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -15,6 +18,7 @@ const NONCE_BYTES: usize = 12;
 pub struct Crypto {
     cipher: Aes256Gcm,
     code_mac: Hmac<Sha256>,
+    ids: Aes256,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,8 @@ pub enum Purpose<'a> {
     ApiSecret { key_id: &'a str },
     /// A reseller's webhook secret.
     WebhookSecret { reseller_id: &'a str },
+    /// A position in this reseller's statement (its `next_cursor`).
+    StatementCursor { reseller: i64 },
 }
 
 impl Purpose<'_> {
@@ -39,6 +45,7 @@ impl Purpose<'_> {
             Purpose::Code { product_id } => format!("code:{product_id}").into_bytes(),
             Purpose::ApiSecret { key_id } => format!("api-secret:{key_id}").into_bytes(),
             Purpose::WebhookSecret { reseller_id } => format!("webhook-secret:{reseller_id}").into_bytes(),
+            Purpose::StatementCursor { reseller } => format!("statement-cursor:{reseller}").into_bytes(),
         }
     }
 }
@@ -48,12 +55,15 @@ impl Crypto {
         let hk = hkdf::Hkdf::<Sha256>::new(Some(b"cardgate/v1"), master_key);
         let mut enc = [0u8; 32];
         let mut mac = [0u8; 32];
+        let mut ids = [0u8; 32];
         // Output lengths of 32 bytes are far below HKDF-SHA256's limit.
         hk.expand(b"aes-256-gcm", &mut enc).expect("32-byte HKDF output");
         hk.expand(b"code-hash", &mut mac).expect("32-byte HKDF output");
+        hk.expand(b"opaque-id", &mut ids).expect("32-byte HKDF output");
         Crypto {
             cipher: Aes256Gcm::new(&enc.into()),
             code_mac: <Hmac<Sha256> as Mac>::new_from_slice(&mac).expect("HMAC takes any key length"),
+            ids: Aes256::new(&ids.into()),
         }
     }
 
@@ -95,6 +105,15 @@ impl Crypto {
         let mut mac = self.code_mac.clone();
         mac.update(code);
         mac.finalize().into_bytes().into()
+    }
+
+    /// A public identifier for an internal one (a row number): as stable and unique as
+    /// the number, being a keyed permutation of it (one AES block), but telling nothing
+    /// of it, such as how many rows came before.
+    pub fn opaque_id(&self, internal: [u8; 16]) -> [u8; 16] {
+        let mut block = internal.into();
+        self.ids.encrypt_block(&mut block);
+        block.into()
     }
 }
 
@@ -140,5 +159,27 @@ mod tests {
         assert_eq!(c.code_hash(b"A"), c.code_hash(b"A"));
         assert_ne!(c.code_hash(b"A"), c.code_hash(b"B"));
         assert_ne!(c.code_hash(b"A"), Crypto::new(&[8u8; 32]).code_hash(b"A"));
+    }
+
+    #[test]
+    fn opaque_ids_are_keyed_deterministic_and_hide_their_number() {
+        let c = crypto();
+        let one = |n: u8| {
+            let mut b = [0u8; 16];
+            b[15] = n;
+            b
+        };
+        assert_eq!(c.opaque_id(one(1)), c.opaque_id(one(1)));
+        assert_ne!(c.opaque_id(one(1)), c.opaque_id(one(2)));
+        assert_ne!(c.opaque_id(one(1)), Crypto::new(&[8u8; 32]).opaque_id(one(1)));
+        assert_ne!(c.opaque_id(one(1)), one(1));
+        // Neighbouring numbers share no visible structure: about half their bits differ.
+        let differ: u32 = c
+            .opaque_id(one(1))
+            .iter()
+            .zip(c.opaque_id(one(2)))
+            .map(|(a, b)| (a ^ b).count_ones())
+            .sum();
+        assert!((32..=96).contains(&differ), "{differ} of 128 bits differ");
     }
 }

@@ -34,6 +34,7 @@ pub mod resellers;
 pub mod reserve;
 pub mod risk;
 pub mod rollups;
+pub mod statements;
 pub mod stock;
 pub mod store;
 pub mod sync;

@@ -2,4 +2,5 @@
 
 pub mod admin;
 pub mod ops;
+pub mod statements;
 pub mod v1;

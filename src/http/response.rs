@@ -1,8 +1,9 @@
-//! Building answers: JSON bodies, the docs/api.md §2 error body, request ids.
+//! Building answers: JSON and CSV bodies, the docs/api.md §2 error body, request ids.
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ACCEPT, CONNECTION, CONTENT_DISPOSITION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
 use rand::Rng;
 use serde::Serialize;
@@ -43,6 +44,73 @@ pub fn secret_json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resu
 pub fn mark_replayed(resp: &mut Response<Body>) {
     resp.headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
+}
+
+/// A line of a CSV answer. Its text cells are those a spreadsheet would run as a formula
+/// when one starts with `=`, `+`, `-`, `@`, tab or CR: in CSV those get a leading `'`
+/// (OWASP's advice), so an operator-given name or reference cannot become a formula on a
+/// desk.
+pub trait CsvLine: Serialize + Default {
+    fn text_cells(&mut self) -> Vec<&mut String>;
+}
+
+fn defuse(cell: &mut String) {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        cell.insert(0, '\'');
+    }
+}
+
+/// A `200` CSV attachment named `filename`: one header row (even with no lines), then
+/// the lines.
+pub fn csv<T: CsvLine>(mut lines: Vec<T>, filename: &str) -> Result<Response<Body>, ApiError> {
+    let fail = |e: &dyn std::fmt::Display| ApiError::internal(anyhow::anyhow!("csv: {e}"));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let body = if lines.is_empty() {
+        // csv writes the header with the first record: write a blank one, keep the header.
+        w.serialize(T::default()).map_err(|e| fail(&e))?;
+        let mut body = w.into_inner().map_err(|e| fail(&e))?;
+        let end = body.iter().position(|&b| b == b'\n').map_or(body.len(), |i| i + 1);
+        body.truncate(end);
+        body
+    } else {
+        for line in &mut lines {
+            line.text_cells().into_iter().for_each(defuse);
+            w.serialize(&*line).map_err(|e| fail(&e))?;
+        }
+        w.into_inner().map_err(|e| fail(&e))?
+    };
+    let mut resp = bytes(
+        StatusCode::OK,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+        body,
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        resp.headers_mut().insert(CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// CSV when `text/csv` comes before any JSON type in `Accept` (order, not q-values:
+/// clients asking for CSV name it alone).
+pub fn wants_csv(parts: &Parts) -> bool {
+    let accept = parts
+        .headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let types = accept
+        .split(',')
+        .map(|t| t.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    for t in types {
+        match t.as_str() {
+            "text/csv" => return true,
+            "application/json" | "*/*" | "application/*" => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 pub fn bytes(status: StatusCode, content_type: HeaderValue, body: impl Into<Bytes>) -> Response<Body> {

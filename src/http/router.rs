@@ -39,6 +39,7 @@ pub enum Route {
     AdminResellerEvents(String),
     AdminRiskEvents,
     AdminRiskRelease(String),
+    AdminResellerLedger(String),
     AdminRotateWebhookSecret(String),
     AdminRedeliverEvent(String),
     AdminAudit,
@@ -50,6 +51,7 @@ pub enum Route {
     Products,
     Product(String),
     Balance,
+    Ledger,
     CreateOrder,
     FindOrder,
     BatchOrders,
@@ -78,6 +80,7 @@ impl Route {
             Route::AdminResellerEvents(_) => "/admin/v1/resellers/{id}/events",
             Route::AdminRiskEvents => "/admin/v1/risk/events",
             Route::AdminRiskRelease(_) => "/admin/v1/resellers/{id}/risk/release",
+            Route::AdminResellerLedger(_) => "/admin/v1/resellers/{id}/ledger",
             Route::AdminRotateWebhookSecret(_) => "/admin/v1/resellers/{id}/webhook_secret",
             Route::AdminRedeliverEvent(_) => "/admin/v1/events/{event_id}/redeliver",
             Route::AdminAudit => "/admin/v1/audit",
@@ -89,6 +92,7 @@ impl Route {
             Route::Products => "/v1/products",
             Route::Product(_) => "/v1/products/{sku}",
             Route::Balance => "/v1/balance",
+            Route::Ledger => "/v1/ledger",
             Route::CreateOrder | Route::FindOrder => "/v1/orders",
             Route::BatchOrders => "/v1/orders/batch",
             Route::Order(_) => "/v1/orders/{order_id}",
@@ -116,6 +120,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<Route, ApiError> {
         [Some("v1"), Some("products"), None, ..] => allow(method, GET, Route::Products)?,
         [Some("v1"), Some("products"), Some(sku), None, ..] => allow(method, GET, Route::Product(param(sku)?.into()))?,
         [Some("v1"), Some("balance"), None, ..] => allow(method, GET, Route::Balance)?,
+        [Some("v1"), Some("ledger"), None, ..] => allow(method, GET, Route::Ledger)?,
         [Some("v1"), Some("orders"), None, ..] => match *method {
             Method::POST => Route::CreateOrder,
             _ => allow(method, GET_POST, Route::FindOrder)?,
@@ -161,6 +166,7 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
             allow(m, POST, Route::AdminRiskRelease(param(id)?.into()))?
         }
         ("risk", Some("events"), None, None) => allow(m, GET, Route::AdminRiskEvents)?,
+        ("resellers", Some(id), Some("ledger"), None) => allow(m, GET, Route::AdminResellerLedger(param(id)?.into()))?,
         ("resellers", Some(id), Some("webhook_secret"), None) => {
             allow(m, POST, Route::AdminRotateWebhookSecret(param(id)?.into()))?
         }
@@ -245,6 +251,7 @@ pub async fn dispatch(
         Route::AdminResellerEvents(id) => events::list(app, ctx, req, &id).await,
         Route::AdminRiskEvents => risk::events(app, ctx, req).await,
         Route::AdminRiskRelease(id) => risk::release(app, ctx, req, &id).await,
+        Route::AdminResellerLedger(id) => api::statements::of_reseller(app, ctx, req, &id).await,
         Route::AdminRotateWebhookSecret(id) => resellers::rotate_webhook_secret(app, ctx, req, &id).await,
         Route::AdminRedeliverEvent(id) => events::redeliver(app, ctx, req, &id).await,
         Route::AdminAudit => audit::list(app, ctx, req).await,
@@ -256,6 +263,7 @@ pub async fn dispatch(
         Route::Products => api::v1::reads::products(app, ctx, req).await,
         Route::Product(sku) => api::v1::reads::product(app, ctx, req, &sku).await,
         Route::Balance => api::v1::reads::balance(app, ctx, req).await,
+        Route::Ledger => api::statements::own(app, ctx, req).await,
         Route::CreateOrder => api::v1::orders::create(app, ctx, req).await,
         Route::FindOrder => api::v1::orders::find(app, ctx, req).await,
         Route::BatchOrders => api::v1::orders::batch(app, ctx, req).await,
@@ -286,6 +294,15 @@ mod tests {
         ));
         assert!(matches!(resolve(&Method::GET, "*"), Err(ApiError::NotFound(_))));
         assert_eq!(resolve(&Method::POST, "/v1/orders/batch").unwrap(), Route::BatchOrders);
+        assert_eq!(resolve(&Method::GET, "/v1/ledger").unwrap(), Route::Ledger);
+        assert_eq!(
+            resolve(&Method::GET, "/admin/v1/resellers/rs_1/ledger").unwrap(),
+            Route::AdminResellerLedger("rs_1".into())
+        );
+        assert!(matches!(
+            resolve(&Method::POST, "/v1/ledger"),
+            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        ));
         for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
             assert!(
                 matches!(

@@ -29,4 +29,5 @@ mod reseller_api;
 mod risk;
 mod schema;
 mod signing;
+mod statements;
 mod vip;
