@@ -106,8 +106,8 @@ impl Server {
     /// delivery, gauges, rollups, hot-balance settling, the rebates' monthly close) are not
     /// started; the test runs their steps itself (`health::check`, `Dispatcher::step`,
     /// `gauges::step`, `rollups::step`, `hot_balance::settle_due`, `rebates::step`) and so
-    /// never waits for them. The ledger
-    /// writers and the cache listeners still run: orders need them.
+    /// never waits for them. The ledger writers and the cache listeners still run: orders
+    /// need them.
     pub fn manual_background(mut self) -> Self {
         self.manual_background = true;
         self
