@@ -281,7 +281,7 @@ async fn a_month_closed_twice_and_from_two_gateways_at_once_credits_each_rebate_
         )
         .await
         .unwrap();
-    assert_eq!(audit.len(), 1, "the replays changed nothing to audit");
+    assert_eq!(audit.len(), 1, "the replays audited nothing");
     assert_eq!(
         (
             audit[0].get::<_, &str>(0),
