@@ -45,6 +45,15 @@ impl Actor {
             ip: None,
         }
     }
+
+    /// A `cardgate <command>` run from a shell: a system actor named after the command.
+    pub fn command(command: &str) -> Actor {
+        Actor {
+            name: format!("cardgate {command}"),
+            kind: "system",
+            ip: None,
+        }
+    }
 }
 
 pub async fn record<C: GenericClient + ?Sized>(

@@ -11,7 +11,7 @@
 //! retry whatever is left. docs/invariants.md invariant 11: once per movement.
 //!
 //! Movements come from `balance::adjust` (operator credits and debits, reached from
-//! `api/admin/resellers.rs` `adjust_balance`) and `orders::refund`.
+//! `api/admin/resellers.rs` `adjust_balance`), `orders::refund` and `rebates::close`.
 //!
 //! A credit:  ledger row + `credit` row in one transaction -> commit -> [`settle`].
 //! A debit:   [`record_hold`] (committed on its own) -> transaction: [`lock_hold`],
@@ -254,6 +254,26 @@ pub async fn settle(app: &App, reseller_pk: Option<i64>) {
             error = format!("{e:#}"),
             "hot balance not updated yet; retrying in the background"
         );
+    }
+}
+
+/// [`settle`] after a decision that credited many resellers at once (a month's rebates):
+/// rounds of [`settle_due`] until `movements` could have been applied, fewer once a round
+/// finds less than a batch. What Redis refuses is left to the background step.
+pub async fn settle_many(app: &App, movements: usize) {
+    let batch = SETTLE_BATCH_ROWS_MAX as usize;
+    for _ in 0..=movements.div_ceil(batch) {
+        match settle_rows(app, None).await {
+            Ok(n) if n >= batch => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "hot balances not updated yet; retrying in the background"
+                );
+                return;
+            }
+        }
     }
 }
 

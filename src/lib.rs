@@ -27,6 +27,7 @@ pub mod money;
 pub mod orders;
 pub mod overload;
 pub mod ratelimit;
+pub mod rebates;
 pub mod rebuild;
 pub mod reconcile;
 pub mod reports;
@@ -105,10 +106,11 @@ impl Server {
     }
 
     /// For tests: the periodic background loops (the health and rebuild watcher, callback
-    /// delivery, gauges, rollups, hot-balance settling) are not started; the test runs
-    /// their steps itself (`health::check`, `Dispatcher::step`, `gauges::step`,
-    /// `rollups::step`, `hot_balance::settle_due`) and so never waits for them. The ledger
-    /// writers and the cache listeners still run: orders need them.
+    /// delivery, gauges, rollups, hot-balance settling, the rebates' monthly close) are not
+    /// started; the test runs their steps itself (`health::check`, `Dispatcher::step`,
+    /// `gauges::step`, `rollups::step`, `hot_balance::settle_due`, `rebates::step`) and so
+    /// never waits for them. The ledger writers and the cache listeners still run: orders
+    /// need them.
     pub fn manual_background(mut self) -> Self {
         self.manual_background = true;
         self
@@ -146,6 +148,7 @@ impl Server {
             tasks.spawn(growth::run(self.app.clone()));
             tasks.spawn(risk::run(self.app.clone()));
             tasks.spawn(hot_balance::run(self.app.clone()));
+            tasks.spawn(rebates::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
             .map(|i| tasks.spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))

@@ -3,10 +3,11 @@ use std::process::ExitCode;
 use cardgate::{telemetry, Config};
 use tokio::net::TcpListener;
 
-const USAGE: &str = "usage: cardgate [serve | reconcile | rebuild | healthcheck]\n\n  serve      run the gateway (the default)\n  reconcile  check stock, orders and balances across Redis and Postgres; prints a JSON\n             report and exits 1 if anything disagrees\n  rebuild    rebuild Redis's stock, hot balances and idempotency records from Postgres\n             now (gateways do it by themselves when Redis loses its state); prints a\n             JSON report\n  healthcheck  exit 0 if the gateway at CARDGATE_LISTEN answers GET /healthz with 200\n               (for container health checks)\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
+const USAGE: &str = "usage: cardgate [serve | reconcile | rebuild | rebates close <YYYY-MM> | healthcheck]\n\n  serve      run the gateway (the default)\n  reconcile  check stock, orders and balances across Redis and Postgres; prints a JSON\n             report and exits 1 if anything disagrees\n  rebuild    rebuild Redis's stock, hot balances and idempotency records from Postgres\n             now (gateways do it by themselves when Redis loses its state); prints a\n             JSON report\n  rebates close <YYYY-MM>\n             close a UTC month that has ended and credit its rebates (gateways close\n             each month by themselves rebate_close_delay_hours after it ends); prints\n             the month's rebates as JSON, also when it was closed already\n  healthcheck  exit 0 if the gateway at CARDGATE_LISTEN answers GET /healthz with 200\n               (for container health checks)\n\nConfiguration: config/default.toml, the file named in CARDGATE_CONFIG, then CARDGATE_* variables.";
 
 fn main() -> ExitCode {
-    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_string());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = args.first().cloned().unwrap_or_else(|| "serve".to_string());
     if command == "-h" || command == "--help" {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
@@ -14,10 +15,25 @@ fn main() -> ExitCode {
     if command == "healthcheck" {
         return healthcheck();
     }
-    if !["serve", "reconcile", "rebuild"].contains(&command.as_str()) {
+    if !["serve", "reconcile", "rebuild", "rebates"].contains(&command.as_str()) {
         eprintln!("unknown command {command:?}\n{USAGE}");
         return ExitCode::from(2);
     }
+    // Checked before anything connects: a mistyped month costs nothing.
+    let month = match (command.as_str(), args.get(1..).unwrap_or_default()) {
+        ("rebates", [verb, month]) if verb == "close" => match cardgate::rebates::Month::parse(month) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("cardgate: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        ("rebates", _) => {
+            eprintln!("usage: cardgate rebates close <YYYY-MM>");
+            return ExitCode::from(2);
+        }
+        _ => None,
+    };
     telemetry::init_logging();
     let config = match Config::from_process_env().and_then(|c| c.validate().map(|v| (c, v))) {
         Ok(pair) => pair,
@@ -38,9 +54,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match command.as_str() {
-        "reconcile" => runtime.block_on(reconcile(config.0)),
-        "rebuild" => runtime.block_on(rebuild(config.0)).map(|()| true),
+    let result = match (command.as_str(), month) {
+        ("reconcile", _) => runtime.block_on(reconcile(config.0)),
+        ("rebuild", _) => runtime.block_on(rebuild(config.0)).map(|()| true),
+        (_, Some(month)) => runtime.block_on(close_rebates(config.0, month)),
         _ => runtime.block_on(serve(config.0, config.1.listen)).map(|()| true),
     };
     match result {
@@ -119,6 +136,27 @@ async fn rebuild(config: Config) -> anyhow::Result<()> {
     let report = cardgate::rebuild::rebuild(&app, true).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Prints the month's rebates as closed; true unless the close was refused (a month not
+/// ended yet: the message says when it can be), which is told on stderr.
+async fn close_rebates(config: Config, month: cardgate::rebates::Month) -> anyhow::Result<bool> {
+    let app = cardgate::app::App::build(config).await?;
+    let actor = cardgate::audit::Actor::command("rebates close");
+    match cardgate::rebates::close(&app, &actor, month).await {
+        Ok(closed) => {
+            if closed.replayed {
+                eprintln!("cardgate: {month} was closed already; its recorded rebates follow");
+            }
+            println!("{}", serde_json::to_string_pretty(&closed)?);
+            Ok(true)
+        }
+        Err(e @ cardgate::error::ApiError::Internal(_)) => Err(anyhow::Error::new(e)),
+        Err(e) => {
+            eprintln!("cardgate: {month} not closed: {e}");
+            Ok(false)
+        }
+    }
 }
 
 /// SIGTERM (orchestrators) or SIGINT (a terminal).

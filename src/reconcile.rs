@@ -4,7 +4,8 @@
 //! voided, and the Redis stock plus the in-flight codes are exactly the codes Postgres
 //! holds as sellable. Every balance equals the sum of its ledger, and every hot balance
 //! equals it less the orders in flight (orders are their own debits: `ledger_entries`).
-//! Every order holds exactly its codes, of its product, and every refund its ledger row.
+//! Every order holds exactly its codes, of its product, every refund its ledger row, and
+//! every rebate of a closed month its ledger row.
 //!
 //! The stores are read one after the other, so an order moving between them can make
 //! one pass disagree; a difference is reported only if it is still there after
@@ -235,7 +236,7 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
     }
 
     // Orders are their own debits (ledger_entries); what is left to check is that each
-    // holds its codes and each refund its order.
+    // holds its codes, each refund its order and each rebate its closed month's line.
     let orders = client
         .query_one(
             "SELECT (SELECT count(*) FROM orders o
@@ -249,7 +250,14 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
                                            AND l.kind = 'refund' AND l.reference = o.order_id AND l.amount = o.amount)),
                     (SELECT count(*) FROM balance_ledger l WHERE l.kind = 'refund'
                         AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = l.reference
-                                           AND o.reseller_id = l.reseller_id AND o.status = 'refunded'))",
+                                           AND o.reseller_id = l.reseller_id AND o.status = 'refunded')),
+                    (SELECT count(*) FROM rebate_lines rl WHERE rl.rebate > 0
+                        AND NOT EXISTS (SELECT 1 FROM balance_ledger l WHERE l.reseller_id = rl.reseller_id
+                                           AND l.kind = 'rebate' AND l.reference = 'rebate:' || rl.month
+                                           AND l.amount = rl.rebate)),
+                    (SELECT count(*) FROM balance_ledger l WHERE l.kind = 'rebate'
+                        AND NOT EXISTS (SELECT 1 FROM rebate_lines rl WHERE rl.reseller_id = l.reseller_id
+                                           AND 'rebate:' || rl.month = l.reference AND rl.rebate = l.amount))",
             &[],
         )
         .await?;
@@ -258,6 +266,8 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
         "delivered codes are not codes of their order's product in its order's state",
         "refunded orders have no matching refund in the ledger",
         "ledger refunds name an order that does not exist or was not refunded",
+        "closed months' rebates have no matching rebate in the ledger",
+        "ledger rebates match no closed month's rebate",
     ]
     .into_iter()
     .enumerate()

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_postgres::GenericClient;
+
 use crate::app::App;
 
 const EVERY: Duration = Duration::from_secs(2);
@@ -22,10 +24,11 @@ pub async fn run(app: Arc<App>) {
 
 /// One fold on a pooled connection: how many pending rows it moved.
 pub async fn step(app: &App) -> anyhow::Result<i64> {
-    Ok(fold(&**app.pg.get().await?).await?)
+    Ok(fold(&app.pg.get().await?).await?)
 }
 
-/// Moves every pending addition into the rollups; returns how many rows it moved.
-pub async fn fold(client: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
+/// Moves every pending addition into the rollups; returns how many rows it moved. In a
+/// transaction, the rollup rows it moved stay locked until that ends.
+pub async fn fold(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
     Ok(client.query_one("SELECT sales_fold()", &[]).await?.get(0))
 }

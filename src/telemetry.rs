@@ -41,6 +41,7 @@ pub fn prometheus() -> PrometheusHandle {
                 "cardgate_ledger_commit_failures_total",
                 "cardgate_reconcile_failures_total",
                 "cardgate_callbacks_abandoned_total",
+                "cardgate_rebate_close_failures_total",
             ] {
                 metrics::counter!(name).increment(0);
             }
@@ -116,6 +117,18 @@ fn describe() {
         "orders admitted and not yet answered (the ledger wait included): the overload signal"
     );
     metrics::describe_counter!("cardgate_refunds_total", "orders refunded");
+    metrics::describe_counter!(
+        "cardgate_rebates_credited_total",
+        "monthly rebates credited, one per reseller and closed month"
+    );
+    metrics::describe_counter!(
+        "cardgate_rebates_credited_amount_total",
+        "minor units credited as monthly rebates"
+    );
+    metrics::describe_counter!(
+        "cardgate_rebate_close_failures_total",
+        "automatic month closes that failed and are retried a minute later"
+    );
     metrics::describe_counter!("cardgate_codes_sold_total", "codes delivered by new orders, by SKU");
     metrics::describe_gauge!("cardgate_ready", "1 when Redis and Postgres both answer");
     metrics::describe_gauge!("cardgate_stock_available", "codes in stock, by SKU");

@@ -47,7 +47,7 @@ impl Role {
         match need {
             Need::Read => true,
             Need::Write => matches!(self, Role::Admin | Role::Operator),
-            Need::ManageAdmins | Need::Credit => self == Role::Admin,
+            Need::ManageAdmins | Need::Credit | Need::CloseRebates => self == Role::Admin,
             Need::ReadAudit => matches!(self, Role::Admin | Role::Auditor),
         }
     }
@@ -62,6 +62,8 @@ pub enum Need {
     Write,
     /// Operator accounts.
     ManageAdmins,
+    /// Closing a month's rebates: money to every reseller at once, for good.
+    CloseRebates,
     /// The audit log.
     ReadAudit,
     /// Credit lines (docs/api.md §6): lending the platform's money, admin only.
@@ -227,6 +229,8 @@ mod tests {
             Role::Admin.may(Need::ManageAdmins) && Role::Admin.may(Need::Write) && Role::Admin.may(Need::ReadAudit)
         );
         assert!(Role::Operator.may(Need::Write) && !Role::Operator.may(Need::ManageAdmins));
+        assert!(Role::Admin.may(Need::CloseRebates));
+        assert!(!Role::Operator.may(Need::CloseRebates) && !Role::Auditor.may(Need::CloseRebates));
         assert!(Role::Auditor.may(Need::Read) && !Role::Auditor.may(Need::Write) && Role::Auditor.may(Need::ReadAudit));
     }
 

@@ -10,6 +10,7 @@
 //! - `balance.low`: the `balance_low` trigger on `balances` (crossing the threshold down);
 //! - `product.restocked`: the `codes_restocked` trigger on `codes` (a SKU's first available
 //!   code again);
+//! - `balance.rebate_credited`: `rebates::close`, with the month's ledger credits;
 //! - `product.price_changed`: [`product_price_changed`] here, because its cause is either
 //!   a product repriced (`catalogue::products`) or a reseller moved to another tier
 //!   (`resellers`).

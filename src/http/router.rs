@@ -48,6 +48,8 @@ pub enum Route {
     AdminReconcile,
     AdminResellersReport,
     AdminProductsReport,
+    AdminRebates,
+    AdminCloseRebates,
     Products,
     Product(String),
     Balance,
@@ -89,6 +91,8 @@ impl Route {
             Route::AdminReconcile => "/admin/v1/reconcile",
             Route::AdminResellersReport => "/admin/v1/reports/resellers",
             Route::AdminProductsReport => "/admin/v1/reports/products",
+            Route::AdminRebates => "/admin/v1/rebates",
+            Route::AdminCloseRebates => "/admin/v1/rebates/close",
             Route::Products => "/v1/products",
             Route::Product(_) => "/v1/products/{sku}",
             Route::Balance => "/v1/balance",
@@ -177,6 +181,8 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
         ("reconcile", None, None, None) => allow(m, GET, Route::AdminReconcile)?,
         ("reports", Some("resellers"), None, None) => allow(m, GET, Route::AdminResellersReport)?,
         ("reports", Some("products"), None, None) => allow(m, GET, Route::AdminProductsReport)?,
+        ("rebates", None, None, None) => allow(m, GET, Route::AdminRebates)?,
+        ("rebates", Some("close"), None, None) => allow(m, POST, Route::AdminCloseRebates)?,
         ("orders", Some(id), Some("refund"), None) => allow(m, POST, Route::AdminRefundOrder(param(id)?.into()))?,
         _ => return Err(ApiError::not_found("no such route")),
     })
@@ -227,7 +233,7 @@ pub async fn dispatch(
         Err(e) => return (UNMATCHED, Err(e)),
     };
     let name = route.name();
-    use api::admin::{audit, codes, events, orders, products, reports, resellers, risk, session};
+    use api::admin::{audit, codes, events, orders, products, rebates, reports, resellers, risk, session};
     let result = match route {
         Route::Healthz => api::ops::healthz(),
         Route::Readyz => api::ops::readyz(app).await,
@@ -260,6 +266,8 @@ pub async fn dispatch(
         Route::AdminReconcile => orders::reconcile(app, ctx, req).await,
         Route::AdminResellersReport => reports::resellers(app, ctx, req).await,
         Route::AdminProductsReport => reports::products(app, ctx, req).await,
+        Route::AdminRebates => rebates::get(app, ctx, req).await,
+        Route::AdminCloseRebates => rebates::close(app, ctx, req).await,
         Route::Products => api::v1::reads::products(app, ctx, req).await,
         Route::Product(sku) => api::v1::reads::product(app, ctx, req, &sku).await,
         Route::Balance => api::v1::reads::balance(app, ctx, req).await,
@@ -302,6 +310,15 @@ mod tests {
         assert!(matches!(
             resolve(&Method::POST, "/v1/ledger"),
             Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        ));
+        assert_eq!(resolve(&Method::GET, "/admin/v1/rebates").unwrap(), Route::AdminRebates);
+        assert_eq!(
+            resolve(&Method::POST, "/admin/v1/rebates/close").unwrap(),
+            Route::AdminCloseRebates
+        );
+        assert!(matches!(
+            resolve(&Method::GET, "/admin/v1/rebates/close"),
+            Err(ApiError::MethodNotAllowed { allow: "POST" })
         ));
         for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
             assert!(

@@ -23,6 +23,7 @@ mod money;
 mod ops;
 mod orders;
 mod overload;
+mod rebates;
 mod recovery;
 mod reports;
 mod reseller_api;

@@ -4,15 +4,16 @@
 //! domain module that owns the work, and renders its answer. The domains:
 //! `catalogue::products` (products, prices), `stock` (imports, voids), `resellers`
 //! (accounts, keys, webhook secrets), `balance` then `hot_balance` (adjustments),
-//! `orders` (refunds, search), `reports`, `callbacks::events` (events, redelivery),
-//! `auth::accounts` (operator accounts, logins), `audit` (the log; every write commits
-//! with its row through `audit::Audited`).
+//! `orders` (refunds, search), `reports`, `rebates` (monthly rebates), `callbacks::events`
+//! (events, redelivery), `auth::accounts` (operator accounts, logins), `audit` (the log;
+//! every write commits with its row through `audit::Audited`).
 
 pub mod audit;
 pub mod codes;
 pub mod events;
 pub mod orders;
 pub mod products;
+pub mod rebates;
 pub mod reports;
 pub mod resellers;
 pub mod risk;
