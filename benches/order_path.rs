@@ -3,7 +3,7 @@
 
 use cardgate::crypto::{Crypto, Purpose};
 use cardgate::orders::Order;
-use cardgate::reserve::{fingerprint, reserve_cmd, Fulfilment, Guards};
+use cardgate::reserve::{fingerprint, reserve_cmd, Fulfilment, Guards, Sourcing};
 use cardgate::store::keys::Keys;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
                 604_800,
                 Some("cg:{s0}:nonce:ak_bench:7f3b2c1d9e8a4b5c6d7e8f9a0b1c2d3e"),
                 &guards,
+                Sourcing::Local,
             )
             .get_packed_command()
         })

@@ -46,6 +46,7 @@ pub struct Config {
     pub orders: OrdersConfig,
     pub overload: OverloadConfig,
     pub callbacks: CallbacksConfig,
+    pub upstream: UpstreamConfig,
     pub vip: VipConfig,
     #[serde(default)]
     pub rebates: Vec<RebateBracket>,
@@ -176,6 +177,22 @@ pub struct CallbacksConfig {
     pub backoff_max_ms: u64,
     pub retention_days: u32,
     /// Lets `callback_url` reach loopback, private and other non-public addresses.
+    pub allow_private_targets: bool,
+}
+
+/// Upstream sourcing (docs/api.md §8).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// How long an order waits for a supplier's codes before it is answered `202`.
+    pub answer_within_ms: u64,
+    /// How long a gateway holds an open purchase it works on; past it, any gateway may
+    /// resume the purchase.
+    pub lease_ms: u64,
+    /// Between two rounds of asking the sources of a purchase still open.
+    pub retry_ms: u64,
+    /// Supplier URLs may be loopback or private addresses (a supplier is often on a
+    /// private network); `false` holds them to the callback guard.
     pub allow_private_targets: bool,
 }
 

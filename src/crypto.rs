@@ -37,6 +37,8 @@ pub enum Purpose<'a> {
     WebhookSecret { reseller_id: &'a str },
     /// A position in this reseller's statement (its `next_cursor`).
     StatementCursor { reseller: i64 },
+    /// A supplier's API secret (docs/api.md §8).
+    SupplierSecret { supplier_id: &'a str },
 }
 
 impl Purpose<'_> {
@@ -46,6 +48,7 @@ impl Purpose<'_> {
             Purpose::ApiSecret { key_id } => format!("api-secret:{key_id}").into_bytes(),
             Purpose::WebhookSecret { reseller_id } => format!("webhook-secret:{reseller_id}").into_bytes(),
             Purpose::StatementCursor { reseller } => format!("statement-cursor:{reseller}").into_bytes(),
+            Purpose::SupplierSecret { supplier_id } => format!("supplier-secret:{supplier_id}").into_bytes(),
         }
     }
 }

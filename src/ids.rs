@@ -27,6 +27,10 @@ pub fn webhook_secret() -> String {
     random("whsec_", 32)
 }
 
+pub fn supplier_id() -> String {
+    random("sp_", 16)
+}
+
 pub fn order_id() -> String {
     random("ord_", 20)
 }

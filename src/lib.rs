@@ -40,6 +40,7 @@ pub mod stock;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -108,7 +109,7 @@ impl Server {
     /// For tests: the periodic background loops (the health and rebuild watcher, callback
     /// delivery, gauges, rollups, hot-balance settling, the rebates' monthly close) are not
     /// started; the test runs their steps itself (`health::check`, `Dispatcher::step`,
-    /// `gauges::step`, `rollups::step`, `hot_balance::settle_due`, `rebates::step`) and so
+    /// `gauges::step`, `rollups::step`, `hot_balance::settle_due`, `rebates::step`, `upstream::step`) and so
     /// never waits for them. The ledger writers and the cache listeners still run: orders
     /// need them.
     pub fn manual_background(mut self) -> Self {
@@ -149,6 +150,7 @@ impl Server {
             tasks.spawn(risk::run(self.app.clone()));
             tasks.spawn(hot_balance::run(self.app.clone()));
             tasks.spawn(rebates::run(self.app.clone()));
+            tasks.spawn(upstream::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
             .map(|i| tasks.spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))

@@ -199,7 +199,16 @@ async fn load_balances(
     tx: &deadpool_postgres::Transaction<'_>,
     redis: &mut ConnectionManager,
 ) -> anyhow::Result<u64> {
-    let rows = tx.query("SELECT reseller_id, balance FROM balances", &[]).await?;
+    // An open purchase without its order yet holds its amount in the hot balance only.
+    let rows = tx
+        .query(
+            "SELECT b.reseller_id, b.balance - coalesce((SELECT sum(p.amount) FROM purchases p
+                                                          WHERE p.reseller_id = b.reseller_id AND p.state = 'open'
+                                                            AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = p.order_id)), 0)::int8
+               FROM balances b",
+            &[],
+        )
+        .await?;
     for part in rows.chunks(PUSH_CHUNK) {
         let mut mset = redis::cmd("MSET");
         for r in part {

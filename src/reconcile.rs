@@ -219,12 +219,24 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
         hot.extend(got);
     }
     let unapplied = crate::hot_balance::unapplied(app, &client, &mut redis).await?;
+    // Open purchases without an order yet: held in the hot balance, not yet in Postgres.
+    let upstream_held: std::collections::HashMap<i64, i64> = client
+        .query(
+            "SELECT p.reseller_id, sum(p.amount)::int8 FROM purchases p
+              WHERE p.state = 'open' AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = p.order_id)
+              GROUP BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     for (r, hot) in balances.iter().zip(hot) {
         let (pk, rid, balance, ledger): (i64, &str, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
         if balance != ledger {
             problems.push(format!("{rid}: balance {balance} != ledger sum {ledger}"));
         }
-        let holding = flight.amounts.get(&pk).copied().unwrap_or(0);
+        let holding = flight.amounts.get(&pk).copied().unwrap_or(0) + upstream_held.get(&pk).copied().unwrap_or(0);
         let pending = unapplied.get(&pk).copied().unwrap_or(0);
         match hot {
             None => problems.push(format!("{rid}: no hot balance in Redis")),
@@ -240,7 +252,8 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
     let orders = client
         .query_one(
             "SELECT (SELECT count(*) FROM orders o
-                      WHERE (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id) <> o.quantity),
+                      WHERE (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id)
+                            <> CASE WHEN o.status IN ('processing', 'failed') THEN 0 ELSE o.quantity END),
                     (SELECT count(*) FROM order_codes oc
                       WHERE NOT EXISTS (SELECT 1 FROM orders o JOIN codes c ON c.product_id = o.product_id
                                          WHERE o.id = oc.order_id AND c.id = oc.code_id
@@ -257,7 +270,22 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
                                            AND l.amount = rl.rebate)),
                     (SELECT count(*) FROM balance_ledger l WHERE l.kind = 'rebate'
                         AND NOT EXISTS (SELECT 1 FROM rebate_lines rl WHERE rl.reseller_id = l.reseller_id
-                                           AND 'rebate:' || rl.month = l.reference AND rl.rebate = l.amount))",
+                                           AND 'rebate:' || rl.month = l.reference AND rl.rebate = l.amount)),
+                    (SELECT count(*) FROM purchases p WHERE p.state IN ('fulfilled', 'failed')
+                        AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = p.order_id
+                                           AND o.reseller_id = p.reseller_id
+                                           AND o.status IN (CASE p.state WHEN 'fulfilled' THEN 'fulfilled' ELSE 'failed' END, 'refunded'))),
+                    (SELECT count(*) FROM orders o WHERE o.status IN ('processing', 'failed')
+                        AND NOT EXISTS (SELECT 1 FROM purchases p WHERE p.order_id = o.order_id
+                                           AND p.state = CASE o.status WHEN 'processing' THEN 'open' ELSE 'failed' END)),
+                    (SELECT count(*) FROM purchases p WHERE p.state = 'refused'
+                        AND EXISTS (SELECT 1 FROM orders o WHERE o.order_id = p.order_id)),
+                    (SELECT count(*) FROM orders o WHERE o.status = 'failed' AND o.amount <> 0
+                        AND (SELECT count(*) FROM balance_ledger l WHERE l.reseller_id = o.reseller_id
+                                AND l.kind = 'upstream_failed' AND l.reference = o.order_id AND l.amount = o.amount) <> 1),
+                    (SELECT count(*) FROM balance_ledger l WHERE l.kind = 'upstream_failed'
+                        AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = l.reference
+                                           AND o.reseller_id = l.reseller_id AND o.status = 'failed'))",
             &[],
         )
         .await?;
@@ -268,6 +296,11 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
         "ledger refunds name an order that does not exist or was not refunded",
         "closed months' rebates have no matching rebate in the ledger",
         "ledger rebates match no closed month's rebate",
+        "ended upstream purchases have no order in their state",
+        "processing or failed orders have no open or failed purchase",
+        "refused upstream purchases have an order",
+        "failed orders are not given back exactly once in the ledger",
+        "ledger upstream_failed rows name no failed order",
     ]
     .into_iter()
     .enumerate()

@@ -23,6 +23,8 @@ pub struct Product {
     pub tier_prices: HashMap<String, i64>,
     pub max_quantity: i32,
     pub on_sale: bool,
+    /// Where its orders' codes may come from (docs/api.md §8).
+    pub sourcing: crate::reserve::Sourcing,
 }
 
 impl Product {
@@ -52,7 +54,8 @@ impl Catalogue {
         let rows = client
             .query(
                 "SELECT p.id, p.sku, p.name, p.face_value, p.base_price, p.max_quantity, p.status,
-                        coalesce((SELECT jsonb_object_agg(tier, price) FROM product_tier_prices WHERE product_id = p.id), '{}')
+                        coalesce((SELECT jsonb_object_agg(tier, price) FROM product_tier_prices WHERE product_id = p.id), '{}'),
+                        p.source_mode, EXISTS (SELECT 1 FROM product_sources s WHERE s.product_id = p.id)
                  FROM products p",
                 &[],
             )
@@ -71,6 +74,11 @@ impl Catalogue {
                 max_quantity: r.get(5),
                 on_sale: r.get::<_, &str>(6) == "on_sale",
                 tier_prices,
+                sourcing: match (r.get::<_, &str>(8), r.get::<_, bool>(9)) {
+                    (_, false) => crate::reserve::Sourcing::Local,
+                    ("upstream_only", true) => crate::reserve::Sourcing::Only,
+                    _ => crate::reserve::Sourcing::Fallback,
+                },
             };
             products.insert(p.sku.clone(), Arc::new(p));
         }

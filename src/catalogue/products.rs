@@ -50,6 +50,9 @@ pub struct ProductPatch {
     pub status: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub low_stock_threshold: Option<Option<i32>>,
+    /// Replaces the product's upstream sources (docs/api.md §8).
+    pub sources: Option<Vec<crate::upstream::SourceSpec>>,
+    pub source_mode: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +67,8 @@ pub struct AdminProduct {
     pub low_stock_threshold: Option<i32>,
     pub currency: String,
     pub stock: Stock,
+    pub source_mode: String,
+    pub sources: serde_json::Value,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -157,6 +162,7 @@ pub async fn update(app: &App, actor: &Actor, sku: &str, p: &ProductPatch) -> Re
     if let Some(tp) = &p.tier_prices {
         set_tier_prices(&*tx, id, tp).await?;
     }
+    crate::upstream::set_sources(&*tx, id, p.sources.as_deref(), p.source_mode.as_deref()).await?;
     let why = Repricing::Product {
         product_id: id,
         before: &before,
@@ -203,7 +209,13 @@ async fn query<C: GenericClient>(c: &C, app: &App, sku: Option<&str>) -> Result<
                     coalesce((SELECT jsonb_object_agg(tier, price) FROM product_tier_prices WHERE product_id = p.id), '{}'),
                     (SELECT count(*) FROM codes WHERE product_id = p.id AND status = 'available'),
                     (SELECT count(*) FROM codes WHERE product_id = p.id AND status = 'delivered'),
-                    (SELECT count(*) FROM codes WHERE product_id = p.id AND status = 'voided')
+                    (SELECT count(*) FROM codes WHERE product_id = p.id AND status = 'voided'),
+                    p.source_mode,
+                    coalesce((SELECT jsonb_agg(jsonb_build_object('supplier_id', s.supplier_id, 'sku', ps.upstream_sku,
+                                                                  'max_unit_cost', ps.max_unit_cost, 'priority', ps.priority)
+                                               ORDER BY ps.priority, s.id)
+                                FROM product_sources ps JOIN suppliers s ON s.id = ps.supplier_id
+                               WHERE ps.product_id = p.id), '[]')
              FROM products p WHERE $1::text IS NULL OR p.sku = $1 ORDER BY p.sku",
             &[&sku],
         )
@@ -230,5 +242,7 @@ fn product_of(r: &Row, currency: &str) -> Result<AdminProduct, ApiError> {
             delivered: r.get(11),
             voided: r.get(12),
         },
+        source_mode: r.get(13),
+        sources: r.get(14),
     })
 }

@@ -29,6 +29,9 @@ pub enum Route {
     AdminPatchProduct(String),
     AdminImportCodes(String),
     AdminVoidCodes(String),
+    AdminSuppliers,
+    AdminCreateSupplier,
+    AdminSupplier(String),
     AdminResellers,
     AdminCreateReseller,
     AdminReseller(String),
@@ -72,6 +75,8 @@ impl Route {
             Route::AdminPatchAdmin(_) => "/admin/v1/admins/{username}",
             Route::AdminProducts | Route::AdminCreateProduct => "/admin/v1/products",
             Route::AdminProduct(_) | Route::AdminPatchProduct(_) => "/admin/v1/products/{sku}",
+            Route::AdminSuppliers | Route::AdminCreateSupplier => "/admin/v1/suppliers",
+            Route::AdminSupplier(_) => "/admin/v1/suppliers/{supplier_id}",
             Route::AdminImportCodes(_) => "/admin/v1/products/{sku}/codes",
             Route::AdminVoidCodes(_) => "/admin/v1/products/{sku}/codes/void",
             Route::AdminResellers | Route::AdminCreateReseller => "/admin/v1/resellers",
@@ -147,6 +152,11 @@ fn admin(method: &Method, a: &str, b: Option<&str>, c: Option<&str>, d: Option<&
             Method::POST => Route::AdminCreateProduct,
             _ => allow(m, GET_POST, Route::AdminProducts)?,
         },
+        ("suppliers", None, None, None) => match *m {
+            Method::POST => Route::AdminCreateSupplier,
+            _ => allow(m, GET_POST, Route::AdminSuppliers)?,
+        },
+        ("suppliers", Some(id), None, None) => allow(m, GET, Route::AdminSupplier(param(id)?.into()))?,
         ("products", Some(sku), None, None) => match *m {
             Method::PATCH => Route::AdminPatchProduct(param(sku)?.into()),
             _ => allow(m, GET_PATCH, Route::AdminProduct(param(sku)?.into()))?,
@@ -233,7 +243,7 @@ pub async fn dispatch(
         Err(e) => return (UNMATCHED, Err(e)),
     };
     let name = route.name();
-    use api::admin::{audit, codes, events, orders, products, rebates, reports, resellers, risk, session};
+    use api::admin::{audit, codes, events, orders, products, rebates, reports, resellers, risk, session, suppliers};
     let result = match route {
         Route::Healthz => api::ops::healthz(),
         Route::Readyz => api::ops::readyz(app).await,
@@ -246,6 +256,9 @@ pub async fn dispatch(
         Route::AdminProduct(sku) => products::get(app, ctx, req, &sku).await,
         Route::AdminPatchProduct(sku) => products::patch(app, ctx, req, &sku).await,
         Route::AdminImportCodes(sku) => codes::import(app, ctx, req, &sku).await,
+        Route::AdminSuppliers => suppliers::list(app, ctx, req).await,
+        Route::AdminCreateSupplier => suppliers::create(app, ctx, req).await,
+        Route::AdminSupplier(id) => suppliers::get(app, ctx, req, &id).await,
         Route::AdminVoidCodes(sku) => codes::void(app, ctx, req, &sku).await,
         Route::AdminResellers => resellers::list(app, ctx, req).await,
         Route::AdminCreateReseller => resellers::create(app, ctx, req).await,

@@ -146,6 +146,8 @@ pub enum Placed {
     Created(Order),
     /// `200` with `Idempotent-Replayed: true`.
     Replayed(Order),
+    /// `202`: charged, being bought upstream (docs/api.md §8); no codes yet.
+    Accepted(Order),
 }
 
 /// Places one order for `reseller`, answering only once Postgres holds it. A `nonce`
@@ -162,6 +164,7 @@ pub async fn place(
     let outcome = match &result {
         Ok(Placed::Created(_)) => "created",
         Ok(Placed::Replayed(_)) => "replayed",
+        Ok(Placed::Accepted(_)) => "accepted",
         Err(e) => e.code(),
     };
     metrics::counter!("cardgate_orders_total", "outcome" => outcome, "tier" => reseller.tier.clone()).increment(1);
@@ -237,7 +240,8 @@ async fn place_inner(
         let t = Instant::now();
         let mut redis = app.redis();
         let nonce_key = nonce.as_ref().and_then(|n| n.take());
-        let cmd = reserve::reserve_cmd(&app.keys, &f, &fingerprint, refusal, ttl, nonce_key, &guards);
+        let sourcing = product.as_ref().map_or(reserve::Sourcing::Local, |p| p.sourcing);
+        let cmd = reserve::reserve_cmd(&app.keys, &f, &fingerprint, refusal, ttl, nonce_key, &guards, sourcing);
         let reserved = reserve::reserve(&mut redis, &cmd).await?;
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
         let elements = match reserved {
@@ -266,6 +270,18 @@ async fn place_inner(
                     return Ok(placed);
                 }
                 return Err(refusal.into());
+            }
+            Reserved::Upstream { signals } => {
+                if !signals.is_empty() {
+                    app.risk.signal(crate::risk::Signal::Order {
+                        reseller_pk: reseller.pk,
+                        key_id: caller.key_id.clone(),
+                        address: caller.ip,
+                        fired: signals,
+                    });
+                }
+                drop(waiter);
+                return crate::upstream::begin(app, &f).await;
             }
             Reserved::Ok { signals, elements } => {
                 if !signals.is_empty() {

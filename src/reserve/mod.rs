@@ -98,6 +98,9 @@ pub enum Reserved {
     },
     /// Nothing taken.
     Refused(Refusal),
+    /// Money held and the number recorded, no codes taken: the order is to be bought
+    /// upstream (`crate::upstream`).
+    Upstream { signals: String },
 }
 
 /// Why a reservation took nothing. The first four are decided by the gateway before the
@@ -202,6 +205,7 @@ pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reser
 /// The reservation's `EVALSHA`, built straight into one command buffer (a
 /// `ScriptInvocation` copies every argument once more); benches/order_path.rs measures it.
 /// `nonce_key`, a request nonce's key (`Keys::nonce`), is spent by the script first.
+#[allow(clippy::too_many_arguments)]
 pub fn reserve_cmd(
     keys: &Keys,
     f: &Fulfilment,
@@ -210,6 +214,7 @@ pub fn reserve_cmd(
     record_ttl_secs: u64,
     nonce_key: Option<&str>,
     guards: &Guards,
+    sourcing: Sourcing,
 ) -> Cmd {
     // Serialising plain integers and strings cannot fail.
     let fields = serde_json::to_vec(f).unwrap_or_default();
@@ -246,7 +251,23 @@ pub fn reserve_cmd(
         Some((factor, floor)) => cmd.arg(factor).arg(floor),
         None => cmd.arg(0).arg(""),
     };
+    cmd.arg(match sourcing {
+        Sourcing::Local => "",
+        Sourcing::Fallback => "fallback",
+        Sourcing::Only => "only",
+    });
     cmd
+}
+
+/// Where an order's codes may come from (docs/api.md §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sourcing {
+    /// Local stock only: short stock is `out_of_stock`.
+    Local,
+    /// Local stock, else bought upstream whole.
+    Fallback,
+    /// Always bought upstream.
+    Only,
 }
 
 fn limit_arg(limit: Option<i64>) -> String {
@@ -265,6 +286,9 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
             pending: text(it.next())? == "pending",
             fingerprint: text(it.next())?,
             order_id: text(it.next())?,
+        },
+        b"upstream" => Reserved::Upstream {
+            signals: text(it.next())?,
         },
         b"refused" => Reserved::Refused(Refusal::from_wire(&it.next()?)?),
         _ => return None,

@@ -16,7 +16,8 @@
 --       12 the key's daily spend limit ('' for none), 13 now (unix seconds),
 --       14 the client address ('' when the new_address rule is off),
 --       15 this minute (unix minutes), 16 the velocity factor, 17 the velocity floor per
---       minute ('' when the velocity rule is off)
+--       minute ('' when the velocity rule is off), 18 upstream sourcing: '' none,
+--       'fallback' when stock is short, 'only' always (docs/api.md §8)
 --
 -- Answers:
 --   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
@@ -24,6 +25,9 @@
 --   {'ok', signals, element...}            reserved; signals name the risk rules that
 --                                          fired ('a' new address, 'v' velocity), elements
 --                                          are stock elements
+--   {'upstream', signals}                  money held and the number recorded, to be
+--                                          bought upstream: nothing popped, nothing in
+--                                          the outbox (src/upstream)
 --
 -- A replayed request is refused before anything, even its own idempotency record.
 if KEYS[9] and not redis.call('SET', KEYS[9], '1', 'NX', 'EX', ARGV[8]) then
@@ -48,8 +52,12 @@ if risk[1] then
   return {'refused', 'risk_hold'}
 end
 local qty = tonumber(ARGV[3])
-if redis.call('LLEN', KEYS[2]) < qty then
-  return {'refused', 'out_of_stock'}
+local upstream = ARGV[18] == 'only'
+if not upstream and redis.call('LLEN', KEYS[2]) < qty then
+  if ARGV[18] ~= 'fallback' then
+    return {'refused', 'out_of_stock'}
+  end
+  upstream = true
 end
 local amount = tonumber(ARGV[4])
 -- Spend counts per UTC day: a counter of another day is yesterday's.
@@ -79,7 +87,10 @@ end
 if tonumber(balance) + tonumber(ARGV[9]) < amount then
   return {'refused', 'insufficient_balance'}
 end
-local codes = redis.call('LPOP', KEYS[2], qty)
+local codes = {}
+if not upstream then
+  codes = redis.call('LPOP', KEYS[2], qty)
+end
 redis.call('DECRBY', KEYS[3], amount)
 redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
@@ -128,6 +139,9 @@ if ARGV[14] ~= '' then
   end
 end
 
+if upstream then
+  return {'upstream', signals}
+end
 -- Elements are binary and may be many: one field, each element behind a 2-byte length.
 local packed = {}
 for i = 1, #codes do

@@ -31,4 +31,5 @@ mod risk;
 mod schema;
 mod signing;
 mod statements;
+mod upstream;
 mod vip;

@@ -18,6 +18,7 @@ pub mod reports;
 pub mod resellers;
 pub mod risk;
 pub mod session;
+pub mod suppliers;
 
 use hyper::body::Incoming;
 use hyper::http::request::Parts;

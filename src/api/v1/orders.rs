@@ -27,6 +27,7 @@ pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
         let order = OrderRequest::parse(&body::parse_json::<Value>(&s.body)?)?;
         match orders::place(app, s.caller(), &order, Some(s.nonce())).await? {
             Placed::Created(o) => response::json(StatusCode::CREATED, &o),
+            Placed::Accepted(o) => response::json(StatusCode::ACCEPTED, &o),
             Placed::Replayed(o) => {
                 reveal(app, s.caller(), &o, "replay").await?;
                 let mut resp = response::json(StatusCode::OK, &o)?;
@@ -110,6 +111,7 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
             results.push(match outcome {
                 Ok(Placed::Created(o)) => json!({"merchant_order_no": mon, "status": 201, "order": o}),
                 Ok(Placed::Replayed(o)) => json!({"merchant_order_no": mon, "status": 200, "order": o}),
+                Ok(Placed::Accepted(o)) => json!({"merchant_order_no": mon, "status": 202, "order": o}),
                 Err(e) => {
                     if let ApiError::Internal(cause) = &e {
                         tracing::error!(error = format!("{cause:#}"), request_id = %ctx.request_id, "batch order failed");
