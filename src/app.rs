@@ -123,7 +123,7 @@ impl App {
             clock,
         };
         app.bootstrap_admin().await?;
-        app.key_cache.reload(&app.pg_orders, &app.crypto).await?;
+        app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock).await?;
         app.catalogue.reload(&app.pg_orders).await?;
         Ok(Arc::new(app))
     }

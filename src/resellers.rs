@@ -10,10 +10,13 @@
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use time::OffsetDateTime;
 use tokio_postgres::Row;
 
 use crate::app::App;
 use crate::audit::{Actor, Audited};
+use crate::auth::keys::KeySettings;
+use crate::auth::scopes::Scopes;
 use crate::callbacks::events::{self, Repricing};
 use crate::crypto::Purpose;
 use crate::error::ApiError;
@@ -79,6 +82,9 @@ pub struct NewKey {
     pub key_id: String,
     pub secret: String,
     pub reseller_id: String,
+    pub scopes: Scopes,
+    pub label: Option<String>,
+    pub expires_at: Option<String>,
     pub created_at: String,
 }
 
@@ -241,34 +247,91 @@ pub async fn list(app: &App) -> Result<Vec<Reseller>, ApiError> {
 /// A new API key for the reseller. The key and its audit row commit together: a key
 /// whose creation could not be audited would exist with its secret already lost to a
 /// failed answer.
-pub async fn create_key(app: &App, actor: &Actor, reseller_id: &str) -> Result<NewKey, ApiError> {
-    let key_id = ids::key_id();
-    let secret = ids::api_secret();
-    let sealed = app
-        .crypto
-        .encrypt(Purpose::ApiSecret { key_id: &key_id }, secret.as_bytes());
+pub async fn create_key(
+    app: &App,
+    actor: &Actor,
+    reseller_id: &str,
+    settings: &KeySettings,
+    expires_at: Option<OffsetDateTime>,
+) -> Result<NewKey, ApiError> {
+    let key = Minted::new(app);
     let mut client = app.pg.get().await?;
-    let tx = Audited::begin(&mut client, actor, "key.create", &key_id).await?;
+    let tx = Audited::begin(&mut client, actor, "key.create", &key.key_id).await?;
     let pk: i64 = load(&*tx, reseller_id).await?.get(0);
-    let created_at: time::OffsetDateTime = tx
-        .query_one(
-            "INSERT INTO api_keys (key_id, reseller_id, secret_enc) VALUES ($1, $2, $3) RETURNING created_at",
-            &[&key_id, &pk, &sealed],
-        )
-        .await?
-        .get(0);
-    tx.commit(json!({"reseller_id": reseller_id})).await?;
+    let created_at = key.insert(&*tx, pk, settings, expires_at, None).await?;
+    let detail = json!({"reseller_id": reseller_id, "scopes": settings.scopes, "label": settings.label,
+                        "expires_at": expires_at.map(rfc3339)});
+    tx.commit(detail).await?;
     crate::sync::changed(app).await;
-    Ok(NewKey {
-        key_id,
-        secret,
-        reseller_id: reseller_id.to_string(),
-        created_at: rfc3339(created_at),
-    })
+    Ok(key.answer(reseller_id, settings, expires_at, created_at))
+}
+
+/// A key about to be made: its id, and its secret, shown once and sealed for Postgres.
+struct Minted {
+    key_id: String,
+    secret: String,
+    sealed: Vec<u8>,
+}
+
+impl Minted {
+    fn new(app: &App) -> Minted {
+        let key_id = ids::key_id();
+        let secret = ids::api_secret();
+        let sealed = app
+            .crypto
+            .encrypt(Purpose::ApiSecret { key_id: &key_id }, secret.as_bytes());
+        Minted { key_id, secret, sealed }
+    }
+
+    /// Records the key; answers when Postgres made it.
+    async fn insert<C: GenericClient>(
+        &self,
+        client: &C,
+        reseller_pk: i64,
+        settings: &KeySettings,
+        expires_at: Option<OffsetDateTime>,
+        replaces: Option<&str>,
+    ) -> Result<OffsetDateTime, ApiError> {
+        let scopes = settings.scopes.names();
+        Ok(client
+            .query_one(
+                "INSERT INTO api_keys (key_id, reseller_id, secret_enc, scopes, label, expires_at, replaces)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at",
+                &[
+                    &self.key_id,
+                    &reseller_pk,
+                    &self.sealed,
+                    &scopes,
+                    &settings.label,
+                    &expires_at,
+                    &replaces,
+                ],
+            )
+            .await?
+            .get(0))
+    }
+
+    fn answer(
+        self,
+        reseller_id: &str,
+        settings: &KeySettings,
+        expires_at: Option<OffsetDateTime>,
+        created_at: OffsetDateTime,
+    ) -> NewKey {
+        NewKey {
+            key_id: self.key_id,
+            secret: self.secret,
+            reseller_id: reseller_id.to_string(),
+            scopes: settings.scopes,
+            label: settings.label.clone(),
+            expires_at: expires_at.map(rfc3339),
+            created_at: rfc3339(created_at),
+        }
+    }
 }
 
 /// Revokes the key (a second call keeps the first time) and answers when it was revoked.
-pub async fn revoke_key(app: &App, actor: &Actor, key_id: &str) -> Result<time::OffsetDateTime, ApiError> {
+pub async fn revoke_key(app: &App, actor: &Actor, key_id: &str) -> Result<OffsetDateTime, ApiError> {
     let mut client = app.pg.get().await?;
     let tx = Audited::begin(&mut client, actor, "key.revoke", key_id).await?;
     let revoked_at = tx

@@ -12,8 +12,9 @@
 //! 2. `http/router.rs`: the path and method name the route (`Route::CreateOrder`).
 //! 3. `api/v1/mod.rs` [`begin`](crate::api::v1::begin): the `Authorization` header and
 //!    timestamp (`auth/reseller.rs`), the body read within its limits (`http/body.rs`),
-//!    the HMAC checked against the key cache (`auth/signing.rs`, `auth/keys.rs`), the
-//!    tier's token bucket (`ratelimit.rs`) and admission under overload (`overload.rs`).
+//!    the HMAC checked against the key cache (`auth/signing.rs`, `auth/keys.rs`) with the
+//!    key's expiry and scope (`auth/scopes.rs`), the tier's token bucket (`ratelimit.rs`)
+//!    and admission under overload (`overload.rs`).
 //! 4. `api/v1/orders.rs` `create`: the body parsed into an [`OrderRequest`].
 //! 5. Here, [`place`]: the product and price from the catalogue cache (`catalogue/mod.rs`);
 //!    refusals the gateway can decide are settled into a [`Refusal`] but not yet reported;
