@@ -88,6 +88,18 @@ pub struct NewKey {
     pub created_at: String,
 }
 
+/// A key made by rotating another, which keeps working until `replaced_key_expires_at`.
+#[derive(Serialize)]
+pub struct Rotated {
+    #[serde(flatten)]
+    pub key: NewKey,
+    pub replaces: String,
+    pub replaced_key_expires_at: String,
+}
+
+/// The longest a rotated key may keep working beside the key that replaces it.
+pub const ROTATION_OVERLAP_MAX_SECS: i64 = 30 * 86_400;
+
 const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
      r.low_balance_threshold, r.created_at, r.updated_at, b.balance, r.credit_limit, r.base_tier, r.tier_locked";
 
@@ -264,6 +276,68 @@ pub async fn create_key(
     tx.commit(detail).await?;
     crate::sync::changed(app).await;
     Ok(key.answer(reseller_id, settings, expires_at, created_at))
+}
+
+/// Replaces the key with a new one of the same settings; the old one keeps working for
+/// `overlap_secs` more (never longer than it would have), `0` ending it now. A revoked or
+/// expired key, or one rotated already, is not rotated (`409 conflict`): it is a new key
+/// that is wanted, or the rotation of its replacement.
+pub async fn rotate_key(app: &App, actor: &Actor, key_id: &str, overlap_secs: i64) -> Result<Rotated, ApiError> {
+    let now = app.clock.now();
+    let new = Minted::new(app);
+    let mut client = app.pg.get().await?;
+    let tx = Audited::begin(&mut client, actor, "key.rotate", key_id).await?;
+    let sql = format!(
+        "SELECT k.reseller_id, r.reseller_id, k.revoked_at, k.expires_at, {}
+           FROM api_keys k JOIN resellers r ON r.id = k.reseller_id
+          WHERE k.key_id = $1 FOR UPDATE OF k",
+        KeySettings::COLUMNS
+    );
+    let old = tx
+        .query_opt(&sql, &[&key_id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such key"))?;
+    let (pk, reseller_id): (i64, String) = (old.get(0), old.get(1));
+    let expires_at: Option<OffsetDateTime> = old.get(3);
+    if old.get::<_, Option<OffsetDateTime>>(2).is_some() {
+        return Err(ApiError::Conflict(
+            "the key is revoked; create a new key instead".into(),
+        ));
+    }
+    if expires_at.is_some_and(|end| end <= now) {
+        return Err(ApiError::Conflict(
+            "the key has expired; create a new key instead".into(),
+        ));
+    }
+    // Asked once the key is locked, so a rotation that committed meanwhile is seen.
+    if let Some(successor) = tx
+        .query_opt("SELECT key_id FROM api_keys WHERE replaces = $1", &[&key_id])
+        .await?
+    {
+        let successor: String = successor.get(0);
+        return Err(ApiError::Conflict(
+            format!("the key was rotated already, to {successor}; rotate or revoke that one").into(),
+        ));
+    }
+    let settings = KeySettings::from_row(&old, 4);
+    // Whole seconds, as every time in the API is shown: the end written is the one answered.
+    let ends = now.replace_nanosecond(0).unwrap_or(now) + time::Duration::seconds(overlap_secs);
+    let ends = expires_at.map_or(ends, |e| e.min(ends));
+    let created_at = new.insert(&*tx, pk, &settings, None, Some(key_id)).await?;
+    tx.execute(
+        "UPDATE api_keys SET expires_at = $2 WHERE key_id = $1",
+        &[&key_id, &ends],
+    )
+    .await?;
+    let detail = json!({"reseller_id": reseller_id, "key_id": new.key_id, "overlap_seconds": overlap_secs,
+                        "replaced_key_expires_at": rfc3339(ends), "scopes": settings.scopes});
+    tx.commit(detail).await?;
+    crate::sync::changed(app).await;
+    Ok(Rotated {
+        key: new.answer(&reseller_id, &settings, None, created_at),
+        replaces: key_id.to_string(),
+        replaced_key_expires_at: rfc3339(ends),
+    })
 }
 
 /// A key about to be made: its id, and its secret, shown once and sealed for Postgres.

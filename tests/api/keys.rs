@@ -1,5 +1,7 @@
-//! API keys' scopes and expiry (docs/api.md §7), with time moved by a manual clock where
-//! it matters.
+//! API keys' scopes, expiry and rotation (docs/api.md §7), with time moved by a manual
+//! clock where it matters.
+
+use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -29,6 +31,11 @@ fn key_of(reseller_id: &str, answer: &Value) -> ResellerKey {
 /// A time as the API writes it.
 fn at(unix_secs: i64) -> String {
     cardgate::http::query::rfc3339(time::OffsetDateTime::from_unix_timestamp(unix_secs).unwrap())
+}
+
+async fn rotate(app: &TestApp, t: &str, key_id: &str, body: Value) -> reqwest::Response {
+    app.admin(t, Method::POST, &format!("/admin/v1/keys/{key_id}/rotate"), Some(body))
+        .await
 }
 
 /// A request signed at `clock`'s time (the gateway's, when it runs on that clock).
@@ -250,4 +257,199 @@ async fn an_expired_key_is_refused_on_the_gateways_clock_exactly_as_an_unknown_k
     // A reload (here after a change) leaves it out; it stays refused.
     key_with(&app, &t, &other.reseller_id, json!({})).await;
     assert_eq!(expired, refusal(balance(&expiring).await).await);
+}
+
+/// Rotation: the new key has the old one's settings; the old one works beside it until
+/// the overlap ends (judged by the clock), then only the new one does. Keys revoked,
+/// expired or rotated already are not rotated.
+#[tokio::test]
+async fn a_rotated_key_works_beside_its_replacement_for_the_overlap_then_only_the_new_one() {
+    let clock = ManualClock::at_system_now();
+    let app = spawn_app_on(clock.clone()).await;
+    let t = app.root_token().await;
+    let base = app.reseller_with_key(&t, "gold", json!({})).await;
+    let rid = base.reseller_id.clone();
+    let secs = || clock.now_unix_ms().div_euclid(MS_PER_SEC);
+    let balance = |key| signed_on(&app, &clock, key, Method::GET, "/v1/balance", None);
+    let old = key_with(
+        &app,
+        &t,
+        &rid,
+        json!({"scopes": ["balance:read", "catalogue:read"], "label": "till 1"}),
+    )
+    .await;
+
+    let now = secs();
+    let resp = rotate(&app, &t, &old.key_id, json!({"overlap_seconds": 600})).await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["replaces"], json!(old.key_id));
+    assert_eq!(body["replaced_key_expires_at"], json!(at(now + 600)));
+    assert_eq!(
+        (&body["scopes"], &body["label"], &body["expires_at"]),
+        (
+            &json!(["catalogue:read", "balance:read"]),
+            &json!("till 1"),
+            &Value::Null
+        )
+    );
+    let new = key_of(&rid, &body);
+    assert_ne!(new.key_id, old.key_id);
+    assert_eq!(balance(&old).await.status(), 200);
+    assert_eq!(balance(&new).await.status(), 200);
+    let order = order_body(SKU, 1, "R-1").to_string();
+    let (status, code, _) =
+        error_of(signed_on(&app, &clock, &new, Method::POST, "/v1/orders", Some(&order)).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "insufficient_scope"),
+        "the old key's scopes only"
+    );
+
+    let (status, code, err) = error_of(rotate(&app, &t, &old.key_id, json!({"overlap_seconds": 60})).await).await;
+    assert_eq!((status, code.as_str()), (409, "conflict"), "rotated already: {err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains(&new.key_id));
+
+    clock.advance(Duration::from_secs(599));
+    assert_eq!(balance(&old).await.status(), 200, "within the overlap");
+    clock.set((now + 600) * MS_PER_SEC);
+    let (status, code, _) = error_of(balance(&old).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (401, "invalid_signature"),
+        "the overlap is over"
+    );
+    assert_eq!(balance(&new).await.status(), 200);
+    let (status, code, _) = error_of(rotate(&app, &t, &old.key_id, json!({"overlap_seconds": 60})).await).await;
+    assert_eq!((status, code.as_str()), (409, "conflict"), "expired");
+
+    // No overlap: the replaced key ends at once.
+    let resp = rotate(&app, &t, &new.key_id, json!({"overlap_seconds": 0})).await;
+    assert_eq!(resp.status(), 201);
+    let newest = key_of(&rid, &resp.json().await.unwrap());
+    assert_eq!(error_of(balance(&new).await).await.0, 401);
+    assert_eq!(balance(&newest).await.status(), 200);
+    app.admin_ok(
+        &t,
+        Method::DELETE,
+        &format!("/admin/v1/keys/{}", newest.key_id),
+        None,
+        200,
+    )
+    .await;
+    let (status, code, _) = error_of(rotate(&app, &t, &newest.key_id, json!({"overlap_seconds": 60})).await).await;
+    assert_eq!((status, code.as_str()), (409, "conflict"), "revoked");
+
+    // A key's own earlier end is kept: a rotation never lengthens the old key's life.
+    let ends = secs() + 100;
+    let short = key_with(&app, &t, &rid, json!({"expires_at": at(ends)})).await;
+    let resp = rotate(&app, &t, &short.key_id, json!({"overlap_seconds": 2_592_000})).await;
+    assert_eq!(resp.status(), 201, "30 days is the most");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["replaced_key_expires_at"], json!(at(ends)));
+
+    for bad in [
+        json!({"overlap_seconds": 2_592_001}),
+        json!({"overlap_seconds": -1}),
+        json!({"overlap_seconds": 1.5}),
+        json!({"overlap_seconds": "600"}),
+        json!({}),
+        json!({"overlap_seconds": 60, "scopes": ["orders:write"]}),
+    ] {
+        let (status, code, err) = error_of(rotate(&app, &t, &base.key_id, bad.clone()).await).await;
+        assert_eq!((status, code.as_str()), (400, "invalid_request"), "{bad}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("overlap_seconds") || message.contains("scopes"),
+            "{bad}: {message}"
+        );
+    }
+    assert_eq!(balance(&base).await.status(), 200, "refused rotations changed nothing");
+    let (status, _, _) = error_of(rotate(&app, &t, "ak_none", json!({"overlap_seconds": 60})).await).await;
+    assert_eq!(status, 404);
+
+    // Each rotation is audited against the key it replaced, naming the new one.
+    let log = app
+        .admin_ok(&t, Method::GET, "/admin/v1/audit?action=key.rotate", None, 200)
+        .await;
+    let first = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["target"] == json!(old.key_id))
+        .expect("the first rotation's audit row");
+    assert_eq!(first["actor"], ROOT_USER);
+    assert_eq!(first["detail"]["key_id"], json!(new.key_id));
+    assert_eq!(first["detail"]["overlap_seconds"], 600);
+    assert_eq!(log["entries"].as_array().unwrap().len(), 3);
+    let created = app
+        .admin_ok(&t, Method::GET, "/admin/v1/audit?action=key.create", None, 200)
+        .await;
+    assert!(created["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["target"] == json!(old.key_id) && e["detail"]["label"] == "till 1"));
+}
+
+async fn balance_status(app: &TestApp, key: &ResellerKey) -> u16 {
+    app.signed(key, Method::GET, "/v1/balance", None)
+        .await
+        .status()
+        .as_u16()
+}
+
+/// Whether `app` answers `key`'s `GET /v1/balance` with `want` within a second.
+async fn within_a_second(app: &TestApp, key: &ResellerKey, want: u16) -> bool {
+    eventually(Duration::from_secs(1), || async {
+        balance_status(app, key).await == want
+    })
+    .await
+}
+
+/// Gateways learn of rotations and revocations within a second, and each judges a
+/// replaced key's end by its own clock, without waiting for another change.
+#[tokio::test]
+async fn a_second_gateway_sees_rotations_and_revocations_within_a_second() {
+    let a = spawn_app().await;
+    let b = start(a.env.clone()).await;
+    let t = a.root_token().await;
+    let k = a.reseller_with_key(&t, "gold", json!({})).await;
+    assert!(within_a_second(&b, &k, 200).await, "B learns of a new key");
+
+    let resp = rotate(&a, &t, &k.key_id, json!({"overlap_seconds": 0})).await;
+    let rotated = Instant::now();
+    let new = key_of(&k.reseller_id, &resp.json().await.unwrap());
+    assert!(within_a_second(&b, &new, 200).await, "B takes the new key");
+    assert!(within_a_second(&b, &k, 401).await, "B refuses the replaced key");
+    assert!(rotated.elapsed() < Duration::from_secs(2));
+
+    // With an overlap, B keeps taking the old key, then refuses it once its end comes.
+    let resp = rotate(&a, &t, &new.key_id, json!({"overlap_seconds": 2})).await;
+    let body: Value = resp.json().await.unwrap();
+    let newer = key_of(&k.reseller_id, &body);
+    assert_eq!(balance_status(&b, &new).await, 200, "within the overlap");
+    assert!(within_a_second(&b, &newer, 200).await);
+    let ends = time::OffsetDateTime::parse(
+        body["replaced_key_expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp();
+    let left = ends * MS_PER_SEC - Clock::System.now_unix_ms();
+    tokio::time::sleep(Duration::from_millis(left.max(0) as u64 + 50)).await;
+    assert_eq!(balance_status(&b, &new).await, 401, "the overlap is over on B too");
+
+    a.admin_ok(
+        &t,
+        Method::DELETE,
+        &format!("/admin/v1/keys/{}", newer.key_id),
+        None,
+        200,
+    )
+    .await;
+    let revoked = Instant::now();
+    assert!(within_a_second(&b, &newer, 401).await, "B refuses the revoked key");
+    assert!(revoked.elapsed() < Duration::from_secs(1));
 }

@@ -228,6 +228,32 @@ fn key_request(app: &App, v: &Value) -> Result<(KeySettings, Option<OffsetDateTi
     Ok((KeySettings { scopes, label }, expires_at))
 }
 
+/// `POST /admin/v1/keys/{key_id}/rotate` `{"overlap_seconds"}`.
+pub async fn rotate_key(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    key_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (actor, v): (_, Value) = authorized_json(app, ctx, req, Need::Write).await?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
+    orders::refuse_unknown(o, &["overlap_seconds"])?;
+    let max = resellers::ROTATION_OVERLAP_MAX_SECS;
+    let overlap = o
+        .get("overlap_seconds")
+        .and_then(Value::as_i64)
+        .filter(|s| (0..=max).contains(s))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "overlap_seconds: required, an integer from 0 to {max} (30 days)"
+            ))
+        })?;
+    let rotated = resellers::rotate_key(app, &actor, key_id, overlap).await?;
+    response::secret_json(StatusCode::CREATED, &rotated)
+}
+
 /// `POST /admin/v1/resellers/{id}/webhook_secret`: a new secret, shown only in this
 /// answer.
 pub async fn rotate_webhook_secret(
