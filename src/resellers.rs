@@ -97,6 +97,20 @@ pub struct Rotated {
     pub replaced_key_expires_at: String,
 }
 
+/// An API key as the operator API lists it: never its secret.
+#[derive(Serialize)]
+pub struct KeyView {
+    pub key_id: String,
+    pub scopes: Scopes,
+    pub label: Option<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub last_used_at: Option<String>,
+    /// The key this one was rotated from.
+    pub replaces: Option<String>,
+}
+
 /// The longest a rotated key may keep working beside the key that replaces it.
 pub const ROTATION_OVERLAP_MAX_SECS: i64 = 30 * 86_400;
 
@@ -338,6 +352,35 @@ pub async fn rotate_key(app: &App, actor: &Actor, key_id: &str, overlap_secs: i6
         replaces: key_id.to_string(),
         replaced_key_expires_at: rfc3339(ends),
     })
+}
+
+/// The reseller's keys, revoked and expired ones included, oldest first.
+pub async fn list_keys(app: &App, reseller_id: &str) -> Result<Vec<KeyView>, ApiError> {
+    let client = app.pg.get().await?;
+    let pk = pk_of(&client, reseller_id).await?;
+    let sql = format!(
+        "SELECT k.key_id, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, k.replaces, {}
+           FROM api_keys k WHERE k.reseller_id = $1 ORDER BY k.created_at, k.key_id",
+        KeySettings::COLUMNS
+    );
+    let rows = client.query(&sql, &[&pk]).await?;
+    let time = |r: &Row, i: usize| r.get::<_, Option<OffsetDateTime>>(i).map(rfc3339);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let settings = KeySettings::from_row(r, 6);
+            KeyView {
+                key_id: r.get(0),
+                scopes: settings.scopes,
+                label: settings.label,
+                created_at: rfc3339(r.get(1)),
+                expires_at: time(r, 2),
+                revoked_at: time(r, 3),
+                last_used_at: time(r, 4),
+                replaces: r.get(5),
+            }
+        })
+        .collect())
 }
 
 /// A key about to be made: its id, and its secret, shown once and sealed for Postgres.

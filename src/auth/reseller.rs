@@ -81,6 +81,8 @@ pub fn verify(
     let Some(entry) = entry.filter(|_| valid) else {
         return Err(ApiError::InvalidSignature);
     };
+    // Signed with the key: a use, whatever is refused below.
+    app.last_used.record(header.key_id, now_ms);
 
     let ip = ctx.client_ip(app, &parts.headers);
     let refusal = if !entry.reseller.allows(ip) {

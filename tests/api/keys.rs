@@ -1,5 +1,5 @@
-//! API keys' scopes, expiry and rotation (docs/api.md §7), with time moved by a manual
-//! clock where it matters.
+//! API keys' scopes, expiry, rotation and list (docs/api.md §7), with time moved by a
+//! manual clock where it matters.
 
 use std::time::{Duration, Instant};
 
@@ -452,4 +452,141 @@ async fn a_second_gateway_sees_rotations_and_revocations_within_a_second() {
     let revoked = Instant::now();
     assert!(within_a_second(&b, &newer, 401).await, "B refuses the revoked key");
     assert!(revoked.elapsed() < Duration::from_secs(1));
+}
+
+/// `GET /admin/v1/resellers/{id}/keys`, checked to hold no secret.
+async fn key_list(app: &TestApp, t: &str, reseller_id: &str) -> Vec<Value> {
+    let resp = app
+        .admin(t, Method::GET, &format!("/admin/v1/resellers/{reseller_id}/keys"), None)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("sk_") && !text.contains("secret"), "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["keys"].as_array().unwrap().clone()
+}
+
+/// A field of one key in a list.
+fn field(keys: &[Value], key_id: &str, name: &str) -> Value {
+    keys.iter().find(|e| e["key_id"] == json!(key_id)).unwrap()[name].clone()
+}
+
+/// `GET /v1/balance` signed at `clock`'s time.
+async fn balance_at(app: &TestApp, key: &ResellerKey, clock: &ManualClock) -> u16 {
+    signed_on(app, clock, key, Method::GET, "/v1/balance", None)
+        .await
+        .status()
+        .as_u16()
+}
+
+/// The list shows every key without its secret. `last_used_at` is null until a flush
+/// writes a use (a request refused after its signature verified counts), and only ever
+/// moves forward, whichever gateway flushes last; a gateway shutting down writes what it
+/// holds.
+#[tokio::test]
+async fn the_key_list_shows_no_secret_and_last_used_at_only_moves_forward() {
+    let ahead = ManualClock::at_system_now();
+    let behind = ManualClock::at_unix_ms(ahead.now_unix_ms() - 60 * MS_PER_SEC);
+    let mut env = test_env(&create_database().await);
+    env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    let mut a = start_with_clock(env.clone(), ahead.clone().into()).await;
+    let b = start_with_clock(env, behind.clone().into()).await;
+    let (a_state, b_state) = (a.state.clone().unwrap(), b.state.clone().unwrap());
+    let flush = cardgate::auth::last_used::flush;
+    let t = a.root_token().await;
+    let k = a.reseller_with_key(&t, "gold", json!({})).await;
+    let reports = key_with(
+        &a,
+        &t,
+        &k.reseller_id,
+        json!({"scopes": ["orders:read"], "label": "reports"}),
+    )
+    .await;
+    let keys = key_list(&a, &t, &k.reseller_id).await;
+    assert_eq!(keys.len(), 2);
+    let fields = [
+        "created_at",
+        "expires_at",
+        "key_id",
+        "label",
+        "last_used_at",
+        "replaces",
+        "revoked_at",
+        "scopes",
+    ];
+    for key in &keys {
+        let mut names: Vec<&str> = key.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, fields, "{key}");
+        assert!(key["last_used_at"].is_null() && key["revoked_at"].is_null(), "{key}");
+    }
+    assert_eq!(keys[0]["key_id"], json!(k.key_id), "oldest first");
+    assert_eq!((&keys[0]["scopes"], &keys[0]["label"]), (&json!(SCOPES), &Value::Null));
+    assert_eq!(
+        (&keys[1]["scopes"], &keys[1]["label"]),
+        (&json!(["orders:read"]), &json!("reports"))
+    );
+
+    // Used on A: nothing is written until A flushes.
+    assert_eq!(balance_at(&a, &k, &ahead).await, 200);
+    let used_on_a = at(ahead.now_unix_ms().div_euclid(MS_PER_SEC));
+    assert!(field(&key_list(&a, &t, &k.reseller_id).await, &k.key_id, "last_used_at").is_null());
+    assert_eq!(flush(&a_state).await.unwrap(), 1);
+    assert_eq!(
+        field(&key_list(&a, &t, &k.reseller_id).await, &k.key_id, "last_used_at"),
+        json!(used_on_a)
+    );
+    assert_eq!(flush(&a_state).await.unwrap(), 0, "nothing new");
+
+    // B's use is a minute older: its flush leaves the later time.
+    assert_eq!(balance_at(&b, &k, &behind).await, 200);
+    assert_eq!(flush(&b_state).await.unwrap(), 0);
+    assert_eq!(
+        field(&key_list(&a, &t, &k.reseller_id).await, &k.key_id, "last_used_at"),
+        json!(used_on_a)
+    );
+    behind.advance(Duration::from_secs(120));
+    assert_eq!(balance_at(&b, &k, &behind).await, 200);
+    let used_on_b = at(behind.now_unix_ms().div_euclid(MS_PER_SEC));
+    assert_eq!(flush(&b_state).await.unwrap(), 1);
+    assert_eq!(
+        field(&key_list(&a, &t, &k.reseller_id).await, &k.key_id, "last_used_at"),
+        json!(used_on_b)
+    );
+
+    // A use refused for its scope is a use; A writes it as it shuts down.
+    let (status, code, _) = error_of(signed_on(&a, &ahead, &reports, Method::GET, "/v1/balance", None).await).await;
+    assert_eq!((status, code.as_str()), (403, "insufficient_scope"));
+    a.shutdown().await.unwrap();
+    let keys = key_list(&b, &t, &k.reseller_id).await;
+    assert_eq!(
+        field(&keys, &reports.key_id, "last_used_at"),
+        json!(at(ahead.now_unix_ms().div_euclid(MS_PER_SEC)))
+    );
+
+    // Revocations and rotations show.
+    b.admin_ok(
+        &t,
+        Method::DELETE,
+        &format!("/admin/v1/keys/{}", reports.key_id),
+        None,
+        200,
+    )
+    .await;
+    let resp = rotate(&b, &t, &k.key_id, json!({"overlap_seconds": 60})).await;
+    let rotated: Value = resp.json().await.unwrap();
+    let keys = key_list(&b, &t, &k.reseller_id).await;
+    assert_eq!(keys.len(), 3);
+    assert!(field(&keys, &reports.key_id, "revoked_at").is_string());
+    assert_eq!(
+        field(&keys, &k.key_id, "expires_at"),
+        rotated["replaced_key_expires_at"]
+    );
+    let new_id = rotated["key_id"].as_str().unwrap();
+    assert_eq!(field(&keys, new_id, "replaces"), json!(k.key_id));
+    assert!(field(&keys, new_id, "last_used_at").is_null());
+    assert_eq!(field(&keys, new_id, "scopes"), json!(SCOPES));
+
+    let (status, _, _) = error_of(b.admin(&t, Method::GET, "/admin/v1/resellers/rs_none/keys", None).await).await;
+    assert_eq!(status, 404);
 }

@@ -254,6 +254,18 @@ pub async fn rotate_key(
     response::secret_json(StatusCode::CREATED, &rotated)
 }
 
+/// `GET /admin/v1/resellers/{id}/keys`: never a secret.
+pub async fn list_keys(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    reseller_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    authorized_head(app, ctx, req, Need::Read).await?;
+    let keys = resellers::list_keys(app, reseller_id).await?;
+    response::json(StatusCode::OK, &json!({"reseller_id": reseller_id, "keys": keys}))
+}
+
 /// `POST /admin/v1/resellers/{id}/webhook_secret`: a new secret, shown only in this
 /// answer.
 pub async fn rotate_webhook_secret(
