@@ -68,7 +68,11 @@ async fn reads_show_the_callers_price_live_stock_and_balance() {
         .json()
         .await
         .unwrap();
-    assert_eq!(bal, json!({"balance": 123450, "currency": "CNY", "tier": "gold"}));
+    assert_eq!(
+        bal,
+        json!({"balance": 123450, "currency": "CNY", "tier": "gold", "credit_limit": 0, "available": 123450,
+               "spend": {"window_days": 30, "amount": 0}, "next_tier": null})
+    );
 
     // A catalogue change shows at once.
     app.admin_ok(
