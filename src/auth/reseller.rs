@@ -25,6 +25,8 @@ pub struct Caller {
     pub key_id: String,
     pub reseller: Arc<Reseller>,
     pub ip: std::net::IpAddr,
+    /// The key's own daily spend limit (docs/api.md §7), beside the reseller's.
+    pub key_daily_limit: Option<i64>,
 }
 
 /// A request whose signature is good, with the rest of the checks decided but not yet
@@ -107,6 +109,7 @@ pub fn verify(
             key_id: header.key_id.to_string(),
             reseller: entry.reseller.clone(),
             ip,
+            key_daily_limit: entry.settings.daily_spend_limit,
         },
         refusal,
     })

@@ -87,6 +87,24 @@ impl Query {
         }
         Ok(limit)
     }
+
+    /// The `from`, `to`, `cursor` and `limit` of a newest-first search; `from` must come
+    /// before `to`.
+    pub fn window(&self) -> Result<Window, ApiError> {
+        let limit = self.page_limit()?;
+        let (from, to) = (self.time("from")?, self.time("to")?);
+        if let (Some(f), Some(t)) = (from, to) {
+            if f >= t {
+                return Err(ApiError::invalid("from must be before to"));
+            }
+        }
+        Ok(Window {
+            from,
+            to,
+            cursor: self.int("cursor")?,
+            limit,
+        })
+    }
 }
 
 /// An RFC 3339 time the client gave as `name`, in UTC. Only times from 1970 to the end of

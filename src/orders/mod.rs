@@ -217,10 +217,7 @@ async fn place_inner(
     let guards = Guards {
         credit_limit: reseller.credit_limit,
         reseller_daily_limit: reseller.daily_spend_limit,
-        key_daily_limit: app
-            .key_cache
-            .get(&caller.key_id)
-            .and_then(|e| e.settings.daily_spend_limit),
+        key_daily_limit: caller.key_daily_limit,
         address: (risk.new_address != RiskAction::Off).then(|| caller.ip.to_string()),
         velocity: (risk.velocity != RiskAction::Off).then_some((risk.velocity_factor, risk.velocity_min_per_minute)),
     };
