@@ -17,20 +17,17 @@ use crate::orders::{buyer, shop_with, GOLD, SKU};
 async fn order_from(app: &TestApp, k: &ResellerKey, from: IpAddr, mon: &str) -> (u16, Value) {
     let client = reqwest::Client::builder().local_address(from).build().unwrap();
     let body = order_body(SKU, 1, mon).to_string();
-    let message = cardgate::auth::signing::Message {
-        timestamp: now_secs(),
-        nonce: &nonce(),
-        method: "POST",
-        path: "/v1/orders",
-        query: None,
-        body: body.as_bytes(),
-    };
-    let auth = cardgate::auth::signing::authorization(&k.key_id, k.secret.as_bytes(), &message);
-    let resp = client
-        .post(app.url("/v1/orders"))
-        .header("authorization", auth)
-        .header("content-type", "application/json")
-        .body(body)
+    let resp = app
+        .signed_request_via(
+            &client,
+            k,
+            Method::POST,
+            "/v1/orders",
+            Some(&body),
+            now_secs(),
+            &nonce(),
+            &[],
+        )
         .send()
         .await
         .unwrap();
