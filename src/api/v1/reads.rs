@@ -94,16 +94,21 @@ pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Res
         let replies = s.query(app, pipe).await?;
         let hot: Option<i64> = redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
             .map_err(ApiError::internal)?;
-        let client = app.pg_orders.get().await?;
         // The hot balance is what can be spent now; without it (Redis lost its state),
         // the recorded one.
         let balance = match hot {
             Some(b) => b,
-            None => client
+            None => app
+                .pg_orders
+                .get()
+                .await?
                 .query_one("SELECT balance FROM balances WHERE reseller_id = $1", &[&r.pk])
                 .await?
                 .get(0),
         };
+        // Spend is a rollup read, not the order path's: from the general pool, so balance
+        // reads can never take the connections orders commit through.
+        let client = app.pg.get().await?;
         let window_days = app.config.vip.window_days;
         let spend = crate::growth::spend(
             &**client,
