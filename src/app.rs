@@ -10,6 +10,7 @@ use secrecy::ExposeSecret;
 
 use crate::auth::admin::{Passwords, Tokens};
 use crate::auth::keys::KeyCache;
+use crate::auth::last_used::LastUsed;
 use crate::bulkhead::Bulkheads;
 use crate::catalogue::Catalogue;
 use crate::clock::Clock;
@@ -46,6 +47,8 @@ pub struct App {
     /// For connections of their own (pub/sub), apart from the shared multiplexed one.
     pub redis_client: redis::Client,
     pub key_cache: KeyCache,
+    /// Keys' uses not yet written to Postgres (`crate::auth::last_used`).
+    pub last_used: LastUsed,
     pub catalogue: Catalogue,
     pub rate_limits: RateLimits,
     /// Order requests of this process waiting for the ledger writer.
@@ -116,6 +119,7 @@ impl App {
             login_limiter,
             redis_client,
             key_cache: KeyCache::default(),
+            last_used: LastUsed::default(),
             catalogue: Catalogue::default(),
             rate_limits,
             waiters: Waiters::default(),
@@ -126,7 +130,7 @@ impl App {
             risk: Default::default(),
         };
         app.bootstrap_admin().await?;
-        app.key_cache.reload(&app.pg_orders, &app.crypto).await?;
+        app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock).await?;
         app.catalogue.reload(&app.pg_orders).await?;
         Ok(Arc::new(app))
     }

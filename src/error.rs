@@ -25,6 +25,9 @@ pub enum ApiError {
     IpNotAllowed,
     #[error("account suspended")]
     AccountSuspended,
+    /// Names the scope the call needs.
+    #[error("this API key does not have the scope {0}")]
+    InsufficientScope(&'static str),
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("this role may not do that")]
@@ -91,7 +94,7 @@ impl ApiError {
             MissingAuthorization | TimestampOutOfWindow | InvalidSignature | NonceReused | Unauthenticated(_) => {
                 StatusCode::UNAUTHORIZED
             }
-            IpNotAllowed | AccountSuspended | Forbidden | RiskHold => StatusCode::FORBIDDEN,
+            IpNotAllowed | AccountSuspended | InsufficientScope(_) | Forbidden | RiskHold => StatusCode::FORBIDDEN,
             InsufficientBalance | SpendLimitExceeded => StatusCode::PAYMENT_REQUIRED,
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -117,6 +120,7 @@ impl ApiError {
             NonceReused => "nonce_reused",
             IpNotAllowed => "ip_not_allowed",
             AccountSuspended => "account_suspended",
+            InsufficientScope(_) => "insufficient_scope",
             Unauthenticated(_) => "unauthenticated",
             Forbidden => "forbidden",
             InsufficientBalance => "insufficient_balance",

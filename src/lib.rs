@@ -107,11 +107,12 @@ impl Server {
     }
 
     /// For tests: the periodic background loops (the health and rebuild watcher, callback
-    /// delivery, gauges, rollups, hot-balance settling, the rebates' monthly close) are not
-    /// started; the test runs their steps itself (`health::check`, `Dispatcher::step`,
-    /// `gauges::step`, `rollups::step`, `hot_balance::settle_due`, `rebates::step`, `upstream::step`) and so
-    /// never waits for them. The ledger writers and the cache listeners still run: orders
-    /// need them.
+    /// delivery, gauges, rollups, hot-balance settling, the rebates' monthly close, keys'
+    /// last use, growth, risk signals, upstream purchases) are not started; the test runs their steps itself
+    /// (`health::check`, `Dispatcher::step`, `gauges::step`, `rollups::step`,
+    /// `hot_balance::settle_due`, `rebates::step`, `auth::last_used::flush`,
+    /// `growth::step`, `risk::step`, `upstream::step`) and so never waits for them. The ledger writers and
+    /// the cache listeners still run: orders need them.
     pub fn manual_background(mut self) -> Self {
         self.manual_background = true;
         self
@@ -151,6 +152,7 @@ impl Server {
             tasks.spawn(hot_balance::run(self.app.clone()));
             tasks.spawn(rebates::run(self.app.clone()));
             tasks.spawn(upstream::run(self.app.clone()));
+            tasks.spawn(auth::last_used::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
             .map(|i| tasks.spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))
@@ -168,6 +170,14 @@ impl Server {
             }
         }
         let _ = stop.send(true);
+        // Every request is answered: the keys' uses noted since the last flush are final.
+        let c = &app.config;
+        let flush = std::time::Duration::from_millis(c.postgres.connect_timeout_ms + c.postgres.statement_timeout_ms);
+        match tokio::time::timeout(flush, auth::last_used::flush(&app)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "keys' last use not written at shutdown"),
+            Err(_) => tracing::warn!("keys' last use not written at shutdown in time"),
+        }
         let drain = std::time::Duration::from_millis(app.config.orders.drain_timeout_ms);
         if tokio::time::timeout(drain, &mut writers).await.is_err() {
             // Whatever is left stays in the outbox, claimed by another gateway or by
@@ -178,7 +188,6 @@ impl Server {
         // its event leased, unsent, until the lease runs out.
         if let Some(d) = dispatcher {
             // An attempt: its timeout, then a pool wait and a statement to record it.
-            let c = &app.config;
             let attempts = std::time::Duration::from_millis(
                 c.callbacks.timeout_ms + c.postgres.connect_timeout_ms + c.postgres.statement_timeout_ms,
             );

@@ -254,10 +254,13 @@ async fn pass(app: &App) -> anyhow::Result<Report> {
             "SELECT (SELECT count(*) FROM orders o
                       WHERE (SELECT count(*) FROM order_codes oc WHERE oc.order_id = o.id)
                             <> CASE WHEN o.status IN ('processing', 'failed') THEN 0 ELSE o.quantity END),
+                    -- Joined, not a correlated NOT EXISTS: the planner turned that into a join
+                    -- of every order with every code of its product (seconds at 20,000 codes).
                     (SELECT count(*) FROM order_codes oc
-                      WHERE NOT EXISTS (SELECT 1 FROM orders o JOIN codes c ON c.product_id = o.product_id
-                                         WHERE o.id = oc.order_id AND c.id = oc.code_id
-                                           AND c.status = CASE o.status WHEN 'fulfilled' THEN 'delivered' ELSE 'voided' END)),
+                       LEFT JOIN orders o ON o.id = oc.order_id
+                       LEFT JOIN codes c ON c.id = oc.code_id
+                      WHERE o.id IS NULL OR c.id IS NULL OR c.product_id <> o.product_id
+                         OR c.status <> CASE o.status WHEN 'fulfilled' THEN 'delivered' ELSE 'voided' END),
                     (SELECT count(*) FROM orders o WHERE o.status = 'refunded' AND o.amount <> 0
                         AND NOT EXISTS (SELECT 1 FROM balance_ledger l WHERE l.reseller_id = o.reseller_id
                                            AND l.kind = 'refund' AND l.reference = o.order_id AND l.amount = o.amount)),

@@ -140,7 +140,7 @@ pub struct ResellerLine {
     pub credit_limit: i64,
     pub credit_used: i64,
     pub month_spend: i64,
-    pub rebate_rate_bp: u32,
+    pub rebate_rate_bp: i32,
 }
 
 /// `GET /admin/v1/reports/resellers?from=&to=`
@@ -210,7 +210,7 @@ pub async fn resellers(app: &App, range: &Range) -> Result<Vec<ResellerLine>, Ap
                 credit_limit: r.get(11),
                 credit_used: r.get(12),
                 month_spend: r.get(13),
-                rebate_rate_bp: rebate_rate_bp(&app.config.rebates, r.get(13)),
+                rebate_rate_bp: crate::rebates::rate_for(&app.config.rebates, r.get(13)),
             }
         })
         .collect();
@@ -270,15 +270,6 @@ pub async fn products(app: &App, range: &Range) -> Result<(Vec<ProductLine>, f64
         })
         .collect();
     Ok((lines, round2(days)))
-}
-
-/// The rate of the highest `[[rebates]]` bracket `spend` reaches; 0 below every one.
-pub fn rebate_rate_bp(brackets: &[crate::config::RebateBracket], spend: i64) -> u32 {
-    brackets
-        .iter()
-        .filter(|b| spend >= b.min_spend)
-        .max_by_key(|b| b.min_spend)
-        .map_or(0, |b| b.rate_bp)
 }
 
 fn round2(x: f64) -> f64 {

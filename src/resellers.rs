@@ -10,10 +10,13 @@
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use time::OffsetDateTime;
 use tokio_postgres::Row;
 
 use crate::app::App;
 use crate::audit::{Actor, Audited};
+use crate::auth::keys::KeySettings;
+use crate::auth::scopes::Scopes;
 use crate::callbacks::events::{self, Repricing};
 use crate::crypto::Purpose;
 use crate::error::ApiError;
@@ -86,8 +89,39 @@ pub struct NewKey {
     pub key_id: String,
     pub secret: String,
     pub reseller_id: String,
+    pub scopes: Scopes,
+    pub label: Option<String>,
+    pub daily_spend_limit: Option<i64>,
+    pub expires_at: Option<String>,
     pub created_at: String,
 }
+
+/// A key made by rotating another, which keeps working until `replaced_key_expires_at`.
+#[derive(Serialize)]
+pub struct Rotated {
+    #[serde(flatten)]
+    pub key: NewKey,
+    pub replaces: String,
+    pub replaced_key_expires_at: String,
+}
+
+/// An API key as the operator API lists it: never its secret.
+#[derive(Serialize)]
+pub struct KeyView {
+    pub key_id: String,
+    pub scopes: Scopes,
+    pub label: Option<String>,
+    pub daily_spend_limit: Option<i64>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub last_used_at: Option<String>,
+    /// The key this one was rotated from.
+    pub replaces: Option<String>,
+}
+
+/// The longest a rotated key may keep working beside the key that replaces it.
+pub const ROTATION_OVERLAP_MAX_SECS: i64 = 30 * 86_400;
 
 const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
      r.low_balance_threshold, r.created_at, r.updated_at, b.balance, r.credit_limit, r.base_tier, r.tier_locked,
@@ -257,34 +291,186 @@ pub async fn list(app: &App) -> Result<Vec<Reseller>, ApiError> {
 /// A new API key for the reseller. The key and its audit row commit together: a key
 /// whose creation could not be audited would exist with its secret already lost to a
 /// failed answer.
-pub async fn create_key(app: &App, actor: &Actor, reseller_id: &str) -> Result<NewKey, ApiError> {
-    let key_id = ids::key_id();
-    let secret = ids::api_secret();
-    let sealed = app
-        .crypto
-        .encrypt(Purpose::ApiSecret { key_id: &key_id }, secret.as_bytes());
+pub async fn create_key(
+    app: &App,
+    actor: &Actor,
+    reseller_id: &str,
+    settings: &KeySettings,
+    expires_at: Option<OffsetDateTime>,
+) -> Result<NewKey, ApiError> {
+    let key = Minted::new(app);
     let mut client = app.pg.get().await?;
-    let tx = Audited::begin(&mut client, actor, "key.create", &key_id).await?;
+    let tx = Audited::begin(&mut client, actor, "key.create", &key.key_id).await?;
     let pk: i64 = load(&*tx, reseller_id).await?.get(0);
-    let created_at: time::OffsetDateTime = tx
-        .query_one(
-            "INSERT INTO api_keys (key_id, reseller_id, secret_enc) VALUES ($1, $2, $3) RETURNING created_at",
-            &[&key_id, &pk, &sealed],
-        )
-        .await?
-        .get(0);
-    tx.commit(json!({"reseller_id": reseller_id})).await?;
+    let created_at = key.insert(&*tx, pk, settings, expires_at, None).await?;
+    let detail = json!({"reseller_id": reseller_id, "scopes": settings.scopes, "label": settings.label,
+                        "expires_at": expires_at.map(rfc3339)});
+    tx.commit(detail).await?;
     crate::sync::changed(app).await;
-    Ok(NewKey {
-        key_id,
-        secret,
-        reseller_id: reseller_id.to_string(),
-        created_at: rfc3339(created_at),
+    Ok(key.answer(reseller_id, settings, expires_at, created_at))
+}
+
+/// Replaces the key with a new one of the same settings; the old one keeps working for
+/// `overlap_secs` more (never longer than it would have), `0` ending it now. A revoked or
+/// expired key, or one rotated already, is not rotated (`409 conflict`): it is a new key
+/// that is wanted, or the rotation of its replacement.
+pub async fn rotate_key(app: &App, actor: &Actor, key_id: &str, overlap_secs: i64) -> Result<Rotated, ApiError> {
+    let now = app.clock.now();
+    let new = Minted::new(app);
+    let mut client = app.pg.get().await?;
+    let tx = Audited::begin(&mut client, actor, "key.rotate", key_id).await?;
+    let sql = format!(
+        "SELECT k.reseller_id, r.reseller_id, k.revoked_at, k.expires_at, {}
+           FROM api_keys k JOIN resellers r ON r.id = k.reseller_id
+          WHERE k.key_id = $1 FOR UPDATE OF k",
+        KeySettings::COLUMNS
+    );
+    let old = tx
+        .query_opt(&sql, &[&key_id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such key"))?;
+    let (pk, reseller_id): (i64, String) = (old.get(0), old.get(1));
+    let expires_at: Option<OffsetDateTime> = old.get(3);
+    if old.get::<_, Option<OffsetDateTime>>(2).is_some() {
+        return Err(ApiError::Conflict(
+            "the key is revoked; create a new key instead".into(),
+        ));
+    }
+    if expires_at.is_some_and(|end| end <= now) {
+        return Err(ApiError::Conflict(
+            "the key has expired; create a new key instead".into(),
+        ));
+    }
+    // Asked once the key is locked, so a rotation that committed meanwhile is seen.
+    if let Some(successor) = tx
+        .query_opt("SELECT key_id FROM api_keys WHERE replaces = $1", &[&key_id])
+        .await?
+    {
+        let successor: String = successor.get(0);
+        return Err(ApiError::Conflict(
+            format!("the key was rotated already, to {successor}; rotate or revoke that one").into(),
+        ));
+    }
+    let settings = KeySettings::from_row(&old, 4);
+    // Whole seconds, as every time in the API is shown: the end written is the one answered.
+    let ends = now.replace_nanosecond(0).unwrap_or(now) + time::Duration::seconds(overlap_secs);
+    let ends = expires_at.map_or(ends, |e| e.min(ends));
+    let created_at = new.insert(&*tx, pk, &settings, None, Some(key_id)).await?;
+    tx.execute(
+        "UPDATE api_keys SET expires_at = $2 WHERE key_id = $1",
+        &[&key_id, &ends],
+    )
+    .await?;
+    let detail = json!({"reseller_id": reseller_id, "key_id": new.key_id, "overlap_seconds": overlap_secs,
+                        "replaced_key_expires_at": rfc3339(ends), "scopes": settings.scopes});
+    tx.commit(detail).await?;
+    crate::sync::changed(app).await;
+    Ok(Rotated {
+        key: new.answer(&reseller_id, &settings, None, created_at),
+        replaces: key_id.to_string(),
+        replaced_key_expires_at: rfc3339(ends),
     })
 }
 
+/// The reseller's keys, revoked and expired ones included, oldest first.
+pub async fn list_keys(app: &App, reseller_id: &str) -> Result<Vec<KeyView>, ApiError> {
+    let client = app.pg.get().await?;
+    let pk = pk_of(&client, reseller_id).await?;
+    let sql = format!(
+        "SELECT k.key_id, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, k.replaces, {}
+           FROM api_keys k WHERE k.reseller_id = $1 ORDER BY k.created_at, k.key_id",
+        KeySettings::COLUMNS
+    );
+    let rows = client.query(&sql, &[&pk]).await?;
+    let time = |r: &Row, i: usize| r.get::<_, Option<OffsetDateTime>>(i).map(rfc3339);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let settings = KeySettings::from_row(r, 6);
+            KeyView {
+                key_id: r.get(0),
+                scopes: settings.scopes,
+                label: settings.label,
+                daily_spend_limit: settings.daily_spend_limit,
+                created_at: rfc3339(r.get(1)),
+                expires_at: time(r, 2),
+                revoked_at: time(r, 3),
+                last_used_at: time(r, 4),
+                replaces: r.get(5),
+            }
+        })
+        .collect())
+}
+
+/// A key about to be made: its id, and its secret, shown once and sealed for Postgres.
+struct Minted {
+    key_id: String,
+    secret: String,
+    sealed: Vec<u8>,
+}
+
+impl Minted {
+    fn new(app: &App) -> Minted {
+        let key_id = ids::key_id();
+        let secret = ids::api_secret();
+        let sealed = app
+            .crypto
+            .encrypt(Purpose::ApiSecret { key_id: &key_id }, secret.as_bytes());
+        Minted { key_id, secret, sealed }
+    }
+
+    /// Records the key; answers when Postgres made it.
+    async fn insert<C: GenericClient>(
+        &self,
+        client: &C,
+        reseller_pk: i64,
+        settings: &KeySettings,
+        expires_at: Option<OffsetDateTime>,
+        replaces: Option<&str>,
+    ) -> Result<OffsetDateTime, ApiError> {
+        let scopes = settings.scopes.names();
+        Ok(client
+            .query_one(
+                "INSERT INTO api_keys (key_id, reseller_id, secret_enc, scopes, label, expires_at, replaces,
+                                       daily_spend_limit)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at",
+                &[
+                    &self.key_id,
+                    &reseller_pk,
+                    &self.sealed,
+                    &scopes,
+                    &settings.label,
+                    &expires_at,
+                    &replaces,
+                    &settings.daily_spend_limit,
+                ],
+            )
+            .await?
+            .get(0))
+    }
+
+    fn answer(
+        self,
+        reseller_id: &str,
+        settings: &KeySettings,
+        expires_at: Option<OffsetDateTime>,
+        created_at: OffsetDateTime,
+    ) -> NewKey {
+        NewKey {
+            key_id: self.key_id,
+            secret: self.secret,
+            reseller_id: reseller_id.to_string(),
+            scopes: settings.scopes,
+            label: settings.label.clone(),
+            daily_spend_limit: settings.daily_spend_limit,
+            expires_at: expires_at.map(rfc3339),
+            created_at: rfc3339(created_at),
+        }
+    }
+}
+
 /// Revokes the key (a second call keeps the first time) and answers when it was revoked.
-pub async fn revoke_key(app: &App, actor: &Actor, key_id: &str) -> Result<time::OffsetDateTime, ApiError> {
+pub async fn revoke_key(app: &App, actor: &Actor, key_id: &str) -> Result<OffsetDateTime, ApiError> {
     let mut client = app.pg.get().await?;
     let tx = Audited::begin(&mut client, actor, "key.revoke", key_id).await?;
     let revoked_at = tx

@@ -69,7 +69,7 @@ pub fn channel(app: &App) -> String {
 /// Reloads both caches. Errors are logged: the old cache stays in force meanwhile.
 pub async fn reload(app: &App) {
     let (keys, catalogue) = tokio::join!(
-        app.key_cache.reload(&app.pg_orders, &app.crypto),
+        app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock),
         app.catalogue.reload(&app.pg_orders)
     );
     for r in [keys, catalogue] {

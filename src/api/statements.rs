@@ -11,17 +11,17 @@ use super::admin::authorized_head;
 use super::v1::signed;
 use crate::app::App;
 use crate::auth::admin::Need;
+use crate::auth::scopes::Scope;
 use crate::error::ApiError;
 use crate::http::query::Query;
 use crate::http::response::{self, CsvLine};
 use crate::http::{Body, Ctx};
-use crate::ratelimit::Class;
 use crate::statements::{self, Asked, Entry, Statement};
 
 /// `GET /v1/ledger?from=&to=&limit=&cursor=`: the caller's own statement. A read like the
 /// balance: no codes are shown, so nothing is audited.
 pub async fn own(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed!(app, ctx, req, Class::Reads);
+    let s = signed!(app, ctx, req, Scope::BalanceRead);
     let result = async {
         // Before Postgres is asked anything: a replay costs a Redis round trip, no more.
         s.spend(app).await?;

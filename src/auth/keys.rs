@@ -5,6 +5,10 @@
 //! database round trip tells a caller whether a key exists. The cache is reloaded
 //! whole when any gateway publishes a change (see `crate::sync`) and every
 //! `CACHE_REFRESH_SECS` as a safety net against a lost message.
+//!
+//! A key's expiry is judged against the gateway's clock when a request comes
+//! ([`KeyEntry::live_at`]), not when the cache was loaded: a key expires on time on every
+//! gateway without any reload.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +17,9 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 use ipnet::IpNet;
 
+use super::scopes::Scopes;
 use super::signing::Signer;
+use crate::clock::Clock;
 use crate::config::parse_cidr;
 use crate::crypto::{Crypto, Purpose};
 use crate::sync::Latest;
@@ -65,9 +71,54 @@ impl Allowlist {
     }
 }
 
+/// A key's own settings: chosen when it is made and carried over whole to the key that
+/// replaces it in a rotation (`crate::resellers::rotate_key`). Per-key limits belong here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySettings {
+    pub scopes: Scopes,
+    pub label: Option<String>,
+    /// Minor units per UTC day this key may spend (docs/api.md §7); `None`: no limit.
+    pub daily_spend_limit: Option<i64>,
+}
+
+impl Default for KeySettings {
+    fn default() -> Self {
+        KeySettings {
+            scopes: Scopes::ALL,
+            label: None,
+            daily_spend_limit: None,
+        }
+    }
+}
+
+impl KeySettings {
+    /// The settings' columns of `api_keys` aliased `k`, in the order [`KeySettings::from_row`]
+    /// reads them.
+    pub const COLUMNS: &'static str = "k.scopes, k.label, k.daily_spend_limit";
+
+    /// Reads [`KeySettings::COLUMNS`] from `row`, starting at column `at`.
+    pub fn from_row(row: &tokio_postgres::Row, at: usize) -> KeySettings {
+        KeySettings {
+            scopes: Scopes::from_stored(&row.get::<_, Vec<String>>(at)),
+            label: row.get(at + 1),
+            daily_spend_limit: row.get(at + 2),
+        }
+    }
+}
+
 pub struct KeyEntry {
     pub signer: Signer,
     pub reseller: Arc<Reseller>,
+    pub settings: KeySettings,
+    /// Unix milliseconds from which the key is refused; `None`: it does not expire.
+    pub expires_at_ms: Option<i64>,
+}
+
+impl KeyEntry {
+    /// Whether the key may still sign at `now_ms` (the gateway's clock).
+    pub fn live_at(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_none_or(|end| now_ms < end)
+    }
 }
 
 #[derive(Default)]
@@ -80,19 +131,19 @@ impl KeyCache {
         self.keys.get().get(key_id).cloned()
     }
 
-    pub async fn reload(&self, pg: &Pool, crypto: &Crypto) -> anyhow::Result<()> {
+    /// Loads every key that is neither revoked nor expired by `clock` now (one that expires
+    /// later is still refused on time, by [`KeyEntry::live_at`]).
+    pub async fn reload(&self, pg: &Pool, crypto: &Crypto, clock: &Clock) -> anyhow::Result<()> {
         let ticket = self.keys.ticket();
         let client = pg.get().await.context("loading API keys")?;
-        let rows = client
-            .query(
-                "SELECT k.key_id, k.secret_enc, r.id, r.reseller_id, r.tier, r.status, r.ip_allowlist, r.credit_limit,
-                        r.daily_spend_limit
-                 FROM api_keys k JOIN resellers r ON r.id = k.reseller_id
-                 WHERE k.revoked_at IS NULL",
-                &[],
-            )
-            .await
-            .context("loading API keys")?;
+        let sql = format!(
+            "SELECT k.key_id, k.secret_enc, r.id, r.reseller_id, r.tier, r.status, r.ip_allowlist, r.credit_limit,
+                    r.daily_spend_limit, k.expires_at, {}
+             FROM api_keys k JOIN resellers r ON r.id = k.reseller_id
+             WHERE k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $1)",
+            KeySettings::COLUMNS
+        );
+        let rows = client.query(&sql, &[&clock.now()]).await.context("loading API keys")?;
         let mut resellers: HashMap<i64, Arc<Reseller>> = HashMap::new();
         let mut keys = HashMap::with_capacity(rows.len());
         for r in rows {
@@ -130,11 +181,14 @@ impl KeyCache {
                     })
                 })
                 .clone();
+            let expires_at: Option<time::OffsetDateTime> = r.get(9);
             keys.insert(
                 key_id,
                 Arc::new(KeyEntry {
                     signer: Signer::new(&secret),
                     reseller,
+                    settings: KeySettings::from_row(&r, 10),
+                    expires_at_ms: expires_at.map(unix_ms),
                 }),
             );
         }
@@ -143,9 +197,35 @@ impl KeyCache {
     }
 }
 
+fn unix_ms(t: time::OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_refused_from_the_millisecond_it_expires() {
+        let entry = |expires_at_ms| KeyEntry {
+            signer: Signer::new(b"secret"),
+            reseller: Arc::new(Reseller {
+                pk: 1,
+                reseller_id: "rs_1".into(),
+                tier: "gold".into(),
+                suspended: false,
+                allowlist: Allowlist::default(),
+                credit_limit: 0,
+                daily_spend_limit: None,
+            }),
+            settings: KeySettings::default(),
+            expires_at_ms,
+        };
+        assert!(entry(None).live_at(i64::MAX));
+        let ends = entry(Some(1_700_000_000_000));
+        assert!(ends.live_at(1_699_999_999_999));
+        assert!(!ends.live_at(1_700_000_000_000) && !ends.live_at(1_700_000_000_001));
+    }
 
     #[test]
     fn an_entry_that_does_not_parse_narrows_the_list_never_widens_it() {

@@ -1,5 +1,5 @@
 //! Authenticating a signed `/v1` request, in the order of docs/api.md §1's table:
-//! header, timestamp window, signature, nonce, IP allow-list, suspension.
+//! header, timestamp window, signature, nonce, IP allow-list, suspension, the key's scope.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -8,6 +8,7 @@ use hyper::header::AUTHORIZATION;
 use hyper::http::request::Parts;
 
 use super::keys::Reseller;
+use super::scopes::Scope;
 use super::signing::{self, AuthHeader, Signer, NONCE_TTL_SECS, TIMESTAMP_WINDOW_SECS};
 use crate::app::App;
 use crate::clock::Clock;
@@ -24,6 +25,8 @@ pub struct Caller {
     pub key_id: String,
     pub reseller: Arc<Reseller>,
     pub ip: std::net::IpAddr,
+    /// The key's own daily spend limit (docs/api.md §7), beside the reseller's.
+    pub key_daily_limit: Option<i64>,
 }
 
 /// A request whose signature is good, with the rest of the checks decided but not yet
@@ -32,7 +35,8 @@ pub struct Caller {
 pub struct Verified {
     pub caller: Caller,
     nonce_key: String,
-    /// `ip_not_allowed` or `account_suspended`, reported after the nonce.
+    /// `ip_not_allowed`, `account_suspended` or `insufficient_scope`, reported after the
+    /// nonce.
     pub refusal: Option<ApiError>,
 }
 
@@ -52,10 +56,20 @@ pub fn authorization<'a>(parts: &'a Parts, clock: &Clock) -> Result<AuthHeader<'
     Ok(header)
 }
 
-/// The signature over the body, from memory; then the allow-list and the account status,
-/// kept for after the nonce.
-pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, header: &AuthHeader, body: &[u8]) -> Result<Verified, ApiError> {
-    let entry = app.key_cache.get(header.key_id);
+/// The signature over the body, from memory; then the allow-list, the account status and
+/// whether the key's scopes cover `scope`, kept for after the nonce.
+pub fn verify(
+    app: &App,
+    ctx: &Ctx,
+    parts: &Parts,
+    header: &AuthHeader,
+    body: &[u8],
+    scope: Scope,
+) -> Result<Verified, ApiError> {
+    let now_ms = app.clock.now_unix_ms();
+    // An expired key goes the unknown key's way from here: the same dummy secret, the
+    // same answer.
+    let entry = app.key_cache.get(header.key_id).filter(|e| e.live_at(now_ms));
     let signer = entry.as_ref().map_or(&*NO_SUCH_KEY, |e| &e.signer);
     let message = signing::Message {
         timestamp: header.timestamp,
@@ -76,12 +90,16 @@ pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, header: &AuthHeader, body: &[
     let Some(entry) = entry.filter(|_| valid) else {
         return Err(ApiError::InvalidSignature);
     };
+    // Signed with the key: a use, whatever is refused below.
+    app.last_used.record(header.key_id, now_ms);
 
     let ip = ctx.client_ip(app, &parts.headers);
     let refusal = if !entry.reseller.allows(ip) {
         Some(ApiError::IpNotAllowed)
     } else if entry.reseller.suspended {
         Some(ApiError::AccountSuspended)
+    } else if !entry.settings.scopes.covers(scope) {
+        Some(ApiError::InsufficientScope(scope.name()))
     } else {
         None
     };
@@ -91,6 +109,7 @@ pub fn verify(app: &App, ctx: &Ctx, parts: &Parts, header: &AuthHeader, body: &[
             key_id: header.key_id.to_string(),
             reseller: entry.reseller.clone(),
             ip,
+            key_daily_limit: entry.settings.daily_spend_limit,
         },
         refusal,
     })

@@ -52,32 +52,18 @@ impl Query {
             .map(|(_, v)| v.as_str())
     }
 
-    /// An RFC 3339 time parameter, in UTC. Only times from 1970 to the end of 9998 (UTC)
-    /// are taken: no order or audit entry is older, and the margin below year 9999 keeps
-    /// the ranges handlers derive from it (a day further, 30 days back) representable.
+    /// An RFC 3339 time parameter, in UTC, as [`time_value`] reads it.
     pub fn time(&self, name: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
-        let rfc3339 = |v: &str| time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339);
         self.get(name)
             .map(|v| {
                 // An offset's `+` sent unencoded arrives decoded as a space.
-                let t = rfc3339(v)
-                    .or_else(|e| {
-                        if v.contains(' ') {
-                            rfc3339(&v.replace(' ', "+"))
-                        } else {
-                            Err(e)
-                        }
-                    })
-                    .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time")))?;
-                t.checked_to_offset(time::UtcOffset::UTC)
-                    .filter(|t| TIME_YEARS.contains(&t.year()))
-                    .ok_or_else(|| {
-                        ApiError::invalid(format!(
-                            "{name} must be between {}-01-01T00:00:00Z and {}-12-31T23:59:59Z",
-                            TIME_YEARS.start(),
-                            TIME_YEARS.end()
-                        ))
-                    })
+                time_value(name, v).or_else(|e| {
+                    if v.contains(' ') {
+                        time_value(name, &v.replace(' ', "+"))
+                    } else {
+                        Err(e)
+                    }
+                })
             })
             .transpose()
     }
@@ -101,6 +87,41 @@ impl Query {
         }
         Ok(limit)
     }
+
+    /// The `from`, `to`, `cursor` and `limit` of a newest-first search; `from` must come
+    /// before `to`.
+    pub fn window(&self) -> Result<Window, ApiError> {
+        let limit = self.page_limit()?;
+        let (from, to) = (self.time("from")?, self.time("to")?);
+        if let (Some(f), Some(t)) = (from, to) {
+            if f >= t {
+                return Err(ApiError::invalid("from must be before to"));
+            }
+        }
+        Ok(Window {
+            from,
+            to,
+            cursor: self.int("cursor")?,
+            limit,
+        })
+    }
+}
+
+/// An RFC 3339 time the client gave as `name`, in UTC. Only times from 1970 to the end of
+/// 9998 (UTC) are taken: no order or audit entry is older, and the margin below year 9999
+/// keeps the ranges handlers derive from it (a day further, 30 days back) representable.
+pub fn time_value(name: &str, v: &str) -> Result<time::OffsetDateTime, ApiError> {
+    let t = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time")))?;
+    t.checked_to_offset(time::UtcOffset::UTC)
+        .filter(|t| TIME_YEARS.contains(&t.year()))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "{name} must be between {}-01-01T00:00:00Z and {}-12-31T23:59:59Z",
+                TIME_YEARS.start(),
+                TIME_YEARS.end()
+            ))
+        })
 }
 
 /// Trims rows fetched with `LIMIT limit + 1` to the page; true when more follow it, so a

@@ -12,8 +12,9 @@
 //! 2. `http/router.rs`: the path and method name the route (`Route::CreateOrder`).
 //! 3. `api/v1/mod.rs` [`begin`](crate::api::v1::begin): the `Authorization` header and
 //!    timestamp (`auth/reseller.rs`), the body read within its limits (`http/body.rs`),
-//!    the HMAC checked against the key cache (`auth/signing.rs`, `auth/keys.rs`), the
-//!    tier's token bucket (`ratelimit.rs`) and admission under overload (`overload.rs`).
+//!    the HMAC checked against the key cache (`auth/signing.rs`, `auth/keys.rs`) with the
+//!    key's expiry and scope (`auth/scopes.rs`), the tier's token bucket (`ratelimit.rs`)
+//!    and admission under overload (`overload.rs`).
 //! 4. `api/v1/orders.rs` `create`: the body parsed into an [`OrderRequest`].
 //! 5. Here, [`place`]: the product and price from the catalogue cache (`catalogue/mod.rs`);
 //!    refusals the gateway can decide are settled into a [`Refusal`] but not yet reported;
@@ -219,7 +220,7 @@ async fn place_inner(
     let guards = Guards {
         credit_limit: reseller.credit_limit,
         reseller_daily_limit: reseller.daily_spend_limit,
-        key_daily_limit: None,
+        key_daily_limit: caller.key_daily_limit,
         address: (risk.new_address != RiskAction::Off).then(|| caller.ip.to_string()),
         velocity: (risk.velocity != RiskAction::Off).then_some((risk.velocity_factor, risk.velocity_min_per_minute)),
     };

@@ -128,10 +128,11 @@ if ARGV[14] ~= '' then
   local now = tonumber(ARGV[13])
   local seen = tonumber(redis.call('HGET', KEYS[8], ARGV[14]))
   if not seen or now - seen > 2592000 then
-    if redis.call('HLEN', KEYS[8]) > 0 then
+    local known = redis.call('HLEN', KEYS[8])
+    if known > 0 then
       signals = signals .. 'a'
     end
-    if seen or redis.call('HLEN', KEYS[8]) < 1024 then
+    if seen or known < 1024 then
       redis.call('HSET', KEYS[8], ARGV[14], now)
     end
   elseif now - seen > 3600 then

@@ -526,6 +526,32 @@ impl TestApp {
         nonce: &str,
         headers: &[(&str, &str)],
     ) -> reqwest::RequestBuilder {
+        self.signed_request_via(
+            &self.client,
+            key,
+            method,
+            path_and_query,
+            body,
+            timestamp,
+            nonce,
+            headers,
+        )
+    }
+
+    /// [`TestApp::signed_request`] sent through `client` (one bound to another source
+    /// address, say).
+    #[allow(clippy::too_many_arguments)]
+    pub fn signed_request_via(
+        &self,
+        client: &reqwest::Client,
+        key: &ResellerKey,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&str>,
+        timestamp: i64,
+        nonce: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
@@ -540,8 +566,7 @@ impl TestApp {
             body: body.as_bytes(),
         };
         let auth = cardgate::auth::signing::authorization(&key.key_id, key.secret.as_bytes(), &message);
-        let mut req = self
-            .client
+        let mut req = client
             .request(method, self.url(path_and_query))
             .header("authorization", auth);
         if !body.is_empty() {
@@ -579,6 +604,19 @@ impl TestApp {
         let status = resp.status().as_u16();
         let replayed = resp.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
         (status, resp.json().await.expect("JSON answer"), replayed)
+    }
+
+    /// The balance Postgres records (the hot one, `balance_of`, is less what is in flight).
+    pub async fn recorded_balance(&self, reseller_id: &str) -> i64 {
+        self.db()
+            .await
+            .query_one(
+                "SELECT b.balance FROM balances b JOIN resellers r ON r.id = b.reseller_id WHERE r.reseller_id = $1",
+                &[&reseller_id],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     pub async fn balance_of(&self, key: &ResellerKey) -> i64 {

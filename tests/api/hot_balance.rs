@@ -48,18 +48,6 @@ async fn hot(app: &TestApp, key: &ResellerKey) -> i64 {
     v.expect("a hot balance")
 }
 
-async fn pg_balance(app: &TestApp, key: &ResellerKey) -> i64 {
-    app.db()
-        .await
-        .query_one(
-            "SELECT b.balance FROM balances b JOIN resellers r ON r.id = b.reseller_id WHERE r.reseller_id = $1",
-            &[&key.reseller_id],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 async fn pending(app: &TestApp) -> i64 {
     app.db()
         .await
@@ -87,7 +75,7 @@ async fn a_credit_and_a_refund_committed_while_redis_is_away_reach_the_hot_balan
     let (status, order, _) = app.order(&k, order_body(SKU, 1, "M-HOT-1")).await;
     assert_eq!(status, 201, "{order}");
     let before = hot(&app, &k).await;
-    assert_eq!(before, pg_balance(&app, &k).await);
+    assert_eq!(before, app.recorded_balance(&k.reseller_id).await);
 
     proxy.cut();
     let credit = json!({"amount": 5_000, "reference": "credit-while-away"});
@@ -118,7 +106,7 @@ async fn a_credit_and_a_refund_committed_while_redis_is_away_reach_the_hot_balan
     for _ in 0..3 {
         cardgate::hot_balance::settle_due(&state).await.unwrap();
     }
-    let expected = pg_balance(&app, &k).await;
+    let expected = app.recorded_balance(&k.reseller_id).await;
     assert_eq!(expected, before + 5_000 + order["amount"].as_i64().unwrap());
     assert_eq!(hot(&app, &k).await, expected, "applied exactly once");
     assert_eq!(pending(&app).await, 0);
@@ -177,7 +165,7 @@ async fn a_debit_whose_ledger_row_fails_is_given_back_once_even_with_redis_away(
         cardgate::hot_balance::settle_due(&state).await.unwrap();
     }
     assert_eq!(hot(&app, &k).await, 100_000, "given back exactly once");
-    assert_eq!(pg_balance(&app, &k).await, 100_000);
+    assert_eq!(app.recorded_balance(&k.reseller_id).await, 100_000);
     assert_eq!(pending(&app).await, 0);
 
     // A debit that goes through is held once and kept.
@@ -192,7 +180,7 @@ async fn a_debit_whose_ledger_row_fails_is_given_back_once_even_with_redis_away(
     assert_eq!(resp.status(), 200);
     cardgate::hot_balance::settle_due(&state).await.unwrap();
     assert_eq!(hot(&app, &k).await, 70_000);
-    assert_eq!(pg_balance(&app, &k).await, 70_000);
+    assert_eq!(app.recorded_balance(&k.reseller_id).await, 70_000);
     app.assert_reconciled(&t).await;
 }
 

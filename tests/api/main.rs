@@ -18,6 +18,7 @@ mod hot_balance;
 mod http_surface;
 mod import;
 mod isolation;
+mod keys;
 mod login;
 mod money;
 mod ops;

@@ -137,15 +137,7 @@ async fn a_credit_that_would_take_the_balance_past_the_bound_is_400() {
         "amount",
     )
     .await;
-    let balance: i64 = db
-        .query_one(
-            "SELECT b.balance FROM balances b JOIN resellers r ON r.id = b.reseller_id WHERE r.reseller_id = $1",
-            &[&rid],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(balance, MAX - 5);
+    assert_eq!(app.recorded_balance(rid).await, MAX - 5);
 }
 
 #[tokio::test]

@@ -17,20 +17,17 @@ use crate::orders::{buyer, shop_with, GOLD, SKU};
 async fn order_from(app: &TestApp, k: &ResellerKey, from: IpAddr, mon: &str) -> (u16, Value) {
     let client = reqwest::Client::builder().local_address(from).build().unwrap();
     let body = order_body(SKU, 1, mon).to_string();
-    let message = cardgate::auth::signing::Message {
-        timestamp: now_secs(),
-        nonce: &nonce(),
-        method: "POST",
-        path: "/v1/orders",
-        query: None,
-        body: body.as_bytes(),
-    };
-    let auth = cardgate::auth::signing::authorization(&k.key_id, k.secret.as_bytes(), &message);
-    let resp = client
-        .post(app.url("/v1/orders"))
-        .header("authorization", auth)
-        .header("content-type", "application/json")
-        .body(body)
+    let resp = app
+        .signed_request_via(
+            &client,
+            k,
+            Method::POST,
+            "/v1/orders",
+            Some(&body),
+            now_secs(),
+            &nonce(),
+            &[],
+        )
         .send()
         .await
         .unwrap();
@@ -321,5 +318,51 @@ async fn a_refund_rate_over_its_limit_holds_the_reseller() {
     );
     let (s, body, _) = app.order(&k, order_body(SKU, 1, "RR-held")).await;
     assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")));
+    app.assert_reconciled(&t).await;
+}
+
+#[tokio::test]
+async fn a_keys_own_daily_limit_binds_that_key_only_and_survives_a_rebuild() {
+    let (app, t, _) = shop_with(10, manual).await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let path = format!("/admin/v1/resellers/{}/keys", k.reseller_id);
+    let made = app
+        .admin_ok(
+            &t,
+            Method::POST,
+            &path,
+            Some(json!({"daily_spend_limit": 2 * GOLD, "label": "script"})),
+            201,
+        )
+        .await;
+    assert_eq!(made["daily_spend_limit"], 2 * GOLD);
+    let limited = ResellerKey {
+        key_id: made["key_id"].as_str().unwrap().into(),
+        secret: made["secret"].as_str().unwrap().into(),
+        ..k.clone()
+    };
+    let bad = app
+        .admin(&t, Method::POST, &path, Some(json!({"daily_spend_limit": -1})))
+        .await;
+    assert_eq!(error_of(bad).await.0, 400);
+    assert_eq!(app.order(&limited, order_body(SKU, 1, "K-1")).await.0, 201);
+    assert_eq!(app.order(&limited, order_body(SKU, 1, "K-2")).await.0, 201);
+    let (s, body, _) = app.order(&limited, order_body(SKU, 1, "K-3")).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (402, Some("spend_limit_exceeded")));
+    // The reseller's other key is not bound by it.
+    assert_eq!(app.order(&k, order_body(SKU, 1, "K-other")).await.0, 201);
+    // A rebuild counts the key's day again from the orders, which record their key.
+    cardgate::rebuild::rebuild(app.state.as_ref().unwrap(), true)
+        .await
+        .unwrap();
+    assert_eq!(app.order(&limited, order_body(SKU, 1, "K-4")).await.0, 402);
+    let keys = app.admin_ok(&t, Method::GET, &path, None, 200).await;
+    let listed = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["key_id"] == made["key_id"])
+        .cloned();
+    assert_eq!(listed.map(|x| x["daily_spend_limit"].clone()), Some(json!(2 * GOLD)));
     app.assert_reconciled(&t).await;
 }

@@ -85,18 +85,6 @@ where
     }
 }
 
-async fn recorded_balance(app: &TestApp, reseller_id: &str) -> i64 {
-    app.db()
-        .await
-        .query_one(
-            "SELECT b.balance FROM balances b JOIN resellers r ON r.id = b.reseller_id WHERE r.reseller_id = $1",
-            &[&reseller_id],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 async fn adjust(app: &TestApp, t: &str, reseller_id: &str, amount: i64, reference: &str) {
     app.admin_ok(
         t,
@@ -201,7 +189,7 @@ async fn a_statement_is_every_movement_once_newest_first_and_sums_to_the_balance
     let sum: i64 = statement.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
     assert_eq!(
         sum,
-        recorded_balance(&app, &rid).await,
+        app.recorded_balance(&rid).await,
         "the statement sums to the balance"
     );
     assert_eq!(
@@ -340,7 +328,7 @@ async fn paging_neither_repeats_nor_skips_while_orders_commit() {
     let statement = every_page(1000, |q| own(&app, &k, q)).await;
     assert_eq!(statement.len(), 1 + 7 + 2 * pages + 1 + 20);
     let sum: i64 = statement.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
-    assert_eq!(sum, recorded_balance(&app, &k.reseller_id).await);
+    assert_eq!(sum, app.recorded_balance(&k.reseller_id).await);
 }
 
 /// `GET /v1/ledger` with `Accept: text/csv`.
@@ -605,5 +593,5 @@ async fn every_ledger_kind_shows_as_its_type() {
         in_statement_order(&done, &statement)
     );
     let sum: i64 = statement.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
-    assert_eq!(sum, recorded_balance(&app, &k.reseller_id).await);
+    assert_eq!(sum, app.recorded_balance(&k.reseller_id).await);
 }

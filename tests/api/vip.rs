@@ -55,18 +55,6 @@ async fn balance(app: &TestApp, k: &ResellerKey) -> Value {
         .unwrap()
 }
 
-async fn pg_balance(app: &TestApp, reseller_id: &str) -> i64 {
-    app.db()
-        .await
-        .query_one(
-            "SELECT b.balance FROM balances b JOIN resellers r ON r.id = b.reseller_id WHERE r.reseller_id = $1",
-            &[&reseller_id],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test]
 async fn orders_racing_into_credit_never_pass_the_limit_and_postgres_refuses_a_debit_past_it() {
     let (app, t, _) = shop_with(40, |_| {}).await;
@@ -117,7 +105,7 @@ async fn orders_racing_into_credit_never_pass_the_limit_and_postgres_refuses_a_d
     }
     assert_eq!(sold, 6);
     let owed = 10_000 - 6 * GOLD;
-    assert_eq!(pg_balance(&app, &k.reseller_id).await, owed);
+    assert_eq!(app.recorded_balance(&k.reseller_id).await, owed);
     let b = balance(&app, &k).await;
     assert_eq!(
         (
@@ -148,7 +136,7 @@ async fn orders_racing_into_credit_never_pass_the_limit_and_postgres_refuses_a_d
         err.as_db_error().and_then(|e| e.constraint()),
         Some("balance_within_credit")
     );
-    assert_eq!(pg_balance(&app, &k.reseller_id).await, owed);
+    assert_eq!(app.recorded_balance(&k.reseller_id).await, owed);
     // The operators' report shows the line and what of it is used.
     let report = app
         .admin_ok(
@@ -221,7 +209,7 @@ async fn a_limit_lowered_below_the_debt_stops_orders_until_the_balance_covers_th
     app.fund(&t, &k.reseller_id, -owed + GOLD).await;
     let (s, body, _) = app.order(&k, order_body(SKU, 1, "LOW-4")).await;
     assert_eq!(s, 201, "{body}");
-    assert_eq!(pg_balance(&app, &k.reseller_id).await, 0);
+    assert_eq!(app.recorded_balance(&k.reseller_id).await, 0);
     app.assert_reconciled(&t).await;
 }
 

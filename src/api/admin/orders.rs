@@ -11,7 +11,7 @@ use super::{authorize, authorized_head};
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
-use crate::http::query::{Query, Window};
+use crate::http::query::Query;
 use crate::http::{response, Body, Ctx};
 use crate::orders::search::{self, Search};
 
@@ -21,13 +21,7 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
     let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
     let _slot = app.bulkheads.reports.enter()?;
     let q = Query::parse(parts.uri.query())?;
-    let limit = q.page_limit()?;
-    let (from, to) = (q.time("from")?, q.time("to")?);
-    if let (Some(f), Some(t)) = (from, to) {
-        if f >= t {
-            return Err(ApiError::invalid("from must be before to"));
-        }
-    }
+    let window = q.window()?;
     let status = q.get("status");
     if status.is_some_and(|s| s != "fulfilled" && s != "refunded") {
         return Err(ApiError::invalid("status must be fulfilled or refunded"));
@@ -36,12 +30,7 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
         reseller_id: q.get("reseller_id"),
         sku: q.get("sku"),
         status,
-        window: Window {
-            from,
-            to,
-            cursor: q.int("cursor")?,
-            limit,
-        },
+        window,
     };
     let found = search::search(app, &search).await?;
     response::json(

@@ -5,20 +5,25 @@
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
+use time::OffsetDateTime;
 
 use super::{authorize, authorized_head, authorized_json, check_name, json as read_json};
 use crate::app::App;
 use crate::auth::admin::Need;
+use crate::auth::keys::KeySettings;
+use crate::auth::scopes::{Scope, Scopes};
 use crate::balance::{self, Adjustment, ADJUSTMENT_MAX_ABS};
 use crate::callbacks::target;
 use crate::config::parse_cidr;
 use crate::error::ApiError;
-use crate::http::query::rfc3339;
-use crate::http::{response, Body, Ctx};
+use crate::http::query::{self, rfc3339};
+use crate::http::{body, response, Body, Ctx};
 use crate::money;
+use crate::orders;
 use crate::resellers::{self, NewReseller, ResellerPatch};
 
 const ALLOWLIST_MAX: usize = 100;
+const LABEL_MAX_CHARS: usize = 200;
 const URL_MAX_BYTES: usize = 2048;
 
 fn check_tier(app: &App, tier: &str) -> Result<(), ApiError> {
@@ -151,15 +156,134 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
     response::json(StatusCode::OK, &json!({"resellers": list}))
 }
 
+/// `POST /admin/v1/resellers/{id}/keys`: the body is optional, every field of it too.
 pub async fn create_key(
     app: &App,
     ctx: &Ctx,
     req: Request<Incoming>,
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, actor) = authorized_head(app, ctx, req, Need::Write).await?;
-    let key = resellers::create_key(app, &actor, reseller_id).await?;
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let bytes = body::read_json_body(&parts, body, &app.config.http).await?;
+    let (settings, expires_at) = if bytes.is_empty() {
+        (KeySettings::default(), None)
+    } else {
+        key_request(app, &body::parse_json(&bytes)?)?
+    };
+    let key = resellers::create_key(app, &actor, reseller_id, &settings, expires_at).await?;
     response::secret_json(StatusCode::CREATED, &key)
+}
+
+/// A new key's `{"scopes", "expires_at", "label", "daily_spend_limit"}`, each optional.
+fn key_request(app: &App, v: &Value) -> Result<(KeySettings, Option<OffsetDateTime>), ApiError> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
+    orders::refuse_unknown(o, &["scopes", "expires_at", "label", "daily_spend_limit"])?;
+    let every = || Scope::ALL.map(Scope::name).join(", ");
+    let scopes = match o.get("scopes") {
+        None | Some(Value::Null) => Scopes::ALL,
+        Some(Value::Array(names)) => {
+            let names: Vec<&str> = names
+                .iter()
+                .map(Value::as_str)
+                .collect::<Option<_>>()
+                .ok_or_else(|| ApiError::invalid(format!("scopes: an array of scope names ({})", every())))?;
+            let scopes = Scopes::parse(&names).map_err(|unknown| {
+                let unknown: String = unknown.chars().take(64).collect();
+                ApiError::invalid(format!("scopes: unknown scope {unknown:?}; the scopes are {}", every()))
+            })?;
+            if scopes.is_empty() {
+                return Err(ApiError::invalid("scopes: at least one scope"));
+            }
+            scopes
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "scopes: an array of scope names ({})",
+                every()
+            )))
+        }
+    };
+    let label = match o.get("label") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(l)) if !l.trim().is_empty() && l.chars().count() <= LABEL_MAX_CHARS => Some(l.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "label: 1 to {LABEL_MAX_CHARS} characters, not blank"
+            )))
+        }
+    };
+    let expires_at = match o.get("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => {
+            let t = query::time_value("expires_at", t)?;
+            // Whole seconds, as the API shows it: the expiry kept is the one shown.
+            let t = t.replace_nanosecond(0).unwrap_or(t);
+            if t <= app.clock.now() {
+                return Err(ApiError::invalid("expires_at must be in the future"));
+            }
+            Some(t)
+        }
+        Some(_) => return Err(ApiError::invalid("expires_at must be an RFC 3339 time")),
+    };
+    let daily_spend_limit = match o.get("daily_spend_limit") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let l = v
+                .as_i64()
+                .ok_or_else(|| ApiError::invalid("daily_spend_limit: an integer in minor units"))?;
+            money::check_non_negative("daily_spend_limit", l)?;
+            Some(l)
+        }
+    };
+    Ok((
+        KeySettings {
+            scopes,
+            label,
+            daily_spend_limit,
+        },
+        expires_at,
+    ))
+}
+
+/// `POST /admin/v1/keys/{key_id}/rotate` `{"overlap_seconds"}`.
+pub async fn rotate_key(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    key_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (actor, v): (_, Value) = authorized_json(app, ctx, req, Need::Write).await?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
+    orders::refuse_unknown(o, &["overlap_seconds"])?;
+    let max = resellers::ROTATION_OVERLAP_MAX_SECS;
+    let overlap = o
+        .get("overlap_seconds")
+        .and_then(Value::as_i64)
+        .filter(|s| (0..=max).contains(s))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "overlap_seconds: required, an integer from 0 to {max} (30 days)"
+            ))
+        })?;
+    let rotated = resellers::rotate_key(app, &actor, key_id, overlap).await?;
+    response::secret_json(StatusCode::CREATED, &rotated)
+}
+
+/// `GET /admin/v1/resellers/{id}/keys`: never a secret.
+pub async fn list_keys(
+    app: &App,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    reseller_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    authorized_head(app, ctx, req, Need::Read).await?;
+    let keys = resellers::list_keys(app, reseller_id).await?;
+    response::json(StatusCode::OK, &json!({"reseller_id": reseller_id, "keys": keys}))
 }
 
 /// `POST /admin/v1/resellers/{id}/webhook_secret`: a new secret, shown only in this

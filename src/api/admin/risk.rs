@@ -8,7 +8,7 @@ use super::authorized_head;
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
-use crate::http::query::{Query, Window};
+use crate::http::query::Query;
 use crate::http::{response, Body, Ctx};
 use crate::risk::{self, Search};
 
@@ -16,14 +16,10 @@ const RULES: [&str; 4] = ["new_address", "velocity", "failed_signatures", "refun
 
 pub async fn events(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
+    // A search over a table that grows with traffic: bounded like the other searches.
+    let _slot = app.bulkheads.reports.enter()?;
     let q = Query::parse(parts.uri.query())?;
-    let limit = q.page_limit()?;
-    let (from, to) = (q.time("from")?, q.time("to")?);
-    if let (Some(f), Some(t)) = (from, to) {
-        if f >= t {
-            return Err(ApiError::invalid("from must be before to"));
-        }
-    }
+    let window = q.window()?;
     let rule = q.get("rule");
     if rule.is_some_and(|r| !RULES.contains(&r)) {
         return Err(ApiError::invalid(format!("rule must be one of {}", RULES.join(", "))));
@@ -31,12 +27,7 @@ pub async fn events(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Resp
     let search = Search {
         reseller_id: q.get("reseller_id"),
         rule,
-        window: Window {
-            from,
-            to,
-            cursor: q.int("cursor")?,
-            limit,
-        },
+        window,
     };
     let found = risk::events(app, &search).await?;
     response::json(

@@ -1,4 +1,5 @@
-//! Reseller API (docs/api.md §3): every route signed, rate-limited by tier.
+//! Reseller API (docs/api.md §3): every route signed, within its key's scopes,
+//! rate-limited by tier.
 
 pub mod orders;
 pub mod reads;
@@ -11,6 +12,7 @@ use crate::app::App;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::auth::reseller::{authorization, nonce_fresh, spend_nonce, verify, Caller, Nonce, Verified};
+use crate::auth::scopes::Scope;
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
 use crate::overload::Slot;
@@ -36,13 +38,17 @@ pub enum Begin {
 }
 
 /// Checks the `Authorization` header and its timestamp, reads the body (it is signed),
-/// verifies the signature, and takes `cost(body, tier)` tokens from the caller's bucket of
-/// `class` (a batch of orders costs one per order). The nonce is spent by the handler
-/// before it changes or reveals anything: in the same Redis round trip as its own
-/// commands (a read's [`Signed::query`], an order's reservation script through
-/// [`Signed::nonce`]), or on its own ([`Signed::spend`]); a handler that never touches
-/// Redis has it spent by [`Signed::finish`] before its answer goes out. Either way a
-/// replay is answered `nonce_reused`.
+/// verifies the signature and that the key's scopes cover `scope`, and takes
+/// `cost(body, tier)` tokens from the caller's bucket of the scope's class (a batch of
+/// orders costs one per order). A refusal for the allow-list, suspension or scope costs
+/// one token and spends the nonce first (on its own, for orders too: the refusal is not
+/// the order path), so a replay is told `nonce_reused` and the refused request cannot be
+/// sent again. Otherwise the nonce is spent by the handler before it changes or reveals
+/// anything: in the same Redis round trip as its own commands (a read's
+/// [`Signed::query`], an order's reservation script through [`Signed::nonce`]), or on its
+/// own ([`Signed::spend`]); a handler that never touches Redis has it spent by
+/// [`Signed::finish`] before its answer goes out. Either way a replay is answered
+/// `nonce_reused`.
 ///
 /// Every answer from the point the caller is known carries the `RateLimit-*` headers of
 /// its bucket; a `401` cannot (it must not tell whether the key exists).
@@ -50,13 +56,14 @@ pub async fn begin(
     app: &App,
     ctx: &Ctx,
     req: Request<Incoming>,
-    class: Class,
+    scope: Scope,
     cost: impl FnOnce(&[u8], &str) -> u32,
 ) -> Result<Begin, ApiError> {
+    let class = class_of(scope);
     let (parts, body) = req.into_parts();
     let header = authorization(&parts, &app.clock)?;
     let body = body::read_json_body(&parts, body, &app.config.http).await?;
-    let mut verified = verify(app, ctx, &parts, &header, &body)?;
+    let mut verified = verify(app, ctx, &parts, &header, &body, scope)?;
     let refusal = verified.refusal.take();
     let r = &verified.caller.reseller;
     let refused = |e: &ApiError, headers: Option<Headers>| -> Result<Begin, ApiError> {
@@ -158,19 +165,28 @@ impl Signed {
     }
 }
 
-/// Authenticates and rate-limits, or returns the finished answer from the handler.
+/// Authenticates, checks the key's scope and rate-limits, or returns the finished answer
+/// from the handler.
 macro_rules! signed {
-    ($app:expr, $ctx:expr, $req:expr, $class:expr) => {
-        $crate::api::v1::signed!($app, $ctx, $req, $class, |_, _| 1)
+    ($app:expr, $ctx:expr, $req:expr, $scope:expr) => {
+        $crate::api::v1::signed!($app, $ctx, $req, $scope, |_, _| 1)
     };
-    ($app:expr, $ctx:expr, $req:expr, $class:expr, $cost:expr) => {
-        match $crate::api::v1::begin($app, $ctx, $req, $class, $cost).await? {
+    ($app:expr, $ctx:expr, $req:expr, $scope:expr, $cost:expr) => {
+        match $crate::api::v1::begin($app, $ctx, $req, $scope, $cost).await? {
             $crate::api::v1::Begin::Go(s) => s,
             $crate::api::v1::Begin::Done(resp) => return Ok(resp),
         }
     };
 }
 pub(crate) use signed;
+
+/// The bucket a scope's routes draw on: order writes apart from every read.
+fn class_of(scope: Scope) -> Class {
+    match scope {
+        Scope::OrdersWrite => Class::Writes,
+        Scope::CatalogueRead | Scope::OrdersRead | Scope::BalanceRead => Class::Reads,
+    }
+}
 
 fn class_label(c: Class) -> &'static str {
     match c {

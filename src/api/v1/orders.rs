@@ -12,17 +12,17 @@ use super::signed;
 use crate::app::App;
 use crate::audit::{self, Actor};
 use crate::auth::reseller::Caller;
+use crate::auth::scopes::Scope;
 use crate::error::ApiError;
 use crate::http::query::Query;
 use crate::http::{body, response, Body, Ctx};
 use crate::orders::{self, By, Order, OrderRequest, Placed};
-use crate::ratelimit::Class;
 
 /// The contract's ceiling on one batch (docs/api.md §3); a tier's `max_batch` may be lower.
 pub const BATCH_MAX: usize = 100;
 
 pub async fn create(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed!(app, ctx, req, Class::Writes);
+    let s = signed!(app, ctx, req, Scope::OrdersWrite);
     let result = async {
         let order = OrderRequest::parse(&body::parse_json::<Value>(&s.body)?)?;
         match orders::place(app, s.caller(), &order, Some(s.nonce())).await? {
@@ -58,7 +58,7 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
             .filter(|n| (1..=batch_cap(app, tier)).contains(n))
             .unwrap_or(1) as u32
     };
-    let s = signed!(app, ctx, req, Class::Writes, count);
+    let s = signed!(app, ctx, req, Scope::OrdersWrite, count);
     let result = async {
         // Before anything: the orders below run concurrently, none can carry the nonce.
         s.spend(app).await?;
@@ -128,7 +128,7 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
 }
 
 pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str) -> Result<Response<Body>, ApiError> {
-    let s = signed!(app, ctx, req, Class::Reads);
+    let s = signed!(app, ctx, req, Scope::OrdersRead);
     let result = async {
         // Before the order is loaded, its codes decrypted and the reveal audited: a replay
         // must cost nothing and leave no trace of a second reveal.
@@ -144,7 +144,7 @@ pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str) -
 }
 
 pub async fn find(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed!(app, ctx, req, Class::Reads);
+    let s = signed!(app, ctx, req, Scope::OrdersRead);
     let result = async {
         // First, as in `get`: nothing is loaded or revealed for a replay.
         s.spend(app).await?;

@@ -6,10 +6,10 @@ use serde::Serialize;
 
 use super::{signed, Signed};
 use crate::app::App;
+use crate::auth::scopes::Scope;
 use crate::catalogue::Product;
 use crate::error::ApiError;
 use crate::http::{response, Body, Ctx};
-use crate::ratelimit::Class;
 
 #[derive(Serialize)]
 pub struct ProductView<'a> {
@@ -54,7 +54,7 @@ async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i
 }
 
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed!(app, ctx, req, Class::Reads);
+    let s = signed!(app, ctx, req, Scope::CatalogueRead);
     let result = async {
         let snapshot = app.catalogue.snapshot();
         let list: Vec<&Product> = snapshot.values().map(|p| p.as_ref()).collect();
@@ -72,7 +72,7 @@ pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Re
 }
 
 pub async fn product(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
-    let s = signed!(app, ctx, req, Class::Reads);
+    let s = signed!(app, ctx, req, Scope::CatalogueRead);
     let result = async {
         let p = app
             .catalogue
@@ -86,7 +86,7 @@ pub async fn product(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) ->
 }
 
 pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed!(app, ctx, req, Class::Reads);
+    let s = signed!(app, ctx, req, Scope::BalanceRead);
     let result = async {
         let r = &s.caller().reseller;
         let mut pipe = redis::pipe();
@@ -94,16 +94,21 @@ pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Res
         let replies = s.query(app, pipe).await?;
         let hot: Option<i64> = redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
             .map_err(ApiError::internal)?;
-        let client = app.pg_orders.get().await?;
         // The hot balance is what can be spent now; without it (Redis lost its state),
         // the recorded one.
         let balance = match hot {
             Some(b) => b,
-            None => client
+            None => app
+                .pg_orders
+                .get()
+                .await?
                 .query_one("SELECT balance FROM balances WHERE reseller_id = $1", &[&r.pk])
                 .await?
                 .get(0),
         };
+        // Spend is a rollup read, not the order path's: from the general pool, so balance
+        // reads can never take the connections orders commit through.
+        let client = app.pg.get().await?;
         let window_days = app.config.vip.window_days;
         let spend = crate::growth::spend(
             &**client,
