@@ -61,6 +61,9 @@ pub struct App {
     pub clock: Clock,
     /// What the risk rules saw, for the background task to record (`crate::risk`).
     pub risk: crate::risk::Queue,
+    /// Orders waiting on a supplier inside their answer window (`crate::upstream`): past
+    /// `upstream.max_in_flight`, an order is answered `202` at once instead of waiting.
+    pub upstream_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -103,6 +106,7 @@ impl App {
         );
         let bulkheads = Bulkheads::new(&config.admin);
         let probe = store::pg::Probe::new(&config)?;
+        let upstream_slots = Arc::new(tokio::sync::Semaphore::new(config.upstream.max_in_flight));
         let app = App {
             config,
             settings,
@@ -128,6 +132,7 @@ impl App {
             admission,
             clock,
             risk: Default::default(),
+            upstream_slots,
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock).await?;

@@ -191,6 +191,10 @@ pub struct UpstreamConfig {
     pub lease_ms: u64,
     /// Between two rounds of asking the sources of a purchase still open.
     pub retry_ms: u64,
+    /// Orders of this gateway that may wait on suppliers at once; the rest are answered
+    /// `202` without waiting, so a slow supplier cannot hold sockets and memory without
+    /// bound.
+    pub max_in_flight: usize,
     /// Supplier URLs may be loopback or private addresses (a supplier is often on a
     /// private network); `false` holds them to the callback guard.
     pub allow_private_targets: bool,
@@ -293,6 +297,9 @@ impl Config {
                 "redis_url (CARDGATE_REDIS_URL)",
                 "must be a redis:// URL",
             ));
+        }
+        if self.upstream.max_in_flight > 100_000 {
+            return Err(ConfigError::setting("upstream.max_in_flight", "must be at most 100000"));
         }
         if self
             .database_url

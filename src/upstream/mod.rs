@@ -441,7 +441,12 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
         source_index: 0,
     };
     let deadline = started + window;
-    let round = ask(app, &p, &sources, Some(deadline)).await;
+    // Past the bound on orders waiting on suppliers, the order does not wait: `202` now,
+    // and the background step buys it.
+    let round = match app.upstream_slots.try_acquire() {
+        Ok(_waiting) => ask(app, &p, &sources, Some(deadline)).await,
+        Err(_) => Round::Open { source: 0 },
+    };
     match round {
         Round::Bought {
             source,
@@ -788,8 +793,8 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
         )
         .await?;
     drop(client);
-    let mut ended = 0;
-    for r in rows {
+    // Each purchase waits on its own supplier: asked side by side, not one after another.
+    let ended = futures_util::future::join_all(rows.iter().map(|r| async move {
         let p = Purchase {
             pk: r.get(0),
             upstream_no: r.get(2),
@@ -807,36 +812,47 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
             },
             source_index: r.get(12),
         };
-        let client = app.pg_orders.get().await?;
-        let sources = load_sources(app, &client, p.f.product).await?;
-        drop(client);
-        match ask(app, &p, &sources, None).await {
-            Round::Bought {
-                source,
-                codes,
-                upstream_order_id,
-                cost,
-            } => {
-                fulfil(app, &p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await?;
-                ended += 1;
-            }
-            Round::Refused => {
-                fail(app, &p).await?;
-                ended += 1;
-            }
-            Round::Open { .. } => {
-                let retry = app.clock.now() + Duration::from_millis(app.config.upstream.retry_ms);
-                let client = app.pg_orders.get().await?;
-                client
-                    .execute(
-                        "UPDATE purchases SET lease_until = $2 WHERE id = $1 AND state = 'open'",
-                        &[&p.pk, &retry],
-                    )
-                    .await?;
-            }
+        let ended = resume(app, &p).await;
+        if let Err(e) = &ended {
+            tracing::warn!(error = %e, order_id = %p.f.order_id, "upstream purchase not advanced");
+        }
+        ended.unwrap_or(false)
+    }))
+    .await;
+    Ok(ended.into_iter().filter(|e| *e).count())
+}
+
+/// One more round for a claimed purchase; whether it ended.
+async fn resume(app: &App, p: &Purchase) -> Result<bool, ApiError> {
+    let client = app.pg_orders.get().await?;
+    let sources = load_sources(app, &client, p.f.product).await?;
+    drop(client);
+    match ask(app, p, &sources, None).await {
+        Round::Bought {
+            source,
+            codes,
+            upstream_order_id,
+            cost,
+        } => {
+            fulfil(app, p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await?;
+            Ok(true)
+        }
+        Round::Refused => {
+            fail(app, p).await?;
+            Ok(true)
+        }
+        Round::Open { .. } => {
+            let retry = app.clock.now() + Duration::from_millis(app.config.upstream.retry_ms);
+            let client = app.pg_orders.get().await?;
+            client
+                .execute(
+                    "UPDATE purchases SET lease_until = $2 WHERE id = $1 AND state = 'open'",
+                    &[&p.pk, &retry],
+                )
+                .await?;
+            Ok(false)
         }
     }
-    Ok(ended)
 }
 
 /// The background loop of [`step`].

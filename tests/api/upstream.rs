@@ -43,7 +43,9 @@ async fn upstream(app: TestApp, skus: &[(&str, usize)]) -> Up {
     let mut imported = Vec::new();
     for (sku, codes) in skus {
         app.create_product(&token, sku).await;
-        let batch: Vec<String> = (0..*codes).map(|i| format!("UP-{sku}-{i:04}-{}", random_suffix())).collect();
+        let batch: Vec<String> = (0..*codes)
+            .map(|i| format!("UP-{sku}-{i:04}-{}", random_suffix()))
+            .collect();
         if !batch.is_empty() {
             assert_eq!(app.import_codes(&token, sku, batch.join("\n")).await.status(), 200);
         }
@@ -76,7 +78,10 @@ async fn hub(app: TestApp) -> Down {
 /// the test (asked again every 100 ms once due).
 fn hub_env(answer_within_ms: u64) -> impl FnOnce(&mut std::collections::HashMap<String, String>) {
     move |env| {
-        env.insert("CARDGATE_UPSTREAM__ANSWER_WITHIN_MS".into(), answer_within_ms.to_string());
+        env.insert(
+            "CARDGATE_UPSTREAM__ANSWER_WITHIN_MS".into(),
+            answer_within_ms.to_string(),
+        );
         env.insert("CARDGATE_UPSTREAM__RETRY_MS".into(), "100".into());
         env.insert(MANUAL_BACKGROUND.into(), "1".into());
     }
@@ -163,8 +168,15 @@ async fn chain(codes: usize, answer_within_ms: u64) -> Chain {
 async fn assert_exactly_once(up: &Up, down: &Down, delivered: &[String]) {
     let sold = delivered.len() as i64;
     let distinct: HashSet<&String> = delivered.iter().collect();
-    assert_eq!(distinct.len(), delivered.len(), "no code delivered twice: {delivered:?}");
-    assert!(delivered.iter().all(|c| up.imported.contains(c)), "codes come from upstream");
+    assert_eq!(
+        distinct.len(),
+        delivered.len(),
+        "no code delivered twice: {delivered:?}"
+    );
+    assert!(
+        delivered.iter().all(|c| up.imported.contains(c)),
+        "codes come from upstream"
+    );
     assert_eq!(
         up.app.balance_of(&up.hub_key).await,
         HUB_FUNDS - sold * PRICE,
@@ -300,7 +312,11 @@ async fn relay(s: Arc<ProxyState>, req: hyper::Request<Incoming>) -> Result<hype
         let mut mode = s.mode.lock().unwrap();
         match *mode {
             Mode::LoseAnswers(n) if n > 0 => {
-                *mode = if n == 1 { Mode::Forward } else { Mode::LoseAnswers(n - 1) };
+                *mode = if n == 1 {
+                    Mode::Forward
+                } else {
+                    Mode::LoseAnswers(n - 1)
+                };
                 true
             }
             _ => false,
@@ -315,8 +331,10 @@ async fn relay(s: Arc<ProxyState>, req: hyper::Request<Incoming>) -> Result<hype
     }
     let mut resp = hyper::Response::new(Full::new(bytes));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }
 
@@ -364,14 +382,22 @@ async fn every_source_refusing_is_a_clean_409_and_the_number_stays_free() {
     // The number is free: once stock arrives locally, it sells under it.
     let local = format!("LOCAL-{}", random_suffix());
     assert_eq!(
-        c.down.app.import_codes(&c.down.token, SKU, local.clone()).await.status(),
+        c.down
+            .app
+            .import_codes(&c.down.token, SKU, local.clone())
+            .await
+            .status(),
         200
     );
     let (status, order, _) = c.down.app.order(&c.down.buyer, order_body(SKU, 1, "M-UP-2")).await;
     assert_eq!(status, 201, "{order}");
     assert_eq!(codes_of(&order), vec![local]);
     assert_eq!(c.down.app.balance_of(&c.down.buyer).await, BUYER_FUNDS - PRICE);
-    assert_eq!(c.up.app.balance_of(&c.up.hub_key).await, HUB_FUNDS, "nothing bought upstream");
+    assert_eq!(
+        c.up.app.balance_of(&c.up.hub_key).await,
+        HUB_FUNDS,
+        "nothing bought upstream"
+    );
     c.down.app.assert_reconciled(&c.down.token).await;
 }
 
@@ -382,7 +408,11 @@ async fn an_upstream_slower_than_the_window_is_answered_202_and_fulfilled_by_the
     assert_eq!(status, 202, "{order}");
     assert_eq!(order["status"], "processing");
     assert!(codes_of(&order).is_empty());
-    assert_eq!(c.down.app.balance_of(&c.down.buyer).await, BUYER_FUNDS - PRICE, "charged at once");
+    assert_eq!(
+        c.down.app.balance_of(&c.down.buyer).await,
+        BUYER_FUNDS - PRICE,
+        "charged at once"
+    );
     c.down.app.assert_reconciled(&c.down.token).await;
 
     // A replay while it is bought answers the order as it stands.
@@ -436,7 +466,9 @@ async fn an_unreachable_upstream_is_asked_again_with_the_same_number_until_it_is
     let proxy = TcpProxy::to(up.app.addr.to_string()).await;
     proxy.cut();
     let down = hub(spawn_app_with(hub_env(400)).await).await;
-    let sp = down.supplier(&format!("http://127.0.0.1:{}", proxy.port), &up.hub_key).await;
+    let sp = down
+        .supplier(&format!("http://127.0.0.1:{}", proxy.port), &up.hub_key)
+        .await;
     down.sources(&[(&sp, SKU)]).await;
 
     let (status, order, _) = down.app.order(&down.buyer, order_body(SKU, 1, "M-UP-5")).await;
@@ -454,7 +486,11 @@ async fn an_unreachable_upstream_is_asked_again_with_the_same_number_until_it_is
         .await
         .unwrap();
     assert_eq!(row.get::<_, &str>(0), "open");
-    assert_eq!(row.get::<_, i32>(1), 0, "an unknown outcome never moves on to another source");
+    assert_eq!(
+        row.get::<_, i32>(1),
+        0,
+        "an unknown outcome never moves on to another source"
+    );
     assert!(row.get::<_, i32>(2) >= 2, "asked again: {}", row.get::<_, i32>(2));
     assert_eq!(row.get::<_, String>(3), format!("cg-{id}"));
 
@@ -503,7 +539,11 @@ async fn two_sources_the_first_refusing_the_second_fills_the_order() {
         .unwrap();
     assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), (second, 2));
     assert_exactly_once(&full, &down, &codes_of(&order)).await;
-    assert_eq!(empty.app.balance_of(&empty.hub_key).await, HUB_FUNDS, "the refusing source was paid nothing");
+    assert_eq!(
+        empty.app.balance_of(&empty.hub_key).await,
+        HUB_FUNDS,
+        "the refusing source was paid nothing"
+    );
     empty.app.assert_reconciled(&empty.token).await;
 }
 
@@ -540,7 +580,10 @@ async fn the_upstream_gateway_killed_mid_order_sells_once_when_it_is_back() {
         .unwrap();
     let d = down.clone();
     let placing = tokio::spawn(async move { d.app.order(&d.buyer, order_body(SKU, 1, "M-UP-8")).await });
-    let waiting = eventually(Duration::from_secs(10), || async { advisory_waiters(&locker).await > 0 }).await;
+    let waiting = eventually(Duration::from_secs(10), || async {
+        advisory_waiters(&locker).await > 0
+    })
+    .await;
     assert!(waiting, "the upstream's commit never waited; log: {}", gw.tail());
     // ... and dies there.
     gw.child.kill().unwrap();
@@ -615,4 +658,24 @@ async fn the_hub_killed_between_its_reservation_and_the_upstream_answer_resumes_
         .get(0);
     assert_eq!(purchases, 1);
     assert_exactly_once(&up, &down, &codes_of(&last)).await;
+}
+
+#[tokio::test]
+async fn past_the_bound_on_orders_waiting_on_suppliers_an_order_is_answered_202_at_once() {
+    let up = upstream(spawn_app().await, &[(SKU, 1)]).await;
+    let down = hub(spawn_app_with(|env| {
+        hub_env(3000)(env);
+        env.insert("CARDGATE_UPSTREAM__MAX_IN_FLIGHT".into(), "0".into());
+    })
+    .await)
+    .await;
+    let sp = down.supplier(&up.app.base, &up.hub_key).await;
+    down.sources(&[(&sp, SKU)]).await;
+
+    let (status, order, _) = down.app.order(&down.buyer, order_body(SKU, 1, "M-UP-10")).await;
+    assert_eq!(status, 202, "{order}");
+    assert_eq!(up.app.stock_len(SKU).await, 1, "not asked on the order's time");
+    let got = down.finish(order["order_id"].as_str().unwrap()).await;
+    assert_eq!(got["status"], "fulfilled");
+    assert_exactly_once(&up, &down, &codes_of(&got)).await;
 }
