@@ -679,3 +679,31 @@ async fn past_the_bound_on_orders_waiting_on_suppliers_an_order_is_answered_202_
     assert_eq!(got["status"], "fulfilled");
     assert_exactly_once(&up, &down, &codes_of(&got)).await;
 }
+
+#[tokio::test]
+async fn a_redis_rebuild_while_a_purchase_waits_on_its_supplier_keeps_the_money_held() {
+    let up = upstream(spawn_app().await, &[(SKU, 1)]).await;
+    let proxy = SupplierProxy::start(&up.app.base, Mode::Hold).await;
+    let down = Arc::new(hub(spawn_app_with(hub_env(10_000)).await).await);
+    let sp = down.supplier(&proxy.base, &up.hub_key).await;
+    down.sources(&[(&sp, SKU)]).await;
+
+    let d = down.clone();
+    let placing = tokio::spawn(async move { d.app.order(&d.buyer, order_body(SKU, 1, "M-UP-11")).await });
+    assert!(eventually(Duration::from_secs(10), || async { proxy.seen() > 0 }).await);
+    // Only the hot balance holds this order's money: a rebuild from Postgres keeps it held.
+    cardgate::rebuild::rebuild(down.app.state.as_ref().unwrap(), true)
+        .await
+        .unwrap();
+    assert_eq!(down.app.balance_of(&down.buyer).await, BUYER_FUNDS - PRICE);
+    // The same number meanwhile is in progress, and holds nothing more.
+    let resp = down.app.post_order(&down.buyer, order_body(SKU, 1, "M-UP-11")).await;
+    let (status, code, _) = error_of(resp).await;
+    assert_eq!((status, code.as_str()), (409, "order_in_progress"));
+    assert_eq!(down.app.balance_of(&down.buyer).await, BUYER_FUNDS - PRICE);
+
+    proxy.set(Mode::Forward);
+    let (status, order, _) = placing.await.unwrap();
+    assert_eq!(status, 201, "{order}");
+    assert_exactly_once(&up, &down, &codes_of(&order)).await;
+}
