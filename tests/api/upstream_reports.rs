@@ -171,7 +171,8 @@ fn figures(line: &Value) -> [i64; 7] {
 }
 
 /// The line for `sku` read two ways, which must agree: a two-hour range around now (its
-/// edges, read from orders and purchases) and today's whole UTC day (the rollup).
+/// edges, read from orders and purchases) and yesterday and today as whole UTC days (the
+/// rollup; yesterday too, so a test running across midnight reads the same orders).
 async fn report_both_ways(app: &TestApp, token: &str, sku: &str) -> [i64; 7] {
     let now = Clock::System.now();
     let edges = figures(
@@ -185,7 +186,8 @@ async fn report_both_ways(app: &TestApp, token: &str, sku: &str) -> [i64; 7] {
         .await,
     );
     let midnight = now.replace_time(time::Time::MIDNIGHT);
-    let whole = figures(&report_line(app, token, sku, midnight, midnight + time::Duration::days(1)).await);
+    let day = time::Duration::days(1);
+    let whole = figures(&report_line(app, token, sku, midnight - day, midnight + day).await);
     assert_eq!(edges, whole, "edges and rollup agree");
     edges
 }
