@@ -81,16 +81,17 @@ impl Range {
     }
 }
 
-/// Sales in the range as `(day, <key>, orders, codes, amount)` rows, from the rollup of
-/// `key` (`reseller_id` or `product_id`) and the edges from `orders`, with parameters
-/// `$1`..`$6` as `rows_params` orders them. Each edge is one scan of a partial day
-/// through the BRIN index on `created_at`, which costs the order path next to nothing,
-/// where a B-tree per key would cost every order one more index entry.
+/// Sales (fulfilled and processing orders) in the range as `(day, <key>, orders, codes,
+/// amount)` rows, from the rollup of `key` (`reseller_id` or `product_id`) and the edges
+/// from `orders`, with parameters `$1`..`$6` as `rows_params` orders them. Each edge is
+/// one scan of a partial day through the BRIN index on `created_at`, which costs the
+/// order path next to nothing, where a B-tree per key would cost every order one more
+/// index entry.
 ///
-/// Per product, each row adds `upstream_orders, upstream_amount, cost, refunded_cost`:
-/// the edges' from fulfilled purchases by their order's time (a partial index; there are
-/// far fewer purchases than orders), each joined to its order to see whether a refund
-/// took it out.
+/// Per product, each row adds `upstream_orders, upstream_amount, cost, refunded_cost`.
+/// On edge days they come from the fulfilled purchases placed then (a partial index on
+/// the order's time; purchases are far fewer than orders), each joined to its order to
+/// see whether a refund took its sale out.
 fn rows(key: &str) -> String {
     let products = key == "product_id";
     let (rollup, upstream, none) = if products {
