@@ -3,7 +3,10 @@
 //!
 //! Whole UTC days come from the daily rollups (`reseller_daily`, `product_daily` in
 //! migrations/V1__baseline.sql) and only the partial days at the edges from `orders`, so
-//! the cost follows the number of days and resellers, not of orders. Refunded orders are not sales and are left out.
+//! the cost follows the number of days and resellers, not of orders. Sales are the orders
+//! charged and not given back: fulfilled ones, and processing ones (being bought
+//! upstream) until they fail; refunded and failed orders are left out. The products
+//! report adds what upstream-filled sales cost (migrations/V9__upstream_reports.sql).
 
 use serde::Serialize;
 use time::{Duration, OffsetDateTime, Time};
@@ -78,31 +81,60 @@ impl Range {
     }
 }
 
-/// Fulfilled sales in the range as `(day, <key>, orders, codes, amount)` rows, from the
-/// rollup of `key` (`reseller_id` or `product_id`) and the edges from `orders`, with
-/// parameters `$1`..`$6` as `rows_params` orders them. Each edge is one scan of a partial
-/// day through the BRIN index on `created_at`, which costs the order path next to
-/// nothing, where a B-tree per key would cost every order one more index entry.
+/// Sales (fulfilled and processing orders) in the range as `(day, <key>, orders, codes,
+/// amount)` rows, from the rollup of `key` (`reseller_id` or `product_id`) and the edges
+/// from `orders`, with parameters `$1`..`$6` as `rows_params` orders them. Each edge is
+/// one scan of a partial day through the BRIN index on `created_at`, which costs the
+/// order path next to nothing, where a B-tree per key would cost every order one more
+/// index entry.
+///
+/// Per product, each row adds `upstream_orders, upstream_amount, cost, refunded_cost`.
+/// On edge days they come from the fulfilled purchases placed then (a partial index on
+/// the order's time; purchases are far fewer than orders), each joined to its order to
+/// see whether a refund took its sale out.
 fn rows(key: &str) -> String {
-    let rollup = if key == "reseller_id" {
-        "reseller_daily"
+    let products = key == "product_id";
+    let (rollup, upstream, none) = if products {
+        (
+            "product_daily",
+            ", upstream_orders, upstream_amount, cost, refunded_cost",
+            ", 0, 0, 0, 0",
+        )
     } else {
-        "product_daily"
+        ("reseller_daily", "", "")
     };
     let edge = |from: &str, to: &str| {
         format!(
-            "SELECT (created_at AT TIME ZONE 'UTC')::date, {key}, count(*), sum(quantity), sum(amount)
+            "SELECT (created_at AT TIME ZONE 'UTC')::date, {key}, count(*), sum(quantity), sum(amount){none}
                FROM orders
-              WHERE status = 'fulfilled' AND created_at >= {from} AND created_at < {to}
+              WHERE status IN ('fulfilled', 'processing') AND created_at >= {from} AND created_at < {to}
               GROUP BY 1, 2"
         )
     };
-    format!(
-        "SELECT day, {key}, orders, codes, amount FROM {rollup} WHERE day >= $1 AND day < $2
+    let bought = |from: &str, to: &str| {
+        format!(
+            " UNION ALL
+             SELECT (p.order_created_at AT TIME ZONE 'UTC')::date, p.product_id, 0, 0, 0,
+                    count(*) FILTER (WHERE o.status = 'fulfilled'),
+                    coalesce(sum(o.amount) FILTER (WHERE o.status = 'fulfilled'), 0),
+                    coalesce(sum(p.cost) FILTER (WHERE o.status = 'fulfilled'), 0),
+                    coalesce(sum(p.cost) FILTER (WHERE o.status = 'refunded'), 0)
+               FROM purchases p JOIN orders o ON o.order_id = p.order_id
+              WHERE p.state = 'fulfilled' AND p.order_created_at >= {from} AND p.order_created_at < {to}
+              GROUP BY 1, 2"
+        )
+    };
+    let mut sql = format!(
+        "SELECT day, {key}, orders, codes, amount{upstream} FROM {rollup} WHERE day >= $1 AND day < $2
          UNION ALL {} UNION ALL {}",
         edge("$3", "$4"),
         edge("$5", "$6")
-    )
+    );
+    if products {
+        sql.push_str(&bought("$3", "$4"));
+        sql.push_str(&bought("$5", "$6"));
+    }
+    sql
 }
 
 fn rows_params(r: &Range) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
@@ -166,7 +198,7 @@ pub async fn resellers(app: &App, range: &Range) -> Result<Vec<ResellerLine>, Ap
          SELECT r.reseller_id, r.name, r.tier, coalesce(p.orders, 0), coalesce(p.codes, 0), coalesce(p.amount, 0),
                 coalesce(p.active_days, 0), coalesce(p.repeat_days, 0), coalesce(p.span, 0),
                 (SELECT max(o.created_at) FROM orders o
-                  WHERE o.reseller_id = r.id AND o.created_at < $7 AND o.status = 'fulfilled'),
+                  WHERE o.reseller_id = r.id AND o.created_at < $7 AND o.status IN ('fulfilled', 'processing')),
                 (SELECT coalesce(sum(amount), 0)::int8 FROM reseller_daily d WHERE d.reseller_id = r.id AND d.day >= $8),
                 r.credit_limit, greatest(0, -b.balance),
                 (SELECT coalesce(sum(amount), 0)::int8 FROM reseller_daily d WHERE d.reseller_id = r.id AND d.day >= $9)
@@ -229,6 +261,15 @@ pub struct ProductLine {
     pub sell_rate_per_day: f64,
     pub available: i64,
     pub days_of_stock: Option<f64>,
+    /// Of the sales above, those filled upstream (their purchase fulfilled), what the
+    /// platform paid suppliers for them, and their amount less that. Last, so CSV readers
+    /// of the earlier columns keep their places.
+    pub upstream_orders: i64,
+    pub cost: i64,
+    pub margin: i64,
+    /// Paid to suppliers for upstream orders of the range refunded since: no longer a
+    /// sale, so in neither `cost` nor `margin`, yet money the platform is out of.
+    pub refunded_cost: i64,
 }
 
 /// `GET /admin/v1/reports/products?from=&to=`: the lines, and the days the range has
@@ -241,9 +282,14 @@ pub async fn products(app: &App, range: &Range) -> Result<(Vec<ProductLine>, f64
     let sql = format!(
         "WITH rows AS ({}),
          per AS (SELECT product_id, sum(orders)::bigint AS orders, sum(codes)::bigint AS codes,
-                        sum(amount)::bigint AS amount FROM rows GROUP BY product_id)
+                        sum(amount)::bigint AS amount, sum(upstream_orders)::bigint AS upstream_orders,
+                        sum(upstream_amount)::bigint AS upstream_amount, sum(cost)::bigint AS cost,
+                        sum(refunded_cost)::bigint AS refunded_cost
+                   FROM rows GROUP BY product_id)
          SELECT p.sku, p.name, p.status, coalesce(per.orders, 0), coalesce(per.codes, 0), coalesce(per.amount, 0),
-                (SELECT count(*) FROM codes c WHERE c.product_id = p.id AND c.status = 'available')
+                (SELECT count(*) FROM codes c WHERE c.product_id = p.id AND c.status = 'available'),
+                coalesce(per.upstream_orders, 0), coalesce(per.upstream_amount, 0), coalesce(per.cost, 0),
+                coalesce(per.refunded_cost, 0)
            FROM products p LEFT JOIN per ON per.product_id = p.id
           ORDER BY coalesce(per.codes, 0) DESC, p.sku",
         rows("product_id")
@@ -254,6 +300,7 @@ pub async fn products(app: &App, range: &Range) -> Result<(Vec<ProductLine>, f64
         .iter()
         .map(|r| {
             let (codes, available): (i64, i64) = (r.get(4), r.get(6));
+            let (upstream_amount, cost): (i64, i64) = (r.get(8), r.get(9));
             let rate = if days > 0.0 { codes as f64 / days } else { 0.0 };
             ProductLine {
                 sku: r.get(0),
@@ -266,6 +313,10 @@ pub async fn products(app: &App, range: &Range) -> Result<(Vec<ProductLine>, f64
                 sell_rate_per_day: round2(rate),
                 available,
                 days_of_stock: (rate > 0.0).then(|| round2(available as f64 / rate)),
+                upstream_orders: r.get(7),
+                cost,
+                margin: upstream_amount.saturating_sub(cost),
+                refunded_cost: r.get(10),
             }
         })
         .collect();

@@ -1,7 +1,8 @@
 //! Refunds: the amount back to the balance through the ledger, the codes voided so they
 //! are never sold again, the audit row with them. Idempotent: a second refund of an order
 //! answers the first. The `order.refunded` event comes from the `order_refunded` trigger
-//! on the status change (`callbacks::events`).
+//! on the status change (`callbacks::events`). Only a fulfilled order is refunded: an
+//! upstream order still `processing` or already `failed` (its money returned) is `409`.
 
 use serde::Serialize;
 
@@ -46,11 +47,26 @@ pub async fn refund(app: &App, actor: &Actor, order_id: &str, reason: Option<&st
         reason,
         replayed,
     };
-    if row.get::<_, &str>(5) == "refunded" {
-        drop(tx);
-        drop(client);
-        crate::hot_balance::settle(app, Some(reseller_pk)).await;
-        return Ok(answer(row.get(6), row.get(7), true));
+    match row.get::<_, &str>(5) {
+        "refunded" => {
+            drop(tx);
+            drop(client);
+            crate::hot_balance::settle(app, Some(reseller_pk)).await;
+            return Ok(answer(row.get(6), row.get(7), true));
+        }
+        // Its purchase may still deliver codes: refunding now would give the money back
+        // for codes the reseller then receives. The purchase's end decides first.
+        "processing" => {
+            return Err(ApiError::Conflict(
+                "the order is still being bought upstream (processing): nothing is delivered yet; refund it once it is fulfilled".into(),
+            ))
+        }
+        "failed" => {
+            return Err(ApiError::Conflict(
+                "the order failed upstream: its amount was already returned to the balance (upstream_failed)".into(),
+            ))
+        }
+        _ => {}
     }
     let at: time::OffsetDateTime = tx
         .query_one(

@@ -33,4 +33,5 @@ mod schema;
 mod signing;
 mod statements;
 mod upstream;
+mod upstream_reports;
 mod vip;

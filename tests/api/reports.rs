@@ -275,7 +275,8 @@ async fn csv_reports_have_a_header_even_when_empty_and_defuse_formulas() {
     };
     assert_eq!(
         csv("products").await,
-        "sku,name,status,orders,codes_sold,amount,currency,sell_rate_per_day,available,days_of_stock\n"
+        "sku,name,status,orders,codes_sold,amount,currency,sell_rate_per_day,available,days_of_stock,\
+         upstream_orders,cost,margin,refunded_cost\n"
     );
     assert!(csv("resellers").await.starts_with("reseller_id,name,tier,orders,"));
     assert_eq!(csv("resellers").await.lines().count(), 1);

@@ -201,7 +201,8 @@ async fn a_migrated_database_has_exactly_the_schema_of_the_snapshot() {
     }
 }
 
-mod migrations {
+/// The migrations, for tests that stop at an earlier version.
+pub mod migrations {
     refinery::embed_migrations!("migrations");
 }
 

@@ -23,8 +23,10 @@ pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respon
     let q = Query::parse(parts.uri.query())?;
     let window = q.window()?;
     let status = q.get("status");
-    if status.is_some_and(|s| s != "fulfilled" && s != "refunded") {
-        return Err(ApiError::invalid("status must be fulfilled or refunded"));
+    if status.is_some_and(|s| !matches!(s, "fulfilled" | "refunded" | "processing" | "failed")) {
+        return Err(ApiError::invalid(
+            "status must be fulfilled, refunded, processing or failed",
+        ));
     }
     let search = Search {
         reseller_id: q.get("reseller_id"),
