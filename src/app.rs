@@ -61,6 +61,8 @@ pub struct App {
     pub clock: Clock,
     /// What the risk rules saw, for the background task to record (`crate::risk`).
     pub risk: crate::risk::Queue,
+    /// Every supplier's health as this gateway sees it (`crate::upstream::health`).
+    pub supplier_health: crate::upstream::health::Suppliers,
 }
 
 impl App {
@@ -103,6 +105,7 @@ impl App {
         );
         let bulkheads = Bulkheads::new(&config.admin);
         let probe = store::pg::Probe::new(&config)?;
+        let supplier_health = crate::upstream::health::Suppliers::new(&config.upstream);
         let app = App {
             config,
             settings,
@@ -128,6 +131,7 @@ impl App {
             admission,
             clock,
             risk: Default::default(),
+            supplier_health,
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock).await?;
