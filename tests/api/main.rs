@@ -32,5 +32,6 @@ mod risk;
 mod schema;
 mod signing;
 mod statements;
+mod supplier_health;
 mod upstream;
 mod vip;
