@@ -123,7 +123,7 @@ pub fn classify_balance(status: u16, v: &Value) -> Reported {
 /// What an answer of the upstream's `POST /v1/orders` means for the purchase.
 pub fn classify(status: u16, v: &Value, quantity: i64) -> Answer {
     match status {
-        200 | 201 | 202 => match v.get("status").and_then(Value::as_str) {
+        200..=202 => match v.get("status").and_then(Value::as_str) {
             Some("fulfilled") => {
                 let codes: Vec<String> = v
                     .get("codes")
