@@ -289,17 +289,16 @@ impl Suppliers {
                 s.calls.push_back(call);
             }
             let closed = s.breaker.is_closed();
+            if was_closed != closed {
+                // Under the lock, so that two transitions cannot leave the gauge reversed.
+                let v = if closed { 0.0 } else { 1.0 };
+                metrics::gauge!("cardgate_supplier_circuit_open", "supplier" => supplier.to_owned()).set(v);
+            }
             (was_closed != closed).then_some(!closed)
         });
         match open {
-            Some(true) => {
-                tracing::warn!(supplier, "supplier circuit opened: purchases not yet asking it skip it");
-                metrics::gauge!("cardgate_supplier_circuit_open", "supplier" => supplier.to_owned()).set(1.0);
-            }
-            Some(false) => {
-                tracing::info!(supplier, "supplier circuit closed");
-                metrics::gauge!("cardgate_supplier_circuit_open", "supplier" => supplier.to_owned()).set(0.0);
-            }
+            Some(true) => tracing::warn!(supplier, "supplier circuit opened: purchases not yet asking it skip it"),
+            Some(false) => tracing::info!(supplier, "supplier circuit closed"),
             None => {}
         }
     }
