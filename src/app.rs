@@ -64,6 +64,8 @@ pub struct App {
     /// Orders waiting on a supplier inside their answer window (`crate::upstream`): past
     /// `upstream.max_in_flight`, an order is answered `202` at once instead of waiting.
     pub upstream_slots: Arc<tokio::sync::Semaphore>,
+    /// Every supplier's health as this gateway sees it (`crate::upstream::health`).
+    pub supplier_health: crate::upstream::health::Suppliers,
 }
 
 impl App {
@@ -107,6 +109,7 @@ impl App {
         let bulkheads = Bulkheads::new(&config.admin);
         let probe = store::pg::Probe::new(&config)?;
         let upstream_slots = Arc::new(tokio::sync::Semaphore::new(config.upstream.max_in_flight));
+        let supplier_health = crate::upstream::health::Suppliers::new(&config.upstream);
         let app = App {
             config,
             settings,
@@ -133,6 +136,7 @@ impl App {
             clock,
             risk: Default::default(),
             upstream_slots,
+            supplier_health,
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock).await?;

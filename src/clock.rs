@@ -2,9 +2,10 @@
 //!
 //! Every read of the calendar time in the gateway goes through the [`Clock`] the gateway
 //! was built with (`App::clock`): the signing window, order timestamps, operator token
-//! expiry, report ranges, callback signatures and retention cut-offs. Tests build a
-//! gateway on a [`ManualClock`] and move it with `set` and `advance`, so behaviour that
-//! depends on the date is tested without waiting and without racing the real clock.
+//! expiry, report ranges, callback signatures, retention cut-offs and suppliers' circuit
+//! cooldowns. Tests build a gateway on a [`ManualClock`] and move it with `set` and
+//! `advance`, so behaviour that depends on the date is tested without waiting and
+//! without racing the real clock.
 //! `clippy.toml` refuses `SystemTime::now` and `OffsetDateTime::now_utc` everywhere else.
 //!
 //! Not here, on purpose:

@@ -198,6 +198,16 @@ pub struct UpstreamConfig {
     /// Supplier URLs may be loopback or private addresses (a supplier is often on a
     /// private network); `false` holds them to the callback guard.
     pub allow_private_targets: bool,
+    /// Unknown outcomes in a row (timeouts, `5xx`, lost connections) that open a
+    /// supplier's circuit in this gateway.
+    pub circuit_failures: u32,
+    /// How long an open circuit stays open before one trial call is let through.
+    pub circuit_open_ms: u64,
+    /// Recent calls per supplier kept for its success rate and latency (memory: a few
+    /// bytes each, per supplier).
+    pub health_window: u32,
+    /// How often each supplier's reported balance is read.
+    pub balance_poll_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -401,6 +411,13 @@ impl Config {
         }
         if !(1..=10_000).contains(&o.ledger_batch_max) {
             return Err(ConfigError::setting("orders.ledger_batch_max", "must be 1 to 10000"));
+        }
+        let u = &self.upstream;
+        positive("upstream.circuit_failures", u.circuit_failures as u64)?;
+        positive("upstream.circuit_open_ms", u.circuit_open_ms)?;
+        positive("upstream.balance_poll_ms", u.balance_poll_ms)?;
+        if !(1..=10_000).contains(&u.health_window) {
+            return Err(ConfigError::setting("upstream.health_window", "must be 1 to 10000"));
         }
         let trusted_proxies = h
             .trusted_proxies

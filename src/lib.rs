@@ -108,11 +108,12 @@ impl Server {
 
     /// For tests: the periodic background loops (the health and rebuild watcher, callback
     /// delivery, gauges, rollups, hot-balance settling, the rebates' monthly close, keys'
-    /// last use, growth, risk signals, upstream purchases) are not started; the test runs their steps itself
-    /// (`health::check`, `Dispatcher::step`, `gauges::step`, `rollups::step`,
-    /// `hot_balance::settle_due`, `rebates::step`, `auth::last_used::flush`,
-    /// `growth::step`, `risk::step`, `upstream::step`) and so never waits for them. The ledger writers and
-    /// the cache listeners still run: orders need them.
+    /// last use, growth, risk signals, upstream purchases, suppliers' balances) are not
+    /// started; the test runs their steps itself (`health::check`, `Dispatcher::step`,
+    /// `gauges::step`, `rollups::step`, `hot_balance::settle_due`, `rebates::step`,
+    /// `auth::last_used::flush`, `growth::step`, `risk::step`, `upstream::step`,
+    /// `upstream::health::poll_balances`) and so never waits for them. The ledger writers
+    /// and the cache listeners still run: orders need them.
     pub fn manual_background(mut self) -> Self {
         self.manual_background = true;
         self
@@ -152,6 +153,7 @@ impl Server {
             tasks.spawn(hot_balance::run(self.app.clone()));
             tasks.spawn(rebates::run(self.app.clone()));
             tasks.spawn(upstream::run(self.app.clone()));
+            tasks.spawn(upstream::health::run(self.app.clone()));
             tasks.spawn(auth::last_used::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)

@@ -160,6 +160,23 @@ fn describe() {
         "cardgate_reconcile_failures_total",
         "reconciliation reports that found a difference"
     );
+    metrics::describe_gauge!(
+        "cardgate_supplier_circuit_open",
+        "1 while this gateway's circuit for the supplier is not closed (open, or half-open awaiting its trial)"
+    );
+    metrics::describe_counter!(
+        "cardgate_supplier_calls_total",
+        "purchase calls to a supplier, by outcome (codes, refused, unknown; skipped: not asked, its circuit open)"
+    );
+    metrics::describe_histogram!(
+        "cardgate_supplier_call_seconds",
+        metrics::Unit::Seconds,
+        "one purchase call to a supplier, answered or not"
+    );
+    metrics::describe_gauge!(
+        "cardgate_supplier_balance",
+        "the balance the supplier last reported, in its minor units"
+    );
 }
 
 pub fn method_label(m: &Method) -> &'static str {

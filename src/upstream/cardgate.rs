@@ -1,11 +1,11 @@
 //! `protocol: "cardgate"`: another cardgate is the supplier, spoken to as a reseller
-//! speaks to this one (docs/api.md §1 signing, §3 `POST /v1/orders`).
+//! speaks to this one (docs/api.md §1 signing, §3 `POST /v1/orders` and `GET /v1/balance`).
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{Answer, Buy, Supplier};
+use super::{Answer, Buy, Reported, Supplier};
 use crate::auth::signing::{Message, Signer};
 
 pub struct Cardgate {
@@ -37,10 +37,9 @@ impl Supplier for Cardgate {
             body: &body,
         };
         let authorization = self.signer.authorization(&self.key_id, &message);
-        let url = format!("{}{path}", self.base_url.trim_end_matches('/'));
         let sent = self
             .client
-            .post(url)
+            .post(self.url(path))
             .timeout(self.timeout)
             .header("authorization", authorization)
             .header("content-type", "application/json")
@@ -64,6 +63,60 @@ impl Supplier for Cardgate {
         };
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         classify(status, &v, buy.quantity)
+    }
+
+    async fn balance(&self, now_unix_secs: i64) -> Reported {
+        let path = "/v1/balance";
+        let nonce = crate::ids::random("", 32);
+        let message = Message {
+            timestamp: now_unix_secs,
+            nonce: &nonce,
+            method: "GET",
+            path,
+            query: None,
+            body: b"",
+        };
+        let authorization = self.signer.authorization(&self.key_id, &message);
+        let sent = self
+            .client
+            .get(self.url(path))
+            .timeout(self.timeout)
+            .header("authorization", authorization)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Reported::Unknown(if e.is_timeout() { "timeout" } else { "connection" }.into()),
+        };
+        let status = resp.status().as_u16();
+        let Ok(bytes) = resp.bytes().await else {
+            return Reported::Unknown("answer cut short".into());
+        };
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        classify_balance(status, &v)
+    }
+}
+
+impl Cardgate {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url.trim_end_matches('/'))
+    }
+}
+
+/// What an answer of the upstream's `GET /v1/balance` says.
+pub fn classify_balance(status: u16, v: &Value) -> Reported {
+    match status {
+        200 => match v.get("balance").and_then(Value::as_i64) {
+            Some(b) => Reported::Balance(b),
+            None => Reported::Unknown("malformed balance".into()),
+        },
+        408 | 425 | 429 => Reported::Unknown(format!("http {status}")),
+        400..=499 => Reported::Refused(
+            v.pointer("/error/code")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("http {status}"), |c| c.chars().take(64).collect()),
+        ),
+        _ => Reported::Unknown(format!("http {status}")),
     }
 }
 
@@ -139,5 +192,19 @@ mod tests {
             classify(202, &json!({"status": "processing"}), 1),
             Answer::Unknown(_)
         ));
+    }
+
+    #[test]
+    fn a_balance_is_read_only_from_a_well_formed_200() {
+        let ok = json!({"balance": 1234500, "currency": "CNY", "tier": "gold"});
+        assert!(matches!(classify_balance(200, &ok), Reported::Balance(1234500)));
+        assert!(matches!(
+            classify_balance(200, &json!({"balance": "12"})),
+            Reported::Unknown(_)
+        ));
+        let err = json!({"error": {"code": "unauthorized", "message": "m"}});
+        assert!(matches!(classify_balance(401, &err), Reported::Refused(c) if c == "unauthorized"));
+        assert!(matches!(classify_balance(429, &Value::Null), Reported::Unknown(_)));
+        assert!(matches!(classify_balance(502, &Value::Null), Reported::Unknown(_)));
     }
 }

@@ -17,8 +17,12 @@
 //!    `202`; [`step`] finishes it: `fulfilled`, or `failed` with the money back as an
 //!    `upstream_failed` ledger row. A purchase whose lease has run out (its gateway died)
 //!    is resumed by any gateway's step the same way.
+//!
+//! Each gateway keeps every supplier's health ([`health`]): a source whose circuit is open
+//! is skipped by a purchase that has not yet asked it, and waited for by one that has.
 
 pub mod cardgate;
+pub mod health;
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -97,14 +101,27 @@ pub enum Answer {
     Unknown(String),
 }
 
+/// What a supplier says of the balance the platform holds with it.
+#[derive(Debug)]
+pub enum Reported {
+    Balance(i64),
+    /// A definite answer without a balance (a `4xx`): the supplier works, the key may not.
+    Refused(String),
+    /// Timeout, `5xx`, connection lost, a malformed answer.
+    Unknown(String),
+}
+
 /// A supplier protocol. `cardgate` is the first; others implement this.
 pub trait Supplier {
     fn buy(&self, buy: &Buy<'_>, now_unix_secs: i64) -> impl std::future::Future<Output = Answer> + Send;
+    fn balance(&self, now_unix_secs: i64) -> impl std::future::Future<Output = Reported> + Send;
 }
 
 /// A product's source, with what is needed to ask it.
 struct Source {
     supplier_pk: i64,
+    /// The public id: its health's key and metrics label.
+    supplier_id: String,
     upstream_sku: String,
     max_unit_cost: i64,
     adapter: cardgate::Cardgate,
@@ -137,6 +154,8 @@ pub struct SupplierView {
     /// Purchases asked of it over the last day, and how many it filled.
     pub purchases_24h: i64,
     pub fulfilled_24h: i64,
+    /// As this gateway sees it ([`health`]).
+    pub health: health::HealthView,
 }
 
 fn check_supplier(app: &App, s: &NewSupplier) -> Result<(), ApiError> {
@@ -190,7 +209,7 @@ pub async fn create_supplier(app: &App, actor: &Actor, s: &NewSupplier) -> Resul
     .await?;
     tx.commit(serde_json::json!({"name": s.name, "base_url": s.base_url, "key_id": s.key_id}))
         .await?;
-    suppliers(&client, Some(&supplier_id))
+    suppliers(app, &client, Some(&supplier_id))
         .await?
         .pop()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("supplier vanished")))
@@ -198,10 +217,14 @@ pub async fn create_supplier(app: &App, actor: &Actor, s: &NewSupplier) -> Resul
 
 pub async fn list_suppliers(app: &App, supplier_id: Option<&str>) -> Result<Vec<SupplierView>, ApiError> {
     let client = app.pg.get().await?;
-    suppliers(&client, supplier_id).await
+    suppliers(app, &client, supplier_id).await
 }
 
-async fn suppliers(c: &impl GenericClient, supplier_id: Option<&str>) -> Result<Vec<SupplierView>, ApiError> {
+async fn suppliers(
+    app: &App,
+    c: &impl GenericClient,
+    supplier_id: Option<&str>,
+) -> Result<Vec<SupplierView>, ApiError> {
     let rows = c
         .query(
             "SELECT s.supplier_id, s.name, s.protocol, s.base_url, s.key_id, s.timeout_ms, s.created_at,
@@ -212,9 +235,11 @@ async fn suppliers(c: &impl GenericClient, supplier_id: Option<&str>) -> Result<
             &[&supplier_id],
         )
         .await?;
+    let now_ms = app.clock.now_unix_ms();
     Ok(rows
         .iter()
         .map(|r| SupplierView {
+            health: app.supplier_health.view(r.get(0), now_ms),
             supplier_id: r.get(0),
             name: r.get(1),
             protocol: r.get(2),
@@ -328,6 +353,7 @@ async fn load_sources(app: &App, c: &impl GenericClient, product_id: i64) -> Res
             .map_err(ApiError::internal)?;
         out.push(Source {
             supplier_pk: r.get(0),
+            supplier_id: supplier_id.to_owned(),
             upstream_sku: r.get(6),
             max_unit_cost: r.get(7),
             adapter: cardgate::Cardgate {
@@ -363,6 +389,10 @@ struct Purchase {
     f: Fulfilment,
     upstream_no: String,
     source_index: i32,
+    /// Its number has gone to the source at `source_index` without a definite answer
+    /// (the row's outcome there is unknown): that source must be asked again, circuit or
+    /// not.
+    asked: bool,
 }
 
 /// How a round of asking the sources ended.
@@ -439,6 +469,7 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
         f: f.clone(),
         upstream_no,
         source_index: 0,
+        asked: false,
     };
     let deadline = started + window;
     // Past the bound on orders waiting on suppliers, the order does not wait: `202` now,
@@ -471,23 +502,44 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
 /// Asks the sources from the purchase's current one on. With a deadline (the answer
 /// window), an unknown outcome is asked again until it passes; without one (the
 /// background step), each source is asked once and an unknown outcome ends the round.
+/// A source whose circuit is open ([`health`]) is skipped like a refusal if the number
+/// has not gone to it (nothing was sent, so moving on cannot buy twice); if it has, the
+/// round ends undecided and the same source is asked once its circuit lets a call through.
 async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Instant>) -> Round {
     let mut i = (p.source_index.max(0) as usize).min(sources.len());
+    let mut asked = p.asked;
     while let Some(s) = sources.get(i) {
+        let Some(permit) = app.supplier_health.admit(&s.supplier_id, app.clock.now_unix_ms()) else {
+            if asked {
+                return Round::Open { source: i };
+            }
+            app.supplier_health.skipped(&s.supplier_id);
+            i += 1;
+            continue;
+        };
+        if !asked {
+            if !mark_asked(app, p.pk, s.supplier_pk, i).await {
+                return Round::Open { source: i };
+            }
+            asked = true;
+        }
         let buy = Buy {
             upstream_sku: &s.upstream_sku,
             quantity: p.f.quantity as i64,
             upstream_no: &p.upstream_no,
             max_unit_cost: s.max_unit_cost,
         };
+        let started = Instant::now();
         let call = s.adapter.buy(&buy, app.clock.now_unix_secs());
         let answer = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
                 Ok(a) => a,
+                // The permit goes unsettled: the window, not the supplier, ended the call.
                 Err(_) => return Round::Open { source: i },
             },
             None => call.await,
         };
+        permit.record(health::Outcome::of(&answer), started.elapsed(), app.clock.now_unix_ms());
         record_attempt(app, p.pk, s.supplier_pk, i, &answer).await;
         match answer {
             Answer::Codes {
@@ -502,7 +554,10 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
                     cost,
                 }
             }
-            Answer::Refused(_) => i += 1,
+            Answer::Refused(_) => {
+                i += 1;
+                asked = false;
+            }
             Answer::Unknown(_) => match deadline {
                 Some(d) if Instant::now() + Duration::from_millis(50) < d => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -512,6 +567,30 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
         }
     }
     Round::Refused
+}
+
+/// Writes that the purchase's number is going to source `index`, before it is sent: if
+/// its answer is lost (the window cuts it, the gateway dies), whoever resumes the
+/// purchase reads an unknown outcome there and asks that source again, whatever its
+/// circuit says. Not written, not sent: `false`.
+async fn mark_asked(app: &App, pk: i64, supplier_pk: i64, index: usize) -> bool {
+    let Ok(client) = app.pg_orders.get().await else {
+        return false;
+    };
+    let r = client
+        .execute(
+            "UPDATE purchases SET supplier_id = $2, source_index = $3, outcome = 'unknown: asking', updated_at = now()
+              WHERE id = $1 AND state = 'open'",
+            &[&pk, &supplier_pk, &(index as i32)],
+        )
+        .await;
+    match r {
+        Ok(n) => n == 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "purchase not marked asked; not sent");
+            false
+        }
+    }
 }
 
 /// Counts the attempt and, after a refusal, moves the purchase to the next source.
@@ -788,7 +867,8 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
               WHERE id IN (SELECT id FROM purchases WHERE state = 'open' AND lease_until <= $1
                             ORDER BY lease_until LIMIT 32 FOR UPDATE SKIP LOCKED)
              RETURNING id, order_id, upstream_no, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price,
-                       amount, coalesce(key_id, ''), extract(epoch FROM order_created_at)::int8, source_index",
+                       amount, coalesce(key_id, ''), extract(epoch FROM order_created_at)::int8, source_index,
+                       coalesce(outcome LIKE 'unknown%', false)",
             &[&now, &lease],
         )
         .await?;
@@ -811,6 +891,7 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
                 created_at: r.get(11),
             },
             source_index: r.get(12),
+            asked: r.get(13),
         };
         let ended = resume(app, &p).await;
         if let Err(e) = &ended {

@@ -32,6 +32,7 @@ mod risk;
 mod schema;
 mod signing;
 mod statements;
+mod supplier_health;
 mod upstream;
 mod upstream_reports;
 mod vip;

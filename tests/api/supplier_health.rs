@@ -1,0 +1,287 @@
+//! Suppliers' health (docs/api.md §8, docs/invariants.md invariant 10): a hub gateway on
+//! a manual clock with two suppliers for one product, a dead one first and a live
+//! cardgate second. The dead one takes every request and never answers, and keeps what
+//! it was sent, so the test can tell which purchase numbers reached it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+use crate::helpers::*;
+use crate::orders::buyer;
+
+const SKU: &str = "GIFT-HEALTH";
+const FAILURES: usize = 3;
+const COOLDOWN: Duration = Duration::from_secs(60);
+
+/// A supplier that reads each request, keeps it, and closes the connection unanswered:
+/// every call's outcome is unknown.
+struct BlackHole {
+    base: String,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl BlackHole {
+    async fn start() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let kept = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !complete(&request) {
+                        match tokio::time::timeout(Duration::from_secs(2), socket.read(&mut chunk)).await {
+                            Ok(Ok(n)) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                            _ => break,
+                        }
+                    }
+                    kept.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&request).into_owned());
+                });
+            }
+        });
+        BlackHole { base, seen }
+    }
+
+    /// Requests received that carry `text` (a purchase's number upstream).
+    fn count(&self, text: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|r| r.contains(text)).count()
+    }
+}
+
+/// Headers and as much body as `content-length` announces.
+fn complete(request: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(request);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    body.len() >= length
+}
+
+/// The value of `name` for this supplier (and outcome) in the gateway's `/metrics`.
+async fn supplier_metric(app: &TestApp, name: &str, supplier: &str, outcome: Option<&str>) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let supplier = format!("supplier=\"{supplier}\"");
+    let outcome = outcome.map(|o| format!("outcome=\"{o}\""));
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&supplier))
+        .filter(|l| outcome.as_ref().is_none_or(|o| l.contains(o)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn create_supplier(app: &TestApp, token: &str, name: &str, base_url: &str, key_id: &str, secret: &str) -> String {
+    let s = app
+        .admin_ok(
+            token,
+            Method::POST,
+            "/admin/v1/suppliers",
+            Some(json!({"name": name, "protocol": "cardgate", "base_url": base_url,
+                        "key_id": key_id, "secret": secret, "timeout_ms": 5000})),
+            201,
+        )
+        .await;
+    assert_eq!(s["health"]["circuit"], "closed", "{s}");
+    s["supplier_id"].as_str().unwrap().to_string()
+}
+
+/// The supplier as `GET /admin/v1/suppliers` lists it, checked against the single view.
+async fn listed(app: &TestApp, token: &str, supplier_id: &str) -> Value {
+    let list = app.admin_ok(token, Method::GET, "/admin/v1/suppliers", None, 200).await;
+    let s = list["suppliers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["supplier_id"] == supplier_id)
+        .cloned()
+        .unwrap();
+    let one = app
+        .admin_ok(
+            token,
+            Method::GET,
+            &format!("/admin/v1/suppliers/{supplier_id}"),
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(one["health"], s["health"]);
+    s
+}
+
+async fn order_status(app: &TestApp, key: &ResellerKey, order_id: &str) -> Value {
+    let resp = app
+        .signed(key, Method::GET, &format!("/v1/orders/{order_id}"), None)
+        .await;
+    assert_eq!(resp.status(), 200);
+    resp.json::<Value>().await.unwrap()["status"].clone()
+}
+
+#[tokio::test]
+async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_asked_it() {
+    // The live supplier: another cardgate with stock, the hub its funded reseller.
+    let up = spawn_app().await;
+    let up_token = up.root_token().await;
+    up.create_product(&up_token, SKU).await;
+    let imported: Vec<String> = (0..3).map(|i| format!("UPH-{i:04}-{}", random_suffix())).collect();
+    assert_eq!(up.import_codes(&up_token, SKU, imported.join("\n")).await.status(), 200);
+    let hub_key = buyer(&up, &up_token, "standard", 100 * 9800).await;
+    let dead = BlackHole::start().await;
+
+    let clock = ManualClock::at_system_now();
+    let mut env = test_env(&create_database().await);
+    env.insert("CARDGATE_UPSTREAM__CIRCUIT_FAILURES".into(), FAILURES.to_string());
+    env.insert(
+        "CARDGATE_UPSTREAM__CIRCUIT_OPEN_MS".into(),
+        COOLDOWN.as_millis().to_string(),
+    );
+    env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    let down = start_with_clock(env, clock.clone().into()).await;
+    let state = down.state.clone().unwrap();
+    let t = down.root_token().await;
+    down.create_product(&t, SKU).await;
+    let dead_sp = create_supplier(&down, &t, "dead", &dead.base, "ak_dead", "sk-dead-secret").await;
+    let live_sp = create_supplier(&down, &t, "live", &up.base, &hub_key.key_id, &hub_key.secret).await;
+    down.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"source_mode": "upstream_only", "sources": [
+            {"supplier_id": dead_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1},
+            {"supplier_id": live_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 2}]})),
+        200,
+    )
+    .await;
+    let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
+
+    // The first order's number goes to the dead supplier: unknown outcomes, asked again
+    // until FAILURES in a row open its circuit. Having asked it, the purchase may not move
+    // on: it waits, answered 202.
+    let (status, a, _) = down.order(&buyer, order_body(SKU, 1, "M-HEALTH-1")).await;
+    assert_eq!(status, 202, "{a}");
+    let a_id = a["order_id"].as_str().unwrap().to_string();
+    let a_no = format!("cg-{a_id}");
+    assert_eq!(dead.count(&a_no), FAILURES, "asked until the circuit opened");
+    let s = listed(&down, &t, &dead_sp).await;
+    let h = &s["health"];
+    assert_eq!(h["circuit"], "open", "{s}");
+    assert_eq!(h["calls"], FAILURES);
+    assert_eq!(h["success_rate"], 0.0);
+    assert!(h["latency_ms"].is_u64(), "{h}");
+    assert!(h["balance"].is_null() && h["balance_at"].is_null(), "{h}");
+    let text = down
+        .admin(&t, Method::GET, "/admin/v1/suppliers", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("sk-dead-secret") && !text.contains(&hub_key.secret),
+        "no secret shown"
+    );
+    assert_eq!(
+        supplier_metric(&down, "cardgate_supplier_circuit_open", &dead_sp, None).await,
+        1.0
+    );
+    assert_eq!(
+        supplier_metric(&down, "cardgate_supplier_calls_total", &dead_sp, Some("unknown")).await,
+        FAILURES as f64
+    );
+
+    // The background step does not move it to the live supplier either, nor ask the dead
+    // one while its circuit is open.
+    assert_eq!(cardgate::upstream::step(&state).await.unwrap(), 0);
+    assert_eq!(order_status(&down, &buyer, &a_id).await, "processing");
+    assert_eq!(dead.count(&a_no), FAILURES);
+    assert_eq!(up.balance_of(&hub_key).await, 100 * 9800, "nothing bought for it");
+
+    // A new order has not asked the dead supplier: it skips it, and the live one sells.
+    let (status, b, _) = down.order(&buyer, order_body(SKU, 1, "M-HEALTH-2")).await;
+    assert_eq!(status, 201, "{b}");
+    let codes = codes_of(&b);
+    assert_eq!(codes.len(), 1);
+    assert!(imported.contains(&codes[0]));
+    let b_id = b["order_id"].as_str().unwrap();
+    assert_eq!(
+        dead.count(&format!("cg-{b_id}")),
+        0,
+        "its number never went to the dead one"
+    );
+    let row = down
+        .db()
+        .await
+        .query_one(
+            "SELECT s.supplier_id, p.source_index, p.attempts FROM purchases p JOIN suppliers s ON s.id = p.supplier_id
+              WHERE p.order_id = $1",
+            &[&b_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1), row.get::<_, i32>(2)),
+        (live_sp.clone(), 1, 1)
+    );
+    assert_eq!(
+        supplier_metric(&down, "cardgate_supplier_calls_total", &dead_sp, Some("skipped")).await,
+        1.0
+    );
+    assert_eq!(up.balance_of(&hub_key).await, 100 * 9800 - 9800, "bought once");
+    let h = listed(&down, &t, &live_sp).await["health"].clone();
+    assert_eq!(
+        (h["circuit"].clone(), h["calls"].clone(), h["success_rate"].clone()),
+        (json!("closed"), json!(1), json!(1.0))
+    );
+
+    // The balance step reads what the live supplier reports; the dead one reports none.
+    assert_eq!(cardgate::upstream::health::poll_balances(&state).await.unwrap(), 1);
+    let h = listed(&down, &t, &live_sp).await["health"].clone();
+    assert_eq!(h["balance"], 100 * 9800 - 9800, "{h}");
+    assert!(h["balance_at"].as_str().is_some_and(|at| at.ends_with('Z')), "{h}");
+    assert_eq!(
+        supplier_metric(&down, "cardgate_supplier_balance", &live_sp, None).await,
+        (100 * 9800 - 9800) as f64
+    );
+    let h = listed(&down, &t, &dead_sp).await["health"].clone();
+    assert!(h["balance"].is_null(), "{h}");
+    assert_eq!(h["calls"], FAILURES, "balance reads are not purchases' calls");
+
+    // Past the cooldown the circuit is half-open; the balance read is its trial, fails,
+    // and opens it again.
+    clock.advance(COOLDOWN);
+    assert_eq!(listed(&down, &t, &dead_sp).await["health"]["circuit"], "half_open");
+    cardgate::upstream::health::poll_balances(&state).await.unwrap();
+    assert_eq!(listed(&down, &t, &dead_sp).await["health"]["circuit"], "open");
+
+    // Past the next cooldown the waiting purchase is the trial: the same number goes to
+    // the same supplier, and nowhere else.
+    clock.advance(COOLDOWN);
+    assert_eq!(cardgate::upstream::step(&state).await.unwrap(), 0);
+    assert_eq!(dead.count(&a_no), FAILURES + 1);
+    let h = listed(&down, &t, &dead_sp).await["health"].clone();
+    assert_eq!(
+        (h["circuit"].clone(), h["calls"].clone()),
+        (json!("open"), json!(FAILURES + 1))
+    );
+    assert_eq!(order_status(&down, &buyer, &a_id).await, "processing");
+    assert_eq!(up.balance_of(&hub_key).await, 100 * 9800 - 9800);
+    assert_eq!(
+        supplier_metric(&down, "cardgate_supplier_circuit_open", &dead_sp, None).await,
+        1.0
+    );
+    down.assert_reconciled(&t).await;
+    up.assert_reconciled(&up_token).await;
+}
