@@ -200,8 +200,13 @@ impl Tokens {
         }
     }
 
+    /// What the bucket said, once a command charged it.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.seen.get().copied()
+    }
+
     pub fn headers(&self) -> Option<Headers> {
-        self.seen.get().map(|o| o.headers())
+        self.outcome().map(Outcome::headers)
     }
 
     /// The `429` for the bucket's refusal, with its wait, counted in

@@ -122,7 +122,16 @@ pub async fn begin(
         // tokens on requests the bucket refused (other gateways took them first): then the
         // request goes on, its tokens taken.
         nonce_spent = true;
-        if let Err(e) = spend(app, &verified, &tokens).await {
+        let spent = spend(app, &verified, &tokens).await;
+        if let Some(o) = tokens.outcome() {
+            let bucket = match o {
+                Outcome::Allowed(_) => "admitted",
+                Outcome::Refused { .. } => "refused",
+            };
+            metrics::counter!("cardgate_rate_limit_shield_total", "class" => class.label(), "bucket" => bucket)
+                .increment(1);
+        }
+        if let Err(e) = spent {
             return refused(&e, tokens.headers());
         }
     }
