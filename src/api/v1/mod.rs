@@ -145,7 +145,8 @@ pub async fn begin(
     })))
 }
 
-/// Spends the nonce and takes the tokens on their own round trip.
+/// Spends the nonce and takes the tokens on their own round trip. Only a verified request
+/// may, so nobody can burn another's nonces or tokens.
 async fn spend(app: &App, verified: &Verified, tokens: &Tokens) -> Result<(), ApiError> {
     let mut redis = app.redis();
     let spent = global::admit(&mut redis, &app.keys, verified.nonce_key(), tokens.charge()).await?;
