@@ -1,8 +1,11 @@
 //! The per-order work of the gateway's own, apart from Redis and Postgres: decrypting the
 //! codes, building the reservation call, encoding the answer.
 
+use cardgate::config::Tier;
 use cardgate::crypto::{Crypto, Purpose};
 use cardgate::orders::Order;
+use cardgate::ratelimit::global::Charge;
+use cardgate::ratelimit::Class;
 use cardgate::reserve::{fingerprint, reserve_cmd, Fulfilment, Guards, Sourcing};
 use cardgate::store::keys::Keys;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -54,6 +57,21 @@ fn bench(c: &mut Criterion) {
         ..Guards::default()
     };
     let fp = fingerprint(&f.sku, 1);
+    // The order's write token, as the gateway takes it with the nonce (the gold tier).
+    let tiers = std::collections::BTreeMap::from([(
+        "gold".to_string(),
+        Tier {
+            priority: 30,
+            orders_per_second: 200,
+            orders_burst: 400,
+            reads_per_second: 500,
+            reads_burst: 1000,
+            max_quantity: 100,
+            max_batch: 100,
+            upgrade_spend: None,
+        },
+    )]);
+    let charge = Charge::new(&tiers, "gold", Class::Writes, f.reseller, 1);
     c.bench_function("reservation EVALSHA built and packed", |b| {
         b.iter(|| {
             reserve_cmd(
@@ -63,6 +81,7 @@ fn bench(c: &mut Criterion) {
                 None,
                 604_800,
                 Some("cg:{s0}:nonce:ak_bench:7f3b2c1d9e8a4b5c6d7e8f9a0b1c2d3e"),
+                charge.as_ref(),
                 &guards,
                 Sourcing::Local,
             )

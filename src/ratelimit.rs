@@ -1,8 +1,20 @@
-//! Per-reseller rate limits by VIP tier (governor's GCRA), reads and order writes apart.
+//! Per-reseller rate limits by VIP tier, reads and order writes apart.
+//!
+//! The limit is held across every gateway together by one GCRA bucket per reseller and
+//! class in Redis ([`global`]), which decides every answer and its `RateLimit-*` headers.
+//! In front of it each gateway keeps a local shield at the tier's own rate and burst
+//! (governor's GCRA, [`RateLimits`]): one gateway can never rightly take more than the
+//! whole bucket, so a request its shield refuses is almost surely over the limit, and is
+//! settled in Redis at once by a small script, before the handler's work (a flood of
+//! orders never reaches the order path). The shield never answers on its own: it counts
+//! requests the global bucket refused too (others took the tokens first), so it can be
+//! emptier than the bucket, and then the bucket's answer, not the shield's, is given.
 //!
 //! One keyed limiter per (tier, class), keyed by reseller: a reseller moved to another
 //! tier is simply looked up in that tier's limiter, so tier changes apply without a
 //! restart. Keys idle long enough to be full again are swept periodically.
+
+pub mod global;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -71,6 +83,23 @@ impl Class {
             Class::Writes => 1,
         }
     }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Reads => "reads",
+            Class::Writes => "writes",
+        }
+    }
+}
+
+/// A tier's `(rate per second, burst)` for one class: the one reading of the config,
+/// for the local shield and the global bucket alike.
+pub fn quota(t: &Tier, class: Class) -> (u32, u32) {
+    match class {
+        Class::Reads => (t.reads_per_second, t.reads_burst),
+        Class::Writes => (t.orders_per_second, t.orders_burst),
+    }
 }
 
 fn nz(v: u32) -> NonZeroU32 {
@@ -105,10 +134,10 @@ impl<C: Clock + Clone> RateLimits<C> {
             .map(|(name, t)| {
                 (
                     name.clone(),
-                    [
-                        bucket(t.reads_per_second, t.reads_burst),
-                        bucket(t.orders_per_second, t.orders_burst),
-                    ],
+                    [Class::Reads, Class::Writes].map(|c| {
+                        let (rate, burst) = quota(t, c);
+                        bucket(rate, burst)
+                    }),
                 )
             })
             .collect();

@@ -9,11 +9,12 @@ use hyper::http::request::Parts;
 
 use super::keys::Reseller;
 use super::scopes::Scope;
-use super::signing::{self, AuthHeader, Signer, NONCE_TTL_SECS, TIMESTAMP_WINDOW_SECS};
+use super::signing::{self, AuthHeader, Signer, TIMESTAMP_WINDOW_SECS};
 use crate::app::App;
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::http::Ctx;
+use crate::ratelimit::global::{Charge, Tokens};
 
 /// Keyed with a secret no key has: an unknown key still costs a full HMAC, so the
 /// answer's timing does not say whether the key exists.
@@ -119,52 +120,43 @@ impl Verified {
     pub fn nonce_key(&self) -> &str {
         &self.nonce_key
     }
-
-    /// Adds the command that spends the nonce to `pipe`; its reply is `OK` when the nonce
-    /// was fresh and nil when it was used before (see [`nonce_fresh`]).
-    pub fn spend_in(&self, pipe: &mut redis::Pipeline) {
-        pipe.cmd("SET")
-            .arg(&self.nonce_key)
-            .arg(1)
-            .arg("NX")
-            .arg("EX")
-            .arg(NONCE_TTL_SECS);
-    }
 }
 
-/// A request's nonce, handed to the one Redis command that will spend it.
+/// A request's nonce and its tokens, handed to the one Redis command that will spend
+/// them together (`crate::ratelimit::global`): the bucket is charged by whatever spends
+/// the nonce, so a limit held in Redis costs no round trip of its own.
 pub struct Nonce<'a> {
     key: &'a str,
     spent: &'a AtomicBool,
+    tokens: &'a Tokens,
+}
+
+/// What the command that spends a nonce must do: spend `nonce_key`, take `charge`.
+#[derive(Debug, Clone, Copy)]
+pub struct Spend<'a> {
+    pub nonce_key: &'a str,
+    /// `None` for a tier that is not limited.
+    pub charge: Option<&'a Charge>,
 }
 
 impl<'a> Nonce<'a> {
-    pub fn new(key: &'a str, spent: &'a AtomicBool) -> Self {
-        Nonce { key, spent }
+    pub fn new(key: &'a str, spent: &'a AtomicBool, tokens: &'a Tokens) -> Self {
+        Nonce { key, spent, tokens }
     }
 
-    /// The nonce's key, the first time only: whoever takes it must spend it (a retried
-    /// script must not find its own nonce and call itself a replay), and once taken it
-    /// counts as spent even if the command then fails, since it may have run.
-    pub fn take(&self) -> Option<&str> {
-        (!self.spent.swap(true, Ordering::Relaxed)).then_some(self.key)
+    /// The nonce and the tokens, the first time only: whoever takes them must spend them
+    /// (a retried script must not find its own nonce and call itself a replay, nor be
+    /// charged twice), and once taken they count as spent even if the command then fails,
+    /// since it may have run.
+    pub fn take(&self) -> Option<Spend<'a>> {
+        (!self.spent.swap(true, Ordering::Relaxed)).then_some(Spend {
+            nonce_key: self.key,
+            charge: self.tokens.charge(),
+        })
     }
-}
 
-/// Reads the reply of [`Verified::spend_in`].
-pub fn nonce_fresh(reply: &redis::Value) -> Result<(), ApiError> {
-    match reply {
-        redis::Value::Nil => Err(ApiError::NonceReused),
-        _ => Ok(()),
+    /// Where the command that took them reports the bucket (the answer's headers).
+    pub fn tokens(&self) -> &'a Tokens {
+        self.tokens
     }
-}
-
-/// Spends the nonce on its own; only a verified request may, so nobody can burn
-/// another's nonces.
-pub async fn spend_nonce(app: &App, v: &Verified) -> Result<(), ApiError> {
-    let mut pipe = redis::pipe();
-    v.spend_in(&mut pipe);
-    let mut redis = app.redis();
-    let replies: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
-    nonce_fresh(replies.first().unwrap_or(&redis::Value::Nil))
 }

@@ -13,17 +13,19 @@
 //! 3. `api/v1/mod.rs` [`begin`](crate::api::v1::begin): the `Authorization` header and
 //!    timestamp (`auth/reseller.rs`), the body read within its limits (`http/body.rs`),
 //!    the HMAC checked against the key cache (`auth/signing.rs`, `auth/keys.rs`) with the
-//!    key's expiry and scope (`auth/scopes.rs`), the tier's token bucket (`ratelimit.rs`)
-//!    and admission under overload (`overload.rs`).
+//!    key's expiry and scope (`auth/scopes.rs`), admission under overload (`overload.rs`)
+//!    and the tier's local shield (`ratelimit.rs`; the global bucket is charged in hop 6).
 //! 4. `api/v1/orders.rs` `create`: the body parsed into an [`OrderRequest`].
 //! 5. Here, [`place`]: the product and price from the catalogue cache (`catalogue/mod.rs`);
 //!    refusals the gateway can decide are settled into a [`Refusal`] but not yet reported;
 //!    the [`Fulfilment`] is built and a waiter registered (`ledger/mod.rs` `Waiters`).
-//! 6. `reserve/mod.rs` `reserve_cmd` and `reserve/reserve.lua`: one `EVALSHA` spends the
-//!    nonce, checks the epoch, the idempotency record, the refusal, stock and hot balance,
-//!    pops the codes (ciphertext), debits the hot balance, records the reservation and
-//!    appends the fulfilment to the outbox stream. Its answer comes back as [`Reserved`]
-//!    (`Ok`, `Seen` or `Refused(Refusal)`: one mapping each way, `Refusal::wire`).
+//! 6. `reserve/mod.rs` `reserve_cmd` and `reserve/reserve.lua`: one `EVALSHA` takes the
+//!    order's token from the reseller's write bucket shared by every gateway
+//!    (`ratelimit/gcra.lua`), spends the nonce, checks the epoch, the idempotency record,
+//!    the refusal, stock and hot balance, pops the codes (ciphertext), debits the hot
+//!    balance, records the reservation and appends the fulfilment to the outbox stream.
+//!    Its answer comes back as [`Reserved`] (`Ok`, `Seen` or `Refused(Refusal)`: one
+//!    mapping each way, `Refusal::wire`), with the bucket for the `RateLimit-*` headers.
 //! 7. `ledger/writer.rs`: a ledger writer of some gateway reads the outbox (consumer
 //!    group), and commits a batch of fulfilments in one Postgres transaction through
 //!    `ledger_commit()` (the schema in `migrations/`): orders, their codes behind the
@@ -50,7 +52,7 @@ use crate::config::RiskAction;
 use crate::crypto::Purpose;
 use crate::error::ApiError;
 use crate::ledger::Settled;
-use crate::reserve::{self, Fulfilment, Guards, Refusal, Reserved};
+use crate::reserve::{self, Fulfilment, Guards, Refusal, Reservation, Reserved};
 
 /// Reservations retried after the last guard refused a code, before giving up.
 const LAST_GUARD_RETRIES: usize = 3;
@@ -240,11 +242,26 @@ async fn place_inner(
         let mut waiter = app.waiters.register(&f.order_id);
         let t = Instant::now();
         let mut redis = app.redis();
-        let nonce_key = nonce.as_ref().and_then(|n| n.take());
+        // The nonce and the request's write tokens, with the first reservation only.
+        let spend = nonce.as_ref().and_then(|n| n.take());
         let sourcing = product.as_ref().map_or(reserve::Sourcing::Local, |p| p.sourcing);
-        let cmd = reserve::reserve_cmd(&app.keys, &f, &fingerprint, refusal, ttl, nonce_key, &guards, sourcing);
-        let reserved = reserve::reserve(&mut redis, &cmd).await?;
+        let cmd = reserve::reserve_cmd(
+            &app.keys,
+            &f,
+            &fingerprint,
+            refusal,
+            ttl,
+            spend.map(|s| s.nonce_key),
+            spend.and_then(|s| s.charge),
+            &guards,
+            sourcing,
+        );
+        let Reservation { reserved, bucket } = reserve::reserve(&mut redis, &cmd).await?;
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
+        // The answer's RateLimit-* headers, whatever comes of the order.
+        if let Some(n) = &nonce {
+            n.tokens().record(bucket);
+        }
         let elements = match reserved {
             Reserved::Seen {
                 pending,
@@ -264,6 +281,11 @@ async fn place_inner(
                 });
             }
             Reserved::Refused(Refusal::NonceReused) => return Err(ApiError::NonceReused),
+            // Refused before the idempotency record was read, and Postgres is not asked
+            // either: an order over the limit must cost nothing more.
+            Reserved::Refused(Refusal::RateLimited) => {
+                return Err(nonce.map_or_else(|| Refusal::RateLimited.into(), |n| n.tokens().limited()))
+            }
             Reserved::Refused(refusal) => {
                 // Redis has no record of this number; Postgres may (the record expired,
                 // or Redis was rebuilt). Its answer wins over any refusal.

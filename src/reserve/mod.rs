@@ -7,18 +7,26 @@
 use std::sync::LazyLock;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::{Cmd, RedisError, Script};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 
 use crate::auth::signing::NONCE_TTL_SECS;
+use crate::ratelimit::global::{self, Charge};
+use crate::ratelimit::{Class, Outcome};
 use crate::store::keys::Keys;
 
 /// The outbox's consumer group: every gateway's ledger writer reads through it.
 pub const GROUP: &str = "ledger";
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
+/// The bucket's code comes first: the script charges the write bucket itself.
+static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("../ratelimit/gcra.lua"),
+        include_str!("reserve.lua")
+    ))
+});
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
 
@@ -103,6 +111,14 @@ pub enum Reserved {
     Upstream { signals: String },
 }
 
+/// What the reservation script answered, and the write bucket after it charged it
+/// (`None` when it took no tokens).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub reserved: Reserved,
+    pub bucket: Option<Outcome>,
+}
+
 /// Why a reservation took nothing. The first four are decided by the gateway before the
 /// script runs and passed to it, so that they are reported only after the idempotency
 /// check (a replay of an order placed before a price change still gets its order); the
@@ -125,10 +141,12 @@ pub enum Refusal {
     SpendLimitExceeded,
     /// Risk control holds the reseller's orders.
     RiskHold,
+    /// The reseller's write bucket, shared by every gateway, has not the tokens.
+    RateLimited,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 11] = [
+    const ALL: [Refusal; 12] = [
         Refusal::UnknownProduct,
         Refusal::ProductUnavailable,
         Refusal::QuantityOutOfRange,
@@ -140,6 +158,7 @@ impl Refusal {
         Refusal::InsufficientBalance,
         Refusal::SpendLimitExceeded,
         Refusal::RiskHold,
+        Refusal::RateLimited,
     ];
 
     pub fn wire(self) -> &'static str {
@@ -155,6 +174,7 @@ impl Refusal {
             Refusal::InsufficientBalance => "insufficient_balance",
             Refusal::SpendLimitExceeded => "spend_limit_exceeded",
             Refusal::RiskHold => "risk_hold",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 
@@ -177,6 +197,9 @@ impl From<Refusal> for ApiError {
             Refusal::InsufficientBalance => ApiError::InsufficientBalance,
             Refusal::SpendLimitExceeded => ApiError::SpendLimitExceeded,
             Refusal::RiskHold => ApiError::RiskHold,
+            // The bucket's own wait replaces this where the answer has it
+            // (`ratelimit::global::Tokens::limited`).
+            Refusal::RateLimited => ApiError::RateLimited { retry_after_secs: 1 },
             Refusal::Rebuilding | Refusal::NoHotBalance => ApiError::Unavailable {
                 what: "stock (being rebuilt)",
                 retry_after_secs: 1,
@@ -191,20 +214,17 @@ pub fn fingerprint(sku: &str, quantity: i64) -> String {
 }
 
 /// Runs a reservation built by [`reserve_cmd`] (`EVALSHA`, loading the script on first use).
-pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reserved, RedisError> {
-    let reply: Vec<Vec<u8>> = match cmd.query_async(conn).await {
-        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            RESERVE.prepare_invoke().load_async(conn).await?;
-            cmd.query_async(conn).await?
-        }
-        other => other?,
-    };
+pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reservation, RedisError> {
+    let reply: Vec<Vec<u8>> = crate::store::redis::evalsha(conn, &RESERVE, cmd).await?;
     parse_reserved(reply).ok_or_else(|| io_error("unexpected reply from the reservation script".into()))
 }
 
 /// The reservation's `EVALSHA`, built straight into one command buffer (a
 /// `ScriptInvocation` copies every argument once more); benches/order_path.rs measures it.
-/// `nonce_key`, a request nonce's key (`Keys::nonce`), is spent by the script first.
+/// `nonce_key`, a request nonce's key (`Keys::nonce`), is spent by the script first, and
+/// `charge`'s tokens are taken from the reseller's write bucket before that: the two go
+/// together, with the request's first reservation (a retry, or an order of a batch, has
+/// neither).
 #[allow(clippy::too_many_arguments)]
 pub fn reserve_cmd(
     keys: &Keys,
@@ -213,6 +233,7 @@ pub fn reserve_cmd(
     refusal: Option<Refusal>,
     record_ttl_secs: u64,
     nonce_key: Option<&str>,
+    charge: Option<&Charge>,
     guards: &Guards,
     sourcing: Sourcing,
 ) -> Cmd {
@@ -220,7 +241,7 @@ pub fn reserve_cmd(
     let fields = serde_json::to_vec(f).unwrap_or_default();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(RESERVE.get_hash())
-        .arg(if nonce_key.is_some() { 9 } else { 8 })
+        .arg(if nonce_key.is_some() { 10 } else { 9 })
         .arg(keys.idempotency(f.reseller, &f.merchant_order_no))
         .arg(keys.stock(f.product))
         .arg(keys.balance(f.reseller))
@@ -228,7 +249,8 @@ pub fn reserve_cmd(
         .arg(keys.epoch())
         .arg(keys.risk(f.reseller))
         .arg(keys.key_spend(&f.key_id))
-        .arg(keys.addresses(f.reseller));
+        .arg(keys.addresses(f.reseller))
+        .arg(keys.rate(f.reseller, Class::Writes));
     if let Some(k) = nonce_key {
         cmd.arg(k);
     }
@@ -256,6 +278,10 @@ pub fn reserve_cmd(
         Sourcing::Fallback => "fallback",
         Sourcing::Only => "only",
     });
+    match charge {
+        Some(c) => cmd.arg(c.n).arg(c.quota.interval_us).arg(c.quota.burst),
+        None => cmd.arg(0).arg(0).arg(0),
+    };
     cmd
 }
 
@@ -274,10 +300,12 @@ fn limit_arg(limit: Option<i64>) -> String {
     limit.map(|l| l.to_string()).unwrap_or_default()
 }
 
-fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
+fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reservation> {
     let mut it = reply.into_iter();
     let text = |v: Option<Vec<u8>>| v.and_then(|b| String::from_utf8(b).ok());
-    Some(match it.next()?.as_slice() {
+    let status = it.next()?;
+    let bucket = global::parse_bucket(&it.next()?)?;
+    let reserved = match status.as_slice() {
         b"ok" => Reserved::Ok {
             signals: text(it.next())?,
             elements: it.collect(),
@@ -292,7 +320,14 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reserved> {
         },
         b"refused" => Reserved::Refused(Refusal::from_wire(&it.next()?)?),
         _ => return None,
-    })
+    };
+    // The bucket refuses exactly when the script says rate_limited.
+    let limited = matches!(bucket, Some(Outcome::Refused { .. }));
+    let refused_for_rate = reserved == Reserved::Refused(Refusal::RateLimited);
+    if limited != refused_for_rate && reserved != Reserved::Refused(Refusal::NonceReused) {
+        return None;
+    }
+    Some(Reservation { reserved, bucket })
 }
 
 /// Acknowledges committed orders: deletes their outbox entries and marks their
@@ -391,39 +426,71 @@ mod tests {
         }
         for r in [
             Refusal::NonceReused,
+            Refusal::RateLimited,
             Refusal::Rebuilding,
             Refusal::OutOfStock,
             Refusal::NoHotBalance,
             Refusal::InsufficientBalance,
+            Refusal::SpendLimitExceeded,
+            Refusal::RiskHold,
         ] {
-            assert!(script.contains(&format!("{{'refused', '{}'}}", r.wire())), "{r:?}");
+            assert!(
+                script.contains(&format!("{{'refused', bucket, '{}'}}", r.wire())),
+                "{r:?}"
+            );
         }
+        assert_eq!(ApiError::from(Refusal::RateLimited).status().as_u16(), 429);
+        assert_eq!(ApiError::from(Refusal::RateLimited).code(), "rate_limited");
+        assert!(ApiError::from(Refusal::RateLimited).retry_after_secs().is_some());
     }
 
     #[test]
     fn replies_parse() {
         let b = |s: &str| s.as_bytes().to_vec();
+        let plain = |reserved| Some(Reservation { reserved, bucket: None });
         assert_eq!(
-            parse_reserved(vec![b("ok"), b("av"), b("x"), b("y")]),
-            Some(Reserved::Ok {
+            parse_reserved(vec![b("ok"), b(""), b("av"), b("x"), b("y")]),
+            plain(Reserved::Ok {
                 signals: "av".into(),
                 elements: vec![b("x"), b("y")]
             })
         );
         assert_eq!(
-            parse_reserved(vec![b("dup"), b("done"), b("s\n1"), b("ord_1")]),
-            Some(Reserved::Seen {
+            parse_reserved(vec![b("dup"), b(""), b("done"), b("s\n1"), b("ord_1")]),
+            plain(Reserved::Seen {
                 pending: false,
                 fingerprint: "s\n1".into(),
                 order_id: "ord_1".into()
             })
         );
         assert_eq!(
-            parse_reserved(vec![b("refused"), b("out_of_stock")]),
-            Some(Reserved::Refused(Refusal::OutOfStock))
+            parse_reserved(vec![b("refused"), b(""), b("out_of_stock")]),
+            plain(Reserved::Refused(Refusal::OutOfStock))
         );
-        assert_eq!(parse_reserved(vec![b("refused"), b("no_such_refusal")]), None);
-        assert_eq!(parse_reserved(vec![b("what")]), None);
+        // A charged bucket comes back whatever the outcome.
+        let charged = parse_reserved(vec![b("refused"), b("40 39 50000 0"), b("out_of_stock")]).unwrap();
+        assert_eq!(charged.bucket.map(|o| o.headers().remaining), Some(39));
+        let limited = parse_reserved(vec![b("refused"), b("40 0 2000000 25000"), b("rate_limited")]).unwrap();
+        assert_eq!(limited.reserved, Reserved::Refused(Refusal::RateLimited));
+        assert!(matches!(
+            limited.bucket,
+            Some(Outcome::Refused {
+                retry_after_secs: 1,
+                ..
+            })
+        ));
+        // A replay is counted too, admitted or not.
+        assert!(parse_reserved(vec![b("refused"), b("40 0 2000000 25000"), b("nonce_reused")]).is_some());
+        // The bucket and the answer must agree on whether it refused.
+        assert_eq!(
+            parse_reserved(vec![b("refused"), b("40 39 50000 0"), b("rate_limited")]),
+            None
+        );
+        assert_eq!(parse_reserved(vec![b("ok"), b("40 0 2000000 25000"), b("")]), None);
+        assert_eq!(parse_reserved(vec![b("refused"), b("1 2"), b("out_of_stock")]), None);
+        assert_eq!(parse_reserved(vec![b("refused"), b(""), b("no_such_refusal")]), None);
+        assert_eq!(parse_reserved(vec![b("refused"), b("out_of_stock")]), None);
+        assert_eq!(parse_reserved(vec![b("what"), b("")]), None);
         assert_eq!(parse_reserved(vec![]), None);
     }
 }

@@ -7,7 +7,8 @@
 --       5 epoch (the rebuild this state comes from; absent: Redis lost its state),
 --       6 the reseller's risk state (hash: hold, day, spent, m, n, avg),
 --       7 the key's spend (hash: day, spent), 8 the reseller's addresses (hash),
---       9 (optional) the request's nonce, spent here first: one round trip per order
+--       9 the reseller's write bucket (src/ratelimit/gcra.lua),
+--       10 (optional) the request's nonce, spent here first: one round trip per order
 -- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
 --       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
 --       7 the fulfilment's fields (JSON, for the ledger writer), 8 the nonce's TTL,
@@ -17,45 +18,60 @@
 --       14 the client address ('' when the new_address rule is off),
 --       15 this minute (unix minutes), 16 the velocity factor, 17 the velocity floor per
 --       minute ('' when the velocity rule is off), 18 upstream sourcing: '' none,
---       'fallback' when stock is short, 'only' always (docs/api.md §8)
+--       'fallback' when stock is short, 'only' always (docs/api.md §8),
+--       19 write tokens to take (0: none, as for the orders of a batch, which took
+--       theirs with the batch, and a reservation retried), 20 one token's interval
+--       (microseconds), 21 the burst
 --
--- Answers:
---   {'dup', state, fingerprint, order id}  the merchant_order_no was seen before
---   {'refused', code}                      nothing taken ('rebuilding': no epoch)
---   {'ok', signals, element...}            reserved; signals name the risk rules that
---                                          fired ('a' new address, 'v' velocity), elements
---                                          are stock elements
---   {'upstream', signals}                  money held and the number recorded, to be
---                                          bought upstream: nothing popped, nothing in
---                                          the outbox (src/upstream)
+-- Answers, each with the write bucket second (as take() reports it, '' when nothing
+-- was taken):
+--   {'dup', bucket, state, fingerprint, order id}  the merchant_order_no was seen before
+--   {'refused', bucket, code}                      nothing taken ('rebuilding': no epoch)
+--   {'ok', bucket, signals, element...}            reserved; signals name the risk rules
+--                                                  that fired ('a' new address, 'v'
+--                                                  velocity), elements are stock elements
+--   {'upstream', bucket, signals}                  money held and the number recorded, to
+--                                                  be bought upstream: nothing popped,
+--                                                  nothing in the outbox (src/upstream)
 --
--- A replayed request is refused before anything, even its own idempotency record.
-if KEYS[9] and not redis.call('SET', KEYS[9], '1', 'NX', 'EX', ARGV[8]) then
-  return {'refused', 'nonce_reused'}
+-- The write bucket is charged before anything, a replay too (every request counts as
+-- one), and a rate-limited order is refused before its idempotency record is read.
+local bucket, limited = '', false
+local tokens = tonumber(ARGV[19]) or 0
+if tokens > 0 then
+  bucket, limited = take(KEYS[9], tokens, tonumber(ARGV[20]), tonumber(ARGV[21]))
+end
+-- A replayed request is refused before anything else, even its own idempotency record;
+-- a rate-limited one still spends its nonce, so it cannot be sent again.
+if KEYS[10] and not redis.call('SET', KEYS[10], '1', 'NX', 'EX', ARGV[8]) then
+  return {'refused', bucket, 'nonce_reused'}
+end
+if limited then
+  return {'refused', bucket, 'rate_limited'}
 end
 -- Nothing is sold from a Redis that lost its state or is being rebuilt.
 local epoch = redis.call('GET', KEYS[5])
 if not epoch then
-  return {'refused', 'rebuilding'}
+  return {'refused', bucket, 'rebuilding'}
 end
 -- The idempotency check comes next, so a replay is answered as the original even
 -- when the product has gone off sale or the price has moved since.
 local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'order')
 if rec[1] then
-  return {'dup', rec[1], rec[2] or '', rec[3] or ''}
+  return {'dup', bucket, rec[1], rec[2] or '', rec[3] or ''}
 end
 if ARGV[5] ~= '' then
-  return {'refused', ARGV[5]}
+  return {'refused', bucket, ARGV[5]}
 end
 local risk = redis.call('HMGET', KEYS[6], 'hold', 'day', 'spent', 'm', 'n', 'avg')
 if risk[1] then
-  return {'refused', 'risk_hold'}
+  return {'refused', bucket, 'risk_hold'}
 end
 local qty = tonumber(ARGV[3])
 local upstream = ARGV[18] == 'only'
 if not upstream and redis.call('LLEN', KEYS[2]) < qty then
   if ARGV[18] ~= 'fallback' then
-    return {'refused', 'out_of_stock'}
+    return {'refused', bucket, 'out_of_stock'}
   end
   upstream = true
 end
@@ -67,7 +83,7 @@ if risk[2] == today then
   spent = tonumber(risk[3]) or 0
 end
 if ARGV[11] ~= '' and spent + amount > tonumber(ARGV[11]) then
-  return {'refused', 'spend_limit_exceeded'}
+  return {'refused', bucket, 'spend_limit_exceeded'}
 end
 local key_spent = 0
 if ARGV[12] ~= '' then
@@ -76,16 +92,16 @@ if ARGV[12] ~= '' then
     key_spent = tonumber(k[2]) or 0
   end
   if key_spent + amount > tonumber(ARGV[12]) then
-    return {'refused', 'spend_limit_exceeded'}
+    return {'refused', bucket, 'spend_limit_exceeded'}
   end
 end
 local balance = redis.call('GET', KEYS[3])
 if not balance then
   -- A reseller created while Redis was away: nothing is sold until the rebuild.
-  return {'refused', 'no_hot_balance'}
+  return {'refused', bucket, 'no_hot_balance'}
 end
 if tonumber(balance) + tonumber(ARGV[9]) < amount then
-  return {'refused', 'insufficient_balance'}
+  return {'refused', bucket, 'insufficient_balance'}
 end
 local codes = {}
 if not upstream then
@@ -141,7 +157,7 @@ if ARGV[14] ~= '' then
 end
 
 if upstream then
-  return {'upstream', signals}
+  return {'upstream', bucket, signals}
 end
 -- Elements are binary and may be many: one field, each element behind a 2-byte length.
 local packed = {}
@@ -151,8 +167,8 @@ for i = 1, #codes do
 end
 -- The epoch goes with the fulfilment: Postgres refuses it if a rebuild came between.
 redis.call('XADD', KEYS[4], '*', 'o', ARGV[7], 'c', table.concat(packed), 'e', epoch)
-local out = {'ok', signals}
+local out = {'ok', bucket, signals}
 for i = 1, #codes do
-  out[i + 2] = codes[i]
+  out[i + 3] = codes[i]
 end
 return out

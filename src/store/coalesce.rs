@@ -7,10 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use redis::aio::ConnectionManager;
-use redis::{Arg, Pipeline, RedisError, Value};
+use redis::{Arg, ErrorKind, Pipeline, RedisError, Value};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-
-use crate::error::ApiError;
 
 /// Pipelines out at once: while they are, new requests queue for the next.
 const IN_FLIGHT: usize = 4;
@@ -18,8 +16,9 @@ const IN_FLIGHT: usize = 4;
 const MAX_REQUESTS: usize = 256;
 
 struct Job {
-    pipe: Pipeline,
-    reply: oneshot::Sender<Result<Vec<Value>, ApiError>>,
+    /// Shared with the caller, which may send it again (a script Redis had not loaded).
+    pipe: Arc<Pipeline>,
+    reply: oneshot::Sender<Result<Vec<Value>, RedisError>>,
 }
 
 #[derive(Clone)]
@@ -36,11 +35,17 @@ impl Coalescer {
     }
 
     /// Runs `pipe`'s commands, in order, in a pipeline shared with other requests and
-    /// returns their replies. A command Redis refuses fails this request only.
-    pub async fn query(&self, pipe: Pipeline) -> Result<Vec<Value>, ApiError> {
+    /// returns their replies. A command Redis refuses fails this request only, with
+    /// Redis's error as it is (a `NOSCRIPT` can be told apart and acted on).
+    pub async fn query(&self, pipe: impl Into<Arc<Pipeline>>) -> Result<Vec<Value>, RedisError> {
         let (reply, answer) = oneshot::channel();
-        let gone = || ApiError::internal(anyhow::anyhow!("the Redis coalescer has stopped"));
-        self.jobs.send(Job { pipe, reply }).map_err(|_| gone())?;
+        let gone = || RedisError::from((ErrorKind::Client, "the Redis coalescer has stopped"));
+        self.jobs
+            .send(Job {
+                pipe: pipe.into(),
+                reply,
+            })
+            .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 }
@@ -102,10 +107,10 @@ async fn send(redis: &mut ConnectionManager, jobs: Vec<Job>) {
     match pipe.query_async::<Vec<Value>>(redis).await {
         Ok(values) if values.len() != pipe.len() => {
             for j in jobs {
-                let _ = j.reply.send(Err(ApiError::internal(anyhow::anyhow!(
-                    "a pipeline of {} commands had {} replies",
-                    pipe.len(),
-                    values.len()
+                let _ = j.reply.send(Err(RedisError::from((
+                    ErrorKind::Client,
+                    "pipeline reply of the wrong length",
+                    format!("{} commands, {} replies", pipe.len(), values.len()),
                 ))));
             }
         }
@@ -117,19 +122,19 @@ async fn send(redis: &mut ConnectionManager, jobs: Vec<Job>) {
         }
         Err(e) => {
             for j in jobs {
-                let _ = j.reply.send(Err(ApiError::redis(&e)));
+                let _ = j.reply.send(Err(e.clone()));
             }
         }
     }
 }
 
 /// One request's replies, or its first refused command as an error.
-fn own(values: Vec<Value>) -> Result<Vec<Value>, ApiError> {
+fn own(values: Vec<Value>) -> Result<Vec<Value>, RedisError> {
     match values.iter().find_map(|v| match v {
         Value::ServerError(e) => Some(e.clone()),
         _ => None,
     }) {
-        Some(e) => Err(ApiError::from(RedisError::from(e))),
+        Some(e) => Err(RedisError::from(e)),
         None => Ok(values),
     }
 }

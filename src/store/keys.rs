@@ -80,6 +80,17 @@ impl Keys {
         self.key(&["addrs", &reseller_pk.to_string()])
     }
 
+    /// A reseller's token bucket of one class, shared by every gateway: its GCRA
+    /// theoretical arrival time in microseconds of Redis's clock, expiring when the bucket
+    /// is full again ([`crate::ratelimit::global`]).
+    pub fn rate(&self, reseller_pk: i64, class: crate::ratelimit::Class) -> String {
+        let class = match class {
+            crate::ratelimit::Class::Reads => "r",
+            crate::ratelimit::Class::Writes => "w",
+        };
+        self.key(&["rate", class, &reseller_pk.to_string()])
+    }
+
     /// Signatures that did not verify for one existing key in one minute.
     pub fn signature_failures(&self, key_id: &str, minute: i64) -> String {
         self.key(&["sigfail", key_id, &minute.to_string()])
@@ -104,5 +115,7 @@ mod tests {
         assert_eq!(k.balance(3), "cg:{s0}:bal:3");
         assert_eq!(k.idempotency(3, "M-1"), "cg:{s0}:idem:3:M-1");
         assert_eq!(k.outbox(), "cg:{s0}:outbox");
+        assert_eq!(k.rate(3, crate::ratelimit::Class::Writes), "cg:{s0}:rate:w:3");
+        assert_eq!(k.rate(3, crate::ratelimit::Class::Reads), "cg:{s0}:rate:r:3");
     }
 }

@@ -29,3 +29,19 @@ pub async fn connect(client: &redis::Client, config: &Config) -> anyhow::Result<
 pub async fn ping(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
     redis::cmd("PING").query_async::<()>(conn).await
 }
+
+/// Runs a script's `EVALSHA`, loading the script first when Redis does not have it (a
+/// restarted Redis has none).
+pub async fn evalsha<C: redis::aio::ConnectionLike, T: redis::FromRedisValue>(
+    conn: &mut C,
+    script: &redis::Script,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}

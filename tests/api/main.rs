@@ -14,6 +14,7 @@ mod callbacks;
 mod config;
 mod early_refusals;
 mod faults;
+mod global_limits;
 mod hot_balance;
 mod http_surface;
 mod import;

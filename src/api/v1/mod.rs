@@ -4,28 +4,34 @@
 pub mod orders;
 pub mod reads;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
+use redis::{ErrorKind, ServerErrorKind};
 
 use crate::app::App;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use crate::auth::reseller::{authorization, nonce_fresh, spend_nonce, verify, Caller, Nonce, Verified};
+use crate::auth::reseller::{authorization, verify, Caller, Nonce, Verified};
 use crate::auth::scopes::Scope;
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
 use crate::overload::Slot;
+use crate::ratelimit::global::{self, Charge, Tokens};
 use crate::ratelimit::{Class, Headers, Outcome};
 
-/// A signed request past authentication and the rate limiter.
+/// A signed request past authentication (and, when its tokens are taken already, the
+/// rate limit).
 pub struct Signed {
     pub parts: hyper::http::request::Parts,
     pub body: bytes::Bytes,
     verified: Verified,
-    headers: Option<Headers>,
-    /// Set once the nonce was spent (or sent to be): by [`Signed::query`], by the
-    /// reservation script ([`Signed::nonce`]), by [`Signed::spend`] or by [`Signed::finish`].
+    /// The request's tokens, taken with its nonce, and what the bucket then said.
+    tokens: Tokens,
+    /// Set once the nonce was spent (or sent to be), its tokens with it: by [`begin`]
+    /// when the local shield refused, by [`Signed::query`], by the reservation script
+    /// ([`Signed::nonce`]), by [`Signed::spend`] or by [`Signed::finish`].
     nonce_spent: AtomicBool,
     /// Order requests (the writes) hold their place in the overload count until answered.
     _admitted: Option<Slot>,
@@ -38,20 +44,26 @@ pub enum Begin {
 }
 
 /// Checks the `Authorization` header and its timestamp, reads the body (it is signed),
-/// verifies the signature and that the key's scopes cover `scope`, and takes
-/// `cost(body, tier)` tokens from the caller's bucket of the scope's class (a batch of
-/// orders costs one per order). A refusal for the allow-list, suspension or scope costs
-/// one token and spends the nonce first (on its own, for orders too: the refusal is not
-/// the order path), so a replay is told `nonce_reused` and the refused request cannot be
-/// sent again. Otherwise the nonce is spent by the handler before it changes or reveals
-/// anything: in the same Redis round trip as its own commands (a read's
-/// [`Signed::query`], an order's reservation script through [`Signed::nonce`]), or on its
-/// own ([`Signed::spend`]); a handler that never touches Redis has it spent by
-/// [`Signed::finish`] before its answer goes out. Either way a replay is answered
-/// `nonce_reused`.
+/// verifies the signature and that the key's scopes cover `scope`, admits an order
+/// request under overload, and prices the request at `cost(body, tier)` tokens of its
+/// scope's class (a batch of orders costs one per order). The tokens are taken from the
+/// reseller's bucket in Redis, shared by every gateway, by the same command that spends
+/// the nonce (`ratelimit::global`). A refusal for the allow-list, suspension or scope
+/// costs one token and spends the nonce at once (on its own, for orders too: the refusal
+/// is not the order path), so a replay is told `nonce_reused` and the refused request
+/// cannot be sent again. So is a request this gateway's local shield refuses: the bucket
+/// decides it now, before any handler work. Otherwise the handler spends both before it
+/// changes or reveals anything: in the same Redis round trip as its own commands (a
+/// read's [`Signed::query`], an order's reservation script through [`Signed::nonce`]),
+/// or on its own ([`Signed::spend`]); a handler that never touches Redis has them spent
+/// by [`Signed::finish`] before its answer goes out. Either way a replay is answered
+/// `nonce_reused` and a request over the limit `rate_limited`, whatever the handler made
+/// of it.
 ///
 /// Every answer from the point the caller is known carries the `RateLimit-*` headers of
-/// its bucket; a `401` cannot (it must not tell whether the key exists).
+/// its bucket, as the command that took the tokens read it; a `401` cannot (it must not
+/// tell whether the key exists), nor can a `503 overloaded` (shed before the bucket is
+/// asked, it takes nothing).
 pub async fn begin(
     app: &App,
     ctx: &Ctx,
@@ -65,7 +77,7 @@ pub async fn begin(
     let body = body::read_json_body(&parts, body, &app.config.http).await?;
     let mut verified = verify(app, ctx, &parts, &header, &body, scope)?;
     let refusal = verified.refusal.take();
-    let r = &verified.caller.reseller;
+    let r = Arc::clone(&verified.caller.reseller);
     let refused = |e: &ApiError, headers: Option<Headers>| -> Result<Begin, ApiError> {
         let mut resp = crate::http::response::error(e, &ctx.request_id);
         if let Some(h) = headers {
@@ -74,44 +86,71 @@ pub async fn begin(
         Ok(Begin::Done(resp))
     };
     if let Some(refusal) = refusal {
-        // Counted like any request, so a refused caller cannot call without limit.
-        let headers = app.rate_limits.check(&r.tier, class, r.pk, 1).map(Outcome::headers);
-        let e = spend_nonce(app, &verified).await.err().unwrap_or(refusal);
-        return refused(&e, headers);
-    }
-    let headers = match app.rate_limits.check(&r.tier, class, r.pk, cost(&body, &r.tier).max(1)) {
-        None => None,
-        Some(Outcome::Allowed(h)) => Some(h),
-        Some(Outcome::Refused {
-            headers,
-            retry_after_secs,
-        }) => {
-            if let Err(e) = spend_nonce(app, &verified).await {
-                return refused(&e, Some(headers));
+        // Counted like any request, so a refused caller cannot call without limit; the
+        // refusal is the answer whether the bucket had the token or not.
+        let _ = app.rate_limits.check(&r.tier, class, r.pk, 1);
+        let tokens = Tokens::new(Charge::new(&app.config.tiers, &r.tier, class, r.pk, 1));
+        let e = match global::admit(&mut app.redis(), &app.keys, verified.nonce_key(), tokens.charge()).await {
+            Ok(spent) => {
+                tokens.record(spent.bucket);
+                if spent.nonce_fresh {
+                    refusal
+                } else {
+                    ApiError::NonceReused
+                }
             }
-            metrics::counter!("cardgate_rate_limited_total", "tier" => r.tier.clone(), "class" => class_label(class))
-                .increment(1);
-            return refused(&ApiError::RateLimited { retry_after_secs }, Some(headers));
-        }
-    };
+            Err(e) => e.into(),
+        };
+        return refused(&e, tokens.headers());
+    }
     let mut admitted = None;
     if class == Class::Writes {
-        // Before the nonce: a shed request costs no Redis round trip, and since nothing of
-        // it was done, the same signed request may simply be sent again. A batch is
-        // admitted or shed whole.
+        // Before the nonce and the tokens: a shed request costs no Redis round trip, and
+        // since nothing of it was done, the same signed request may simply be sent again.
+        // A batch is admitted or shed whole.
         match app.admission.admit(&r.tier) {
             Ok(slot) => admitted = Some(slot),
-            Err(e) => return refused(&e, headers),
+            Err(e) => return refused(&e, None),
+        }
+    }
+    let n = cost(&body, &r.tier).max(1);
+    let tokens = Tokens::new(Charge::new(&app.config.tiers, &r.tier, class, r.pk, n));
+    let mut nonce_spent = false;
+    if let Some(Outcome::Refused { .. }) = app.rate_limits.check(&r.tier, class, r.pk, n) {
+        // The shield is almost surely right, and its refusal needs this round trip for the
+        // nonce anyway; but the bucket decides. It admits when this gateway's shield spent
+        // tokens on requests the bucket refused (other gateways took them first): then the
+        // request goes on, its tokens taken.
+        nonce_spent = true;
+        let spent = spend(app, &verified, &tokens).await;
+        if let Some(o) = tokens.outcome() {
+            let bucket = match o {
+                Outcome::Allowed(_) => "admitted",
+                Outcome::Refused { .. } => "refused",
+            };
+            metrics::counter!("cardgate_rate_limit_shield_total", "class" => class.label(), "bucket" => bucket)
+                .increment(1);
+        }
+        if let Err(e) = spent {
+            return refused(&e, tokens.headers());
         }
     }
     Ok(Begin::Go(Box::new(Signed {
         parts,
         body,
         verified,
-        headers,
-        nonce_spent: AtomicBool::new(false),
+        tokens,
+        nonce_spent: AtomicBool::new(nonce_spent),
         _admitted: admitted,
     })))
+}
+
+/// Spends the nonce and takes the tokens on their own round trip. Only a verified request
+/// may, so nobody can burn another's nonces or tokens.
+async fn spend(app: &App, verified: &Verified, tokens: &Tokens) -> Result<(), ApiError> {
+    let mut redis = app.redis();
+    let spent = global::admit(&mut redis, &app.keys, verified.nonce_key(), tokens.charge()).await?;
+    tokens.settle(spent)
 }
 
 impl Signed {
@@ -119,37 +158,51 @@ impl Signed {
         &self.verified.caller
     }
 
-    /// Runs `pipe` with the nonce's `SET NX` added at its end, in one Redis round trip
-    /// shared with the other reads of the moment, and returns the replies of `pipe`'s own
-    /// commands, or `nonce_reused`. Reads have no side effects, so where the nonce stands
-    /// in the pipeline does not matter; it is checked before anything is answered.
+    /// Runs `pipe` with the nonce spent and the tokens taken at its end (`admit.lua`),
+    /// in one Redis round trip shared with the other reads of the moment, and returns the
+    /// replies of `pipe`'s own commands, or `nonce_reused`, or `rate_limited`. Reads have
+    /// no side effects, so where the nonce stands in the pipeline does not matter; it is
+    /// checked before anything is answered.
     pub async fn query(&self, app: &App, mut pipe: redis::Pipeline) -> Result<Vec<redis::Value>, ApiError> {
-        self.verified.spend_in(&mut pipe);
-        let mut replies = app.coalescer.query(pipe).await?;
-        self.nonce_spent.store(true, Ordering::Relaxed);
-        let nonce = replies
-            .pop()
-            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty pipeline reply")))?;
-        nonce_fresh(&nonce)?;
+        let spend = self.nonce().take();
+        if let Some(s) = spend {
+            pipe.add_command(global::admit_cmd(&app.keys, s.nonce_key, s.charge));
+        }
+        let pipe = Arc::new(pipe);
+        let mut replies = match app.coalescer.query(Arc::clone(&pipe)).await {
+            // A restarted Redis has no scripts: the admit command alone was refused, so
+            // nothing was spent or taken, and the reads may simply be asked again.
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                global::load(&mut app.redis()).await?;
+                app.coalescer.query(pipe).await?
+            }
+            other => other?,
+        };
+        if spend.is_some() {
+            let admit = replies
+                .pop()
+                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty pipeline reply")))?;
+            self.tokens.settle(global::read_admit(admit)?)?;
+        }
         Ok(replies)
     }
 
-    /// The nonce for a Redis script of the handler's to spend first thing, atomically
-    /// with its own work: see [`Nonce::take`].
+    /// The nonce and the tokens for a Redis script of the handler's to spend first thing,
+    /// atomically with its own work: see [`Nonce::take`].
     pub fn nonce(&self) -> Nonce<'_> {
-        Nonce::new(self.verified.nonce_key(), &self.nonce_spent)
+        Nonce::new(self.verified.nonce_key(), &self.nonce_spent, &self.tokens)
     }
 
-    /// Spends the nonce on its own round trip, unless it was already.
+    /// Spends the nonce and takes the tokens on their own round trip, unless that was done.
     pub async fn spend(&self, app: &App) -> Result<(), ApiError> {
-        if !self.nonce_spent.swap(true, Ordering::Relaxed) {
-            spend_nonce(app, &self.verified).await?;
+        if self.nonce().take().is_some() {
+            spend(app, &self.verified, &self.tokens).await?;
         }
         Ok(())
     }
 
-    /// Spends the nonce if the handler did not, then puts the `RateLimit-*` headers on
-    /// the answer, refusals included.
+    /// Spends the nonce and takes the tokens if the handler did not, then puts the
+    /// `RateLimit-*` headers on the answer, refusals included.
     pub async fn finish(
         self,
         app: &App,
@@ -158,7 +211,7 @@ impl Signed {
     ) -> Result<Response<Body>, ApiError> {
         let result = self.spend(app).await.and(result);
         let mut resp = result.unwrap_or_else(|e| crate::http::response::error(&e, &ctx.request_id));
-        if let Some(h) = self.headers {
+        if let Some(h) = self.tokens.headers() {
             set_headers(&mut resp, h);
         }
         Ok(resp)
@@ -185,13 +238,6 @@ fn class_of(scope: Scope) -> Class {
     match scope {
         Scope::OrdersWrite => Class::Writes,
         Scope::CatalogueRead | Scope::OrdersRead | Scope::BalanceRead => Class::Reads,
-    }
-}
-
-fn class_label(c: Class) -> &'static str {
-    match c {
-        Class::Reads => "reads",
-        Class::Writes => "writes",
     }
 }
 

@@ -60,7 +60,8 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
     };
     let s = signed!(app, ctx, req, Scope::OrdersWrite, count);
     let result = async {
-        // Before anything: the orders below run concurrently, none can carry the nonce.
+        // Before anything: the orders below run concurrently, none can carry the nonce,
+        // so the nonce is spent here, and the batch's tokens taken with it, all or none.
         s.spend(app).await?;
         let v: Value = body::parse_json(&s.body)?;
         if let Some(o) = v.as_object() {
