@@ -84,6 +84,7 @@ fn bench(c: &mut Criterion) {
                 charge.as_ref(),
                 &guards,
                 Sourcing::Local,
+                true,
             )
             .get_packed_command()
         })

@@ -163,10 +163,10 @@ fields='{"order_id":"ord_bench","reseller":1,"merchant_order_no":"M","product":1
 hostport=${CARDGATE_REDIS_URL#redis://}; hostport=${hostport%%/*}
 for c in $conns; do
   rb=$(redis-benchmark -h "${hostport%:*}" -p "${hostport#*:}" -c "$c" -n "$rb_n" -r 1000000000 --csv \
-    EVALSHA "$sha" 10 "$bench:idem:1:__rand_int__" "$bench:stock" "$bench:bal" "$bench:outbox" "$bench:epoch" \
-    "$bench:risk:1" "$bench:kspend:ak_bench" "$bench:addrs:1" "$bench:rate:w:1" "$bench:nonce:__rand_int__" \
+    EVALSHA "$sha" 11 "$bench:idem:1:__rand_int__" "$bench:stock" "$bench:bal" "$bench:outbox" "$bench:epoch" \
+    "$bench:risk:1" "$bench:kspend:ak_bench" "$bench:addrs:1" "$bench:rate:w:1" "$bench:sold" "$bench:nonce:__rand_int__" \
     ord___rand_int__ s1 1 9800 "" 600 "$fields" 600 0 "$(date -u +%F)" "" "" "$(date +%s)" 127.0.0.1 \
-    "$(($(date +%s) / 60))" 10 60 "" 1 1 1000000000 | tail -1)
+    "$(($(date +%s) / 60))" 10 60 "" 1 1 1000000000 cells | tail -1)
   # The command (first CSV column) holds quotes of its own: count columns from the end
   # (rps, avg, min, p50, p95, p99, max).
   python3 - "$rb" "$c" >>"$results" <<'PY'

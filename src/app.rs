@@ -84,7 +84,7 @@ impl App {
         store::pg::ping(&pg_orders).await.context("Postgres is not answering")?;
         let redis_client = store::redis::client(&config)?;
         let redis = store::redis::connect(&redis_client, &config).await?;
-        let keys = Keys::new(&config.redis_prefix);
+        let keys = Keys::with_cells(&config.redis_prefix, config.redis.cells);
         let crypto = Crypto::new(&settings.master_key);
         let jwt_secret = config
             .jwt_secret

@@ -135,6 +135,11 @@ pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
     pub rebuild_recent_orders: u64,
+    /// Home cells resellers are spread over (docs/design.md, "Scale-out"); each is one
+    /// hash tag, so a Redis Cluster can place them on different nodes. 1: one tag.
+    pub cells: u32,
+    /// How often the stock mover rebalances the cells' pools, in milliseconds.
+    pub mover_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -287,6 +292,13 @@ impl Config {
     /// Checks every setting and decodes the ones used in binary form. Messages name the
     /// setting and never echo a secret's value.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
+        // A hash slot per cell at most: Redis Cluster has 16384.
+        if !(1..=16384).contains(&self.redis.cells) {
+            return Err(ConfigError::setting(
+                "redis.cells (CARDGATE_REDIS__CELLS)",
+                "must be between 1 and 16384",
+            ));
+        }
         let listen: SocketAddr = self
             .listen
             .parse()

@@ -27,9 +27,12 @@ pub async fn step(app: &App) -> anyhow::Result<()> {
         .await?;
     let mut pipe = redis::pipe();
     for p in &products {
-        pipe.cmd("LLEN").arg(app.keys.stock(p.get(0)));
+        for cell in app.keys.all_cells() {
+            pipe.cmd("LLEN").arg(app.keys.stock(cell, p.get(0)));
+        }
     }
     let lengths: Vec<i64> = pipe.query_async(&mut app.redis()).await?;
+    let lengths = lengths.chunks(app.keys.cells() as usize).map(|c| c.iter().sum::<i64>());
     for (p, len) in products.iter().zip(lengths) {
         let sku: String = p.get(1);
         if let Some(t) = p.get::<_, Option<i32>>(2) {

@@ -170,8 +170,8 @@ pub async fn take_hold(
     let mut redis = app.redis();
     let taken: i64 = HOLD
         .key(app.keys.balance(reseller_pk))
-        .key(app.keys.epoch())
-        .key(app.keys.hot_movement(&hold_id(reseller_pk, reference)))
+        .key(app.keys.epoch(app.keys.cell_of(reseller_pk)))
+        .key(app.keys.hot_movement(reseller_pk, &hold_id(reseller_pk, reference)))
         .arg(amount)
         .arg(epoch)
         .arg(MARKER_TTL_SECS)
@@ -323,8 +323,8 @@ async fn settle_rows(app: &App, reseller_pk: Option<i64>) -> anyhow::Result<usiz
         let script = if kind == "credit" { &*CREDIT } else { &*RELEASE };
         let outcome: redis::RedisResult<i64> = script
             .key(app.keys.balance(pk))
-            .key(app.keys.epoch())
-            .key(app.keys.hot_movement(&movement))
+            .key(app.keys.epoch(app.keys.cell_of(pk)))
+            .key(app.keys.hot_movement(pk, &movement))
             .arg(amount)
             .arg(epoch)
             .arg(MARKER_TTL_SECS)
@@ -380,7 +380,7 @@ pub async fn unapplied(
             continue;
         }
         let marked: bool = redis::cmd("EXISTS")
-            .arg(app.keys.hot_movement(&movement))
+            .arg(app.keys.hot_movement(pk, &movement))
             .query_async(redis)
             .await?;
         // A credit lowers the gap once applied (marked); a hold while taken (marked).

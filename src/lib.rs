@@ -108,12 +108,14 @@ impl Server {
 
     /// For tests: the periodic background loops (the health and rebuild watcher, callback
     /// delivery, gauges, rollups, hot-balance settling, the rebates' monthly close, keys'
-    /// last use, growth, risk signals, upstream purchases, suppliers' balances) are not
-    /// started; the test runs their steps itself (`health::check`, `Dispatcher::step`,
-    /// `gauges::step`, `rollups::step`, `hot_balance::settle_due`, `rebates::step`,
-    /// `auth::last_used::flush`, `growth::step`, `risk::step`, `upstream::step`,
-    /// `upstream::health::poll_balances`) and so never waits for them. The ledger writers
-    /// and the cache listeners still run: orders need them.
+    /// last use, growth, risk signals, upstream purchases, suppliers' balances, the stock
+    /// mover's rebalancing) are not started; the test runs their steps itself
+    /// (`health::check`, `Dispatcher::step`, `gauges::step`, `rollups::step`,
+    /// `hot_balance::settle_due`, `rebates::step`, `auth::last_used::flush`,
+    /// `growth::step`, `risk::step`, `upstream::step`, `upstream::health::poll_balances`,
+    /// `stock::mover::step`) and so never waits for them. The ledger writers and the cache
+    /// listeners still run: orders need them, as they need a dry cell filled at once
+    /// (`stock::mover::fill`, called by the order itself).
     pub fn manual_background(mut self) -> Self {
         self.manual_background = true;
         self
@@ -155,6 +157,7 @@ impl Server {
             tasks.spawn(upstream::run(self.app.clone()));
             tasks.spawn(upstream::health::run(self.app.clone()));
             tasks.spawn(auth::last_used::run(self.app.clone()));
+            tasks.spawn(stock::mover::run(self.app.clone()));
         }
         let writers: Vec<_> = (0..self.app.config.orders.ledger_writers)
             .map(|i| tasks.spawn(ledger::writer::run(self.app.clone(), stopped.clone(), i == 0)))

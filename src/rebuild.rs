@@ -55,9 +55,17 @@ pub async fn fence(tx: &impl GenericClient) -> Result<i64, tokio_postgres::Error
     Ok(tx.query_one("SELECT redis_fence()", &[]).await?.get(0))
 }
 
-/// The epoch Redis's state comes from; `None` when Redis has lost it.
+/// The epoch Redis's state comes from; `None` when any cell has lost it (or the cells
+/// disagree, as in the middle of a rebuild).
 pub async fn redis_epoch<C: ConnectionLike>(redis: &mut C, app: &App) -> redis::RedisResult<Option<i64>> {
-    redis::cmd("GET").arg(app.keys.epoch()).query_async(redis).await
+    // One GET per cell: a cluster serves each from its own node.
+    let mut pipe = redis::pipe();
+    for cell in app.keys.all_cells() {
+        pipe.cmd("GET").arg(app.keys.epoch(cell));
+    }
+    let epochs: Vec<Option<i64>> = pipe.query_async(redis).await?;
+    let first = epochs.first().copied().flatten();
+    Ok(first.filter(|e| epochs.iter().all(|x| *x == Some(*e))))
 }
 
 /// Rebuilds Redis unless it is at Postgres's epoch already (always, with `force`).
@@ -78,22 +86,24 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
         .await?
         .get(0);
     tracing::warn!(epoch, "rebuilding Redis from Postgres; orders wait until it is done");
-    // From here nothing is sold, and no late write of an earlier change lands.
-    redis::cmd("DEL")
-        .arg(app.keys.epoch())
-        .query_async::<()>(&mut redis)
-        .await?;
+    // From here nothing is sold in any cell, and no late write of an earlier change lands.
+    let mut pipe = redis::pipe();
+    for cell in app.keys.all_cells() {
+        pipe.cmd("DEL").arg(app.keys.epoch(cell)).ignore();
+    }
+    send(pipe, &mut redis).await?;
     let dropped_in_flight = drop_in_flight(app, &mut redis).await?;
     let (products, codes) = load_stock(app, &tx, &mut redis).await?;
     let balances = load_balances(app, &tx, &mut redis).await?;
     load_risk(app, &tx, &mut redis).await?;
     let idempotency_records = load_records(app, &tx, &mut redis).await?;
-    // The ledger writers create the outbox's consumer group again when they find it gone.
-    redis::cmd("SET")
-        .arg(app.keys.epoch())
-        .arg(epoch)
-        .query_async::<()>(&mut redis)
-        .await?;
+    // The ledger writers create the outboxes' consumer groups again when they find them
+    // gone. Every cell gets the epoch: each script checks its own cell's.
+    let mut pipe = redis::pipe();
+    for cell in app.keys.all_cells() {
+        pipe.cmd("SET").arg(app.keys.epoch(cell)).arg(epoch).ignore();
+    }
+    send(pipe, &mut redis).await?;
     tx.commit().await.context("committing the rebuild's epoch")?;
     let seconds = started.elapsed().as_secs_f64();
     metrics::counter!("cardgate_redis_rebuilds_total").increment(1);
@@ -115,26 +125,29 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
 /// commit any more (their epoch is gone), and a record left `pending` would answer
 /// `order_in_progress` for days.
 async fn drop_in_flight(app: &App, redis: &mut ConnectionManager) -> anyhow::Result<u64> {
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(app.keys.outbox())
-        .arg("-")
-        .arg("+")
-        .query_async(redis)
-        .await?;
-    let mut pipe = redis::pipe();
     let mut dropped = 0;
-    for e in entries.ids.iter().filter_map(reserve::Entry::decode) {
-        pipe.cmd("DEL")
-            .arg(app.keys.idempotency(e.f.reseller, &e.f.merchant_order_no))
-            .ignore();
-        dropped += 1;
+    for cell in app.keys.all_cells() {
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(app.keys.outbox(cell))
+            .arg("-")
+            .arg("+")
+            .query_async(redis)
+            .await?;
+        let mut pipe = redis::pipe();
+        for e in entries.ids.iter().filter_map(reserve::Entry::decode) {
+            pipe.cmd("DEL")
+                .arg(app.keys.idempotency(e.f.reseller, &e.f.merchant_order_no))
+                .ignore();
+            dropped += 1;
+        }
+        pipe.cmd("DEL").arg(app.keys.outbox(cell)).ignore();
+        send(pipe, redis).await?;
     }
-    pipe.cmd("DEL").arg(app.keys.outbox()).ignore();
-    send(pipe, redis).await?;
     Ok(dropped)
 }
 
-/// Every available code, in import order, onto its product's stock list.
+/// Every available code, in import order, into its product's pools, dealt over the cells
+/// in turn; the pools and transfers of the lost state go first.
 async fn load_stock(
     app: &App,
     tx: &deadpool_postgres::Transaction<'_>,
@@ -146,11 +159,9 @@ async fn load_stock(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let mut pipe = redis::pipe();
     for p in &products {
-        pipe.cmd("DEL").arg(app.keys.stock(*p)).ignore();
+        crate::stock::mover::clear(app, redis, *p).await?;
     }
-    send(pipe, redis).await?;
 
     let rows = tx
         .query_raw(
@@ -159,35 +170,45 @@ async fn load_stock(
         )
         .await?;
     pin_mut!(rows);
+    let cells = app.keys.cells() as usize;
     let mut pipe = redis::pipe();
     let (mut queued, mut codes) = (0usize, 0u64);
-    let mut chunk: Vec<Vec<u8>> = Vec::with_capacity(PUSH_CHUNK);
+    // One chunk per cell; the product's n-th code goes to cell n mod cells.
+    let mut chunks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); cells];
     let mut chunk_product = None;
-    let push = |pipe: &mut redis::Pipeline, product: i64, chunk: &mut Vec<Vec<u8>>| {
-        if !chunk.is_empty() {
-            pipe.cmd("RPUSH").arg(app.keys.stock(product)).arg(&*chunk).ignore();
-            chunk.clear();
+    let mut dealt = 0usize;
+    let push = |pipe: &mut redis::Pipeline, product: i64, chunks: &mut Vec<Vec<Vec<u8>>>| {
+        for (cell, chunk) in chunks.iter_mut().enumerate() {
+            if !chunk.is_empty() {
+                pipe.cmd("RPUSH")
+                    .arg(app.keys.stock(cell as u32, product))
+                    .arg(&*chunk)
+                    .ignore();
+                chunk.clear();
+            }
         }
     };
     while let Some(row) = rows.try_next().await? {
         let product: i64 = row.get(0);
-        if chunk_product.is_some_and(|p| p != product) || chunk.len() == PUSH_CHUNK {
-            push(&mut pipe, chunk_product.unwrap_or(product), &mut chunk);
+        if chunk_product.is_some_and(|p| p != product) {
+            push(&mut pipe, chunk_product.unwrap_or(product), &mut chunks);
+            dealt = 0;
         }
         chunk_product = Some(product);
-        chunk.push(crate::stock::element(row.get(1), row.get::<_, &[u8]>(2)));
+        chunks[dealt % cells].push(crate::stock::element(row.get(1), row.get::<_, &[u8]>(2)));
+        dealt += 1;
         codes += 1;
         queued += 1;
-        if queued == PIPELINE_ELEMENTS {
+        if queued == PIPELINE_ELEMENTS || chunks.iter().any(|c| c.len() == PUSH_CHUNK) {
             if let Some(p) = chunk_product {
-                push(&mut pipe, p, &mut chunk);
+                push(&mut pipe, p, &mut chunks);
             }
             send(std::mem::replace(&mut pipe, redis::pipe()), redis).await?;
             queued = 0;
         }
     }
     if let Some(p) = chunk_product {
-        push(&mut pipe, p, &mut chunk);
+        push(&mut pipe, p, &mut chunks);
     }
     send(pipe, redis).await?;
     Ok((products.len() as u64, codes))
@@ -209,12 +230,17 @@ async fn load_balances(
             &[],
         )
         .await?;
+    // One SET each: the balances are in their resellers' cells, and a multi-key command
+    // may not span slots.
     for part in rows.chunks(PUSH_CHUNK) {
-        let mut mset = redis::cmd("MSET");
+        let mut pipe = redis::pipe();
         for r in part {
-            mset.arg(app.keys.balance(r.get(0))).arg(r.get::<_, i64>(1));
+            pipe.cmd("SET")
+                .arg(app.keys.balance(r.get(0)))
+                .arg(r.get::<_, i64>(1))
+                .ignore();
         }
-        mset.query_async::<()>(redis).await?;
+        send(pipe, redis).await?;
     }
     Ok(rows.len() as u64)
 }
@@ -259,17 +285,17 @@ async fn load_risk(
     }
     let keys = tx
         .query(
-            "SELECT k.key_id, coalesce(sum(o.amount), 0)::int8
+            "SELECT k.key_id, coalesce(sum(o.amount), 0)::int8, k.reseller_id
                FROM api_keys k LEFT JOIN orders o ON o.key_id = k.key_id AND o.created_at >= $1
               WHERE k.daily_spend_limit IS NOT NULL AND k.revoked_at IS NULL
-              GROUP BY k.key_id",
+              GROUP BY k.key_id, k.reseller_id",
             &[&midnight],
         )
         .await?;
     for part in keys.chunks(PUSH_CHUNK) {
         let mut pipe = redis::pipe();
         for k in part {
-            let key = app.keys.key_spend(k.get(0));
+            let key = app.keys.key_spend(k.get(2), k.get(0));
             pipe.cmd("HSET")
                 .arg(&key)
                 .arg("day")

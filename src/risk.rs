@@ -178,7 +178,7 @@ return redis.call('HDEL', KEYS[1], 'hold')",
 async fn mirror(app: &App, reseller_pk: i64, held: bool, epoch: i64) {
     let r: redis::RedisResult<i64> = MIRROR
         .key(app.keys.risk(reseller_pk))
-        .key(app.keys.epoch())
+        .key(app.keys.epoch(app.keys.cell_of(reseller_pk)))
         .arg(if held { "1" } else { "0" })
         .arg(epoch)
         .invoke_async(&mut app.redis())

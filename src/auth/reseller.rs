@@ -105,7 +105,7 @@ pub fn verify(
         None
     };
     Ok(Verified {
-        nonce_key: app.keys.nonce(header.key_id, header.nonce),
+        nonce_key: app.keys.nonce(entry.reseller.pk, header.key_id, header.nonce),
         caller: Caller {
             key_id: header.key_id.to_string(),
             reseller: entry.reseller.clone(),

@@ -2,8 +2,9 @@
 //! group, commits many of them per Postgres transaction, and only then acknowledges them
 //! in Redis and wakes the requests waiting on them (group commit).
 //!
-//! Every gateway runs `orders.ledger_writers` of them; the group shares the outbox out
-//! between all writers of all gateways. Entries another
+//! Every gateway runs `orders.ledger_writers` of them; each home cell has its outbox
+//! stream and its consumer group, and every writer reads every cell's (a batch spans
+//! cells), so the groups share the outboxes out between all writers of all gateways. Entries another
 //! writer read but never acknowledged (its gateway died) are claimed after
 //! `orders.claim_idle_ms`. Committing is idempotent (the order id is unique), so an entry
 //! committed twice is recorded once.
@@ -139,96 +140,147 @@ async fn connect(app: &App) -> redis::RedisResult<MultiplexedConnection> {
     Ok(c)
 }
 
-/// Creates the consumer group (and the stream) unless it exists; Redis may have
+/// Creates each cell's consumer group (and stream) unless it exists; Redis may have
 /// restarted empty since the last time.
 async fn ensure_group(c: &mut MultiplexedConnection, app: &App) -> redis::RedisResult<()> {
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(app.keys.outbox())
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(c)
-        .await;
-    match created {
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        other => other,
+    for cell in app.keys.all_cells() {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(app.keys.outbox(cell))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(c)
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            other => other?,
+        }
     }
+    Ok(())
 }
 
+fn read_cmd(consumer: &str, streams: &[String], count: usize, block: bool) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
+    if block {
+        cmd.arg("BLOCK").arg(BLOCK_MS);
+    }
+    cmd.arg("STREAMS").arg(streams);
+    for _ in streams {
+        cmd.arg(">");
+    }
+    cmd
+}
+
+/// New entries of every cell's outbox, one batch over all cells (group commit spans
+/// cells). Each cell's stream is read by its own command, pipelined, as a cluster needs
+/// (one slot per command); only when all are empty and `block` does one read wait on
+/// every stream at once, which a single Redis allows.
 async fn read_new(
     c: &mut MultiplexedConnection,
     app: &App,
     consumer: &str,
     block: bool,
 ) -> redis::RedisResult<Vec<StreamId>> {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(GROUP)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(app.config.orders.ledger_batch_max);
-    if block {
-        cmd.arg("BLOCK").arg(BLOCK_MS);
-    }
-    cmd.arg("STREAMS").arg(app.keys.outbox()).arg(">");
-    let reply: Result<Option<StreamReadReply>, _> = cmd.query_async(c).await;
-    match reply {
-        Ok(r) => Ok(r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect()),
-        // The outbox was deleted under a blocked read (a rebuild): start it again.
-        Err(e) if e.code() == Some("NOGROUP") || e.code() == Some("UNBLOCKED") => {
-            ensure_group(c, app).await?;
-            Ok(Vec::new())
+    let max = app.config.orders.ledger_batch_max;
+    let streams: Vec<String> = app.keys.all_cells().map(|cell| app.keys.outbox(cell)).collect();
+    let mut got = Vec::new();
+    if streams.len() > 1 || !block {
+        // A fair share each, so one busy cell cannot starve the others' orders.
+        let share = max.div_ceil(streams.len());
+        let mut pipe = redis::pipe();
+        for s in &streams {
+            pipe.add_command(read_cmd(consumer, std::slice::from_ref(s), share, false));
         }
-        Err(e) => Err(e),
+        let reply: Result<Vec<Option<StreamReadReply>>, _> = pipe.query_async(c).await;
+        got = match reply {
+            Ok(r) => r
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r.keys)
+                .flat_map(|k| k.ids)
+                .collect(),
+            Err(e) => return regroup(c, app, e).await,
+        };
+    }
+    if got.is_empty() && block {
+        let reply: Result<Option<StreamReadReply>, _> = read_cmd(consumer, &streams, max, true).query_async(c).await;
+        got = match reply {
+            Ok(r) => r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect(),
+            Err(e) => return regroup(c, app, e).await,
+        };
+    }
+    Ok(got)
+}
+
+/// An outbox deleted under a read (a rebuild) is started again; any other error stands.
+async fn regroup(c: &mut MultiplexedConnection, app: &App, e: redis::RedisError) -> redis::RedisResult<Vec<StreamId>> {
+    if e.code() == Some("NOGROUP") || e.code() == Some("UNBLOCKED") {
+        ensure_group(c, app).await?;
+        Ok(Vec::new())
+    } else {
+        Err(e)
     }
 }
 
-/// Takes over entries another writer read but did not acknowledge in time.
+/// Takes over entries another writer read but did not acknowledge in time, cell by cell.
 async fn claim(c: &mut MultiplexedConnection, app: &App, consumer: &str) -> redis::RedisResult<Vec<StreamId>> {
-    let reply: Result<StreamAutoClaimReply, _> = redis::cmd("XAUTOCLAIM")
-        .arg(app.keys.outbox())
-        .arg(GROUP)
-        .arg(consumer)
-        .arg(app.config.orders.claim_idle_ms)
-        .arg("0-0")
-        .arg("COUNT")
-        .arg(app.config.orders.ledger_batch_max)
-        .query_async(c)
-        .await;
-    match reply {
-        Ok(r) => Ok(r.claimed),
-        Err(e) if e.code() == Some("NOGROUP") => {
-            ensure_group(c, app).await?;
-            Ok(Vec::new())
+    let mut claimed = Vec::new();
+    for cell in app.keys.all_cells() {
+        let reply: Result<StreamAutoClaimReply, _> = redis::cmd("XAUTOCLAIM")
+            .arg(app.keys.outbox(cell))
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(app.config.orders.claim_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(app.config.orders.ledger_batch_max)
+            .query_async(c)
+            .await;
+        match reply {
+            Ok(r) => claimed.extend(r.claimed),
+            Err(e) => claimed.extend(regroup(c, app, e).await?),
         }
-        Err(e) => Err(e),
+        if claimed.len() >= app.config.orders.ledger_batch_max {
+            break;
+        }
     }
+    Ok(claimed)
 }
 
 async fn outbox_gauges(c: &mut MultiplexedConnection, app: &App) {
-    let key = app.keys.outbox();
-    let got: redis::RedisResult<(u64, Vec<(String, redis::Value)>)> = redis::pipe()
-        .cmd("XLEN")
-        .arg(&key)
-        .cmd("XRANGE")
-        .arg(&key)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(c)
-        .await;
-    if let Ok((len, oldest)) = got {
-        metrics::gauge!("cardgate_outbox_length").set(len as f64);
-        let age = oldest
+    let mut pipe = redis::pipe();
+    for cell in app.keys.all_cells() {
+        let key = app.keys.outbox(cell);
+        pipe.cmd("XLEN")
+            .arg(&key)
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+    }
+    let got: redis::RedisResult<Vec<redis::Value>> = pipe.query_async(c).await;
+    let Ok(got) = got else { return };
+    let (mut len, mut oldest_ms) = (0u64, None::<u64>);
+    let mut got = got.into_iter();
+    while let (Some(l), Some(first)) = (got.next(), got.next()) {
+        len += redis::from_redis_value::<u64>(l).unwrap_or(0);
+        let first: Vec<(String, redis::Value)> = redis::from_redis_value(first).unwrap_or_default();
+        if let Some(ms) = first
             .first()
             .and_then(|(id, _)| id.split_once('-')?.0.parse::<u64>().ok())
-            .map_or(0.0, |ms| {
-                ((app.clock.now_unix_ms() as f64 - ms as f64) / 1000.0).max(0.0)
-            });
-        metrics::gauge!("cardgate_outbox_oldest_age_seconds").set(age);
+        {
+            oldest_ms = Some(oldest_ms.map_or(ms, |o| o.min(ms)));
+        }
     }
+    metrics::gauge!("cardgate_outbox_length").set(len as f64);
+    let age = oldest_ms.map_or(0.0, |ms| {
+        ((app.clock.now_unix_ms() as f64 - ms as f64) / 1000.0).max(0.0)
+    });
+    metrics::gauge!("cardgate_outbox_oldest_age_seconds").set(age);
 }
 
 /// Commits `entries` (retrying until Postgres takes them), then settles or releases each

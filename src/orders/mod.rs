@@ -54,6 +54,10 @@ use crate::error::ApiError;
 use crate::ledger::Settled;
 use crate::reserve::{self, Fulfilment, Guards, Refusal, Reservation, Reserved};
 
+/// Times a dry home cell is filled from the others and the order reserved again, before
+/// the gateway answers that stock is being moved (503) rather than out of stock.
+const DRY_RETRIES: usize = 3;
+
 /// Reservations retried after the last guard refused a code, before giving up.
 const LAST_GUARD_RETRIES: usize = 3;
 
@@ -226,6 +230,9 @@ async fn place_inner(
         address: (risk.new_address != RiskAction::Off).then(|| caller.ip.to_string()),
         velocity: (risk.velocity != RiskAction::Off).then_some((risk.velocity_factor, risk.velocity_min_per_minute)),
     };
+    // Other cells may hold what the home cell lacks, until a fill finds that none does.
+    let mut other_cells = app.keys.cells() > 1;
+    let mut dry = 0;
     for _ in 0..LAST_GUARD_RETRIES {
         let f = Fulfilment {
             order_id: crate::ids::order_id(),
@@ -245,7 +252,7 @@ async fn place_inner(
         // The nonce and the request's write tokens, with the first reservation only.
         let spend = nonce.as_ref().and_then(|n| n.take());
         let sourcing = product.as_ref().map_or(reserve::Sourcing::Local, |p| p.sourcing);
-        let cmd = reserve::reserve_cmd(
+        let mut cmd = reserve::reserve_cmd(
             &app.keys,
             &f,
             &fingerprint,
@@ -255,8 +262,38 @@ async fn place_inner(
             spend.and_then(|s| s.charge),
             &guards,
             sourcing,
+            other_cells,
         );
-        let Reservation { reserved, bucket } = reserve::reserve(&mut redis, &cmd).await?;
+        let Reservation { reserved, bucket } = loop {
+            let r = reserve::reserve(&mut redis, &cmd).await?;
+            if r.reserved != Reserved::Refused(Refusal::CellDry) || dry == DRY_RETRIES {
+                break r;
+            }
+            // The nonce and tokens went with the first attempt (recorded here).
+            if let Some(n) = &nonce {
+                n.tokens().record(r.bucket);
+            }
+            dry += 1;
+            let want = usize::try_from(f.quantity).unwrap_or(0);
+            match crate::stock::mover::fill(app, f.product, app.keys.cell_of(f.reseller), want).await? {
+                crate::stock::mover::Fill::Moved => {}
+                // No cell can fill it: out_of_stock, or bought upstream where allowed.
+                crate::stock::mover::Fill::Short => other_cells = false,
+                crate::stock::mover::Fill::Rebuilding => return Err(Refusal::Rebuilding.into()),
+            }
+            cmd = reserve::reserve_cmd(
+                &app.keys,
+                &f,
+                &fingerprint,
+                refusal,
+                ttl,
+                None,
+                None,
+                &guards,
+                sourcing,
+                other_cells,
+            );
+        };
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
         // The answer's RateLimit-* headers, whatever comes of the order.
         if let Some(n) = &nonce {

@@ -2,7 +2,8 @@
 //! ledger writer's Postgres commit another acknowledges it ([`settle`]), or, if it is not
 //! to be committed, a third undoes it ([`release`]).
 //!
-//! Every key a script touches shares one hash tag (see [`crate::store::keys`]).
+//! Every key a script touches shares the reseller's home cell's hash tag (see
+//! [`crate::store::keys`]).
 
 use std::sync::LazyLock;
 
@@ -143,10 +144,13 @@ pub enum Refusal {
     RiskHold,
     /// The reseller's write bucket, shared by every gateway, has not the tokens.
     RateLimited,
+    /// The home cell's pool cannot fill the order while other cells may: never answered,
+    /// the gateway brings stock over and asks again ([`crate::stock::mover`]).
+    CellDry,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 12] = [
+    const ALL: [Refusal; 13] = [
         Refusal::UnknownProduct,
         Refusal::ProductUnavailable,
         Refusal::QuantityOutOfRange,
@@ -159,6 +163,7 @@ impl Refusal {
         Refusal::SpendLimitExceeded,
         Refusal::RiskHold,
         Refusal::RateLimited,
+        Refusal::CellDry,
     ];
 
     pub fn wire(self) -> &'static str {
@@ -175,6 +180,7 @@ impl Refusal {
             Refusal::SpendLimitExceeded => "spend_limit_exceeded",
             Refusal::RiskHold => "risk_hold",
             Refusal::RateLimited => "rate_limited",
+            Refusal::CellDry => "cell_dry",
         }
     }
 
@@ -194,6 +200,11 @@ impl From<Refusal> for ApiError {
             Refusal::PriceChanged => ApiError::PriceChanged,
             Refusal::NonceReused => ApiError::NonceReused,
             Refusal::OutOfStock => ApiError::OutOfStock,
+            // Stock remains in other cells but could not be brought over in time.
+            Refusal::CellDry => ApiError::Unavailable {
+                what: "stock (being moved between cells)",
+                retry_after_secs: 1,
+            },
             Refusal::InsufficientBalance => ApiError::InsufficientBalance,
             Refusal::SpendLimitExceeded => ApiError::SpendLimitExceeded,
             Refusal::RiskHold => ApiError::RiskHold,
@@ -224,7 +235,8 @@ pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reser
 /// `nonce_key`, a request nonce's key (`Keys::nonce`), is spent by the script first, and
 /// `charge`'s tokens are taken from the reseller's write bucket before that: the two go
 /// together, with the request's first reservation (a retry, or an order of a batch, has
-/// neither).
+/// neither). With `other_cells`, a home pool short of the order is refused
+/// [`Refusal::CellDry`] instead of out of stock or bought upstream.
 #[allow(clippy::too_many_arguments)]
 pub fn reserve_cmd(
     keys: &Keys,
@@ -236,21 +248,24 @@ pub fn reserve_cmd(
     charge: Option<&Charge>,
     guards: &Guards,
     sourcing: Sourcing,
+    other_cells: bool,
 ) -> Cmd {
+    let cell = keys.cell_of(f.reseller);
     // Serialising plain integers and strings cannot fail.
     let fields = serde_json::to_vec(f).unwrap_or_default();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(RESERVE.get_hash())
-        .arg(if nonce_key.is_some() { 10 } else { 9 })
+        .arg(if nonce_key.is_some() { 11 } else { 10 })
         .arg(keys.idempotency(f.reseller, &f.merchant_order_no))
-        .arg(keys.stock(f.product))
+        .arg(keys.stock(cell, f.product))
         .arg(keys.balance(f.reseller))
-        .arg(keys.outbox())
-        .arg(keys.epoch())
+        .arg(keys.outbox(cell))
+        .arg(keys.epoch(cell))
         .arg(keys.risk(f.reseller))
-        .arg(keys.key_spend(&f.key_id))
+        .arg(keys.key_spend(f.reseller, &f.key_id))
         .arg(keys.addresses(f.reseller))
-        .arg(keys.rate(f.reseller, Class::Writes));
+        .arg(keys.rate(f.reseller, Class::Writes))
+        .arg(keys.sold(cell, f.product));
     if let Some(k) = nonce_key {
         cmd.arg(k);
     }
@@ -282,6 +297,7 @@ pub fn reserve_cmd(
         Some(c) => cmd.arg(c.n).arg(c.quota.interval_us).arg(c.quota.burst),
         None => cmd.arg(0).arg(0).arg(0),
     };
+    cmd.arg(if other_cells { "cells" } else { "" });
     cmd
 }
 
@@ -331,23 +347,26 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reservation> {
 }
 
 /// Acknowledges committed orders: deletes their outbox entries and marks their
-/// idempotency records done, in one round trip.
+/// idempotency records done, one script per home cell (its keys must share a slot).
 pub async fn settle<C: ConnectionLike>(
     conn: &mut C,
     keys: &Keys,
     committed: &[(&str, &Fulfilment)],
 ) -> Result<(), RedisError> {
-    if committed.is_empty() {
-        return Ok(());
+    let mut by_cell: std::collections::BTreeMap<u32, Vec<&(&str, &Fulfilment)>> = Default::default();
+    for c in committed {
+        by_cell.entry(keys.cell_of(c.1.reseller)).or_default().push(c);
     }
-    let mut inv = SETTLE.prepare_invoke();
-    inv.key(keys.outbox()).arg(GROUP);
-    for (entry_id, f) in committed {
-        inv.key(keys.idempotency(f.reseller, &f.merchant_order_no))
-            .arg(*entry_id)
-            .arg(&f.order_id);
+    for (cell, committed) in by_cell {
+        let mut inv = SETTLE.prepare_invoke();
+        inv.key(keys.outbox(cell)).arg(GROUP);
+        for (entry_id, f) in committed {
+            inv.key(keys.idempotency(f.reseller, &f.merchant_order_no))
+                .arg(*entry_id)
+                .arg(&f.order_id);
+        }
+        inv.invoke_async::<i64>(conn).await?;
     }
-    inv.invoke_async::<i64>(conn).await?;
     Ok(())
 }
 
@@ -365,14 +384,16 @@ pub async fn release<C: ConnectionLike>(
     elements: &[Vec<u8>],
     dedupe: bool,
 ) -> Result<bool, RedisError> {
+    // Back into the home cell's pool, where the codes were taken from.
+    let cell = keys.cell_of(f.reseller);
     let mut inv = RELEASE.prepare_invoke();
     inv.key(keys.idempotency(f.reseller, &f.merchant_order_no))
-        .key(keys.stock(f.product))
+        .key(keys.stock(cell, f.product))
         .key(keys.balance(f.reseller))
-        .key(keys.outbox())
-        .key(keys.epoch())
+        .key(keys.outbox(cell))
+        .key(keys.epoch(cell))
         .key(keys.risk(f.reseller))
-        .key(keys.key_spend(&f.key_id))
+        .key(keys.key_spend(f.reseller, &f.key_id))
         .arg(&f.order_id)
         .arg(f.amount)
         .arg(GROUP)
@@ -429,6 +450,7 @@ mod tests {
             Refusal::RateLimited,
             Refusal::Rebuilding,
             Refusal::OutOfStock,
+            Refusal::CellDry,
             Refusal::NoHotBalance,
             Refusal::InsufficientBalance,
             Refusal::SpendLimitExceeded,

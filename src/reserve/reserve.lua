@@ -8,7 +8,9 @@
 --       6 the reseller's risk state (hash: hold, day, spent, m, n, avg),
 --       7 the key's spend (hash: day, spent), 8 the reseller's addresses (hash),
 --       9 the reseller's write bucket (src/ratelimit/gcra.lua),
---       10 (optional) the request's nonce, spent here first: one round trip per order
+--       10 the codes of this product sold from this cell lately (a counter, for the mover),
+--       11 (optional) the request's nonce, spent here first: one round trip per order
+--       Every key is in the reseller's home cell, the stock being that cell's pool.
 -- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
 --       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
 --       7 the fulfilment's fields (JSON, for the ledger writer), 8 the nonce's TTL,
@@ -21,7 +23,10 @@
 --       'fallback' when stock is short, 'only' always (docs/api.md §8),
 --       19 write tokens to take (0: none, as for the orders of a batch, which took
 --       theirs with the batch, and a reservation retried), 20 one token's interval
---       (microseconds), 21 the burst
+--       (microseconds), 21 the burst, 22 'cells' when other cells may still hold
+--       stock: a pool that cannot fill the order refuses 'cell_dry' (the gateway brings
+--       stock from the other cells and asks again) rather than 'out_of_stock' or buying
+--       upstream; '' once no cell can fill it
 --
 -- Answers, each with the write bucket second (as take() reports it, '' when nothing
 -- was taken):
@@ -43,7 +48,7 @@ if tokens > 0 then
 end
 -- A replayed request is refused before anything else, even its own idempotency record;
 -- a rate-limited one still spends its nonce, so it cannot be sent again.
-if KEYS[10] and not redis.call('SET', KEYS[10], '1', 'NX', 'EX', ARGV[8]) then
+if KEYS[11] and not redis.call('SET', KEYS[11], '1', 'NX', 'EX', ARGV[8]) then
   return {'refused', bucket, 'nonce_reused'}
 end
 if limited then
@@ -70,6 +75,10 @@ end
 local qty = tonumber(ARGV[3])
 local upstream = ARGV[18] == 'only'
 if not upstream and redis.call('LLEN', KEYS[2]) < qty then
+  -- Another cell may hold what this one lacks: out_of_stock only when none does.
+  if ARGV[22] == 'cells' then
+    return {'refused', bucket, 'cell_dry'}
+  end
   if ARGV[18] ~= 'fallback' then
     return {'refused', bucket, 'out_of_stock'}
   end
@@ -106,6 +115,10 @@ end
 local codes = {}
 if not upstream then
   codes = redis.call('LPOP', KEYS[2], qty)
+  -- Sales of the last few minutes, from the first sale counted: the mover's rate.
+  if redis.call('INCRBY', KEYS[10], qty) == qty then
+    redis.call('EXPIRE', KEYS[10], 300)
+  end
 end
 redis.call('DECRBY', KEYS[3], amount)
 redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1])

@@ -162,8 +162,12 @@ impl Importer<'_> {
             .collect();
         if !elements.is_empty() {
             let mut redis = self.redis.clone();
+            // Into the product's import cell; the mover spreads them over the others.
             redis::cmd("RPUSH")
-                .arg(self.keys.stock(self.product_id))
+                .arg(
+                    self.keys
+                        .stock(super::mover::import_cell(&self.keys, self.product_id), self.product_id),
+                )
                 .arg(&elements)
                 .query_async::<()>(&mut redis)
                 .await?;
@@ -175,7 +179,10 @@ impl Importer<'_> {
             let mut pipe = redis::pipe();
             for el in &elements {
                 pipe.cmd("LREM")
-                    .arg(self.keys.stock(self.product_id))
+                    .arg(
+                        self.keys
+                            .stock(super::mover::import_cell(&self.keys, self.product_id), self.product_id),
+                    )
                     .arg(1)
                     .arg(el)
                     .ignore();

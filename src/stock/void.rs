@@ -91,14 +91,20 @@ pub async fn void_codes(
     if available.is_empty() {
         return Ok(report);
     }
+    // Whichever cell's pool holds it; open transfers are completed first so that no code
+    // is between pools meanwhile.
+    super::mover::finish_open(&mut redis, keys, product_id).await?;
     let mut pipe = redis::pipe();
     for r in &available {
-        pipe.cmd("LREM")
-            .arg(keys.stock(product_id))
-            .arg(1)
-            .arg(super::element(r.get(0), r.get::<_, &[u8]>(1)));
+        for cell in keys.all_cells() {
+            pipe.cmd("LREM")
+                .arg(keys.stock(cell, product_id))
+                .arg(1)
+                .arg(super::element(r.get(0), r.get::<_, &[u8]>(1)));
+        }
     }
     let removed: Vec<i64> = pipe.query_async(&mut redis).await?;
+    let removed: Vec<i64> = removed.chunks(keys.cells() as usize).map(|c| c.iter().sum()).collect();
     let ids: Vec<i64> = available
         .iter()
         .zip(&removed)
@@ -119,17 +125,20 @@ pub async fn void_all_available(
     product_id: i64,
 ) -> Result<VoidReport, ApiError> {
     let mut report = VoidReport::default();
-    loop {
-        let popped: Option<Vec<Vec<u8>>> = redis::cmd("LPOP")
-            .arg(keys.stock(product_id))
-            .arg(VOID_ALL_CHUNK)
-            .query_async(&mut redis)
-            .await?;
-        let Some(popped) = popped.filter(|p| !p.is_empty()) else {
-            break;
-        };
-        let ids: Vec<i64> = super::code_ids(&popped).collect();
-        report.voided += mark_voided(tx, &ids).await?;
+    super::mover::finish_open(&mut redis, keys, product_id).await?;
+    for cell in keys.all_cells() {
+        loop {
+            let popped: Option<Vec<Vec<u8>>> = redis::cmd("LPOP")
+                .arg(keys.stock(cell, product_id))
+                .arg(VOID_ALL_CHUNK)
+                .query_async(&mut redis)
+                .await?;
+            let Some(popped) = popped.filter(|p| !p.is_empty()) else {
+                break;
+            };
+            let ids: Vec<i64> = super::code_ids(&popped).collect();
+            report.voided += mark_voided(tx, &ids).await?;
+        }
     }
     Ok(report)
 }

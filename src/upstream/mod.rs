@@ -827,7 +827,7 @@ async fn unhold(app: &App, f: &Fulfilment) {
         .key(app.keys.idempotency(f.reseller, &f.merchant_order_no))
         .key(app.keys.balance(f.reseller))
         .key(app.keys.risk(f.reseller))
-        .key(app.keys.key_spend(&f.key_id))
+        .key(app.keys.key_spend(f.reseller, &f.key_id))
         .arg(&f.order_id)
         .arg(f.amount)
         .arg(utc_day(f.created_at))

@@ -313,7 +313,7 @@ async fn the_shared_bucket_is_gcra_on_redis_time_and_is_forgotten_once_full() {
         },
     )]);
     let bucket = keys.rate(1, Class::Reads);
-    let fresh = || keys.nonce("ak_test", &nonce());
+    let fresh = || keys.nonce(1, "ak_test", &nonce());
     async fn take(
         conn: &mut redis::aio::MultiplexedConnection,
         keys: &Keys,

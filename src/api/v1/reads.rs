@@ -46,11 +46,16 @@ fn ints(replies: Vec<redis::Value>) -> Result<Vec<i64>, ApiError> {
 
 /// Live stock counts, in the same Redis round trip as the nonce.
 async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i64>, ApiError> {
+    // Every cell's pool counts: an order brings stock over from the others.
+    let cells = app.keys.cells() as usize;
     let mut pipe = redis::pipe();
     for p in products {
-        pipe.cmd("LLEN").arg(app.keys.stock(p.id));
+        for cell in app.keys.all_cells() {
+            pipe.cmd("LLEN").arg(app.keys.stock(cell, p.id));
+        }
     }
-    ints(s.query(app, pipe).await?)
+    let lens = ints(s.query(app, pipe).await?)?;
+    Ok(lens.chunks(cells).map(|c| c.iter().sum()).collect())
 }
 
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

@@ -1,0 +1,396 @@
+//! The stock mover: keeps every cell's pool of a product stocked, moving codes between
+//! cells in two idempotent steps (docs/design.md, "Scale-out").
+//!
+//! A reservation only sees its reseller's home cell, so each product's codes are split
+//! into one pool per cell. A transfer moves codes from one pool to another:
+//!
+//! 1. `OUT`, on the source cell: pops up to n codes into a transfer record (a list under
+//!    the transfer's id) and names the id in the cell's set of open transfers. A retry
+//!    with the same id finds it there and pops nothing more.
+//! 2. `IN`, on the destination cell: pushes the record's codes into the destination pool
+//!    and sets a marker under the id, so a retry pushes nothing twice.
+//! 3. `FINISH`, on the source cell: deletes the record, drops the id from the open set
+//!    and leaves a marker so that a late retry of step 1 pops nothing.
+//!
+//! A code is always in exactly one pool or one transfer record; a transfer cut short
+//! (a crash between the steps) stays open and the next pass completes it. Every step
+//! checks its cell's epoch, carried in the transfer id: a rebuild in between restored
+//! the pools from Postgres, so what an older transfer holds is dropped, not pushed.
+//!
+//! Pools are kept in proportion to how fast each cell sells ([`step`]); a cell that runs
+//! dry under an order asks for what it lacks at once ([`fill`]).
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionLike;
+use redis::Script;
+
+use crate::app::App;
+use crate::store::keys::Keys;
+
+/// Codes per transfer at most: a script's arguments are unpacked onto Lua's stack.
+const TRANSFER_MAX: usize = 1_000;
+/// How long the markers that make steps 1 and 2 idempotent are kept: far longer than a
+/// transfer can stay open.
+const MARKER_TTL_SECS: u64 = 7 * 24 * 3600;
+
+static OUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+-- KEYS: 1 source pool, 2 transfer record, 3 open transfers, 4 epoch, 5 finished marker
+-- ARGV: 1 transfer id, 2 codes to move, 3 the epoch the transfer belongs to
+if redis.call('GET', KEYS[4]) ~= ARGV[3] then return -1 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return redis.call('LLEN', KEYS[2]) end
+local codes = redis.call('LPOP', KEYS[1], tonumber(ARGV[2]))
+if not codes then return 0 end
+redis.call('RPUSH', KEYS[2], unpack(codes))
+redis.call('SADD', KEYS[3], ARGV[1])
+return #codes",
+    )
+});
+
+static IN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+-- KEYS: 1 destination pool, 2 arrived marker, 3 epoch
+-- ARGV: 1 the transfer's epoch, 2 marker TTL, 3.. the codes
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+for i = 3, #ARGV do
+  redis.call('RPUSH', KEYS[1], ARGV[i])
+end
+return #ARGV - 2",
+    )
+});
+
+static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+-- KEYS: 1 transfer record, 2 open transfers, 3 finished marker
+-- ARGV: 1 transfer id, 2 marker TTL
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+redis.call('DEL', KEYS[1])
+return redis.call('SREM', KEYS[2], ARGV[1])",
+    )
+});
+
+/// One transfer: what it moves where, at which epoch. Its id spells all of it, so an
+/// open transfer found in Redis can be completed by anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub product: i64,
+    pub from: u32,
+    pub to: u32,
+    pub epoch: i64,
+    pub id: String,
+}
+
+impl Transfer {
+    pub fn new(product: i64, from: u32, to: u32, epoch: i64) -> Transfer {
+        let id = format!("{product}.{from}.{to}.{epoch}.{}", crate::ids::random("", 12));
+        Transfer {
+            product,
+            from,
+            to,
+            epoch,
+            id,
+        }
+    }
+
+    pub fn parse(id: &str) -> Option<Transfer> {
+        let mut it = id.split('.');
+        let t = Transfer {
+            product: it.next()?.parse().ok()?,
+            from: it.next()?.parse().ok()?,
+            to: it.next()?.parse().ok()?,
+            epoch: it.next()?.parse().ok()?,
+            id: id.to_string(),
+        };
+        // The random part, and nothing after it.
+        it.next()?;
+        it.next().is_none().then_some(t)
+    }
+}
+
+/// The cell imports push a product's codes into; the mover spreads them from there.
+pub fn import_cell(keys: &Keys, product: i64) -> u32 {
+    product.rem_euclid(i64::from(keys.cells())) as u32
+}
+
+/// Step 1: pops up to `n` codes of the source pool into the transfer's record. Returns
+/// how many the record holds (`None`: the source cell is not at the transfer's epoch).
+pub async fn take_out<C: ConnectionLike>(
+    c: &mut C,
+    keys: &Keys,
+    t: &Transfer,
+    n: usize,
+) -> redis::RedisResult<Option<usize>> {
+    let got: i64 = OUT
+        .key(keys.stock(t.from, t.product))
+        .key(keys.transfer(t.from, &t.id))
+        .key(keys.transfers(t.from, t.product))
+        .key(keys.epoch(t.from))
+        .key(keys.transfer_done(t.from, &t.id))
+        .arg(&t.id)
+        .arg(n.min(TRANSFER_MAX))
+        .arg(t.epoch)
+        .invoke_async(c)
+        .await?;
+    Ok(usize::try_from(got).ok())
+}
+
+/// Steps 2 and 3: pushes an open transfer's codes into the destination pool (once) and
+/// closes it. Returns the codes pushed by this call.
+pub async fn complete<C: ConnectionLike>(c: &mut C, keys: &Keys, t: &Transfer) -> redis::RedisResult<usize> {
+    let codes: Vec<Vec<u8>> = redis::cmd("LRANGE")
+        .arg(keys.transfer(t.from, &t.id))
+        .arg(0)
+        .arg(-1)
+        .query_async(c)
+        .await?;
+    let mut inv = IN.prepare_invoke();
+    inv.key(keys.stock(t.to, t.product))
+        .key(keys.transfer_done(t.to, &t.id))
+        .key(keys.epoch(t.to))
+        .arg(t.epoch)
+        .arg(MARKER_TTL_SECS);
+    for code in &codes {
+        inv.arg(code.as_slice());
+    }
+    // -1: a rebuild came between and restored these codes from Postgres; the record
+    // is dropped with nothing pushed.
+    let pushed: i64 = inv.invoke_async(c).await?;
+    FINISH
+        .key(keys.transfer(t.from, &t.id))
+        .key(keys.transfers(t.from, t.product))
+        .key(keys.transfer_done(t.from, &t.id))
+        .arg(&t.id)
+        .arg(MARKER_TTL_SECS)
+        .invoke_async::<i64>(c)
+        .await?;
+    Ok(pushed.max(0) as usize)
+}
+
+/// One whole transfer of up to `n` codes. Returns the codes that arrived.
+pub async fn transfer<C: ConnectionLike>(c: &mut C, keys: &Keys, t: &Transfer, n: usize) -> redis::RedisResult<usize> {
+    match take_out(c, keys, t, n).await? {
+        Some(0) | None => Ok(0),
+        Some(_) => complete(c, keys, t).await,
+    }
+}
+
+/// The open transfers of a product out of every cell.
+pub async fn open_transfers<C: ConnectionLike>(
+    c: &mut C,
+    keys: &Keys,
+    product: i64,
+) -> redis::RedisResult<Vec<Transfer>> {
+    let mut pipe = redis::pipe();
+    for cell in keys.all_cells() {
+        pipe.cmd("SMEMBERS").arg(keys.transfers(cell, product));
+    }
+    let ids: Vec<Vec<String>> = pipe.query_async(c).await?;
+    Ok(ids.iter().flatten().filter_map(|id| Transfer::parse(id)).collect())
+}
+
+/// Completes every open transfer of a product (those a crash or a concurrent mover left
+/// between the steps; completing one twice is harmless). Returns the codes pushed.
+pub async fn finish_open<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<usize> {
+    let mut pushed = 0;
+    for t in open_transfers(c, keys, product).await? {
+        pushed += complete(c, keys, &t).await?;
+    }
+    Ok(pushed)
+}
+
+/// Each cell's pool length of a product.
+async fn pool_lengths<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<Vec<usize>> {
+    let mut pipe = redis::pipe();
+    for cell in keys.all_cells() {
+        pipe.cmd("LLEN").arg(keys.stock(cell, product));
+    }
+    pipe.query_async(c).await
+}
+
+/// What [`fill`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// The cell holds (or held, a moment ago) enough: worth reserving again.
+    Moved,
+    /// All cells and transfers together hold fewer codes than wanted: out of stock.
+    Short,
+    /// Redis is being rebuilt: no epoch to move under.
+    Rebuilding,
+}
+
+/// Brings at least what `cell` lacks of `want` codes from the other cells at once, the
+/// fullest first. Open transfers are completed first, so that codes in flight count.
+pub async fn fill(app: &App, product: i64, cell: u32, want: usize) -> redis::RedisResult<Fill> {
+    let keys = &app.keys;
+    let mut c = app.redis();
+    let Some(epoch) = cell_epoch(&mut c, keys, cell).await? else {
+        return Ok(Fill::Rebuilding);
+    };
+    finish_open(&mut c, keys, product).await?;
+    let lens = pool_lengths(&mut c, keys, product).await?;
+    if lens.iter().sum::<usize>() < want {
+        return Ok(Fill::Short);
+    }
+    let mut need = want.saturating_sub(lens[cell as usize]);
+    let mut sources: Vec<(u32, usize)> = keys
+        .all_cells()
+        .zip(lens.iter().copied())
+        .filter(|(c, n)| *c != cell && *n > 0)
+        .collect();
+    sources.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let cells = keys.cells() as usize;
+    for (from, len) in sources {
+        if need == 0 {
+            break;
+        }
+        // What is lacking and a fair share of the rest, so the next order finds some.
+        let take = (need + len.saturating_sub(need) / cells).min(len);
+        let mut moved = 0;
+        while moved < take {
+            let t = Transfer::new(product, from, cell, epoch);
+            let got = transfer(&mut c, keys, &t, take - moved).await?;
+            if got == 0 {
+                break;
+            }
+            moved += got;
+        }
+        metrics::counter!("cardgate_stock_moved_total", "why" => "dry").increment(moved as u64);
+        need = need.saturating_sub(moved);
+    }
+    Ok(Fill::Moved)
+}
+
+async fn cell_epoch<C: ConnectionLike>(c: &mut C, keys: &Keys, cell: u32) -> redis::RedisResult<Option<i64>> {
+    redis::cmd("GET").arg(keys.epoch(cell)).query_async(c).await
+}
+
+/// One pass over every product on sale: completes open transfers, then moves codes from
+/// pools above their target to pools well below theirs. A pool's target is its share of
+/// the product's codes in proportion to what its cell sold lately (plus one, so a cell
+/// that sold nothing yet keeps a little). Returns the codes moved. Tests call it.
+pub async fn step(app: &App) -> redis::RedisResult<usize> {
+    let keys = &app.keys;
+    if keys.cells() == 1 {
+        return Ok(0);
+    }
+    let mut c = app.redis();
+    let Some(epoch) = crate::rebuild::redis_epoch(&mut c, app).await? else {
+        return Ok(0);
+    };
+    let mut moved = 0;
+    let products: Vec<i64> = app.catalogue.snapshot().values().map(|p| p.id).collect();
+    for product in products {
+        moved += finish_open(&mut c, keys, product).await?;
+        let lens = pool_lengths(&mut c, keys, product).await?;
+        let mut pipe = redis::pipe();
+        for cell in keys.all_cells() {
+            pipe.cmd("GET").arg(keys.sold(cell, product));
+        }
+        let sold: Vec<Option<u64>> = pipe.query_async(&mut c).await?;
+        for (from, to, n) in plan(&lens, &sold) {
+            let t = Transfer::new(product, from, to, epoch);
+            let got = transfer(&mut c, keys, &t, n).await?;
+            metrics::counter!("cardgate_stock_moved_total", "why" => "balance").increment(got as u64);
+            moved += got;
+        }
+    }
+    Ok(moved)
+}
+
+/// The transfers `(from, to, codes)` that bring pools near their targets: a pool below
+/// three quarters of its target is topped up to it from pools above theirs.
+pub fn plan(lens: &[usize], sold: &[Option<u64>]) -> Vec<(u32, u32, usize)> {
+    let total: usize = lens.iter().sum();
+    let weights: Vec<u64> = sold.iter().map(|s| s.unwrap_or(0) + 1).collect();
+    let weight: u64 = weights.iter().sum();
+    if total == 0 || weight == 0 || lens.len() != weights.len() {
+        return Vec::new();
+    }
+    let target: Vec<usize> = weights
+        .iter()
+        .map(|w| ((total as u128 * *w as u128) / weight as u128) as usize)
+        .collect();
+    let mut surplus: Vec<(u32, usize)> = lens
+        .iter()
+        .zip(&target)
+        .enumerate()
+        .filter(|(_, (l, t))| l > t)
+        .map(|(i, (l, t))| (i as u32, l - t))
+        .collect();
+    let mut moves = Vec::new();
+    for (to, (l, t)) in lens.iter().zip(&target).enumerate() {
+        if *l * 4 >= *t * 3 {
+            continue;
+        }
+        let mut need = t - l;
+        for (from, spare) in surplus.iter_mut() {
+            if need == 0 {
+                break;
+            }
+            let n = need.min(*spare);
+            if n > 0 {
+                moves.push((*from, to as u32, n));
+                *spare -= n;
+                need -= n;
+            }
+        }
+    }
+    moves
+}
+
+/// Deletes every pool, open transfer and sales counter of a product (a rebuild, which
+/// fills the pools again from Postgres).
+pub async fn clear<C: ConnectionLike>(app: &App, c: &mut C, product: i64) -> redis::RedisResult<()> {
+    let keys = &app.keys;
+    let open = open_transfers(c, keys, product).await?;
+    let mut pipe = redis::pipe();
+    for t in &open {
+        pipe.cmd("DEL").arg(keys.transfer(t.from, &t.id)).ignore();
+    }
+    for cell in keys.all_cells() {
+        pipe.cmd("DEL").arg(keys.stock(cell, product)).ignore();
+        pipe.cmd("DEL").arg(keys.transfers(cell, product)).ignore();
+        pipe.cmd("DEL").arg(keys.sold(cell, product)).ignore();
+    }
+    pipe.query_async(c).await
+}
+
+/// Runs [`step`] every `redis.mover_interval_ms` until the process ends.
+pub async fn run(app: std::sync::Arc<App>) {
+    let every = std::time::Duration::from_millis(app.config.redis.mover_interval_ms.max(10));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = step(&app).await {
+            tracing::warn!(error = %e, "stock mover pass failed; the next one retries");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_ids_spell_the_transfer() {
+        let t = Transfer::new(7, 1, 5, 3);
+        assert_eq!(Transfer::parse(&t.id), Some(t));
+        assert_eq!(Transfer::parse("7.1.5"), None);
+        assert_eq!(Transfer::parse("7.1.5.3.x.y"), None);
+    }
+
+    #[test]
+    fn pools_are_topped_up_in_proportion_to_sales() {
+        // Everything in cell 0, cell 2 selling three times as fast as the others.
+        let moves = plan(&[800, 0, 0, 0], &[None, None, Some(2), None]);
+        assert_eq!(moves, vec![(0, 1, 133), (0, 2, 400), (0, 3, 133)]);
+        // Near the targets: nothing moves.
+        assert!(plan(&[210, 190, 200, 200], &[None; 4]).is_empty());
+        assert!(plan(&[0, 0], &[None, None]).is_empty());
+    }
+}
