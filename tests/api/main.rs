@@ -11,6 +11,7 @@ mod helpers;
 mod admin;
 mod binary;
 mod callbacks;
+mod cells;
 mod config;
 mod early_refusals;
 mod faults;

@@ -1,0 +1,229 @@
+//! Home cells (docs/design.md, "Scale-out"): resellers spread over cells, each product's
+//! codes over per-cell pools that the stock mover keeps filled, against real Redis and
+//! Postgres. docs/invariants.md, stock conservation across cells.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use cardgate::stock::mover::{self, Transfer};
+
+use crate::helpers::*;
+use crate::orders::buyer;
+
+const SKU: &str = "CELLS-50";
+
+async fn cell_shop(cells: u32, codes: usize) -> (TestApp, String, Vec<String>) {
+    let app = spawn_app_with(|env| {
+        env.insert("CARDGATE_REDIS__CELLS".into(), cells.to_string());
+        env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    })
+    .await;
+    let t = app.root_token().await;
+    app.create_product(&t, SKU).await;
+    let imported: Vec<String> = (0..codes).map(|i| format!("CELL-{i:05}-{}", random_suffix())).collect();
+    let resp = app.import_codes(&t, SKU, imported.join("\n")).await;
+    assert_eq!(resp.status(), 200);
+    (app, t, imported)
+}
+
+async fn reseller_pk(app: &TestApp, k: &ResellerKey) -> i64 {
+    app.db()
+        .await
+        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Each cell's pool length of the product.
+async fn pools(app: &TestApp, product: i64) -> Vec<i64> {
+    let state = app.state.as_ref().unwrap();
+    let mut r = app.redis().await;
+    let mut out = Vec::new();
+    for cell in state.keys.all_cells() {
+        let n: i64 = redis::cmd("LLEN")
+            .arg(state.keys.stock(cell, product))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        out.push(n);
+    }
+    out
+}
+
+/// Buyers until every one of `cells` cells is the home of at least two.
+async fn buyers_in_every_cell(app: &TestApp, t: &str, cells: u32) -> Vec<Arc<ResellerKey>> {
+    let mut per_cell = vec![0; cells as usize];
+    let mut keys = Vec::new();
+    while per_cell.iter().any(|n| *n < 2) {
+        let k = buyer(app, t, "diamond", 10_000_000).await;
+        let cell = reseller_pk(app, &k).await.rem_euclid(i64::from(cells)) as usize;
+        per_cell[cell] += 1;
+        keys.push(Arc::new(k));
+    }
+    keys
+}
+
+/// One SKU imported into one cell sells out to resellers of every cell at once: every
+/// order is filled while any cell holds stock (a dry cell brings codes over instead of
+/// answering out_of_stock), every code is sold exactly once, and only then is the answer
+/// out_of_stock.
+#[tokio::test]
+async fn a_sku_imported_into_one_cell_sells_out_from_every_cell_exactly_once() {
+    let cells = 8;
+    let (app, t, imported) = cell_shop(cells, 120).await;
+    let app = Arc::new(app);
+    let product = app.product_pk(SKU).await;
+    let start = pools(&app, product).await;
+    assert_eq!(
+        start.iter().filter(|n| **n > 0).count(),
+        1,
+        "imported into one cell: {start:?}"
+    );
+    assert_eq!(start.iter().sum::<i64>(), 120);
+    let keys = buyers_in_every_cell(&app, &t, cells).await;
+
+    // As many codes ordered as there are, from every cell at once: none may be refused.
+    let mut tasks = Vec::new();
+    let mut ordered = 0;
+    let mut i = 0;
+    while ordered < 120 {
+        let q = (1 + i % 3).min(120 - ordered) as i64;
+        ordered += q as usize;
+        let (app, k) = (app.clone(), keys[i % keys.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            app.order(&k, order_body(SKU, q, &format!("wave-{i}"))).await
+        }));
+        i += 1;
+    }
+    let mut delivered = Vec::new();
+    for task in tasks {
+        let (s, body, _) = task.await.unwrap();
+        assert_eq!(s, 201, "refused while stock remained: {body}");
+        delivered.extend(codes_of(&body));
+    }
+    assert_eq!(delivered.len(), 120, "every code sold");
+    let distinct: HashSet<_> = delivered.iter().collect();
+    assert_eq!(distinct.len(), 120, "no code delivered twice");
+    assert!(delivered.iter().all(|c| imported.contains(c)));
+    assert_eq!(pools(&app, product).await.iter().sum::<i64>(), 0);
+
+    // Nothing left anywhere: now, and only now, out_of_stock, from every cell.
+    for (j, k) in keys.iter().enumerate() {
+        let (s, body, _) = app.order(k, order_body(SKU, 1, &format!("after-{j}"))).await;
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (409, Some("out_of_stock")),
+            "{body}"
+        );
+    }
+    let report = app.assert_reconciled(&t).await;
+    assert_eq!(report["products"][0]["delivered"], 120);
+    assert_eq!(report["products"][0]["available"], 0);
+}
+
+/// The mover's two steps are idempotent: a transfer cut short after step 1 (its codes
+/// in a transfer record, in no pool) is completed by the next pass, step 1 retried pops
+/// nothing more, step 2 retried pushes nothing twice; no code is lost or doubled, and
+/// reconciliation counts the record's codes meanwhile.
+#[tokio::test]
+async fn a_transfer_cut_short_between_its_steps_loses_and_doubles_nothing() {
+    let cells = 4;
+    let (app, t, imported) = cell_shop(cells, 60).await;
+    let state = app.state.clone().unwrap();
+    let keys = &state.keys;
+    let product = app.product_pk(SKU).await;
+    let from = mover::import_cell(keys, product);
+    let to = (from + 1) % cells;
+    let mut r = app.redis().await;
+    let epoch = cardgate::rebuild::redis_epoch(&mut r, &state).await.unwrap().unwrap();
+
+    // Step 1, and its retry (the answer was lost): 20 codes out, not 40.
+    let cut = Transfer::new(product, from, to, epoch);
+    assert_eq!(mover::take_out(&mut r, keys, &cut, 20).await.unwrap(), Some(20));
+    assert_eq!(mover::take_out(&mut r, keys, &cut, 20).await.unwrap(), Some(20));
+    let p = pools(&app, product).await;
+    assert_eq!(p.iter().sum::<i64>(), 40, "20 codes in the record, in no pool: {p:?}");
+    // The process dies here. Reconciliation sees the record's codes as stock.
+    let report = app.assert_reconciled(&t).await;
+    assert_eq!(report["products"][0]["available"], 60);
+
+    // The next pass completes it, and rebalances.
+    mover::step(&state).await.unwrap();
+    assert!(mover::open_transfers(&mut r, keys, product).await.unwrap().is_empty());
+    let p = pools(&app, product).await;
+    assert_eq!(p.iter().sum::<i64>(), 60, "{p:?}");
+    assert!(p.iter().all(|n| *n > 0), "every pool stocked: {p:?}");
+    // Step 2 and step 1 again, late: nothing pushed, nothing popped.
+    assert_eq!(mover::complete(&mut r, keys, &cut).await.unwrap(), 0);
+    assert_eq!(mover::take_out(&mut r, keys, &cut, 20).await.unwrap(), Some(0));
+    assert_eq!(pools(&app, product).await.iter().sum::<i64>(), 60);
+
+    // A transfer completed twice by two movers at once pushes its codes once.
+    let twice = Transfer::new(product, to, from, epoch);
+    assert!(mover::take_out(&mut r, keys, &twice, 5).await.unwrap().unwrap() > 0);
+    let mut r2 = app.redis().await;
+    let (a, b) = tokio::join!(
+        mover::complete(&mut r, keys, &twice),
+        mover::complete(&mut r2, keys, &twice)
+    );
+    assert!(a.unwrap() + b.unwrap() <= 5);
+    assert_eq!(pools(&app, product).await.iter().sum::<i64>(), 60);
+    app.assert_reconciled(&t).await;
+
+    // Every code still sells exactly once.
+    let k = buyer(&app, &t, "diamond", 10_000_000).await;
+    let (s, body, _) = app.order(&k, order_body(SKU, 60, "all-of-it")).await;
+    assert_eq!(s, 201, "{body}");
+    let codes: HashSet<String> = codes_of(&body).into_iter().collect();
+    assert_eq!(codes, imported.into_iter().collect::<HashSet<_>>());
+    app.assert_reconciled(&t).await;
+}
+
+/// A rebuild with several cells puts each reseller's balance in its home cell and deals
+/// the codes over every cell's pool; orders from every cell go on after it.
+#[tokio::test]
+async fn a_rebuild_with_cells_restores_balances_and_pools() {
+    let cells = 4;
+    let (app, t, _) = cell_shop(cells, 40).await;
+    let state = app.state.clone().unwrap();
+    let product = app.product_pk(SKU).await;
+    let keys = buyers_in_every_cell(&app, &t, cells).await;
+    for (i, k) in keys.iter().enumerate() {
+        let (s, body, _) = app.order(k, order_body(SKU, 1, &format!("before-{i}"))).await;
+        assert_eq!(s, 201, "{body}");
+    }
+    let sold = keys.len() as i64;
+    let mut before = Vec::new();
+    for k in &keys {
+        before.push(app.balance_of(k).await);
+    }
+
+    // Redis loses everything of this gateway's.
+    let mut r = app.redis().await;
+    let lost: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", app.redis_prefix()))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL").arg(&lost).query_async(&mut r).await.unwrap();
+    let report = cardgate::rebuild::rebuild(&state, true).await.unwrap().unwrap();
+    assert_eq!(report.codes as i64, 40 - sold);
+
+    for (k, want) in keys.iter().zip(&before) {
+        assert_eq!(app.balance_of(k).await, *want, "{}", k.reseller_id);
+    }
+    let p = pools(&app, product).await;
+    assert_eq!(p.iter().sum::<i64>(), 40 - sold);
+    assert!(
+        p.iter().max().unwrap() - p.iter().min().unwrap() <= 1,
+        "dealt evenly: {p:?}"
+    );
+    app.assert_reconciled(&t).await;
+
+    for (i, k) in keys.iter().enumerate() {
+        let (s, body, _) = app.order(k, order_body(SKU, 1, &format!("after-{i}"))).await;
+        assert_eq!(s, 201, "{body}");
+    }
+    app.assert_reconciled(&t).await;
+}
