@@ -130,7 +130,7 @@ async fn list_ids(redis: &mut ConnectionManager, key: &str, ids: &mut Vec<i64>) 
     let mut from = 0isize;
     loop {
         let chunk: Vec<Vec<u8>> = redis::cmd("LRANGE")
-            .arg(&key)
+            .arg(key)
             .arg(from)
             .arg(from + CHUNK - 1)
             .query_async(redis)

@@ -166,7 +166,7 @@ impl Importer<'_> {
             redis::cmd("RPUSH")
                 .arg(
                     self.keys
-                        .stock(super::mover::import_cell(&self.keys, self.product_id), self.product_id),
+                        .stock(super::mover::import_cell(self.keys, self.product_id), self.product_id),
                 )
                 .arg(&elements)
                 .query_async::<()>(&mut redis)
@@ -181,7 +181,7 @@ impl Importer<'_> {
                 pipe.cmd("LREM")
                     .arg(
                         self.keys
-                            .stock(super::mover::import_cell(&self.keys, self.product_id), self.product_id),
+                            .stock(super::mover::import_cell(self.keys, self.product_id), self.product_id),
                     )
                     .arg(1)
                     .arg(el)
