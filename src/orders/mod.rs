@@ -56,7 +56,7 @@ use crate::reserve::{self, Fulfilment, Guards, Refusal, Reservation, Reserved};
 
 /// Times a dry home cell is filled from the others and the order reserved again, before
 /// the gateway answers that stock is being moved (503) rather than out of stock.
-const DRY_RETRIES: usize = 3;
+const DRY_RETRIES: usize = 8;
 
 /// Reservations retried after the last guard refused a code, before giving up.
 const LAST_GUARD_RETRIES: usize = 3;

@@ -412,7 +412,7 @@ async fn twenty_concurrent_credits_with_one_reference_change_the_balance_once() 
         .get(0);
     let mut redis = app.redis().await;
     let hot: i64 = redis::cmd("GET")
-        .arg(format!("{}:{{s0}}:bal:{pk}", app.redis_prefix()))
+        .arg(app.keys().balance(pk))
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -452,7 +452,7 @@ async fn twenty_concurrent_credits_with_one_reference_change_the_balance_once() 
         .await;
     assert_eq!(ok["balance"], 30000);
     let hot: i64 = redis::cmd("GET")
-        .arg(format!("{}:{{s0}}:bal:{pk}", app.redis_prefix()))
+        .arg(app.keys().balance(pk))
         .query_async(&mut redis)
         .await
         .unwrap();

@@ -438,6 +438,18 @@ impl TestApp {
     pub fn redis_prefix(&self) -> &str {
         &self.env["CARDGATE_REDIS_PREFIX"]
     }
+
+    /// The gateway's Redis keys, with its number of cells.
+    pub fn keys(&self) -> cardgate::store::keys::Keys {
+        let cells = Config::load(&self.env).expect("test config loads").redis.cells;
+        cardgate::store::keys::Keys::with_cells(self.redis_prefix(), cells)
+    }
+
+    /// The pool imports push a product's codes into.
+    pub fn import_pool(&self, product_id: i64) -> String {
+        let keys = self.keys();
+        keys.stock(cardgate::stock::mover::import_cell(&keys, product_id), product_id)
+    }
 }
 
 #[derive(Clone)]
@@ -647,14 +659,21 @@ impl TestApp {
             .get(0)
     }
 
+    /// Every cell's pool of the product, summed.
     pub async fn stock_len(&self, sku: &str) -> i64 {
         let product_id = self.product_pk(sku).await;
         let mut r = self.redis().await;
-        redis::cmd("LLEN")
-            .arg(format!("{}:{{s0}}:stock:{product_id}", self.redis_prefix()))
-            .query_async(&mut r)
-            .await
-            .unwrap()
+        let keys = self.keys();
+        let mut n = 0;
+        for cell in keys.all_cells() {
+            let len: i64 = redis::cmd("LLEN")
+                .arg(keys.stock(cell, product_id))
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            n += len;
+        }
+        n
     }
 }
 

@@ -41,7 +41,7 @@ async fn hot(app: &TestApp, key: &ResellerKey) -> i64 {
         .await
         .unwrap();
     let v: Option<i64> = redis::cmd("GET")
-        .arg(format!("{}:{{s0}}:bal:{pk}", app.redis_prefix()))
+        .arg(app.keys().balance(pk))
         .query_async(&mut r)
         .await
         .unwrap();
@@ -191,7 +191,7 @@ async fn a_debit_whose_reference_is_held_already_takes_nothing_and_frees_nothing
     let pk = reseller_pk(&app, &k).await;
     // Another debit with this reference holds money in Redis and has not finished.
     let mut r = app.redis().await;
-    let marker = format!("{}:{{s0}}:hotmv:hold:{pk}:twice", app.redis_prefix());
+    let marker = app.keys().hot_movement(pk, &format!("hold:{pk}:twice"));
     let _: () = redis::cmd("SET").arg(&marker).arg(1).query_async(&mut r).await.unwrap();
     let path = format!("/admin/v1/resellers/{}/balance", k.reseller_id);
     let resp = app

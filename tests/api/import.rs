@@ -4,18 +4,7 @@ use serde_json::json;
 use crate::helpers::*;
 
 async fn stock_len(app: &TestApp, sku: &str) -> i64 {
-    let db = app.db().await;
-    let pid: i64 = db
-        .query_one("SELECT id FROM products WHERE sku = $1", &[&sku])
-        .await
-        .unwrap()
-        .get(0);
-    let mut redis = app.redis().await;
-    redis::cmd("LLEN")
-        .arg(format!("{}:{{s0}}:stock:{pid}", app.redis_prefix()))
-        .query_async(&mut redis)
-        .await
-        .unwrap()
+    app.stock_len(sku).await
 }
 
 #[tokio::test]

@@ -572,7 +572,7 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
 async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let (app, t, _) = shop(3).await;
     let k = buyer(&app, &t, "gold", 100_000).await;
-    let key = format!("{}:{{s0}}:stock:{}", app.redis_prefix(), app.product_pk(SKU).await);
+    let key = app.import_pool(app.product_pk(SKU).await);
     let mut r = app.redis().await;
     let head: Vec<u8> = redis::cmd("LINDEX").arg(&key).arg(0).query_async(&mut r).await.unwrap();
     let _: i64 = redis::cmd("LPUSH")
@@ -609,7 +609,7 @@ async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let k2 = buyer(&app2, &t2, "gold", 100_000).await;
     let (s, one, _) = app2.order(&k2, order_body(SKU, 1, "H-1")).await;
     assert_eq!(s, 201);
-    let key2 = format!("{}:{{s0}}:stock:{}", app2.redis_prefix(), app2.product_pk(SKU).await);
+    let key2 = app2.import_pool(app2.product_pk(SKU).await);
     let db = app2.db().await;
     let row = db
         .query_one(
@@ -778,7 +778,7 @@ async fn reconciliation_catches_what_it_claims_to_catch() {
     app.assert_reconciled(&t).await;
 
     // A sellable code lost from Redis.
-    let key = format!("{}:{{s0}}:stock:{}", app.redis_prefix(), app.product_pk(SKU).await);
+    let key = app.import_pool(app.product_pk(SKU).await);
     let mut r = app.redis().await;
     let lost: Vec<u8> = redis::cmd("LPOP").arg(&key).query_async(&mut r).await.unwrap();
     let report = app.admin_ok(&t, Method::GET, "/admin/v1/reconcile", None, 200).await;
@@ -795,7 +795,7 @@ async fn reconciliation_catches_what_it_claims_to_catch() {
         .unwrap();
 
     // A hot balance that drifted from the ledger.
-    let bal = format!("{}:{{s0}}:bal:*", app.redis_prefix());
+    let bal = format!("{}:*:bal:*", app.redis_prefix());
     let keys: Vec<String> = redis::cmd("KEYS").arg(&bal).query_async(&mut r).await.unwrap();
     let _: i64 = redis::cmd("INCRBY")
         .arg(&keys[0])

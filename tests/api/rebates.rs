@@ -97,7 +97,7 @@ async fn balances(app: &TestApp, key: &ResellerKey) -> (i64, i64) {
         .unwrap();
     let (pk, pg): (i64, i64) = (row.get(0), row.get(1));
     let hot: Option<i64> = redis::cmd("GET")
-        .arg(format!("{}:{{s0}}:bal:{pk}", app.redis_prefix()))
+        .arg(app.keys().balance(pk))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();

@@ -156,7 +156,7 @@ async fn orders_are_refused_promptly_while_postgres_is_away_and_reservations_com
     let k = buyer(&app, &t, "gold", 100_000).await;
     let (s, _, _) = app.order(&k, order_body(SKU, 1, "M-1")).await;
     assert_eq!(s, 201);
-    let stock_key = format!("{}:{{s0}}:stock:{}", app.redis_prefix(), app.product_pk(SKU).await);
+    let stock_key = app.import_pool(app.product_pk(SKU).await);
 
     proxy.cut();
     // The first order after the cut is reserved and waits for its commit: 503 within the
