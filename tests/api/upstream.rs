@@ -707,3 +707,53 @@ async fn a_redis_rebuild_while_a_purchase_waits_on_its_supplier_keeps_the_money_
     assert_eq!(status, 201, "{order}");
     assert_exactly_once(&up, &down, &codes_of(&order)).await;
 }
+
+/// With home cells, local stock in any cell comes before buying upstream: a buyer whose
+/// home cell holds none of the product gets the codes imported into another cell, and
+/// only once no cell holds enough is the order bought upstream.
+#[tokio::test]
+async fn fallback_buys_upstream_only_when_no_cell_can_fill_the_order() {
+    let c = chain(3, 3000).await;
+    let down = &c.down;
+    let keys = down.app.keys();
+    assert!(keys.cells() > 1, "the default has several cells");
+    let product = down.app.product_pk(SKU).await;
+    let import_cell = cardgate::stock::mover::import_cell(&keys, product);
+    let local: Vec<String> = (0..2).map(|i| format!("LOCAL-{i}-{}", random_suffix())).collect();
+    let resp = down.app.import_codes(&down.token, SKU, local.join("\n")).await;
+    assert_eq!(resp.status(), 200);
+    // A buyer at home in another cell than the one the codes went into.
+    let far = loop {
+        let k = buyer(&down.app, &down.token, "standard", BUYER_FUNDS).await;
+        let pk: i64 = down
+            .app
+            .db()
+            .await
+            .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
+            .await
+            .unwrap()
+            .get(0);
+        if keys.cell_of(pk) != import_cell {
+            break k;
+        }
+    };
+
+    let (status, order, _) = down.app.order(&far, order_body(SKU, 2, "M-CELL-1")).await;
+    assert_eq!(status, 201, "{order}");
+    let mut got = codes_of(&order);
+    got.sort();
+    assert_eq!(got, local, "the other cell's codes, not upstream's");
+    assert_eq!(
+        c.up.app.balance_of(&c.up.hub_key).await,
+        HUB_FUNDS,
+        "nothing bought upstream"
+    );
+
+    // No cell holds any now: bought upstream.
+    let (status, order, _) = down.app.order(&far, order_body(SKU, 1, "M-CELL-2")).await;
+    assert_eq!(status, 201, "{order}");
+    let codes = codes_of(&order);
+    assert!(codes.iter().all(|code| c.up.imported.contains(code)), "{order}");
+    assert_eq!(c.up.app.balance_of(&c.up.hub_key).await, HUB_FUNDS - PRICE);
+    down.app.assert_reconciled(&down.token).await;
+}
