@@ -227,3 +227,38 @@ async fn a_rebuild_with_cells_restores_balances_and_pools() {
     }
     app.assert_reconciled(&t).await;
 }
+
+/// The mover's pass spreads a product imported into one cell over every pool, then keeps
+/// each pool in proportion to how fast its cell sells.
+#[tokio::test]
+async fn the_mover_keeps_pools_in_proportion_to_sales() {
+    let cells = 4;
+    let (app, t, _) = cell_shop(cells, 400).await;
+    let state = app.state.clone().unwrap();
+    let product = app.product_pk(SKU).await;
+
+    mover::step(&state).await.unwrap();
+    let p = pools(&app, product).await;
+    assert_eq!(p.iter().sum::<i64>(), 400);
+    assert!(
+        p.iter().all(|n| (90..=110).contains(n)),
+        "spread evenly while nothing sells: {p:?}"
+    );
+
+    // One cell sells; the others do not.
+    let k = buyer(&app, &t, "diamond", 10_000_000).await;
+    let busy = state.keys.cell_of(reseller_pk(&app, &k).await) as usize;
+    for i in 0..10 {
+        let (s, body, _) = app.order(&k, order_body(SKU, 3, &format!("busy-{i}"))).await;
+        assert_eq!(s, 201, "{body}");
+    }
+    mover::step(&state).await.unwrap();
+    let p = pools(&app, product).await;
+    assert_eq!(p.iter().sum::<i64>(), 370);
+    for (cell, n) in p.iter().enumerate() {
+        if cell != busy {
+            assert!(p[busy] > 3 * n, "the selling cell holds the most: {p:?}");
+        }
+    }
+    app.assert_reconciled(&t).await;
+}
