@@ -26,8 +26,11 @@
 //!    balance, records the reservation and appends the fulfilment to the outbox stream.
 //!    Its answer comes back as [`Reserved`] (`Ok`, `Seen` or `Refused(Refusal)`: one
 //!    mapping each way, `Refusal::wire`), with the bucket for the `RateLimit-*` headers.
-//! 7. `ledger/writer.rs`: a ledger writer of some gateway reads the outbox (consumer
-//!    group), and commits a batch of fulfilments in one Postgres transaction through
+//!    Every key is in the reseller's home cell, the stock being that cell's pool; a pool
+//!    that cannot fill the order answers `cell_dry`, and `stock/mover.rs` `fill` brings
+//!    codes from the other cells before the reservation runs again.
+//! 7. `ledger/writer.rs`: a ledger writer of some gateway reads every cell's outbox
+//!    (a consumer group each), and commits a batch of fulfilments in one Postgres transaction through
 //!    `ledger_commit()` (the schema in `migrations/`): orders, their codes behind the
 //!    unique guard, the ledger debits; then `settle.lua` acknowledges them in Redis, or
 //!    `release.lua` undoes those Postgres refused.
