@@ -205,7 +205,7 @@ pub async fn finish_open<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64
 }
 
 /// Each cell's pool length of a product.
-async fn pool_lengths<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<Vec<usize>> {
+pub async fn pool_lengths<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<Vec<usize>> {
     let mut pipe = redis::pipe();
     for cell in keys.all_cells() {
         pipe.cmd("LLEN").arg(keys.stock(cell, product));

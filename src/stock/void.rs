@@ -91,26 +91,37 @@ pub async fn void_codes(
     if available.is_empty() {
         return Ok(report);
     }
-    // Whichever cell's pool holds it; open transfers are completed first so that no code
-    // is between pools meanwhile.
-    super::mover::finish_open(&mut redis, keys, product_id).await?;
-    let mut pipe = redis::pipe();
-    for r in &available {
-        for cell in keys.all_cells() {
-            pipe.cmd("LREM")
-                .arg(keys.stock(cell, product_id))
-                .arg(1)
-                .arg(super::element(r.get(0), r.get::<_, &[u8]>(1)));
-        }
-    }
-    let removed: Vec<i64> = pipe.query_async(&mut redis).await?;
-    let removed: Vec<i64> = removed.chunks(keys.cells() as usize).map(|c| c.iter().sum()).collect();
-    let ids: Vec<i64> = available
+    let elements: Vec<(i64, Vec<u8>)> = available
         .iter()
-        .zip(&removed)
-        .filter(|(_, n)| **n > 0)
-        .map(|(r, _)| r.get(0))
+        .map(|r| (r.get(0), super::element(r.get(0), r.get::<_, &[u8]>(1))))
         .collect();
+    // Whichever cell's pool holds it. The mover may carry a code between pools while it
+    // is looked for: one missed is looked for again once the open transfers are complete.
+    // One an order holds stays missing.
+    let mut pending: Vec<&(i64, Vec<u8>)> = elements.iter().collect();
+    let mut ids: Vec<i64> = Vec::with_capacity(pending.len());
+    for _ in 0..rounds(keys) {
+        if pending.is_empty() {
+            break;
+        }
+        super::mover::finish_open(&mut redis, keys, product_id).await?;
+        let mut pipe = redis::pipe();
+        for (_, el) in &pending {
+            for cell in keys.all_cells() {
+                pipe.cmd("LREM").arg(keys.stock(cell, product_id)).arg(1).arg(el);
+            }
+        }
+        let removed: Vec<i64> = pipe.query_async(&mut redis).await?;
+        let mut missed = Vec::new();
+        for (e, n) in pending.into_iter().zip(removed.chunks(keys.cells() as usize)) {
+            if n.iter().sum::<i64>() > 0 {
+                ids.push(e.0);
+            } else {
+                missed.push(e);
+            }
+        }
+        pending = missed;
+    }
     // Available in Postgres yet not in the Redis list: reserved by an order in flight.
     report.not_available += (available.len() - ids.len()) as u64;
     report.voided = mark_voided(tx, &ids).await?;
@@ -125,22 +136,46 @@ pub async fn void_all_available(
     product_id: i64,
 ) -> Result<VoidReport, ApiError> {
     let mut report = VoidReport::default();
-    super::mover::finish_open(&mut redis, keys, product_id).await?;
-    for cell in keys.all_cells() {
-        loop {
-            let popped: Option<Vec<Vec<u8>>> = redis::cmd("LPOP")
-                .arg(keys.stock(cell, product_id))
-                .arg(VOID_ALL_CHUNK)
-                .query_async(&mut redis)
-                .await?;
-            let Some(popped) = popped.filter(|p| !p.is_empty()) else {
-                break;
-            };
-            let ids: Vec<i64> = super::code_ids(&popped).collect();
-            report.voided += mark_voided(tx, &ids).await?;
+    // Pass after pass until no pool and no transfer holds any: the mover may carry codes
+    // into a pool already emptied.
+    for _ in 0..rounds(keys) {
+        super::mover::finish_open(&mut redis, keys, product_id).await?;
+        for cell in keys.all_cells() {
+            loop {
+                let popped: Option<Vec<Vec<u8>>> = redis::cmd("LPOP")
+                    .arg(keys.stock(cell, product_id))
+                    .arg(VOID_ALL_CHUNK)
+                    .query_async(&mut redis)
+                    .await?;
+                let Some(popped) = popped.filter(|p| !p.is_empty()) else {
+                    break;
+                };
+                let ids: Vec<i64> = super::code_ids(&popped).collect();
+                report.voided += mark_voided(tx, &ids).await?;
+            }
+        }
+        let left: usize = super::mover::pool_lengths(&mut redis, keys, product_id)
+            .await?
+            .iter()
+            .sum();
+        if left == 0
+            && super::mover::open_transfers(&mut redis, keys, product_id)
+                .await?
+                .is_empty()
+        {
+            break;
         }
     }
     Ok(report)
+}
+
+/// Rounds of looking for codes in the pools: one when there is one cell (no mover).
+fn rounds(keys: &Keys) -> usize {
+    if keys.cells() == 1 {
+        1
+    } else {
+        4
+    }
 }
 
 async fn mark_voided(client: &impl GenericClient, ids: &[i64]) -> Result<u64, ApiError> {

@@ -659,21 +659,36 @@ impl TestApp {
             .get(0)
     }
 
-    /// Every cell's pool of the product, summed.
+    /// The product's codes in Redis outside the outbox: every cell's pool and every open
+    /// transfer between cells not yet arrived, read at one instant (one script on the one
+    /// test Redis), so the stock mover running meanwhile cannot hide or double a code.
     pub async fn stock_len(&self, sku: &str) -> i64 {
         let product_id = self.product_pk(sku).await;
         let mut r = self.redis().await;
         let keys = self.keys();
-        let mut n = 0;
+        let script = redis::Script::new(
+            r"
+local n = 0
+for i = 1, #ARGV, 4 do
+  n = n + redis.call('LLEN', ARGV[i])
+  for _, id in ipairs(redis.call('SMEMBERS', ARGV[i + 1])) do
+    local to = tonumber(string.match(id, '^[^.]+%.[^.]+%.([^.]+)%.'))
+    local arrived = ARGV[(to * 4) + 4]:gsub('@', id)
+    if redis.call('EXISTS', arrived) == 0 then
+      n = n + redis.call('LLEN', (ARGV[i + 2]:gsub('@', id)))
+    end
+  end
+end
+return n",
+        );
+        let mut inv = script.prepare_invoke();
         for cell in keys.all_cells() {
-            let len: i64 = redis::cmd("LLEN")
-                .arg(keys.stock(cell, product_id))
-                .query_async(&mut r)
-                .await
-                .unwrap();
-            n += len;
+            inv.arg(keys.stock(cell, product_id))
+                .arg(keys.transfers(cell, product_id))
+                .arg(keys.transfer(cell, "@"))
+                .arg(keys.transfer_done(cell, "@"));
         }
-        n
+        inv.invoke_async(&mut r).await.unwrap()
     }
 }
 
