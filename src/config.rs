@@ -132,6 +132,10 @@ pub struct PostgresConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
+    /// `redis_url` names a Redis Cluster even with a single seed node (several seeds,
+    /// comma-separated, always do).
+    #[serde(default)]
+    pub cluster: bool,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
     pub rebuild_recent_orders: u64,
@@ -300,14 +304,7 @@ impl Config {
                 )
             })?),
         };
-        if !self.redis_url.expose_secret().starts_with("redis://")
-            && !self.redis_url.expose_secret().starts_with("rediss://")
-        {
-            return Err(ConfigError::setting(
-                "redis_url (CARDGATE_REDIS_URL)",
-                "must be a redis:// URL",
-            ));
-        }
+        self.validate_redis_url()?;
         if self.upstream.max_in_flight > 100_000 {
             return Err(ConfigError::setting("upstream.max_in_flight", "must be at most 100000"));
         }
@@ -497,6 +494,34 @@ impl Config {
             master_key,
             trusted_proxies,
         })
+    }
+
+    /// One `redis://` URL, or a Redis Cluster's seed nodes, comma-separated.
+    fn validate_redis_url(&self) -> Result<(), ConfigError> {
+        const SETTING: &str = "redis_url (CARDGATE_REDIS_URL)";
+        let url = self.redis_url.expose_secret();
+        let seeds = crate::store::redis::seed_urls(url);
+        if seeds.is_empty() || seeds.len() != url.split(',').count() {
+            return Err(ConfigError::setting(
+                SETTING,
+                "must be a redis:// URL, or a Redis Cluster's nodes as redis:// URLs separated by commas",
+            ));
+        }
+        for seed in &seeds {
+            if !(seed.starts_with("redis://") || seed.starts_with("rediss://")) || redis::Client::open(*seed).is_err() {
+                return Err(ConfigError::setting(
+                    SETTING,
+                    "must be a redis:// URL (each one, for a cluster)",
+                ));
+            }
+        }
+        if seeds.len() > 1 || self.redis.cluster {
+            // A cluster has one database; a node with `/1` would be refused at connection time.
+            redis::cluster::ClusterClient::new(seeds.clone()).map_err(|_| {
+                ConfigError::setting(SETTING, "is not a valid list of Redis Cluster nodes (database 0 only)")
+            })?;
+        }
+        Ok(())
     }
 
     pub fn ms(v: u64) -> Duration {
