@@ -23,7 +23,7 @@ pub enum Client {
     Single(redis::Client),
     /// `nodes`: the seed nodes one by one, for pub/sub (below).
     Cluster {
-        cluster: ClusterClient,
+        cluster: Box<ClusterClient>,
         nodes: Vec<redis::Client>,
     },
 }
@@ -86,7 +86,10 @@ pub fn client(config: &Config) -> anyhow::Result<Client> {
         .map(|u| redis::Client::open(*u))
         .collect::<redis::RedisResult<Vec<_>>>()
         .context("redis_url is not a valid list of Redis Cluster nodes")?;
-    Ok(Client::Cluster { cluster, nodes })
+    Ok(Client::Cluster {
+        cluster: Box::new(cluster),
+        nodes,
+    })
 }
 
 /// The shared connection of the process.
