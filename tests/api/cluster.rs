@@ -417,3 +417,25 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
     let whole = eventually(Duration::from_secs(30), || cluster_whole(&urls)).await;
     assert!(whole, "the restarted node did not rejoin");
 }
+
+#[tokio::test]
+async fn a_change_on_one_gateway_reaches_another_through_the_cluster_within_a_second() {
+    let Some(urls) = cluster_urls() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (a, t, _) = shop_with(1, on_cluster(&urls)).await;
+    let k = buyer(&a, &t, "gold", 0).await;
+    let b = start(a.env.clone()).await;
+    assert_eq!(b.signed(&k, Method::GET, "/v1/balance", None).await.status(), 200);
+
+    // Far sooner than the periodic refresh: the announcement, published on the cluster and
+    // heard on whichever node B subscribed to.
+    a.admin_ok(&t, Method::DELETE, &format!("/admin/v1/keys/{}", k.key_id), None, 200)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            b.signed(&k, Method::GET, "/v1/balance", None).await.status() == 401
+        })
+        .await,
+        "revocation not seen by B within 1 s"
+    );
+}
