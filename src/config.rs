@@ -507,19 +507,29 @@ impl Config {
                 "must be a redis:// URL, or a Redis Cluster's nodes as redis:// URLs separated by commas",
             ));
         }
+        let mut databases = Vec::new();
         for seed in &seeds {
-            if !(seed.starts_with("redis://") || seed.starts_with("rediss://")) || redis::Client::open(*seed).is_err() {
+            let client = redis::Client::open(*seed)
+                .ok()
+                .filter(|_| seed.starts_with("redis://") || seed.starts_with("rediss://"));
+            let Some(client) = client else {
                 return Err(ConfigError::setting(
                     SETTING,
                     "must be a redis:// URL (each one, for a cluster)",
                 ));
-            }
+            };
+            databases.push(client.get_connection_info().redis_settings().db());
         }
         if seeds.len() > 1 || self.redis.cluster {
-            // A cluster has one database; a node with `/1` would be refused at connection time.
-            redis::cluster::ClusterClient::new(seeds.clone()).map_err(|_| {
-                ConfigError::setting(SETTING, "is not a valid list of Redis Cluster nodes (database 0 only)")
-            })?;
+            // A cluster has database 0 only: a node asked for another would refuse at start-up.
+            if databases.iter().any(|db| *db != 0) {
+                return Err(ConfigError::setting(
+                    SETTING,
+                    "names a Redis Cluster, which has database 0 only",
+                ));
+            }
+            redis::cluster::ClusterClient::new(seeds.clone())
+                .map_err(|_| ConfigError::setting(SETTING, "is not a valid list of Redis Cluster nodes"))?;
         }
         Ok(())
     }

@@ -159,6 +159,8 @@ fn redis_url_takes_one_redis_or_a_clusters_nodes() {
         "redis://127.0.0.1:7000,,redis://127.0.0.1:7001",
         "redis://127.0.0.1:7000,http://127.0.0.1:7001",
         "redis://127.0.0.1:7000,",
+        // A cluster has database 0 only.
+        "redis://127.0.0.1:7000/1,redis://127.0.0.1:7001/1",
     ] {
         env.insert("CARDGATE_REDIS_URL".into(), bad.into());
         assert!(!valid(&env), "{bad}");
