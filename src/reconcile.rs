@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::redis::Redis;
 use serde::Serialize;
 
 use crate::app::App;
@@ -64,7 +64,7 @@ struct InFlight {
     orders: usize,
 }
 
-async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<String>) -> anyhow::Result<InFlight> {
+async fn in_flight(app: &App, redis: &mut Redis, problems: &mut Vec<String>) -> anyhow::Result<InFlight> {
     let mut out = InFlight::default();
     let mut start = "-".to_string();
     loop {
@@ -92,7 +92,7 @@ async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<
     Ok(out)
 }
 
-async fn stock_ids(app: &App, redis: &mut ConnectionManager, product: i64) -> anyhow::Result<Vec<i64>> {
+async fn stock_ids(app: &App, redis: &mut Redis, product: i64) -> anyhow::Result<Vec<i64>> {
     let key = app.keys.stock(product);
     let mut ids = Vec::new();
     let mut from = 0isize;

@@ -12,15 +12,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::AsyncConnectionConfig;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 
 use super::Settled;
 use crate::app::App;
 use crate::reserve::{self, Entry, Fulfilment, GROUP};
+use crate::store::redis::Redis;
 
 /// How long one read waits for new entries; also bounds how late a stop is noticed.
 const BLOCK_MS: u64 = 500;
@@ -60,7 +59,7 @@ pub enum Step {
 /// One ledger writer: its consumer name in the outbox group and its Redis connection.
 pub struct Writer {
     consumer: String,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Redis>,
     next_claim: Instant,
     next_gauges: Option<Instant>,
 }
@@ -125,23 +124,16 @@ impl Writer {
     }
 }
 
-async fn connect(app: &App) -> redis::RedisResult<MultiplexedConnection> {
-    let timeouts = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(app.config.redis.connect_timeout_ms)))
-        .set_response_timeout(Some(Duration::from_millis(
-            BLOCK_MS + app.config.redis.response_timeout_ms,
-        )));
-    let mut c = app
-        .redis_client
-        .get_multiplexed_async_connection_with_config(&timeouts)
-        .await?;
+async fn connect(app: &App) -> redis::RedisResult<Redis> {
+    let response_timeout = Duration::from_millis(BLOCK_MS + app.config.redis.response_timeout_ms);
+    let mut c = app.redis_client.own_connection(&app.config, response_timeout).await?;
     ensure_group(&mut c, app).await?;
     Ok(c)
 }
 
 /// Creates the consumer group (and the stream) unless it exists; Redis may have
 /// restarted empty since the last time.
-async fn ensure_group(c: &mut MultiplexedConnection, app: &App) -> redis::RedisResult<()> {
+async fn ensure_group(c: &mut Redis, app: &App) -> redis::RedisResult<()> {
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(app.keys.outbox())
@@ -156,12 +148,7 @@ async fn ensure_group(c: &mut MultiplexedConnection, app: &App) -> redis::RedisR
     }
 }
 
-async fn read_new(
-    c: &mut MultiplexedConnection,
-    app: &App,
-    consumer: &str,
-    block: bool,
-) -> redis::RedisResult<Vec<StreamId>> {
+async fn read_new(c: &mut Redis, app: &App, consumer: &str, block: bool) -> redis::RedisResult<Vec<StreamId>> {
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP")
         .arg(GROUP)
@@ -185,7 +172,7 @@ async fn read_new(
 }
 
 /// Takes over entries another writer read but did not acknowledge in time.
-async fn claim(c: &mut MultiplexedConnection, app: &App, consumer: &str) -> redis::RedisResult<Vec<StreamId>> {
+async fn claim(c: &mut Redis, app: &App, consumer: &str) -> redis::RedisResult<Vec<StreamId>> {
     let reply: Result<StreamAutoClaimReply, _> = redis::cmd("XAUTOCLAIM")
         .arg(app.keys.outbox())
         .arg(GROUP)
@@ -206,7 +193,7 @@ async fn claim(c: &mut MultiplexedConnection, app: &App, consumer: &str) -> redi
     }
 }
 
-async fn outbox_gauges(c: &mut MultiplexedConnection, app: &App) {
+async fn outbox_gauges(c: &mut Redis, app: &App) {
     let key = app.keys.outbox();
     let got: redis::RedisResult<(u64, Vec<(String, redis::Value)>)> = redis::pipe()
         .cmd("XLEN")

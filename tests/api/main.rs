@@ -11,6 +11,7 @@ mod helpers;
 mod admin;
 mod binary;
 mod callbacks;
+mod cluster;
 mod config;
 mod early_refusals;
 mod faults;
