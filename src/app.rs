@@ -5,7 +5,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
 
 use crate::auth::admin::{Passwords, Tokens};
@@ -33,7 +32,7 @@ pub struct App {
     pub pg_orders: Pool,
     /// Heavy operator work, bounded so that it cannot crowd out orders.
     pub bulkheads: Bulkheads,
-    pub redis: ConnectionManager,
+    pub redis: store::redis::Redis,
     /// Signed reads' Redis commands, many requests to a pipeline.
     pub coalescer: Coalescer,
     pub keys: Keys,
@@ -45,7 +44,7 @@ pub struct App {
     /// Logins per client address, refused before any work is done.
     pub login_limiter: AddressLimiter,
     /// For connections of their own (pub/sub), apart from the shared multiplexed one.
-    pub redis_client: redis::Client,
+    pub redis_client: store::redis::Client,
     pub key_cache: KeyCache,
     /// Keys' uses not yet written to Postgres (`crate::auth::last_used`).
     pub last_used: LastUsed,
@@ -183,7 +182,7 @@ impl App {
     }
 
     /// A Redis handle for one request; clones share the one multiplexed connection.
-    pub fn redis(&self) -> ConnectionManager {
+    pub fn redis(&self) -> store::redis::Redis {
         self.redis.clone()
     }
 }

@@ -132,6 +132,10 @@ pub struct PostgresConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
+    /// `redis_url` names a Redis Cluster even with a single seed node (several seeds,
+    /// comma-separated, always do).
+    #[serde(default)]
+    pub cluster: bool,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
     pub rebuild_recent_orders: u64,
@@ -312,14 +316,7 @@ impl Config {
                 )
             })?),
         };
-        if !self.redis_url.expose_secret().starts_with("redis://")
-            && !self.redis_url.expose_secret().starts_with("rediss://")
-        {
-            return Err(ConfigError::setting(
-                "redis_url (CARDGATE_REDIS_URL)",
-                "must be a redis:// URL",
-            ));
-        }
+        self.validate_redis_url()?;
         if self.upstream.max_in_flight > 100_000 {
             return Err(ConfigError::setting("upstream.max_in_flight", "must be at most 100000"));
         }
@@ -509,6 +506,44 @@ impl Config {
             master_key,
             trusted_proxies,
         })
+    }
+
+    /// One `redis://` URL, or a Redis Cluster's seed nodes, comma-separated.
+    fn validate_redis_url(&self) -> Result<(), ConfigError> {
+        const SETTING: &str = "redis_url (CARDGATE_REDIS_URL)";
+        let url = self.redis_url.expose_secret();
+        let seeds = crate::store::redis::seed_urls(url);
+        if seeds.is_empty() || seeds.len() != url.split(',').count() {
+            return Err(ConfigError::setting(
+                SETTING,
+                "must be a redis:// URL, or a Redis Cluster's nodes as redis:// URLs separated by commas",
+            ));
+        }
+        let mut databases = Vec::new();
+        for seed in &seeds {
+            let client = redis::Client::open(*seed)
+                .ok()
+                .filter(|_| seed.starts_with("redis://") || seed.starts_with("rediss://"));
+            let Some(client) = client else {
+                return Err(ConfigError::setting(
+                    SETTING,
+                    "must be a redis:// URL (each one, for a cluster)",
+                ));
+            };
+            databases.push(client.get_connection_info().redis_settings().db());
+        }
+        if seeds.len() > 1 || self.redis.cluster {
+            // A cluster has database 0 only: a node asked for another would refuse at start-up.
+            if databases.iter().any(|db| *db != 0) {
+                return Err(ConfigError::setting(
+                    SETTING,
+                    "names a Redis Cluster, which has database 0 only",
+                ));
+            }
+            redis::cluster::ClusterClient::new(seeds.clone())
+                .map_err(|_| ConfigError::setting(SETTING, "is not a valid list of Redis Cluster nodes"))?;
+        }
+        Ok(())
     }
 
     pub fn ms(v: u64) -> Duration {

@@ -234,8 +234,19 @@ impl ApiError {
     }
 
     /// A Redis failure: `unavailable` while Redis cannot be reached, otherwise internal.
+    /// On a cluster, a slot without a primary (a failover under way), a node still loading or
+    /// one just demoted is the same: the client's retries ran out before the cluster settled.
     pub fn redis(e: &redis::RedisError) -> Self {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        use redis::{ErrorKind, ServerErrorKind};
+        let settling = e.is_cluster_error()
+            || matches!(
+                e.kind(),
+                ErrorKind::ClusterConnectionNotFound
+                    | ErrorKind::Server(
+                        ServerErrorKind::MasterDown | ServerErrorKind::ReadOnly | ServerErrorKind::BusyLoading
+                    )
+            );
+        if settling || e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
             tracing::warn!(error = %e, "redis unavailable");
             ApiError::Unavailable {
                 what: "redis",

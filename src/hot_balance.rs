@@ -359,7 +359,7 @@ async fn settle_rows(app: &App, reseller_pk: Option<i64>) -> anyhow::Result<usiz
 pub async fn unapplied(
     app: &App,
     client: &impl GenericClient,
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut crate::store::redis::Redis,
 ) -> anyhow::Result<std::collections::HashMap<i64, i64>> {
     let mut gap = std::collections::HashMap::new();
     let rows = client

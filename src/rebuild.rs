@@ -23,7 +23,9 @@ use std::time::Instant;
 use anyhow::Context;
 use deadpool_postgres::GenericClient;
 use futures_util::{pin_mut, TryStreamExt};
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::ConnectionLike;
+
+use crate::store::redis::Redis;
 use serde::Serialize;
 
 use crate::app::App;
@@ -124,7 +126,7 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
 /// Deletes the outbox and the idempotency records of its reservations: none of them can
 /// commit any more (their epoch is gone), and a record left `pending` would answer
 /// `order_in_progress` for days.
-async fn drop_in_flight(app: &App, redis: &mut ConnectionManager) -> anyhow::Result<u64> {
+async fn drop_in_flight(app: &App, redis: &mut Redis) -> anyhow::Result<u64> {
     let mut dropped = 0;
     for cell in app.keys.all_cells() {
         let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
@@ -151,7 +153,7 @@ async fn drop_in_flight(app: &App, redis: &mut ConnectionManager) -> anyhow::Res
 async fn load_stock(
     app: &App,
     tx: &deadpool_postgres::Transaction<'_>,
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
 ) -> anyhow::Result<(u64, u64)> {
     let products: Vec<i64> = tx
         .query("SELECT id FROM products", &[])
@@ -215,11 +217,7 @@ async fn load_stock(
 }
 
 /// Hot balances start at the Postgres balances: nothing is in flight in the new epoch.
-async fn load_balances(
-    app: &App,
-    tx: &deadpool_postgres::Transaction<'_>,
-    redis: &mut ConnectionManager,
-) -> anyhow::Result<u64> {
+async fn load_balances(app: &App, tx: &deadpool_postgres::Transaction<'_>, redis: &mut Redis) -> anyhow::Result<u64> {
     // An open purchase without its order yet holds its amount in the hot balance only.
     let rows = tx
         .query(
@@ -248,11 +246,7 @@ async fn load_balances(
 /// Each reseller's risk hold and spend today, and each limited key's spend today, from
 /// the orders Postgres holds (nothing is in flight in the new epoch). The order-rate and
 /// address history the rules keep are Redis's alone: what survived is kept.
-async fn load_risk(
-    app: &App,
-    tx: &deadpool_postgres::Transaction<'_>,
-    redis: &mut ConnectionManager,
-) -> anyhow::Result<()> {
+async fn load_risk(app: &App, tx: &deadpool_postgres::Transaction<'_>, redis: &mut Redis) -> anyhow::Result<()> {
     let now = app.clock.now();
     let today = reserve::utc_day(now.unix_timestamp());
     let midnight = now.replace_time(time::Time::MIDNIGHT);
@@ -311,11 +305,7 @@ async fn load_risk(
 }
 
 /// Idempotency records of the most recent orders, so their replays stay on the fast path.
-async fn load_records(
-    app: &App,
-    tx: &deadpool_postgres::Transaction<'_>,
-    redis: &mut ConnectionManager,
-) -> anyhow::Result<u64> {
+async fn load_records(app: &App, tx: &deadpool_postgres::Transaction<'_>, redis: &mut Redis) -> anyhow::Result<u64> {
     let limit = app.config.redis.rebuild_recent_orders as i64;
     let rows = tx
         .query(
@@ -348,7 +338,7 @@ async fn load_records(
     Ok(rows.len() as u64)
 }
 
-async fn send(pipe: redis::Pipeline, redis: &mut ConnectionManager) -> redis::RedisResult<()> {
+async fn send(pipe: redis::Pipeline, redis: &mut Redis) -> redis::RedisResult<()> {
     if pipe.is_empty() {
         return Ok(());
     }

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::redis::Redis;
 use serde::Serialize;
 
 use crate::app::App;
@@ -64,7 +64,7 @@ struct InFlight {
     orders: usize,
 }
 
-async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<String>) -> anyhow::Result<InFlight> {
+async fn in_flight(app: &App, redis: &mut Redis, problems: &mut Vec<String>) -> anyhow::Result<InFlight> {
     let mut out = InFlight::default();
     for cell in app.keys.all_cells() {
         outbox_in_flight(app, redis, cell, &mut out, problems).await?;
@@ -74,7 +74,7 @@ async fn in_flight(app: &App, redis: &mut ConnectionManager, problems: &mut Vec<
 
 async fn outbox_in_flight(
     app: &App,
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     cell: u32,
     out: &mut InFlight,
     problems: &mut Vec<String>,
@@ -108,7 +108,7 @@ async fn outbox_in_flight(
 /// The code ids of a product held in Redis outside the outbox: every cell's pool and
 /// every open transfer's record (one that has arrived already but is not yet closed
 /// holds copies of codes now in its destination pool, and is skipped).
-async fn stock_ids(app: &App, redis: &mut ConnectionManager, product: i64) -> anyhow::Result<Vec<i64>> {
+async fn stock_ids(app: &App, redis: &mut Redis, product: i64) -> anyhow::Result<Vec<i64>> {
     let keys = &app.keys;
     let mut ids = Vec::new();
     for cell in keys.all_cells() {
@@ -126,7 +126,7 @@ async fn stock_ids(app: &App, redis: &mut ConnectionManager, product: i64) -> an
     Ok(ids)
 }
 
-async fn list_ids(redis: &mut ConnectionManager, key: &str, ids: &mut Vec<i64>) -> anyhow::Result<()> {
+async fn list_ids(redis: &mut Redis, key: &str, ids: &mut Vec<i64>) -> anyhow::Result<()> {
     let mut from = 0isize;
     loop {
         let chunk: Vec<Vec<u8>> = redis::cmd("LRANGE")

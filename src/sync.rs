@@ -101,7 +101,7 @@ pub async fn changed(app: &App) {
 pub async fn listen(app: Arc<App>) {
     let settled = crate::ledger::channel(&app.config.redis_prefix);
     loop {
-        match app.redis_client.get_async_pubsub().await {
+        match app.redis_client.pubsub().await {
             Ok(mut pubsub) => {
                 if pubsub.subscribe(&[channel(&app), settled.clone()]).await.is_ok() {
                     // Anything announced while we were not subscribed is covered by this.

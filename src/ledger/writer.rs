@@ -13,18 +13,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::AsyncConnectionConfig;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 
 use super::Settled;
 use crate::app::App;
 use crate::reserve::{self, Entry, Fulfilment, GROUP};
+use crate::store::redis::Redis;
 
 /// How long one read waits for new entries; also bounds how late a stop is noticed.
 const BLOCK_MS: u64 = 500;
+/// How soon an idle writer on a Redis Cluster looks at every cell's outbox again.
+const CLUSTER_POLL_MS: u64 = 2;
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -61,7 +62,7 @@ pub enum Step {
 /// One ledger writer: its consumer name in the outbox group and its Redis connection.
 pub struct Writer {
     consumer: String,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Redis>,
     next_claim: Instant,
     next_gauges: Option<Instant>,
 }
@@ -126,23 +127,16 @@ impl Writer {
     }
 }
 
-async fn connect(app: &App) -> redis::RedisResult<MultiplexedConnection> {
-    let timeouts = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(app.config.redis.connect_timeout_ms)))
-        .set_response_timeout(Some(Duration::from_millis(
-            BLOCK_MS + app.config.redis.response_timeout_ms,
-        )));
-    let mut c = app
-        .redis_client
-        .get_multiplexed_async_connection_with_config(&timeouts)
-        .await?;
+async fn connect(app: &App) -> redis::RedisResult<Redis> {
+    let response_timeout = Duration::from_millis(BLOCK_MS + app.config.redis.response_timeout_ms);
+    let mut c = app.redis_client.own_connection(&app.config, response_timeout).await?;
     ensure_group(&mut c, app).await?;
     Ok(c)
 }
 
 /// Creates each cell's consumer group (and stream) unless it exists; Redis may have
 /// restarted empty since the last time.
-async fn ensure_group(c: &mut MultiplexedConnection, app: &App) -> redis::RedisResult<()> {
+async fn ensure_group(c: &mut Redis, app: &App) -> redis::RedisResult<()> {
     for cell in app.keys.all_cells() {
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -177,12 +171,7 @@ fn read_cmd(consumer: &str, streams: &[String], count: usize, block: bool) -> re
 /// cells). Each cell's stream is read by its own command, pipelined, as a cluster needs
 /// (one slot per command); only when all are empty and `block` does one read wait on
 /// every stream at once, which a single Redis allows.
-async fn read_new(
-    c: &mut MultiplexedConnection,
-    app: &App,
-    consumer: &str,
-    block: bool,
-) -> redis::RedisResult<Vec<StreamId>> {
+async fn read_new(c: &mut Redis, app: &App, consumer: &str, block: bool) -> redis::RedisResult<Vec<StreamId>> {
     let max = app.config.orders.ledger_batch_max;
     let streams: Vec<String> = app.keys.all_cells().map(|cell| app.keys.outbox(cell)).collect();
     let mut got = Vec::new();
@@ -204,7 +193,11 @@ async fn read_new(
             Err(e) => return regroup(c, app, e).await,
         };
     }
-    if got.is_empty() && block {
+    if got.is_empty() && block && streams.len() > 1 && matches!(c, Redis::Cluster(_)) {
+        // A cluster refuses one read over streams of different slots, and a blocking read
+        // per cell would hold this connection on one of them: poll the cells again shortly.
+        tokio::time::sleep(Duration::from_millis(CLUSTER_POLL_MS)).await;
+    } else if got.is_empty() && block {
         let reply: Result<Option<StreamReadReply>, _> = read_cmd(consumer, &streams, max, true).query_async(c).await;
         got = match reply {
             Ok(r) => r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect(),
@@ -215,7 +208,7 @@ async fn read_new(
 }
 
 /// An outbox deleted under a read (a rebuild) is started again; any other error stands.
-async fn regroup(c: &mut MultiplexedConnection, app: &App, e: redis::RedisError) -> redis::RedisResult<Vec<StreamId>> {
+async fn regroup(c: &mut Redis, app: &App, e: redis::RedisError) -> redis::RedisResult<Vec<StreamId>> {
     if e.code() == Some("NOGROUP") || e.code() == Some("UNBLOCKED") {
         ensure_group(c, app).await?;
         Ok(Vec::new())
@@ -225,7 +218,7 @@ async fn regroup(c: &mut MultiplexedConnection, app: &App, e: redis::RedisError)
 }
 
 /// Takes over entries another writer read but did not acknowledge in time, cell by cell.
-async fn claim(c: &mut MultiplexedConnection, app: &App, consumer: &str) -> redis::RedisResult<Vec<StreamId>> {
+async fn claim(c: &mut Redis, app: &App, consumer: &str) -> redis::RedisResult<Vec<StreamId>> {
     let mut claimed = Vec::new();
     for cell in app.keys.all_cells() {
         let reply: Result<StreamAutoClaimReply, _> = redis::cmd("XAUTOCLAIM")
@@ -249,7 +242,7 @@ async fn claim(c: &mut MultiplexedConnection, app: &App, consumer: &str) -> redi
     Ok(claimed)
 }
 
-async fn outbox_gauges(c: &mut MultiplexedConnection, app: &App) {
+async fn outbox_gauges(c: &mut Redis, app: &App) {
     let mut pipe = redis::pipe();
     for cell in app.keys.all_cells() {
         let key = app.keys.outbox(cell);

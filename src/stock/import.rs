@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
+use crate::store::redis::Redis;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use super::lines::{Line, Splitter};
@@ -68,7 +68,7 @@ pub async fn import(app: &App, actor: &Actor, sku: &str, body: Incoming) -> Resu
 
 pub struct Importer<'a> {
     pub pg: &'a Pool,
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     pub crypto: &'a Crypto,
     pub keys: &'a Keys,
     pub product_id: i64,

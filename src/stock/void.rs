@@ -3,8 +3,8 @@
 //! the rebuild fence ([`crate::rebuild`]) and in one transaction with the audit row
 //! (`codes.void`, the report as its detail).
 
+use crate::store::redis::Redis;
 use deadpool_postgres::GenericClient;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::app::App;
@@ -64,7 +64,7 @@ pub async fn void(app: &App, actor: &Actor, sku: &str, req: VoidRequest) -> Resu
 /// In the caller's transaction, which holds the fence.
 pub async fn void_codes(
     tx: &impl GenericClient,
-    mut redis: ConnectionManager,
+    mut redis: Redis,
     crypto: &Crypto,
     keys: &Keys,
     product_id: i64,
@@ -131,7 +131,7 @@ pub async fn void_codes(
 /// In the caller's transaction, which holds the fence.
 pub async fn void_all_available(
     tx: &impl GenericClient,
-    mut redis: ConnectionManager,
+    mut redis: Redis,
     keys: &Keys,
     product_id: i64,
 ) -> Result<VoidReport, ApiError> {

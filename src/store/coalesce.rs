@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
+use crate::store::redis::Redis;
 use redis::{Arg, ErrorKind, Pipeline, RedisError, Value};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -28,7 +28,7 @@ pub struct Coalescer {
 
 impl Coalescer {
     /// Starts the task that sends the pipelines; it ends when the last handle is dropped.
-    pub fn start(redis: ConnectionManager) -> Self {
+    pub fn start(redis: Redis) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(rx, redis));
         Coalescer { jobs }
@@ -50,7 +50,7 @@ impl Coalescer {
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Job>, redis: ConnectionManager) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Job>, redis: Redis) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         // A free slot first, then whatever has queued meanwhile: the batch forms while
@@ -79,7 +79,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Job>, redis: ConnectionManager) {
 /// own round trip would read it).
 const SHARED_READS: [&[u8]; 2] = [b"LLEN", b"GET"];
 
-async fn send(redis: &mut ConnectionManager, jobs: Vec<Job>) {
+async fn send(redis: &mut Redis, jobs: Vec<Job>) {
     metrics::histogram!("cardgate_redis_coalesced_requests").record(jobs.len() as f64);
     let mut pipe = redis::pipe();
     // Errors come back per command, so one request's refusal is not another's.

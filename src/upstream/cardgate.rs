@@ -26,81 +26,64 @@ impl Supplier for Cardgate {
             "max_unit_price": buy.max_unit_cost,
         });
         let body = serde_json::to_vec(&body).unwrap_or_default();
-        let path = "/v1/orders";
+        let sent = self
+            .signed(reqwest::Method::POST, "/v1/orders", body, now_unix_secs)
+            .header("content-type", "application/json")
+            .send()
+            .await;
+        match read(sent).await {
+            Ok((status, v)) => classify(status, &v, buy.quantity),
+            Err(why) => Answer::Unknown(why),
+        }
+    }
+
+    async fn balance(&self, now_unix_secs: i64) -> Reported {
+        let sent = self
+            .signed(reqwest::Method::GET, "/v1/balance", Vec::new(), now_unix_secs)
+            .send()
+            .await;
+        match read(sent).await {
+            Ok((status, v)) => classify_balance(status, &v),
+            Err(why) => Reported::Unknown(why),
+        }
+    }
+}
+
+impl Cardgate {
+    /// A request to the supplier signed as a reseller signs (§1), with a fresh nonce.
+    fn signed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        now_unix_secs: i64,
+    ) -> reqwest::RequestBuilder {
         let nonce = crate::ids::random("", 32);
         let message = Message {
             timestamp: now_unix_secs,
             nonce: &nonce,
-            method: "POST",
+            method: method.as_str(),
             path,
             query: None,
             body: &body,
         };
         let authorization = self.signer.authorization(&self.key_id, &message);
-        let sent = self
-            .client
-            .post(self.url(path))
+        self.client
+            .request(method, format!("{}{path}", self.base_url.trim_end_matches('/')))
             .timeout(self.timeout)
             .header("authorization", authorization)
-            .header("content-type", "application/json")
             .body(body)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            // Timeouts and lost connections: the order may or may not exist upstream.
-            Err(e) => {
-                return Answer::Unknown(if e.is_timeout() {
-                    "timeout".into()
-                } else {
-                    "connection".into()
-                })
-            }
-        };
-        let status = resp.status().as_u16();
-        let Ok(bytes) = resp.bytes().await else {
-            return Answer::Unknown("answer cut short".into());
-        };
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        classify(status, &v, buy.quantity)
-    }
-
-    async fn balance(&self, now_unix_secs: i64) -> Reported {
-        let path = "/v1/balance";
-        let nonce = crate::ids::random("", 32);
-        let message = Message {
-            timestamp: now_unix_secs,
-            nonce: &nonce,
-            method: "GET",
-            path,
-            query: None,
-            body: b"",
-        };
-        let authorization = self.signer.authorization(&self.key_id, &message);
-        let sent = self
-            .client
-            .get(self.url(path))
-            .timeout(self.timeout)
-            .header("authorization", authorization)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => return Reported::Unknown(if e.is_timeout() { "timeout" } else { "connection" }.into()),
-        };
-        let status = resp.status().as_u16();
-        let Ok(bytes) = resp.bytes().await else {
-            return Reported::Unknown("answer cut short".into());
-        };
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        classify_balance(status, &v)
     }
 }
 
-impl Cardgate {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base_url.trim_end_matches('/'))
-    }
+/// A supplier's answer as status and JSON (`null` when it is not JSON), or why there is
+/// none: a timeout or a lost connection, after which the request may or may not have
+/// taken effect upstream.
+async fn read(sent: reqwest::Result<reqwest::Response>) -> Result<(u16, Value), String> {
+    let resp = sent.map_err(|e| if e.is_timeout() { "timeout" } else { "connection" }.to_string())?;
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.map_err(|_| "answer cut short".to_string())?;
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
 /// What an answer of the upstream's `GET /v1/balance` says.

@@ -484,10 +484,13 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
             codes,
             upstream_order_id,
             cost,
-        } => {
-            let order = fulfil(app, &p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await?;
-            Ok(Placed::Created(order))
-        }
+        } => match fulfil(app, &p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await? {
+            Some(order) => Ok(Placed::Created(order)),
+            None => {
+                refuse(app, &p).await?;
+                Err(ApiError::OutOfStock)
+            }
+        },
         Round::Refused => {
             refuse(app, &p).await?;
             Err(ApiError::OutOfStock)
@@ -617,7 +620,10 @@ async fn record_attempt(app: &App, pk: i64, supplier_pk: i64, index: usize, answ
 }
 
 /// The order fulfilled with the codes bought: written (or moved from `processing`) with
-/// its codes sealed and delivered, in one transaction with the purchase's end.
+/// its codes sealed and delivered, in one transaction with the purchase's end. `None`:
+/// the supplier delivered a code this product already holds (sold twice upstream, or
+/// imported here too); nothing is delivered and the caller ends the purchase with
+/// nothing charged.
 async fn fulfil(
     app: &App,
     p: &Purchase,
@@ -625,14 +631,11 @@ async fn fulfil(
     codes: &[String],
     upstream_order_id: &str,
     cost: i64,
-) -> Result<Order, ApiError> {
+) -> Result<Option<Order>, ApiError> {
     let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     crate::rebuild::fence(&tx).await?;
-    let open = tx
-        .query_opt("SELECT state FROM purchases WHERE id = $1 FOR UPDATE", &[&p.pk])
-        .await?
-        .is_some_and(|r| r.get::<_, &str>(0) == "open");
+    let open = lock_open(&tx, p.pk).await?;
     if open {
         let moved = tx
             .query_opt(
@@ -652,14 +655,19 @@ async fn fulfil(
                 code.as_bytes(),
             );
             let hash = app.crypto.code_hash(code.as_bytes()).to_vec();
-            let code_pk: i64 = tx
-                .query_one(
+            let inserted = tx
+                .query_opt(
                     "INSERT INTO codes (product_id, code_hash, code_enc, status) VALUES ($1, $2, $3, 'delivered')
-                     RETURNING id",
+                     ON CONFLICT ON CONSTRAINT codes_unique_per_product DO NOTHING RETURNING id",
                     &[&p.f.product, &hash, &sealed],
                 )
-                .await?
-                .get(0);
+                .await?;
+            let Some(row) = inserted else {
+                drop(tx);
+                drop(client);
+                return codes_already_held(app, p, upstream_order_id).await.map(|()| None);
+            };
+            let code_pk: i64 = row.get(0);
             tx.execute(
                 "INSERT INTO order_codes (order_id, code_id, position) VALUES ($1, $2, $3)",
                 &[&order_pk, &code_pk, &(i as i16)],
@@ -684,6 +692,7 @@ async fn fulfil(
     crate::orders::load(app, p.f.reseller, By::OrderId(&p.f.order_id))
         .await?
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("a fulfilled purchase has no order")))
+        .map(Some)
 }
 
 /// Within the window, nothing was sold: the purchase ends `refused`, the hold goes back
@@ -712,10 +721,7 @@ async fn processing(app: &App, p: &Purchase, source: usize) -> Result<Order, Api
     let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     crate::rebuild::fence(&tx).await?;
-    let open = tx
-        .query_opt("SELECT state FROM purchases WHERE id = $1 FOR UPDATE", &[&p.pk])
-        .await?
-        .is_some_and(|r| r.get::<_, &str>(0) == "open");
+    let open = lock_open(&tx, p.pk).await?;
     if open {
         let exists = tx
             .query_opt("SELECT 1 FROM orders WHERE order_id = $1", &[&p.f.order_id])
@@ -749,10 +755,7 @@ async fn fail(app: &App, p: &Purchase) -> Result<(), ApiError> {
     let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     let epoch = crate::rebuild::fence(&tx).await?;
-    let open = tx
-        .query_opt("SELECT state FROM purchases WHERE id = $1 FOR UPDATE", &[&p.pk])
-        .await?
-        .is_some_and(|r| r.get::<_, &str>(0) == "open");
+    let open = lock_open(&tx, p.pk).await?;
     if !open {
         return Ok(());
     }
@@ -792,6 +795,37 @@ async fn fail(app: &App, p: &Purchase) -> Result<(), ApiError> {
     metrics::counter!("cardgate_upstream_failed_total").increment(1);
     crate::hot_balance::settle(app, Some(p.f.reseller)).await;
     Ok(())
+}
+
+/// A supplier sold a code this platform already holds: it is not delivered a second time.
+/// The purchase keeps the upstream order's id for the operator to claim the money back;
+/// the caller then ends it like a refusal (the buyer charged nothing).
+async fn codes_already_held(app: &App, p: &Purchase, upstream_order_id: &str) -> Result<(), ApiError> {
+    metrics::counter!("cardgate_upstream_codes_refused_total").increment(1);
+    tracing::error!(
+        order_id = %p.f.order_id,
+        upstream_order_id,
+        "a supplier delivered a code this product already holds: not delivered, the order ends unfilled"
+    );
+    let client = app.pg_orders.get().await?;
+    client
+        .execute(
+            "UPDATE purchases SET upstream_order_id = $2, outcome = 'refused: delivered a code already held',
+                    updated_at = now()
+              WHERE id = $1 AND state = 'open'",
+            &[&p.pk, &upstream_order_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Locks the purchase for the transaction that ends it; whether it is still open (a
+/// gateway that resumed it may have ended it meanwhile).
+async fn lock_open(tx: &impl GenericClient, pk: i64) -> Result<bool, ApiError> {
+    Ok(tx
+        .query_opt("SELECT state FROM purchases WHERE id = $1 FOR UPDATE", &[&pk])
+        .await?
+        .is_some_and(|r| r.get::<_, &str>(0) == "open"))
 }
 
 async fn insert_order(tx: &impl GenericClient, app: &App, p: &Purchase, status: &str) -> Result<i64, ApiError> {
@@ -915,7 +949,12 @@ async fn resume(app: &App, p: &Purchase) -> Result<bool, ApiError> {
             upstream_order_id,
             cost,
         } => {
-            fulfil(app, p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await?;
+            if fulfil(app, p, sources[source].supplier_pk, &codes, &upstream_order_id, cost)
+                .await?
+                .is_none()
+            {
+                fail(app, p).await?;
+            }
             Ok(true)
         }
         Round::Refused => {

@@ -12,6 +12,7 @@ mod admin;
 mod binary;
 mod callbacks;
 mod cells;
+mod cluster;
 mod config;
 mod early_refusals;
 mod faults;

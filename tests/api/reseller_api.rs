@@ -495,7 +495,7 @@ async fn a_refused_command_fails_only_its_own_request() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let coalescer = cardgate::store::coalesce::Coalescer::start(conn);
+    let coalescer = cardgate::store::coalesce::Coalescer::start(cardgate::store::redis::Redis::Single(conn));
     let mut calls = Vec::new();
     for i in 0..60 {
         let mut pipe = redis::pipe();

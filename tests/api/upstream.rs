@@ -757,3 +757,66 @@ async fn fallback_buys_upstream_only_when_no_cell_can_fill_the_order() {
     assert_eq!(c.up.app.balance_of(&c.up.hub_key).await, HUB_FUNDS - PRICE);
     down.app.assert_reconciled(&down.token).await;
 }
+
+#[tokio::test]
+async fn a_code_the_hub_already_holds_is_never_delivered_again_and_the_buyer_is_not_charged() {
+    // The supplier sells a code the hub holds already (sold to it twice, or imported
+    // here as well): the hub's unique guard keeps it from a second buyer.
+    let c = chain(2, 3000).await;
+    assert_eq!(
+        c.down
+            .app
+            .import_codes(&c.down.token, SKU, c.up.imported[0].clone())
+            .await
+            .status(),
+        200
+    );
+    c.down
+        .app
+        .admin_ok(
+            &c.down.token,
+            Method::PATCH,
+            &format!("/admin/v1/products/{SKU}"),
+            Some(json!({"source_mode": "upstream_only"})),
+            200,
+        )
+        .await;
+
+    let resp = c
+        .down
+        .app
+        .post_order(&c.down.buyer, order_body(SKU, 1, "M-UP-12"))
+        .await;
+    let (status, code, _) = error_of(resp).await;
+    assert_eq!((status, code.as_str()), (409, "out_of_stock"));
+    assert_eq!(
+        c.down.app.balance_of(&c.down.buyer).await,
+        BUYER_FUNDS,
+        "nothing charged"
+    );
+    let row = c
+        .down
+        .app
+        .db()
+        .await
+        .query_one(
+            "SELECT state, outcome, upstream_order_id IS NOT NULL FROM purchases",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "refused");
+    assert!(
+        row.get::<_, &str>(1).contains("already held"),
+        "{}",
+        row.get::<_, &str>(1)
+    );
+    assert!(
+        row.get::<_, bool>(2),
+        "the upstream order is kept to claim the money back"
+    );
+    // The hub did pay upstream for it: the loss shows there, not as a second delivery.
+    assert_eq!(c.up.app.balance_of(&c.up.hub_key).await, HUB_FUNDS - PRICE);
+    c.up.app.assert_reconciled(&c.up.token).await;
+    c.down.app.assert_reconciled(&c.down.token).await;
+}
