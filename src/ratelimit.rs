@@ -247,7 +247,7 @@ mod tests {
     use governor::clock::FakeRelativeClock;
     use std::collections::BTreeMap;
 
-    fn tiers() -> BTreeMap<String, Tier> {
+    pub(super) fn tiers() -> BTreeMap<String, Tier> {
         let t = Tier {
             priority: 1,
             orders_per_second: 2,

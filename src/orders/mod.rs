@@ -302,6 +302,17 @@ async fn place_inner(
         if let Some(n) = &nonce {
             n.tokens().record(bucket);
         }
+        // The rules that fired on a reservation that took the money, for the risk queue.
+        let signal = |fired: String| {
+            if !fired.is_empty() {
+                app.risk.signal(crate::risk::Signal::Order {
+                    reseller_pk: reseller.pk,
+                    key_id: caller.key_id.clone(),
+                    address: caller.ip,
+                    fired,
+                });
+            }
+        };
         let elements = match reserved {
             Reserved::Seen {
                 pending,
@@ -335,26 +346,12 @@ async fn place_inner(
                 return Err(refusal.into());
             }
             Reserved::Upstream { signals } => {
-                if !signals.is_empty() {
-                    app.risk.signal(crate::risk::Signal::Order {
-                        reseller_pk: reseller.pk,
-                        key_id: caller.key_id.clone(),
-                        address: caller.ip,
-                        fired: signals,
-                    });
-                }
+                signal(signals);
                 drop(waiter);
                 return crate::upstream::begin(app, &f).await;
             }
             Reserved::Ok { signals, elements } => {
-                if !signals.is_empty() {
-                    app.risk.signal(crate::risk::Signal::Order {
-                        reseller_pk: reseller.pk,
-                        key_id: caller.key_id.clone(),
-                        address: caller.ip,
-                        fired: signals,
-                    });
-                }
+                signal(signals);
                 elements
             }
         };

@@ -316,19 +316,8 @@ mod tests {
 
     #[test]
     fn a_request_reports_the_bucket_it_was_charged_by_and_a_replay_before_a_refusal() {
-        let tiers = BTreeMap::from([(
-            "basic".to_string(),
-            Tier {
-                priority: 1,
-                orders_per_second: 2,
-                orders_burst: 4,
-                reads_per_second: 10,
-                reads_burst: 3,
-                max_quantity: 1,
-                max_batch: 1,
-                upgrade_spend: None,
-            },
-        )]);
+        // The local limiter's tiers: both count from the same quota.
+        let tiers = crate::ratelimit::tests::tiers();
         assert!(Charge::new(&tiers, "unknown", Class::Reads, 1, 1).is_none());
         let c = Charge::new(&tiers, "basic", Class::Writes, 7, 3).unwrap();
         assert_eq!((c.n, c.quota), (3, Quota::per_second(2, 4)));
