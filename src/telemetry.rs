@@ -173,6 +173,16 @@ fn describe() {
         metrics::Unit::Seconds,
         "one purchase call to a supplier, answered or not"
     );
+    metrics::describe_histogram!(
+        "cardgate_stock_fill_seconds",
+        metrics::Unit::Seconds,
+        "an order's wait for codes brought at once to its dry home cell from the other cells"
+    );
+    metrics::describe_histogram!(
+        "cardgate_stock_mover_pass_seconds",
+        metrics::Unit::Seconds,
+        "one pass of the stock mover over every product on sale"
+    );
     metrics::describe_gauge!(
         "cardgate_supplier_balance",
         "the balance the supplier last reported, in its minor units"

@@ -49,9 +49,13 @@ impl Settled {
     }
 }
 
-/// Requests of this process waiting for their order to settle, by order id.
+/// Requests of this process waiting for their order to settle, by order id; and this
+/// process's writers, told when one of those orders reached an outbox.
 #[derive(Default)]
-pub struct Waiters(Mutex<HashMap<String, oneshot::Sender<Settled>>>);
+pub struct Waiters {
+    orders: Mutex<HashMap<String, oneshot::Sender<Settled>>>,
+    reserved: tokio::sync::Notify,
+}
 
 /// One request's wait; dropping it (answered, timed out, client gone) unregisters it.
 pub struct Waiter<'a> {
@@ -91,8 +95,20 @@ impl Waiters {
         }
     }
 
+    /// An order of this process went into an outbox: wakes one writer that waits in
+    /// [`Waiters::next_reservation`], or the next one to wait.
+    pub fn reserved(&self) {
+        self.reserved.notify_one();
+    }
+
+    /// Until an order of this process goes into an outbox (at once if one did since the
+    /// last call returned).
+    pub async fn next_reservation(&self) {
+        self.reserved.notified().await;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Settled>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.orders.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -129,6 +145,19 @@ mod tests {
         drop(w.register("ord_b"));
         assert!(!w.notify("ord_b", Settled::Committed), "dropped waiters are gone");
         assert!(w.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reservation_made_before_a_writer_waits_is_not_missed() {
+        let w = Waiters::default();
+        w.reserved();
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(1), w.next_reservation()).await;
+        assert!(
+            woke.is_ok(),
+            "the writer slept through a reservation made before it waited"
+        );
+        let again = tokio::time::timeout(std::time::Duration::from_millis(50), w.next_reservation()).await;
+        assert!(again.is_err(), "one reservation wakes one wait");
     }
 
     #[test]

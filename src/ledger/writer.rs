@@ -24,8 +24,10 @@ use crate::store::redis::Redis;
 
 /// How long one read waits for new entries; also bounds how late a stop is noticed.
 const BLOCK_MS: u64 = 500;
-/// How soon an idle writer on a Redis Cluster looks at every cell's outbox again.
-const CLUSTER_POLL_MS: u64 = 2;
+/// How soon an idle writer on a Redis Cluster looks at every cell's outbox again when
+/// no order of its own gateway woke it: for the orders of other gateways, whose own
+/// writers are woken at once.
+const CLUSTER_POLL_MS: u64 = 50;
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -195,8 +197,9 @@ async fn read_new(c: &mut Redis, app: &App, consumer: &str, block: bool) -> redi
     }
     if got.is_empty() && block && streams.len() > 1 && matches!(c, Redis::Cluster(_)) {
         // A cluster refuses one read over streams of different slots, and a blocking read
-        // per cell would hold this connection on one of them: poll the cells again shortly.
-        tokio::time::sleep(Duration::from_millis(CLUSTER_POLL_MS)).await;
+        // per cell would hold this connection on one of them: wait for this gateway's next
+        // order to reach an outbox, or look again after a while.
+        let _ = tokio::time::timeout(Duration::from_millis(CLUSTER_POLL_MS), app.waiters.next_reservation()).await;
     } else if got.is_empty() && block {
         let reply: Result<Option<StreamReadReply>, _> = read_cmd(consumer, &streams, max, true).query_async(c).await;
         got = match reply {

@@ -269,6 +269,9 @@ async fn place_inner(
         );
         let Reservation { reserved, bucket } = loop {
             let r = reserve::reserve(&mut redis, &cmd).await?;
+            if matches!(r.reserved, Reserved::Ok { .. }) {
+                app.waiters.reserved();
+            }
             if r.reserved != Reserved::Refused(Refusal::CellDry) || dry == DRY_RETRIES {
                 break r;
             }

@@ -227,6 +227,13 @@ pub enum Fill {
 /// Brings at least what `cell` lacks of `want` codes from the other cells at once, the
 /// fullest first. Open transfers are completed first, so that codes in flight count.
 pub async fn fill(app: &App, product: i64, cell: u32, want: usize) -> redis::RedisResult<Fill> {
+    let started = std::time::Instant::now();
+    let filled = fill_from_others(app, product, cell, want).await;
+    metrics::histogram!("cardgate_stock_fill_seconds").record(started.elapsed().as_secs_f64());
+    filled
+}
+
+async fn fill_from_others(app: &App, product: i64, cell: u32, want: usize) -> redis::RedisResult<Fill> {
     let keys = &app.keys;
     let mut c = app.redis();
     let Some(epoch) = cell_epoch(&mut c, keys, cell).await? else {
@@ -366,7 +373,10 @@ pub async fn run(app: std::sync::Arc<App>) {
     let every = std::time::Duration::from_millis(app.config.redis.mover_interval_ms.max(10));
     loop {
         tokio::time::sleep(every).await;
-        if let Err(e) = step(&app).await {
+        let started = std::time::Instant::now();
+        let moved = step(&app).await;
+        metrics::histogram!("cardgate_stock_mover_pass_seconds").record(started.elapsed().as_secs_f64());
+        if let Err(e) = moved {
             tracing::warn!(error = %e, "stock mover pass failed; the next one retries");
         }
     }
