@@ -83,10 +83,7 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
     if !force && redis_epoch(&mut redis, app).await? == Some(current) {
         return Ok(None);
     }
-    let epoch: i64 = tx
-        .query_one("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch", &[])
-        .await?
-        .get(0);
+    let epoch = next_epoch(app).await?;
     tracing::warn!(epoch, "rebuilding Redis from Postgres; orders wait until it is done");
     // From here nothing is sold in any cell, and no late write of an earlier change lands.
     let mut pipe = redis::pipe();
@@ -106,7 +103,7 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
         pipe.cmd("SET").arg(app.keys.epoch(cell)).arg(epoch).ignore();
     }
     send(pipe, &mut redis).await?;
-    tx.commit().await.context("committing the rebuild's epoch")?;
+    tx.commit().await.context("releasing the rebuild's fence")?;
     let seconds = started.elapsed().as_secs_f64();
     metrics::counter!("cardgate_redis_rebuilds_total").increment(1);
     metrics::histogram!("cardgate_redis_rebuild_seconds").record(seconds);
@@ -121,6 +118,27 @@ pub async fn rebuild(app: &App, force: bool) -> anyhow::Result<Option<Report>> {
     };
     tracing::warn!(?report, "Redis rebuilt from Postgres");
     Ok(Some(report))
+}
+
+/// Moves Postgres's epoch on, committed at once on a connection of its own, while the
+/// caller holds the fence (which keeps every ledger commit from seeing the new epoch before
+/// the rebuild is done). Committed with the rebuild instead, a rebuild failing after Redis
+/// took its epoch (Postgres gone as it ends) would leave Redis at a number the next rebuild
+/// hands out again, and the reservations made against the failed one's state would then
+/// commit as current ones, though the next rebuild gave their codes and money back.
+async fn next_epoch(app: &App) -> anyhow::Result<i64> {
+    let (client, connection) = crate::store::pg::pg_config(&app.config)?
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("connecting to Postgres for the rebuild's epoch")?;
+    let driver = tokio::spawn(connection);
+    let epoch = client
+        .query_one("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch", &[])
+        .await
+        .context("moving the epoch on");
+    drop(client);
+    let _ = driver.await;
+    Ok(epoch?.get(0))
 }
 
 /// Deletes the outbox and the idempotency records of its reservations: none of them can

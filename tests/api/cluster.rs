@@ -18,10 +18,10 @@ use tokio::sync::Mutex;
 use crate::helpers::*;
 use crate::orders::{buyer, shop_with, SKU};
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+pub(crate) static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 /// The cluster's seed URLs, or `None` (and a note) when no cluster is configured.
-fn cluster_urls() -> Option<String> {
+pub(crate) fn cluster_urls() -> Option<String> {
     match std::env::var("CARDGATE_TEST_REDIS_CLUSTER") {
         Ok(u) if !u.trim().is_empty() => Some(u),
         _ => {
@@ -73,7 +73,7 @@ async fn assert_stock(app: &TestApp, urls: &str, want: i64) {
 }
 
 /// The slot of a reseller's home cell.
-async fn home_slot(app: &TestApp, k: &ResellerKey, urls: &str) -> u16 {
+pub(crate) async fn home_slot(app: &TestApp, k: &ResellerKey, urls: &str) -> u16 {
     let pk: i64 = app
         .db()
         .await
@@ -90,7 +90,7 @@ async fn home_slot(app: &TestApp, k: &ResellerKey, urls: &str) -> u16 {
 }
 
 /// `CLUSTER NODES` as one live node sees it.
-async fn cluster_nodes(urls: &str) -> Option<String> {
+pub(crate) async fn cluster_nodes(urls: &str) -> Option<String> {
     for url in urls.split(',') {
         let Ok(client) = redis::Client::open(url) else { continue };
         let Ok(Ok(mut c)) =
@@ -111,7 +111,7 @@ async fn cluster_nodes(urls: &str) -> Option<String> {
 }
 
 /// The address (`host:port`) of the live primary serving `slot`.
-fn owner(nodes: &str, slot: u16) -> Option<String> {
+pub(crate) fn owner(nodes: &str, slot: u16) -> Option<String> {
     nodes.lines().find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
@@ -127,7 +127,7 @@ fn owner(nodes: &str, slot: u16) -> Option<String> {
 
 /// Starts a killed node again when dropped, so that a failing test still leaves the cluster
 /// whole for the next one; it rejoins as its successor's replica.
-struct Revive(Option<String>);
+pub(crate) struct Revive(pub(crate) Option<String>);
 
 impl Drop for Revive {
     fn drop(&mut self) {
@@ -139,7 +139,7 @@ impl Drop for Revive {
 
 /// Every node up and agreeing the cluster is whole, with a replica for every primary
 /// (a node just restarted says it is a primary until it learns otherwise).
-async fn cluster_whole(urls: &str) -> bool {
+pub(crate) async fn cluster_whole(urls: &str) -> bool {
     let Some(nodes) = cluster_nodes(urls).await else {
         return false;
     };

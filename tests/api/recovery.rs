@@ -209,3 +209,49 @@ async fn orders_are_refused_promptly_while_postgres_is_away_and_reservations_com
     assert_eq!(app.balance_of(&k).await, 100_000 - 3 * GOLD);
     app.assert_reconciled(&t).await;
 }
+
+#[tokio::test]
+async fn a_rebuild_that_fails_part_way_never_hands_its_epoch_out_again() {
+    // Reservations made against a rebuild's Redis state carry its epoch. Were a failed
+    // rebuild's number handed out again by the next one, those it had let through (its epoch
+    // already written to Redis when Postgres went away) would commit as current, though the
+    // next rebuild gave their codes and money back.
+    let (app, t, _) = shop_with(5, |env| {
+        env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let state = app.state.clone().unwrap();
+    let db = app.db().await;
+    let pg_epoch = || async {
+        db.query_one("SELECT epoch FROM redis_epoch", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let pk: i64 = db
+        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
+        .await
+        .unwrap()
+        .get(0);
+    let before = pg_epoch().await;
+
+    // A key of the wrong type stops the rebuild part way, after it has taken its epoch.
+    let risk = app.keys().risk(pk);
+    let mut r = app.redis().await;
+    let _: () = redis::cmd("SET").arg(&risk).arg("x").query_async(&mut r).await.unwrap();
+    assert!(cardgate::rebuild::rebuild(&state, true).await.is_err());
+    let failed = pg_epoch().await;
+    assert!(
+        failed > before,
+        "the failed rebuild's epoch {failed} is not taken for good"
+    );
+
+    let _: () = redis::cmd("DEL").arg(&risk).query_async(&mut r).await.unwrap();
+    let report = cardgate::rebuild::rebuild(&state, true).await.unwrap().unwrap();
+    assert!(report.epoch > failed, "{report:?}");
+    assert_eq!(pg_epoch().await, report.epoch);
+    let (s, placed, _) = app.order(&k, order_body(SKU, 1, "M-1")).await;
+    assert_eq!(s, 201, "{placed}");
+    app.assert_reconciled(&t).await;
+}
