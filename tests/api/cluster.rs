@@ -1,11 +1,13 @@
 //! The gateway on a Redis Cluster (docs/api.md §9): `CARDGATE_REDIS_URL` lists the seed nodes.
 //! Each reseller's keys are under its home cell's hash tag and each SKU's codes in a pool per
 //! cell, so the cells spread over the primaries; these tests show the order path, reads, the
-//! rebuild and reconciliation on that layout, three gateways sharing it, and the primary of a
-//! buyer's home cell killed under load.
+//! rebuild and reconciliation on that layout, three gateways sharing it, the primary of a
+//! buyer's home cell killed under load, a slot moved to another primary under load
+//! (`redis-cli --cluster reshard`), and one SKU imported into one cell sold out to every cell.
 //!
 //! They run against the cluster `scripts/dev test` starts (`CARDGATE_TEST_REDIS_CLUSTER`), one
-//! at a time: the failover test takes a primary away from every other test's feet.
+//! at a time: the failover and the reshard take a slot's primary away from every other test's
+//! feet. The reshard needs `redis-cli` on the PATH and moves its slots back when it ends.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -169,12 +171,11 @@ fn primaries(nodes: &str) -> Vec<Primary> {
         .collect()
 }
 
-/// Moves the `n` lowest slots of primary `from` to primary `to` as an operator does, with
-/// `redis-cli --cluster reshard`, on a thread of its own. redis-cli refuses to begin while the
-/// nodes do not yet agree on the slots (for a moment after an earlier move): that refusal moves
-/// nothing and is retried. Returns how long the move took.
-async fn reshard(via: &str, from: &str, to: &str, n: usize) -> Duration {
-    let args: Vec<String> = [
+/// `redis-cli --cluster reshard` moving the `n` lowest slots of primary `from` to primary `to`,
+/// as an operator moves them.
+fn reshard_args(via: &str, from: &str, to: &str, n: usize) -> Vec<String> {
+    let n = n.to_string();
+    let args = [
         "--cluster",
         "reshard",
         via,
@@ -183,33 +184,55 @@ async fn reshard(via: &str, from: &str, to: &str, n: usize) -> Duration {
         "--cluster-to",
         to,
         "--cluster-slots",
-        &n.to_string(),
+        &n,
         "--cluster-yes",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    tokio::task::spawn_blocking(move || {
-        let mut refused = String::new();
-        for _ in 0..40 {
-            let started = Instant::now();
-            let out = std::process::Command::new("redis-cli")
-                .args(&args)
-                .output()
-                .expect("redis-cli runs");
-            let took = started.elapsed();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            if out.status.success() && !text.contains("[ERR]") {
-                return took;
-            }
-            assert!(!text.contains("Moving slot"), "the reshard failed part way: {text}");
-            refused = text;
-            std::thread::sleep(Duration::from_millis(250));
+    ];
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// Runs redis-cli with `args` (a reshard). It refuses to begin while the nodes do not yet
+/// agree on the slots (for a moment after an earlier move): that refusal moves nothing and
+/// is retried. Returns how long the move took, or what redis-cli said.
+fn reshard_blocking(args: &[String]) -> Result<Duration, String> {
+    let mut refused = String::new();
+    for _ in 0..40 {
+        let started = Instant::now();
+        let out = std::process::Command::new("redis-cli")
+            .args(args)
+            .output()
+            .map_err(|e| format!("redis-cli: {e}"))?;
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && !text.contains("[ERR]") {
+            return Ok(took);
         }
-        panic!("redis-cli would not reshard: {refused}");
-    })
-    .await
-    .expect("the reshard's thread")
+        if text.contains("Moving slot") {
+            return Err(format!("the reshard failed part way: {text}"));
+        }
+        refused = text;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Err(format!("redis-cli would not reshard: {refused}"))
+}
+
+/// [`reshard_blocking`] on a thread of its own, off the runtime the gateway runs on.
+async fn reshard(args: Vec<String>) -> Duration {
+    tokio::task::spawn_blocking(move || reshard_blocking(&args))
+        .await
+        .expect("the reshard's thread")
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Moves slots back when dropped, so that a failing test still leaves the cluster in the
+/// shape the next one expects.
+struct MoveBack(Option<Vec<String>>);
+
+impl Drop for MoveBack {
+    fn drop(&mut self) {
+        if let Some(args) = self.0.take() {
+            let _ = reshard_blocking(&args);
+        }
+    }
 }
 
 /// Starts a killed node again when dropped, so that a failing test still leaves the cluster
@@ -594,6 +617,7 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     const CODES: usize = 2000;
     const FUNDS: i64 = 100_000_000;
     const WORKERS_PER_BUYER: usize = 2;
+    const PADDING: usize = 5_000;
     let (app, t, imported) = shop_with(CODES, on_cluster(&urls)).await;
     let keys = app.keys();
     let product = app.product_pk(SKU).await;
@@ -624,8 +648,7 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     let n = below + 1;
     // A primary that gives all its slots away becomes a replica of the one that took them.
     assert!(n < source.slots.len(), "slot {slot} is its primary's last");
-    // Preferably a primary whose slots all come after the moved ones: moving them back is
-    // then moving its `n` lowest.
+    // Preferably a primary whose slots all come after the moved ones (below).
     let dest = before
         .iter()
         .filter(|p| p.id != source.id)
@@ -646,7 +669,11 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
             buyers.push((Arc::new(k), at_home));
         }
     }
-    assert_eq!(buyers.iter().filter(|(_, h)| *h).count(), 2, "no two buyers in cell {cell}");
+    assert_eq!(
+        buyers.iter().filter(|(_, h)| *h).count(),
+        2,
+        "no two buyers in cell {cell}"
+    );
     assert_eq!(buyers.len(), 5);
     // The moved cell holds a pool of the product too, once the mover spreads the import.
     let pool = keys.stock(cell, product);
@@ -656,6 +683,21 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     })
     .await;
     assert!(stocked, "no codes in cell {cell}'s pool");
+    // A busy cell's slot holds many keys (a nonce per signed request for the replay window,
+    // an idempotency record per order), and the slot is open for migration until the last
+    // one has moved: as many here, expiring on their own.
+    for chunk in 0..PADDING / 1000 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.cmd("SET")
+                .arg(format!("{}:{{c{cell}}}:pad:{}", app.redis_prefix(), chunk * 1000 + i))
+                .arg("x")
+                .arg("EX")
+                .arg(120)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut c).await.unwrap();
+    }
 
     // Each buyer's clients order one code at a time, with a signed read every fourth request,
     // never more orders in all than there are codes.
@@ -719,8 +761,16 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     // The slot moves while the clients keep going.
     phase.store(1, Relaxed);
     let at_move = acknowledged.load(Relaxed);
-    let took = reshard(&source.addr, &source.id, &dest.id, n).await;
+    let took = reshard(reshard_args(&source.addr, &source.id, &dest.id, n)).await;
     phase.store(2, Relaxed);
+    // Moving them back is moving the destination's `n` lowest slots when all of its own
+    // came after them.
+    let mut move_back = MoveBack(
+        dest.slots
+            .first()
+            .is_some_and(|s| *s > slot)
+            .then(|| reshard_args(&dest.addr, &dest.id, &source.id, n)),
+    );
     let moved = eventually(Duration::from_secs(10), || async {
         cluster_nodes(&urls)
             .await
@@ -756,7 +806,12 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     eprintln!("answers while the slots moved: {:?}", tally(true));
     eprintln!("answers otherwise: {:?}", tally(false));
     for a in seen.iter().filter(|a| a.status == 503) {
-        eprintln!("503 (buyer {}, phases {:?}): {}", a.buyer, a.phases, a.body);
+        let home = if buyers[a.buyer].1 {
+            "at home in the moved cell"
+        } else {
+            "elsewhere"
+        };
+        eprintln!("503 to buyer {} {home} (phases {:?}): {}", a.buyer, a.phases, a.body);
     }
     // Never a 500: an order is placed, refused for want of stock, or to be retried.
     for a in &seen {
@@ -816,19 +871,21 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
         .filter_map(|a| Some((buyers[a.buyer].0.reseller_id.as_str(), a.mon.as_deref()?)))
         .collect();
     for (reseller, mon, _) in &recorded {
-        assert!(sent.contains(&(reseller.as_str(), mon.as_str())), "{mon} recorded, never sent");
+        assert!(
+            sent.contains(&(reseller.as_str(), mon.as_str())),
+            "{mon} recorded, never sent"
+        );
     }
     let recorded_mons: HashSet<(&str, &str)> = recorded.iter().map(|(r, m, _)| (r.as_str(), m.as_str())).collect();
     assert_eq!(recorded_mons.len(), recorded.len(), "an order recorded twice");
     for a in &acked {
-        let key = (buyers[a.buyer].0.reseller_id.as_str(), a.mon.as_deref().unwrap_or_default());
+        let key = (
+            buyers[a.buyer].0.reseller_id.as_str(),
+            a.mon.as_deref().unwrap_or_default(),
+        );
         assert!(recorded_mons.contains(&key), "{:?} acknowledged, not recorded", a.mon);
     }
-    eprintln!(
-        "{} orders recorded, {} acknowledged",
-        recorded.len(),
-        acked.len()
-    );
+    eprintln!("{} orders recorded, {} acknowledged", recorded.len(), acked.len());
     // Each balance is what it was funded less what its recorded orders cost.
     for (k, _) in &buyers {
         let charged: i64 = recorded
@@ -842,12 +899,8 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     app.assert_reconciled(&t).await;
 
     // The slots go home, so the cluster keeps its shape for the tests after this one.
-    let nodes = cluster_nodes(&urls).await.unwrap();
-    let now = primaries(&nodes);
-    let dest_now = now.iter().find(|p| p.id == dest.id).expect("the destination primary");
-    let back = dest_now.slots.iter().filter(|s| **s <= slot).count();
-    if back < dest_now.slots.len() {
-        reshard(&dest.addr, &dest.id, &source.id, back).await;
+    if let Some(args) = move_back.0.take() {
+        reshard(args).await;
     }
     let whole = eventually(Duration::from_secs(30), || cluster_whole(&urls)).await;
     assert!(whole, "the cluster is not whole after the move");
@@ -873,7 +926,11 @@ async fn a_sku_imported_into_one_cell_sells_out_to_every_cell_of_a_cluster() {
     let product = app.product_pk(SKU).await;
     let mut c = cluster_conn(&urls).await;
     let start = pools(&mut c, &keys, product).await;
-    assert_eq!(start.iter().filter(|n| **n > 0).count(), 1, "imported into one cell: {start:?}");
+    assert_eq!(
+        start.iter().filter(|n| **n > 0).count(),
+        1,
+        "imported into one cell: {start:?}"
+    );
     assert_eq!(start.iter().sum::<i64>(), CODES as i64);
     let buyers = crate::cells::buyers_in_every_cell(&app, &t, keys.cells()).await;
 
