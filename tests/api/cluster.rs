@@ -223,6 +223,34 @@ async fn reshard(args: Vec<String>) -> Duration {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// How many `MOVED`, `ASK` and `TRYAGAIN` answers every node has given so far (`INFO
+/// errorstats`).
+async fn redirections(urls: &str) -> [u64; 3] {
+    let mut seen = [0; 3];
+    for url in urls.split(',') {
+        let Ok(client) = redis::Client::open(url) else { continue };
+        let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_secs(1), client.get_multiplexed_async_connection()).await
+        else {
+            continue;
+        };
+        let Ok(info) = redis::cmd("INFO").arg("errorstats").query_async::<String>(&mut c).await else {
+            continue;
+        };
+        for line in info.lines() {
+            for (i, name) in ["MOVED", "ASK", "TRYAGAIN"].iter().enumerate() {
+                if let Some(n) = line
+                    .strip_prefix(&format!("errorstat_{name}:count="))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                {
+                    seen[i] += n;
+                }
+            }
+        }
+    }
+    seen
+}
+
 /// Moves slots back when dropped, so that a failing test still leaves the cluster in the
 /// shape the next one expects.
 struct MoveBack(Option<Vec<String>>);
@@ -759,6 +787,8 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     assert!(flowing(50).await, "the load did not start");
 
     // The slot moves while the clients keep going.
+    let redirected = redirections(&urls).await;
+    let retries = metric(&app, "cardgate_redis_slot_moving_retries_total").await;
     phase.store(1, Relaxed);
     let at_move = acknowledged.load(Relaxed);
     let took = reshard(reshard_args(&source.addr, &source.id, &dest.id, n)).await;
@@ -786,6 +816,20 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
     for w in workers {
         seen.extend(w.await.unwrap());
     }
+    let now = redirections(&urls).await;
+    let redirected: Vec<u64> = now.iter().zip(redirected).map(|(n, b)| n.saturating_sub(b)).collect();
+    eprintln!(
+        "the nodes answered MOVED {}, ASK {}, TRYAGAIN {} times meanwhile; the gateway tried {} scripts again",
+        redirected[0],
+        redirected[1],
+        redirected[2],
+        metric(&app, "cardgate_redis_slot_moving_retries_total").await - retries
+    );
+    // The gateway met the move (its map of the slots was stale afterwards, at least).
+    assert!(
+        redirected.iter().sum::<u64>() > 0,
+        "no redirection while the slots moved"
+    );
 
     let tally = |during: bool| {
         seen.iter()
