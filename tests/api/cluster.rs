@@ -866,6 +866,9 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
         };
         assert!(fine, "{} (phases {:?}): {}", a.status, a.phases, a.body);
     }
+    // Only the moved cell waits for its slot: the others go on.
+    let elsewhere = seen.iter().filter(|a| a.status == 503 && !buyers[a.buyer].1).count();
+    assert_eq!(elsewhere, 0, "503s to buyers whose cell did not move");
     let home_after = seen
         .iter()
         .filter(|a| a.status == 201 && a.phases.0 == 2 && buyers[a.buyer].1)
