@@ -31,6 +31,9 @@ const CLUSTER_POLL_MS: u64 = 50;
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long committed orders whose slot is being migrated are tried again before they are
+/// left to claiming: about as long as claiming takes to come round by default.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Runs until `stop` turns true and the outbox has nothing more for this writer. The
 /// outbox gauges are the same for every writer: only the one with `gauges` reports them.
@@ -335,9 +338,31 @@ async fn finish(app: &App, entries: &[Entry], outcomes: &[Settled]) {
         wake(&f.order_id, Settled::Committed);
     }
     let mut redis = app.redis();
-    if let Err(e) = reserve::settle(&mut redis, &app.keys, &committed).await {
+    match reserve::settle(&mut redis, &app.keys, &committed).await {
+        Ok(()) => {}
+        // A slot being migrated refuses the script until its last key has moved: tried again
+        // meanwhile, apart, so the next batch does not wait (settling twice is harmless).
+        Err(e) if crate::store::redis::slot_moving(&e) => {
+            let (mut redis, keys) = (app.redis(), app.keys.clone());
+            let owned: Vec<(String, Fulfilment)> =
+                committed.iter().map(|(id, f)| (id.to_string(), (*f).clone())).collect();
+            tokio::spawn(async move {
+                let committed: Vec<(&str, &Fulfilment)> = owned.iter().map(|(id, f)| (id.as_str(), f)).collect();
+                let mut moving = crate::store::redis::SlotMoving::new(SETTLE_PATIENCE);
+                loop {
+                    match reserve::settle(&mut redis, &keys, &committed).await {
+                        Ok(()) => break,
+                        Err(e) if moving.wait(&e).await => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not acknowledge committed orders; they will be claimed again");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
         // Left pending: claimed again later, found committed, settled then.
-        tracing::warn!(error = %e, "could not acknowledge committed orders; they will be claimed again");
+        Err(e) => tracing::warn!(error = %e, "could not acknowledge committed orders; they will be claimed again"),
     }
 
     let undone: Vec<(&Entry, Settled)> = entries

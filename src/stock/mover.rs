@@ -37,7 +37,8 @@ const MARKER_TTL_SECS: u64 = 7 * 24 * 3600;
 static OUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS: 1 source pool, 2 transfer record, 3 open transfers, 4 epoch, 5 finished marker
+-- KEYS: 1 source pool, 2 transfer record, 3 open transfers, 4 epoch, 5 finished marker,
+--       6 the cell's move counter
 -- ARGV: 1 transfer id, 2 codes to move, 3 the epoch the transfer belongs to
 if redis.call('GET', KEYS[4]) ~= ARGV[3] then return -1 end
 if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
@@ -46,6 +47,7 @@ local codes = redis.call('LPOP', KEYS[1], tonumber(ARGV[2]))
 if not codes then return 0 end
 redis.call('RPUSH', KEYS[2], unpack(codes))
 redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('INCR', KEYS[6])
 return #codes",
     )
 });
@@ -53,13 +55,14 @@ return #codes",
 static IN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS: 1 destination pool, 2 arrived marker, 3 epoch
+-- KEYS: 1 destination pool, 2 arrived marker, 3 epoch, 4 the cell's move counter
 -- ARGV: 1 the transfer's epoch, 2 marker TTL, 3.. the codes
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 for i = 3, #ARGV do
   redis.call('RPUSH', KEYS[1], ARGV[i])
 end
+redis.call('INCR', KEYS[4])
 return #ARGV - 2",
     )
 });
@@ -132,6 +135,7 @@ pub async fn take_out<C: ConnectionLike>(
         .key(keys.transfers(t.from, t.product))
         .key(keys.epoch(t.from))
         .key(keys.transfer_done(t.from, &t.id))
+        .key(keys.moves(t.from, t.product))
         .arg(&t.id)
         .arg(n.min(TRANSFER_MAX))
         .arg(t.epoch)
@@ -153,6 +157,7 @@ pub async fn complete<C: ConnectionLike>(c: &mut C, keys: &Keys, t: &Transfer) -
     inv.key(keys.stock(t.to, t.product))
         .key(keys.transfer_done(t.to, &t.id))
         .key(keys.epoch(t.to))
+        .key(keys.moves(t.to, t.product))
         .arg(t.epoch)
         .arg(MARKER_TTL_SECS);
     for code in &codes {
@@ -195,11 +200,17 @@ pub async fn open_transfers<C: ConnectionLike>(
 }
 
 /// Completes every open transfer of a product (those a crash or a concurrent mover left
-/// between the steps; completing one twice is harmless). Returns the codes pushed.
+/// between the steps; completing one twice is harmless). Returns the codes pushed. One
+/// whose cell's slot is being migrated between Redis Cluster nodes stays open for a later
+/// pass.
 pub async fn finish_open<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<usize> {
     let mut pushed = 0;
     for t in open_transfers(c, keys, product).await? {
-        pushed += complete(c, keys, &t).await?;
+        match complete(c, keys, &t).await {
+            Ok(n) => pushed += n,
+            Err(e) if crate::store::redis::slot_moving(&e) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(pushed)
 }
@@ -209,6 +220,52 @@ pub async fn pool_lengths<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i6
     let mut pipe = redis::pipe();
     for cell in keys.all_cells() {
         pipe.cmd("LLEN").arg(keys.stock(cell, product));
+    }
+    pipe.query_async(c).await
+}
+
+/// Readings of every cell tried by [`settled_stock`] before it gives up.
+const SETTLE_TRIES: usize = 5;
+
+/// A product's codes in every pool and in every transfer record not yet pushed, counted while
+/// no transfer moved any: each cell's move counter is read before and after the counting,
+/// and unchanged everywhere means the counting saw every code where it was (orders taking
+/// codes meanwhile only make the count high, never low). `None`: transfers moved codes
+/// during every try.
+pub async fn settled_stock<C: ConnectionLike>(
+    c: &mut C,
+    keys: &Keys,
+    product: i64,
+) -> redis::RedisResult<Option<usize>> {
+    for _ in 0..SETTLE_TRIES {
+        let before = move_counts(c, keys, product).await?;
+        let pooled: usize = pool_lengths(c, keys, product).await?.iter().sum();
+        let mut in_flight = 0;
+        for t in open_transfers(c, keys, product).await? {
+            // A record already pushed (its arrival marker set) but not yet deleted holds
+            // codes that are in the destination pool too.
+            let (arrived, held): (bool, usize) = redis::pipe()
+                .cmd("EXISTS")
+                .arg(keys.transfer_done(t.to, &t.id))
+                .cmd("LLEN")
+                .arg(keys.transfer(t.from, &t.id))
+                .query_async(c)
+                .await?;
+            if !arrived {
+                in_flight += held;
+            }
+        }
+        if move_counts(c, keys, product).await? == before {
+            return Ok(Some(pooled + in_flight));
+        }
+    }
+    Ok(None)
+}
+
+async fn move_counts<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<Vec<Option<u64>>> {
+    let mut pipe = redis::pipe();
+    for cell in keys.all_cells() {
+        pipe.cmd("GET").arg(keys.moves(cell, product));
     }
     pipe.query_async(c).await
 }
@@ -240,9 +297,17 @@ async fn fill_from_others(app: &App, product: i64, cell: u32, want: usize) -> re
         return Ok(Fill::Rebuilding);
     };
     finish_open(&mut c, keys, product).await?;
-    let lens = pool_lengths(&mut c, keys, product).await?;
+    let mut lens = pool_lengths(&mut c, keys, product).await?;
     if lens.iter().sum::<usize>() < want {
-        return Ok(Fill::Short);
+        // The pools are read one cell after another (on a cluster, on different nodes), so
+        // codes moved by another transfer meanwhile can be counted in neither cell: a
+        // shortage is only believed when no transfer moved codes while they were counted.
+        match settled_stock(&mut c, keys, product).await? {
+            Some(n) if n < want => return Ok(Fill::Short),
+            Some(_) => lens = pool_lengths(&mut c, keys, product).await?,
+            // Transfers keep moving codes: some remain; the order tries again.
+            None => return Ok(Fill::Moved),
+        }
     }
     let mut need = want.saturating_sub(lens[cell as usize]);
     let mut sources: Vec<(u32, usize)> = keys
@@ -261,7 +326,13 @@ async fn fill_from_others(app: &App, product: i64, cell: u32, want: usize) -> re
         let mut moved = 0;
         while moved < take {
             let t = Transfer::new(product, from, cell, epoch);
-            let got = transfer(&mut c, keys, &t, take - moved).await?;
+            let got = match transfer(&mut c, keys, &t, take - moved).await {
+                Ok(got) => got,
+                // That cell's slot is being migrated between nodes: the next source serves
+                // instead (a transfer cut short stays open and is completed later).
+                Err(e) if crate::store::redis::slot_moving(&e) => 0,
+                Err(e) => return Err(e),
+            };
             if got == 0 {
                 break;
             }
@@ -364,6 +435,7 @@ pub async fn clear<C: ConnectionLike>(app: &App, c: &mut C, product: i64) -> red
         pipe.cmd("DEL").arg(keys.stock(cell, product)).ignore();
         pipe.cmd("DEL").arg(keys.transfers(cell, product)).ignore();
         pipe.cmd("DEL").arg(keys.sold(cell, product)).ignore();
+        pipe.cmd("DEL").arg(keys.moves(cell, product)).ignore();
     }
     pipe.query_async(c).await
 }

@@ -89,6 +89,13 @@ impl Keys {
         self.cell_key(cell, &["xfer", transfer_id])
     }
 
+    /// How many times a transfer took codes out of, or put codes into, this cell's pool of a
+    /// product (a counter): unchanged over a reading of every cell, it shows no transfer
+    /// moved codes while they were counted ([`crate::stock::mover`]).
+    pub fn moves(&self, cell: u32, product_id: i64) -> String {
+        self.cell_key(cell, &["moves", &product_id.to_string()])
+    }
+
     /// The ids of a product's transfers out of this cell not yet finished (a set).
     pub fn transfers(&self, cell: u32, product_id: i64) -> String {
         self.cell_key(cell, &["xfers", &product_id.to_string()])

@@ -194,7 +194,15 @@ impl ConnectionLike for Redis {
                         async move { c.req_packed_command(cmd).await }
                     });
                     let replies = futures_util::future::join_all(sent).await;
-                    replies.into_iter().skip(offset).take(count).collect()
+                    // A command Redis refused is that command's reply, as from one Redis: a
+                    // pipeline ignoring errors (many resellers' reads coalesced) hands it to
+                    // the request it belongs to alone.
+                    replies
+                        .into_iter()
+                        .skip(offset)
+                        .take(count)
+                        .map(|r| r.or_else(|e| redis::ServerError::try_from(e).map(Value::ServerError)))
+                        .collect()
                 })
             }
             Redis::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
@@ -215,19 +223,77 @@ pub async fn ping(conn: &mut Redis) -> redis::RedisResult<()> {
     redis::cmd("PING").query_async::<()>(conn).await
 }
 
+/// How long a script whose slot is being migrated is tried again before the request fails
+/// (and answers 503) when it serves a client; see [`SlotMoving`].
+pub const SLOT_MOVING_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Whether `e` says the command's slot is being migrated between nodes and the command did
+/// not run. A script names several keys, and while its slot moves some of them are on the
+/// old node and some on the new one (or do not exist yet, like a new idempotency record):
+/// each node refuses it with `TRYAGAIN` until the last key has moved. `ASK` and `MOVED`
+/// surface only when the cluster client's own retries ran out on them.
+pub fn slot_moving(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::TryAgain | ServerErrorKind::Ask | ServerErrorKind::Moved)
+    )
+}
+
+/// Patience with a command refused because its slot is moving: [`SlotMoving::wait`] waits a
+/// little longer each time before the command is tried again, until `patience` is spent. The
+/// cluster client retries those refusals itself a few times within a fraction of a second; a
+/// slot holding many keys (a busy cell's nonces and idempotency records) takes longer to
+/// move, and a refused command changed nothing, so trying it again is safe.
+pub struct SlotMoving {
+    started: tokio::time::Instant,
+    wait: Duration,
+    patience: Duration,
+}
+
+impl SlotMoving {
+    pub fn new(patience: Duration) -> SlotMoving {
+        SlotMoving {
+            started: tokio::time::Instant::now(),
+            wait: Duration::from_millis(25),
+            patience,
+        }
+    }
+
+    /// Waits and returns true when `e` says the slot is moving and patience allows another
+    /// try; false at once otherwise.
+    pub async fn wait(&mut self, e: &redis::RedisError) -> bool {
+        if !slot_moving(e) || self.started.elapsed() + self.wait >= self.patience {
+            return false;
+        }
+        metrics::counter!("cardgate_redis_slot_moving_retries_total").increment(1);
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(Duration::from_millis(250));
+        true
+    }
+}
+
 /// Runs a script's `EVALSHA`, loading the script first when Redis does not have it (a
-/// restarted Redis, or a replica just promoted, has none). On a cluster `EVALSHA` goes to the
-/// node owning its first key and `SCRIPT LOAD` to every node.
+/// restarted Redis, or a replica just promoted, has none), and trying it again for up to
+/// [`SLOT_MOVING_PATIENCE`] while its slot moves between nodes. On a cluster `EVALSHA` goes
+/// to the node owning its first key and `SCRIPT LOAD` to every node.
 pub async fn evalsha<C: redis::aio::ConnectionLike, T: redis::FromRedisValue>(
     conn: &mut C,
     script: &redis::Script,
     cmd: &redis::Cmd,
 ) -> redis::RedisResult<T> {
-    match cmd.query_async(conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            script.prepare_invoke().load_async(conn).await?;
-            cmd.query_async(conn).await
+    let mut moving = SlotMoving::new(SLOT_MOVING_PATIENCE);
+    loop {
+        let reply = match cmd.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                script.prepare_invoke().load_async(conn).await?;
+                cmd.query_async(conn).await
+            }
+            other => other,
+        };
+        match reply {
+            Err(e) if moving.wait(&e).await => {}
+            other => return other,
         }
-        other => other,
     }
 }

@@ -26,7 +26,7 @@ async fn cell_shop(cells: u32, codes: usize) -> (TestApp, String, Vec<String>) {
     (app, t, imported)
 }
 
-async fn reseller_pk(app: &TestApp, k: &ResellerKey) -> i64 {
+pub(crate) async fn reseller_pk(app: &TestApp, k: &ResellerKey) -> i64 {
     app.db()
         .await
         .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
@@ -52,7 +52,7 @@ async fn pools(app: &TestApp, product: i64) -> Vec<i64> {
 }
 
 /// Buyers until every one of `cells` cells is the home of at least two.
-async fn buyers_in_every_cell(app: &TestApp, t: &str, cells: u32) -> Vec<Arc<ResellerKey>> {
+pub(crate) async fn buyers_in_every_cell(app: &TestApp, t: &str, cells: u32) -> Vec<Arc<ResellerKey>> {
     let mut per_cell = vec![0; cells as usize];
     let mut keys = Vec::new();
     while per_cell.iter().any(|n| *n < 2) {

@@ -169,14 +169,24 @@ impl Signed {
             pipe.add_command(global::admit_cmd(&app.keys, s.nonce_key, s.charge));
         }
         let pipe = Arc::new(pipe);
-        let mut replies = match app.coalescer.query(Arc::clone(&pipe)).await {
-            // A restarted Redis has no scripts: the admit command alone was refused, so
-            // nothing was spent or taken, and the reads may simply be asked again.
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                global::load(&mut app.redis()).await?;
-                app.coalescer.query(pipe).await?
+        let mut moving = crate::store::redis::SlotMoving::new(crate::store::redis::SLOT_MOVING_PATIENCE);
+        let mut replies = loop {
+            let reply = match app.coalescer.query(Arc::clone(&pipe)).await {
+                // A restarted Redis has no scripts: the admit command alone was refused, so
+                // nothing was spent or taken, and the reads may simply be asked again.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    global::load(&mut app.redis()).await?;
+                    app.coalescer.query(Arc::clone(&pipe)).await
+                }
+                other => other,
+            };
+            match reply {
+                // The same while the cell's slot migrates between cluster nodes: the admit
+                // command names a new nonce key, so both nodes refuse it (`TRYAGAIN`) until
+                // the slot has moved, and the reads, single keys, are not refused.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) && moving.wait(&e).await => {}
+                other => break other?,
             }
-            other => other?,
         };
         if spend.is_some() {
             let admit = replies
