@@ -140,23 +140,49 @@ async fn connect(app: &App) -> redis::RedisResult<Redis> {
 }
 
 /// Creates each cell's consumer group (and stream) unless it exists; Redis may have
-/// restarted empty since the last time.
+/// restarted empty since the last time. A cell whose group cannot be made now (its node
+/// away) is read as `NOGROUP` later and made then: one node away must not stop the writers
+/// of every other cell, so this fails only when no cell answered.
 async fn ensure_group(c: &mut Redis, app: &App) -> redis::RedisResult<()> {
-    for cell in app.keys.all_cells() {
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(app.keys.outbox(cell))
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(c)
-            .await;
-        match created {
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            other => other?,
+    let made = each::<()>(
+        c,
+        app.keys.all_cells().map(|cell| {
+            let mut cmd = redis::cmd("XGROUP");
+            cmd.arg("CREATE")
+                .arg(app.keys.outbox(cell))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM");
+            cmd
+        }),
+    )
+    .await;
+    let mut failed = None;
+    let mut answered = 0;
+    for r in made {
+        match r {
+            Ok(()) => answered += 1,
+            Err(e) if e.code() == Some("BUSYGROUP") => answered += 1,
+            Err(e) => failed = Some(e),
         }
     }
-    Ok(())
+    match failed {
+        Some(e) if answered == 0 => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Each command on its own, all at once (the connection pipelines those that share a
+/// node), each with its own outcome: one cell's node away fails only that cell's command.
+async fn each<T: redis::FromRedisValue>(
+    c: &Redis,
+    cmds: impl Iterator<Item = redis::Cmd>,
+) -> Vec<redis::RedisResult<T>> {
+    futures_util::future::join_all(cmds.map(|cmd| {
+        let mut c = c.clone();
+        async move { cmd.query_async::<T>(&mut c).await }
+    }))
+    .await
 }
 
 fn read_cmd(consumer: &str, streams: &[String], count: usize, block: bool) -> redis::Cmd {
@@ -183,26 +209,49 @@ async fn read_new(c: &mut Redis, app: &App, consumer: &str, block: bool) -> redi
     if streams.len() > 1 || !block {
         // A fair share each, so one busy cell cannot starve the others' orders.
         let share = max.div_ceil(streams.len());
-        let mut pipe = redis::pipe();
-        for s in &streams {
-            pipe.add_command(read_cmd(consumer, std::slice::from_ref(s), share, false));
+        // Each cell's answer on its own: on a cluster one cell's primary failing over, or
+        // losing its data, must not hold back the orders read from the others (read, they
+        // are this writer's until committed, or claimed after `orders.claim_idle_ms`).
+        let replies = each::<Option<StreamReadReply>>(
+            c,
+            streams
+                .iter()
+                .map(|s| read_cmd(consumer, std::slice::from_ref(s), share, false)),
+        )
+        .await;
+        let mut refused = (0, None);
+        for reply in replies {
+            match reply {
+                Ok(r) => got.extend(r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids)),
+                Err(e) => refused = (refused.0 + 1, Some(e)),
+            }
         }
-        let reply: Result<Vec<Option<StreamReadReply>>, _> = pipe.query_async(c).await;
-        got = match reply {
-            Ok(r) => r
-                .into_iter()
-                .flatten()
-                .flat_map(|r| r.keys)
-                .flat_map(|k| k.ids)
-                .collect(),
-            Err(e) => return regroup(c, app, e).await,
-        };
+        match refused {
+            (0, _) | (_, None) => {}
+            // No cell answered: the error stands and the writer reconnects.
+            (n, Some(e)) if n == streams.len() => return regroup(c, app, e).await,
+            // The other cells' entries are committed meanwhile, and the next round reads
+            // this one again (a failover shows in /readyz and in the answers' 503s); an
+            // outbox gone (its node lost its data) is started again.
+            (_, Some(e)) => {
+                tracing::debug!(error = %e, "a cell's outbox could not be read");
+                if e.code() == Some("NOGROUP") {
+                    if let Err(e) = ensure_group(c, app).await {
+                        tracing::debug!(error = %e, "outbox groups not made");
+                    }
+                }
+                if got.is_empty() && block {
+                    // One blocking read over every stream would fail on that cell too.
+                    idle_wait(app).await;
+                    return Ok(got);
+                }
+            }
+        }
     }
     if got.is_empty() && block && streams.len() > 1 && matches!(c, Redis::Cluster(_)) {
         // A cluster refuses one read over streams of different slots, and a blocking read
-        // per cell would hold this connection on one of them: wait for this gateway's next
-        // order to reach an outbox, or look again after a while.
-        let _ = tokio::time::timeout(Duration::from_millis(CLUSTER_POLL_MS), app.waiters.next_reservation()).await;
+        // per cell would hold this connection on one of them.
+        idle_wait(app).await;
     } else if got.is_empty() && block {
         let reply: Result<Option<StreamReadReply>, _> = read_cmd(consumer, &streams, max, true).query_async(c).await;
         got = match reply {
@@ -211,6 +260,11 @@ async fn read_new(c: &mut Redis, app: &App, consumer: &str, block: bool) -> redi
         };
     }
     Ok(got)
+}
+
+/// Until this gateway's next order reaches an outbox, or a while for other gateways'.
+async fn idle_wait(app: &App) {
+    let _ = tokio::time::timeout(Duration::from_millis(CLUSTER_POLL_MS), app.waiters.next_reservation()).await;
 }
 
 /// An outbox deleted under a read (a rebuild) is started again; any other error stands.

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cardgate::stock::mover::{self, Transfer};
 
@@ -260,5 +261,47 @@ async fn the_mover_keeps_pools_in_proportion_to_sales() {
             assert!(p[busy] > 3 * n, "the selling cell holds the most: {p:?}");
         }
     }
+    app.assert_reconciled(&t).await;
+}
+
+/// A cell whose outbox cannot be read (on a cluster, its primary away or its data lost)
+/// holds back no other cell's orders: the writers read every cell's outbox on its own,
+/// commit what the others hold, and start the lost one again when it is back.
+#[tokio::test]
+async fn an_outbox_that_cannot_be_read_holds_back_no_other_cells_orders() {
+    let (app, t, _) = cell_shop(16, 20).await;
+    let k = buyer(&app, &t, "diamond", 1_000_000).await;
+    let other = buyer(&app, &t, "diamond", 1_000_000).await;
+    let (home, broken) = (
+        reseller_pk(&app, &k).await.rem_euclid(16),
+        reseller_pk(&app, &other).await.rem_euclid(16),
+    );
+    assert_ne!(home, broken);
+    let outbox = app.keys().outbox(broken as u32);
+    let mut r = app.redis().await;
+    // A key of another type answers every stream command with an error, as a cell whose
+    // node is away does.
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(&outbox)
+        .ignore()
+        .cmd("SET")
+        .arg(&outbox)
+        .arg("not a stream")
+        .ignore()
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    // Long enough for every writer to meet the broken cell in its reads.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for i in 0..3 {
+        let (s, body, _) = app.order(&k, order_body(SKU, 1, &format!("healthy-{i}"))).await;
+        assert_eq!(s, 201, "an order of a healthy cell: {body}");
+    }
+
+    // The cell's outbox back, empty, as after its node lost its data: its orders commit.
+    let _: () = redis::cmd("DEL").arg(&outbox).query_async(&mut r).await.unwrap();
+    let (s, body, _) = app.order(&other, order_body(SKU, 1, "back-1")).await;
+    assert_eq!(s, 201, "an order of the cell that came back: {body}");
     app.assert_reconciled(&t).await;
 }
