@@ -35,6 +35,7 @@ pub struct App {
     pub redis: store::redis::Redis,
     /// Signed reads' Redis commands, many requests to a pipeline.
     pub coalescer: Coalescer,
+    pub pool_counts: crate::store::coalesce::PoolCounts,
     pub keys: Keys,
     pub metrics: PrometheusHandle,
     pub crypto: Crypto,
@@ -116,6 +117,7 @@ impl App {
             pg_orders,
             bulkheads,
             coalescer: Coalescer::start(redis.clone()),
+            pool_counts: Default::default(),
             redis,
             keys,
             metrics,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::store::redis::Redis;
-use redis::{Arg, ErrorKind, Pipeline, RedisError, Value};
+use redis::{ErrorKind, Pipeline, RedisError, Value};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Pipelines out at once: while they are, new requests queue for the next.
@@ -18,8 +18,14 @@ const MAX_REQUESTS: usize = 256;
 struct Job {
     /// Shared with the caller, which may send it again (a script Redis had not loaded).
     pipe: Arc<Pipeline>,
-    reply: oneshot::Sender<Result<Vec<Value>, RedisError>>,
+    /// Reads whose replies are the same for every request in one pipeline (a product's
+    /// pool counts): the same `Arc` asked by many requests is sent once per pipeline.
+    shared: Vec<Arc<Pipeline>>,
+    reply: oneshot::Sender<Result<Replies, RedisError>>,
 }
+
+/// The replies to a request's own commands, then to each of its shared reads' commands.
+pub type Replies = (Vec<Value>, Vec<Value>);
 
 #[derive(Clone)]
 pub struct Coalescer {
@@ -34,18 +40,13 @@ impl Coalescer {
         Coalescer { jobs }
     }
 
-    /// Runs `pipe`'s commands, in order, in a pipeline shared with other requests and
-    /// returns their replies. A command Redis refuses fails this request only, with
-    /// Redis's error as it is (a `NOSCRIPT` can be told apart and acted on).
-    pub async fn query(&self, pipe: impl Into<Arc<Pipeline>>) -> Result<Vec<Value>, RedisError> {
+    /// Runs `pipe`'s commands, in order, and `shared`'s, in a pipeline shared with other
+    /// requests and returns their replies. A command Redis refuses fails this request
+    /// only, with Redis's error as it is (a `NOSCRIPT` can be told apart and acted on).
+    pub async fn query(&self, pipe: Arc<Pipeline>, shared: Vec<Arc<Pipeline>>) -> Result<Replies, RedisError> {
         let (reply, answer) = oneshot::channel();
         let gone = || RedisError::from((ErrorKind::Client, "the Redis coalescer has stopped"));
-        self.jobs
-            .send(Job {
-                pipe: pipe.into(),
-                reply,
-            })
-            .map_err(|_| gone())?;
+        self.jobs.send(Job { pipe, shared, reply }).map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 }
@@ -74,35 +75,29 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Job>, redis: Redis) {
     }
 }
 
-/// Commands whose reply is the same for every request in one pipeline: each is sent
-/// once per pipeline however many requests ask it (the figure is as live as a request's
-/// own round trip would read it).
-const SHARED_READS: [&[u8]; 2] = [b"LLEN", b"GET"];
-
 async fn send(redis: &mut Redis, jobs: Vec<Job>) {
     metrics::histogram!("cardgate_redis_coalesced_requests").record(jobs.len() as f64);
     let mut pipe = redis::pipe();
     // Errors come back per command, so one request's refusal is not another's.
     pipe.ignore_errors();
-    let mut sent: HashMap<Vec<u8>, usize> = HashMap::new();
-    // For each job, the position of each of its commands' replies.
-    let mut wants: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
     for j in &jobs {
-        let mut positions = Vec::with_capacity(j.pipe.len());
         for c in j.pipe.cmd_iter() {
-            let shared = matches!(c.args_iter().next(), Some(Arg::Simple(name)) if SHARED_READS.contains(&name));
-            let position = if shared {
-                *sent.entry(c.get_packed_command()).or_insert_with(|| {
-                    pipe.add_command(c.clone());
-                    pipe.len() - 1
-                })
-            } else {
-                pipe.add_command(c.clone());
-                pipe.len() - 1
-            };
-            positions.push(position);
+            pipe.add_command(c.clone());
         }
-        wants.push(positions);
+    }
+    // Each shared read once, however many requests ask it: its figure is as live as a
+    // request's own round trip would read it.
+    let mut sent: HashMap<usize, usize> = HashMap::new();
+    for j in &jobs {
+        for s in &j.shared {
+            sent.entry(Arc::as_ptr(s) as usize).or_insert_with(|| {
+                let at = pipe.len();
+                for c in s.cmd_iter() {
+                    pipe.add_command(c.clone());
+                }
+                at
+            });
+        }
     }
     match pipe.query_async::<Vec<Value>>(redis).await {
         Ok(values) if values.len() != pipe.len() => {
@@ -115,9 +110,19 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
             }
         }
         Ok(values) => {
-            for (j, positions) in jobs.into_iter().zip(wants) {
-                let mine = positions.iter().map(|&p| values[p].clone()).collect();
-                let _ = j.reply.send(own(mine));
+            let mut at = 0;
+            for j in jobs {
+                let mine = values[at..at + j.pipe.len()].to_vec();
+                at += j.pipe.len();
+                let shared = j
+                    .shared
+                    .iter()
+                    .flat_map(|s| {
+                        let from = sent.get(&(Arc::as_ptr(s) as usize)).copied().unwrap_or(0);
+                        values[from..from + s.len()].iter().cloned()
+                    })
+                    .collect();
+                let _ = j.reply.send(own(mine).and_then(|m| Ok((m, own(shared)?))));
             }
         }
         Err(e) => {
@@ -136,5 +141,24 @@ fn own(values: Vec<Value>) -> Result<Vec<Value>, RedisError> {
     }) {
         Some(e) => Err(RedisError::from(e)),
         None => Ok(values),
+    }
+}
+
+/// Each product's pool counts (`LLEN` of every cell's pool) as one shared read, built
+/// once: the requests asking a product's counts hand the coalescer the same `Arc`, which
+/// goes once into each pipeline. A product's keys never change, so nothing expires.
+#[derive(Default)]
+pub struct PoolCounts(std::sync::Mutex<HashMap<i64, Arc<Pipeline>>>);
+
+impl PoolCounts {
+    pub fn of(&self, keys: &crate::store::keys::Keys, product: i64) -> Arc<Pipeline> {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(memo.entry(product).or_insert_with(|| {
+            let mut pipe = redis::pipe();
+            for cell in keys.all_cells() {
+                pipe.cmd("LLEN").arg(keys.stock(cell, product));
+            }
+            Arc::new(pipe)
+        }))
     }
 }

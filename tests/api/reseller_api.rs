@@ -496,28 +496,31 @@ async fn a_refused_command_fails_only_its_own_request() {
         .await
         .unwrap();
     let coalescer = cardgate::store::coalesce::Coalescer::start(cardgate::store::redis::Redis::Single(conn));
+    // One shared read (as a product's pool counts), the same Arc for every request.
+    let mut counted = redis::pipe();
+    counted.cmd("LLEN").arg(format!("{p}:list"));
+    let counted = std::sync::Arc::new(counted);
     let mut calls = Vec::new();
     for i in 0..60 {
         let mut pipe = redis::pipe();
-        pipe.cmd("LLEN").arg(format!("{p}:list"));
         if i % 3 == 0 {
             // WRONGTYPE: a list command on a string.
             pipe.cmd("LLEN").arg(format!("{p}:string"));
         } else {
             pipe.cmd("INCR").arg(format!("{p}:counter"));
         }
-        let c = coalescer.clone();
-        calls.push(async move { (i, c.query(pipe).await) });
+        let (c, counted) = (coalescer.clone(), counted.clone());
+        calls.push(async move { (i, c.query(std::sync::Arc::new(pipe), vec![counted]).await) });
     }
     let mut counts = Vec::new();
     for (i, r) in futures_util::future::join_all(calls).await {
         if i % 3 == 0 {
             assert!(r.is_err(), "request {i}: WRONGTYPE not reported");
         } else {
-            let values = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
-            assert_eq!(values.len(), 2);
-            assert_eq!(redis::from_redis_value::<i64>(values[0].clone()).unwrap(), 2);
-            counts.push(redis::from_redis_value::<i64>(values[1].clone()).unwrap());
+            let (own, shared) = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!((own.len(), shared.len()), (1, 1));
+            assert_eq!(redis::from_redis_value::<i64>(shared[0].clone()).unwrap(), 2);
+            counts.push(redis::from_redis_value::<i64>(own[0].clone()).unwrap());
         }
     }
     // INCR is not a shared read: each request's own reply.

@@ -163,20 +163,25 @@ impl Signed {
     /// replies of `pipe`'s own commands, or `nonce_reused`, or `rate_limited`. Reads have
     /// no side effects, so where the nonce stands in the pipeline does not matter; it is
     /// checked before anything is answered.
-    pub async fn query(&self, app: &App, mut pipe: redis::Pipeline) -> Result<Vec<redis::Value>, ApiError> {
+    pub async fn query(
+        &self,
+        app: &App,
+        mut pipe: redis::Pipeline,
+        shared: Vec<Arc<redis::Pipeline>>,
+    ) -> Result<crate::store::coalesce::Replies, ApiError> {
         let spend = self.nonce().take();
         if let Some(s) = spend {
             pipe.add_command(global::admit_cmd(&app.keys, s.nonce_key, s.charge));
         }
         let pipe = Arc::new(pipe);
         let mut moving = crate::store::redis::SlotMoving::new(crate::store::redis::SLOT_MOVING_PATIENCE);
-        let mut replies = loop {
-            let reply = match app.coalescer.query(Arc::clone(&pipe)).await {
+        let (mut replies, shared) = loop {
+            let reply = match app.coalescer.query(Arc::clone(&pipe), shared.clone()).await {
                 // A restarted Redis has no scripts: the admit command alone was refused, so
                 // nothing was spent or taken, and the reads may simply be asked again.
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                     global::load(&mut app.redis()).await?;
-                    app.coalescer.query(Arc::clone(&pipe)).await
+                    app.coalescer.query(Arc::clone(&pipe), shared.clone()).await
                 }
                 other => other,
             };
@@ -194,7 +199,7 @@ impl Signed {
                 .ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty pipeline reply")))?;
             self.tokens.settle(global::read_admit(admit)?)?;
         }
-        Ok(replies)
+        Ok((replies, shared))
     }
 
     /// The nonce and the tokens for a Redis script of the handler's to spend first thing,

@@ -48,14 +48,9 @@ fn ints(replies: Vec<redis::Value>) -> Result<Vec<i64>, ApiError> {
 async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i64>, ApiError> {
     // Every cell's pool counts: an order brings stock over from the others.
     let cells = app.keys.cells() as usize;
-    let mut pipe = redis::pipe();
-    for p in products {
-        for cell in app.keys.all_cells() {
-            pipe.cmd("LLEN").arg(app.keys.stock(cell, p.id));
-        }
-    }
-    let lens = ints(s.query(app, pipe).await?)?;
-    Ok(lens.chunks(cells).map(|c| c.iter().sum()).collect())
+    let counts = products.iter().map(|p| app.pool_counts.of(&app.keys, p.id)).collect();
+    let (_, lens) = s.query(app, redis::pipe(), counts).await?;
+    Ok(ints(lens)?.chunks(cells).map(|c| c.iter().sum()).collect())
 }
 
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -96,7 +91,7 @@ pub async fn balance(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Res
         let r = &s.caller().reseller;
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(app.keys.balance(r.pk));
-        let replies = s.query(app, pipe).await?;
+        let (replies, _) = s.query(app, pipe, Vec::new()).await?;
         let hot: Option<i64> = redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
             .map_err(ApiError::internal)?;
         // The hot balance is what can be spent now; without it (Redis lost its state),
