@@ -219,32 +219,28 @@ async fn read_new(c: &mut Redis, app: &App, consumer: &str, block: bool) -> redi
                 .map(|s| read_cmd(consumer, std::slice::from_ref(s), share, false)),
         )
         .await;
-        let mut refused = (0, None);
+        let (mut refused, mut error) = (0, None);
         for reply in replies {
             match reply {
                 Ok(r) => got.extend(r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids)),
-                Err(e) => refused = (refused.0 + 1, Some(e)),
+                Err(e) => (refused, error) = (refused + 1, Some(e)),
             }
         }
-        match refused {
-            (0, _) | (_, None) => {}
+        if let Some(e) = error {
             // No cell answered: the error stands and the writer reconnects.
-            (n, Some(e)) if n == streams.len() => return regroup(c, app, e).await,
+            if refused == streams.len() {
+                return regroup(c, app, e).await;
+            }
             // The other cells' entries are committed meanwhile, and the next round reads
             // this one again (a failover shows in /readyz and in the answers' 503s); an
             // outbox gone (its node lost its data) is started again.
-            (_, Some(e)) => {
+            if let Err(e) = regroup(c, app, e).await {
                 tracing::debug!(error = %e, "a cell's outbox could not be read");
-                if e.code() == Some("NOGROUP") {
-                    if let Err(e) = ensure_group(c, app).await {
-                        tracing::debug!(error = %e, "outbox groups not made");
-                    }
-                }
-                if got.is_empty() && block {
-                    // One blocking read over every stream would fail on that cell too.
-                    idle_wait(app).await;
-                    return Ok(got);
-                }
+            }
+            if got.is_empty() && block {
+                // One blocking read over every stream would fail on that cell too.
+                idle_wait(app).await;
+                return Ok(got);
             }
         }
     }
