@@ -35,7 +35,7 @@ pub struct App {
     pub redis: store::redis::Redis,
     /// Signed reads' Redis commands, many requests to a pipeline.
     pub coalescer: Coalescer,
-    pub pool_counts: crate::store::coalesce::PoolCounts,
+    pub pool_counts: crate::stock::mover::PoolCounts,
     pub keys: Keys,
     pub metrics: PrometheusHandle,
     pub crypto: Crypto,

@@ -106,22 +106,15 @@ async fn outbox_in_flight(
 }
 
 /// The code ids of a product held in Redis outside the outbox: every cell's pool and
-/// every open transfer's record (one that has arrived already but is not yet closed
-/// holds copies of codes now in its destination pool, and is skipped).
+/// every transfer's record whose codes have not arrived yet.
 async fn stock_ids(app: &App, redis: &mut Redis, product: i64) -> anyhow::Result<Vec<i64>> {
     let keys = &app.keys;
     let mut ids = Vec::new();
     for cell in keys.all_cells() {
         list_ids(redis, &keys.stock(cell, product), &mut ids).await?;
     }
-    for t in crate::stock::mover::open_transfers(redis, keys, product).await? {
-        let arrived: bool = redis::cmd("EXISTS")
-            .arg(keys.transfer_done(t.to, &t.id))
-            .query_async(redis)
-            .await?;
-        if !arrived {
-            list_ids(redis, &keys.transfer(t.from, &t.id), &mut ids).await?;
-        }
+    for t in crate::stock::mover::in_transit(redis, keys, product).await? {
+        list_ids(redis, &keys.transfer(t.from, &t.id), &mut ids).await?;
     }
     Ok(ids)
 }

@@ -199,6 +199,23 @@ pub async fn open_transfers<C: ConnectionLike>(
     Ok(ids.iter().flatten().filter_map(|id| Transfer::parse(id)).collect())
 }
 
+/// The open transfers of a product whose codes have not reached their destination: a
+/// record already pushed (its arrival marker set) but not yet closed holds copies of codes
+/// that are in the destination pool too.
+pub async fn in_transit<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<Vec<Transfer>> {
+    let mut out = Vec::new();
+    for t in open_transfers(c, keys, product).await? {
+        let arrived: bool = redis::cmd("EXISTS")
+            .arg(keys.transfer_done(t.to, &t.id))
+            .query_async(c)
+            .await?;
+        if !arrived {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
 /// Completes every open transfer of a product (those a crash or a concurrent mover left
 /// between the steps; completing one twice is harmless). Returns the codes pushed. One
 /// whose cell's slot is being migrated between Redis Cluster nodes stays open for a later
@@ -217,11 +234,32 @@ pub async fn finish_open<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64
 
 /// Each cell's pool length of a product.
 pub async fn pool_lengths<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) -> redis::RedisResult<Vec<usize>> {
+    pool_counts(keys, product).query_async(c).await
+}
+
+/// `LLEN` of each cell's pool of a product, in cell order.
+fn pool_counts(keys: &Keys, product: i64) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for cell in keys.all_cells() {
         pipe.cmd("LLEN").arg(keys.stock(cell, product));
     }
-    pipe.query_async(c).await
+    pipe
+}
+
+/// Each product's [`pool_counts`] as one shared read of the signed reads' coalescer,
+/// built once: the requests asking a product's counts hand it the same `Arc`, which goes
+/// once into each pipeline. A product's keys never change, so nothing expires.
+#[derive(Default)]
+pub struct PoolCounts(std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<redis::Pipeline>>>);
+
+impl PoolCounts {
+    pub fn of(&self, keys: &Keys, product: i64) -> std::sync::Arc<redis::Pipeline> {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::sync::Arc::clone(
+            memo.entry(product)
+                .or_insert_with(|| std::sync::Arc::new(pool_counts(keys, product))),
+        )
+    }
 }
 
 /// Readings of every cell tried by [`settled_stock`] before it gives up.
@@ -241,19 +279,11 @@ pub async fn settled_stock<C: ConnectionLike>(
         let before = move_counts(c, keys, product).await?;
         let pooled: usize = pool_lengths(c, keys, product).await?.iter().sum();
         let mut in_flight = 0;
-        for t in open_transfers(c, keys, product).await? {
-            // A record already pushed (its arrival marker set) but not yet deleted holds
-            // codes that are in the destination pool too.
-            let (arrived, held): (bool, usize) = redis::pipe()
-                .cmd("EXISTS")
-                .arg(keys.transfer_done(t.to, &t.id))
-                .cmd("LLEN")
+        for t in in_transit(c, keys, product).await? {
+            in_flight += redis::cmd("LLEN")
                 .arg(keys.transfer(t.from, &t.id))
-                .query_async(c)
+                .query_async::<usize>(c)
                 .await?;
-            if !arrived {
-                in_flight += held;
-            }
         }
         if move_counts(c, keys, product).await? == before {
             return Ok(Some(pooled + in_flight));

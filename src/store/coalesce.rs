@@ -86,19 +86,26 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
         }
     }
     // Each shared read once, however many requests ask it: its figure is as live as a
-    // request's own round trip would read it.
+    // request's own round trip would read it. For each job, where each of its shared
+    // reads' replies start.
     let mut sent: HashMap<usize, usize> = HashMap::new();
-    for j in &jobs {
-        for s in &j.shared {
-            sent.entry(Arc::as_ptr(s) as usize).or_insert_with(|| {
-                let at = pipe.len();
-                for c in s.cmd_iter() {
-                    pipe.add_command(c.clone());
-                }
-                at
-            });
-        }
-    }
+    let starts: Vec<Vec<usize>> = jobs
+        .iter()
+        .map(|j| {
+            j.shared
+                .iter()
+                .map(|s| {
+                    *sent.entry(Arc::as_ptr(s) as usize).or_insert_with(|| {
+                        let at = pipe.len();
+                        for c in s.cmd_iter() {
+                            pipe.add_command(c.clone());
+                        }
+                        at
+                    })
+                })
+                .collect()
+        })
+        .collect();
     match pipe.query_async::<Vec<Value>>(redis).await {
         Ok(values) if values.len() != pipe.len() => {
             for j in jobs {
@@ -111,16 +118,14 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
         }
         Ok(values) => {
             let mut at = 0;
-            for j in jobs {
+            for (j, starts) in jobs.into_iter().zip(starts) {
                 let mine = values[at..at + j.pipe.len()].to_vec();
                 at += j.pipe.len();
                 let shared = j
                     .shared
                     .iter()
-                    .flat_map(|s| {
-                        let from = sent.get(&(Arc::as_ptr(s) as usize)).copied().unwrap_or(0);
-                        values[from..from + s.len()].iter().cloned()
-                    })
+                    .zip(starts)
+                    .flat_map(|(s, from)| values[from..from + s.len()].iter().cloned())
                     .collect();
                 let _ = j.reply.send(own(mine).and_then(|m| Ok((m, own(shared)?))));
             }
@@ -141,24 +146,5 @@ fn own(values: Vec<Value>) -> Result<Vec<Value>, RedisError> {
     }) {
         Some(e) => Err(RedisError::from(e)),
         None => Ok(values),
-    }
-}
-
-/// Each product's pool counts (`LLEN` of every cell's pool) as one shared read, built
-/// once: the requests asking a product's counts hand the coalescer the same `Arc`, which
-/// goes once into each pipeline. A product's keys never change, so nothing expires.
-#[derive(Default)]
-pub struct PoolCounts(std::sync::Mutex<HashMap<i64, Arc<Pipeline>>>);
-
-impl PoolCounts {
-    pub fn of(&self, keys: &crate::store::keys::Keys, product: i64) -> Arc<Pipeline> {
-        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(memo.entry(product).or_insert_with(|| {
-            let mut pipe = redis::pipe();
-            for cell in keys.all_cells() {
-                pipe.cmd("LLEN").arg(keys.stock(cell, product));
-            }
-            Arc::new(pipe)
-        }))
     }
 }
