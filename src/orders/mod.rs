@@ -255,18 +255,21 @@ async fn place_inner(
         // The nonce and the request's write tokens, with the first reservation only.
         let spend = nonce.as_ref().and_then(|n| n.take());
         let sourcing = product.as_ref().map_or(reserve::Sourcing::Local, |p| p.sourcing);
-        let mut cmd = reserve::reserve_cmd(
-            &app.keys,
-            &f,
-            &fingerprint,
-            refusal,
-            ttl,
-            spend.map(|s| s.nonce_key),
-            spend.and_then(|s| s.charge),
-            &guards,
-            sourcing,
-            other_cells,
-        );
+        let command = |spend: Option<crate::auth::reseller::Spend>, other_cells| {
+            reserve::reserve_cmd(
+                &app.keys,
+                &f,
+                &fingerprint,
+                refusal,
+                ttl,
+                spend.map(|s| s.nonce_key),
+                spend.and_then(|s| s.charge),
+                &guards,
+                sourcing,
+                other_cells,
+            )
+        };
+        let mut cmd = command(spend, other_cells);
         let Reservation { reserved, bucket } = loop {
             let r = reserve::reserve(&mut redis, &cmd).await?;
             if matches!(r.reserved, Reserved::Ok { .. }) {
@@ -287,18 +290,7 @@ async fn place_inner(
                 crate::stock::mover::Fill::Short => other_cells = false,
                 crate::stock::mover::Fill::Rebuilding => return Err(Refusal::Rebuilding.into()),
             }
-            cmd = reserve::reserve_cmd(
-                &app.keys,
-                &f,
-                &fingerprint,
-                refusal,
-                ttl,
-                None,
-                None,
-                &guards,
-                sourcing,
-                other_cells,
-            );
+            cmd = command(None, other_cells);
         };
         metrics::histogram!("cardgate_reservation_seconds").record(t.elapsed().as_secs_f64());
         // The answer's RateLimit-* headers, whatever comes of the order.
