@@ -405,11 +405,7 @@ async fn twenty_concurrent_credits_with_one_reference_change_the_balance_once() 
     };
     assert_eq!((bal, rows), (50000, 1));
     // The hot balance in Redis moved once too.
-    let pk: i64 = db
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&rid])
-        .await
-        .unwrap()
-        .get(0);
+    let pk = app.reseller_pk(&rid).await;
     let mut redis = app.redis().await;
     let hot: i64 = redis::cmd("GET")
         .arg(app.keys().balance(pk))

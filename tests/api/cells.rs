@@ -27,15 +27,6 @@ async fn cell_shop(cells: u32, codes: usize) -> (TestApp, String, Vec<String>) {
     (app, t, imported)
 }
 
-pub(crate) async fn reseller_pk(app: &TestApp, k: &ResellerKey) -> i64 {
-    app.db()
-        .await
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Each cell's pool length of the product.
 async fn pools(app: &TestApp, product: i64) -> Vec<i64> {
     let state = app.state.as_ref().unwrap();
@@ -58,7 +49,7 @@ pub(crate) async fn buyers_in_every_cell(app: &TestApp, t: &str, cells: u32) -> 
     let mut keys = Vec::new();
     while per_cell.iter().any(|n| *n < 2) {
         let k = buyer(app, t, "diamond", 10_000_000).await;
-        let cell = reseller_pk(app, &k).await.rem_euclid(i64::from(cells)) as usize;
+        let cell = app.reseller_pk(&k.reseller_id).await.rem_euclid(i64::from(cells)) as usize;
         per_cell[cell] += 1;
         keys.push(Arc::new(k));
     }
@@ -248,7 +239,7 @@ async fn the_mover_keeps_pools_in_proportion_to_sales() {
 
     // One cell sells; the others do not.
     let k = buyer(&app, &t, "diamond", 10_000_000).await;
-    let busy = state.keys.cell_of(reseller_pk(&app, &k).await) as usize;
+    let busy = state.keys.cell_of(app.reseller_pk(&k.reseller_id).await) as usize;
     for i in 0..10 {
         let (s, body, _) = app.order(&k, order_body(SKU, 3, &format!("busy-{i}"))).await;
         assert_eq!(s, 201, "{body}");
@@ -272,12 +263,13 @@ async fn an_outbox_that_cannot_be_read_holds_back_no_other_cells_orders() {
     let (app, t, _) = cell_shop(16, 20).await;
     let k = buyer(&app, &t, "diamond", 1_000_000).await;
     let other = buyer(&app, &t, "diamond", 1_000_000).await;
+    let keys = app.keys();
     let (home, broken) = (
-        reseller_pk(&app, &k).await.rem_euclid(16),
-        reseller_pk(&app, &other).await.rem_euclid(16),
+        keys.cell_of(app.reseller_pk(&k.reseller_id).await),
+        keys.cell_of(app.reseller_pk(&other.reseller_id).await),
     );
     assert_ne!(home, broken);
-    let outbox = app.keys().outbox(broken as u32);
+    let outbox = keys.outbox(broken);
     let mut r = app.redis().await;
     // A key of another type answers every stream command with an error, as a cell whose
     // node is away does.

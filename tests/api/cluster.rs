@@ -85,13 +85,7 @@ async fn assert_stock(app: &TestApp, urls: &str, want: i64) {
 
 /// The slot of a reseller's home cell.
 pub(crate) async fn home_slot(app: &TestApp, k: &ResellerKey, urls: &str) -> u16 {
-    let pk: i64 = app
-        .db()
-        .await
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
-        .await
-        .unwrap()
-        .get(0);
+    let pk = app.reseller_pk(&k.reseller_id).await;
     redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(app.keys().balance(pk))
@@ -691,7 +685,7 @@ async fn a_slot_moved_to_another_primary_under_load_loses_no_order() {
             break;
         }
         let k = app.reseller_with_key(&t, "gold", json!({})).await;
-        let at_home = keys.cell_of(crate::cells::reseller_pk(&app, &k).await) == cell;
+        let at_home = keys.cell_of(app.reseller_pk(&k.reseller_id).await) == cell;
         if (at_home && home < 2) || (!at_home && buyers.len() - home < 3) {
             app.fund(&t, &k.reseller_id, FUNDS).await;
             buyers.push((Arc::new(k), at_home));

@@ -650,6 +650,16 @@ impl TestApp {
         r
     }
 
+    /// A reseller's numeric id (its home cell is a function of it).
+    pub async fn reseller_pk(&self, reseller_id: &str) -> i64 {
+        self.db()
+            .await
+            .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&reseller_id])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     pub async fn product_pk(&self, sku: &str) -> i64 {
         self.db()
             .await

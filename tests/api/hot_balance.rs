@@ -23,18 +23,9 @@ async fn shop_behind_a_redis_proxy() -> (TestApp, String, TcpProxy) {
     (app, t, proxy)
 }
 
-async fn reseller_pk(app: &TestApp, key: &ResellerKey) -> i64 {
-    app.db()
-        .await
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&key.reseller_id])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// The hot balance as Redis holds it, read past the proxy.
 async fn hot(app: &TestApp, key: &ResellerKey) -> i64 {
-    let pk = reseller_pk(app, key).await;
+    let pk = app.reseller_pk(&key.reseller_id).await;
     let mut r = redis::Client::open(env_url("CARDGATE_REDIS_URL"))
         .unwrap()
         .get_multiplexed_async_connection()
@@ -188,7 +179,7 @@ async fn a_debit_whose_ledger_row_fails_is_given_back_once_even_with_redis_away(
 async fn a_debit_whose_reference_is_held_already_takes_nothing_and_frees_nothing() {
     let (app, t, _) = crate::orders::shop_with(1, |_| {}).await;
     let k = buyer(&app, &t, "gold", 100_000).await;
-    let pk = reseller_pk(&app, &k).await;
+    let pk = app.reseller_pk(&k.reseller_id).await;
     // Another debit with this reference holds money in Redis and has not finished.
     let mut r = app.redis().await;
     let marker = app.keys().hot_movement(pk, &format!("hold:{pk}:twice"));

@@ -148,11 +148,7 @@ async fn postgres_refuses_money_past_the_bound_whatever_writes_it() {
     let r = app.create_reseller(&t, "gold").await;
     let rid = r["reseller_id"].as_str().unwrap().to_string();
     let db = app.db().await;
-    let pk: i64 = db
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&rid])
-        .await
-        .unwrap()
-        .get(0);
+    let pk = app.reseller_pk(&rid).await;
     let (over, under) = (MAX + 1, -(MAX + 1));
     let statements: [(&str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 7] = [
         (

@@ -229,11 +229,7 @@ async fn a_rebuild_that_fails_part_way_never_hands_its_epoch_out_again() {
             .unwrap()
             .get::<_, i64>(0)
     };
-    let pk: i64 = db
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
-        .await
-        .unwrap()
-        .get(0);
+    let pk = app.reseller_pk(&k.reseller_id).await;
     let before = pg_epoch().await;
 
     // A key of the wrong type stops the rebuild part way, after it has taken its epoch.

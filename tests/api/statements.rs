@@ -556,11 +556,7 @@ async fn every_ledger_kind_shows_as_its_type() {
     }
 
     let (order_id, amount) = buy(&app, &k, 1, "K-1").await;
-    let pk: i64 = db
-        .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
-        .await
-        .unwrap()
-        .get(0);
+    let pk = app.reseller_pk(&k.reseller_id).await;
     db.execute(
         "INSERT INTO balance_ledger (reseller_id, amount, kind, reference) VALUES ($1, 1234, 'rebate', 'rebate:2026-10')",
         &[&pk],

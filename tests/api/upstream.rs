@@ -725,14 +725,7 @@ async fn fallback_buys_upstream_only_when_no_cell_can_fill_the_order() {
     // A buyer at home in another cell than the one the codes went into.
     let far = loop {
         let k = buyer(&down.app, &down.token, "standard", BUYER_FUNDS).await;
-        let pk: i64 = down
-            .app
-            .db()
-            .await
-            .query_one("SELECT id FROM resellers WHERE reseller_id = $1", &[&k.reseller_id])
-            .await
-            .unwrap()
-            .get(0);
+        let pk = down.app.reseller_pk(&k.reseller_id).await;
         if keys.cell_of(pk) != import_cell {
             break k;
         }
