@@ -127,7 +127,7 @@ impl Writer {
                 e
             })
             .collect();
-        process(app, &entries).await;
+        process(app, c, &entries).await;
         Ok(Step::Processed(entries.len()))
     }
 }
@@ -334,7 +334,7 @@ async fn outbox_gauges(c: &mut Redis, app: &App) {
 
 /// Commits `entries` (retrying until Postgres takes them), then settles or releases each
 /// in Redis and wakes its waiter.
-async fn process(app: &App, entries: &[Entry]) {
+async fn process(app: &App, c: &Redis, entries: &[Entry]) {
     if entries.is_empty() {
         return;
     }
@@ -364,10 +364,12 @@ async fn process(app: &App, entries: &[Entry]) {
             }
         }
     };
-    finish(app, entries, &outcomes).await;
+    finish(app, c, entries, &outcomes).await;
 }
 
-async fn finish(app: &App, entries: &[Entry], outcomes: &[Settled]) {
+/// Redis's part goes over `c`, the writer's own connection: on the shared one it queued
+/// behind every reservation in flight, and the writer's next batch waited with it.
+async fn finish(app: &App, c: &Redis, entries: &[Entry], outcomes: &[Settled]) {
     let mut elsewhere = String::new();
     let mut wake = |order_id: &str, s: Settled| {
         if !app.waiters.notify(order_id, s) {
@@ -387,20 +389,20 @@ async fn finish(app: &App, entries: &[Entry], outcomes: &[Settled]) {
     for (_, f) in &committed {
         wake(&f.order_id, Settled::Committed);
     }
-    let mut redis = app.redis();
-    match reserve::settle(&mut redis, &app.keys, &committed).await {
+    let mut redis = c.clone();
+    match reserve::settle(&redis, &app.keys, &committed).await {
         Ok(()) => {}
         // A slot being migrated refuses the script until its last key has moved: tried again
         // meanwhile, apart, so the next batch does not wait (settling twice is harmless).
         Err(e) if crate::store::redis::slot_moving(&e) => {
-            let (mut redis, keys) = (app.redis(), app.keys.clone());
+            let (redis, keys) = (app.redis(), app.keys.clone());
             let owned: Vec<(String, Fulfilment)> =
                 committed.iter().map(|(id, f)| (id.to_string(), (*f).clone())).collect();
             tokio::spawn(async move {
                 let committed: Vec<(&str, &Fulfilment)> = owned.iter().map(|(id, f)| (id.as_str(), f)).collect();
                 let mut moving = crate::store::redis::SlotMoving::new(SETTLE_PATIENCE);
                 loop {
-                    match reserve::settle(&mut redis, &keys, &committed).await {
+                    match reserve::settle(&redis, &keys, &committed).await {
                         Ok(()) => break,
                         Err(e) if moving.wait(&e).await => {}
                         Err(e) => {

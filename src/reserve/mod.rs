@@ -17,6 +17,7 @@ use crate::auth::signing::NONCE_TTL_SECS;
 use crate::ratelimit::global::{self, Charge};
 use crate::ratelimit::{Class, Outcome};
 use crate::store::keys::Keys;
+use crate::store::redis::Redis;
 
 /// The outbox's consumer group: every gateway's ledger writer reads through it.
 pub const GROUP: &str = "ledger";
@@ -347,17 +348,14 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reservation> {
 }
 
 /// Acknowledges committed orders: deletes their outbox entries and marks their
-/// idempotency records done, one script per home cell (its keys must share a slot).
-pub async fn settle<C: ConnectionLike>(
-    conn: &mut C,
-    keys: &Keys,
-    committed: &[(&str, &Fulfilment)],
-) -> Result<(), RedisError> {
+/// idempotency records done, one script per home cell (its keys must share a slot), the
+/// cells' scripts sent at once.
+pub async fn settle(conn: &Redis, keys: &Keys, committed: &[(&str, &Fulfilment)]) -> Result<(), RedisError> {
     let mut by_cell: std::collections::BTreeMap<u32, Vec<&(&str, &Fulfilment)>> = Default::default();
     for c in committed {
         by_cell.entry(keys.cell_of(c.1.reseller)).or_default().push(c);
     }
-    for (cell, committed) in by_cell {
+    let scripts = by_cell.into_iter().map(|(cell, committed)| {
         let mut inv = SETTLE.prepare_invoke();
         inv.key(keys.outbox(cell)).arg(GROUP);
         for (entry_id, f) in committed {
@@ -365,9 +363,10 @@ pub async fn settle<C: ConnectionLike>(
                 .arg(*entry_id)
                 .arg(&f.order_id);
         }
-        inv.invoke_async::<i64>(conn).await?;
-    }
-    Ok(())
+        let mut conn = conn.clone();
+        async move { inv.invoke_async::<i64>(&mut conn).await }
+    });
+    futures_util::future::try_join_all(scripts).await.map(drop)
 }
 
 /// Undoes a reservation made at `epoch` that will not be committed. `elements` are the
