@@ -312,19 +312,25 @@ async fn place_inner(
             Reserved::Seen {
                 pending,
                 fingerprint: seen,
-                ..
+                order_id,
             } => {
                 if seen != fingerprint {
                     return Err(ApiError::IdempotencyConflict);
                 }
-                if pending {
+                // This attempt's own reservation, its answer lost and the script sent again
+                // (a cluster connection does so when a node fails over mid-call): the order
+                // is this request's, and its codes are read from Postgres once committed.
+                if pending && order_id == f.order_id {
+                    None
+                } else if pending {
                     return Err(ApiError::OrderInProgress);
+                } else {
+                    return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {
+                        ApiError::internal(anyhow::anyhow!(
+                            "idempotency record names an order Postgres does not hold"
+                        ))
+                    });
                 }
-                return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {
-                    ApiError::internal(anyhow::anyhow!(
-                        "idempotency record names an order Postgres does not hold"
-                    ))
-                });
             }
             Reserved::Refused(Refusal::NonceReused) => return Err(ApiError::NonceReused),
             // Refused before the idempotency record was read, and Postgres is not asked
@@ -347,12 +353,20 @@ async fn place_inner(
             }
             Reserved::Ok { signals, elements } => {
                 signal(signals);
-                elements
+                Some(elements)
             }
         };
         let timeout = Duration::from_millis(app.config.orders.commit_timeout_ms);
         match tokio::time::timeout(timeout, waiter.settled()).await {
             Ok(Some(Settled::Committed)) => {
+                let Some(elements) = elements else {
+                    return match recorded(app, reseller, req, &fingerprint).await? {
+                        Some(Placed::Replayed(order)) => Ok(Placed::Created(order)),
+                        _ => Err(ApiError::internal(anyhow::anyhow!(
+                            "committed order vanished from Postgres"
+                        ))),
+                    };
+                };
                 let codes = decrypt_codes(app, f.product, elements.iter().map(|e| e.as_slice()))?;
                 return Ok(Placed::Created(Order {
                     order_id: f.order_id,

@@ -47,8 +47,11 @@ if tokens > 0 then
   bucket, limited = take(KEYS[9], tokens, tonumber(ARGV[20]), tonumber(ARGV[21]))
 end
 -- A replayed request is refused before anything else, even its own idempotency record;
--- a rate-limited one still spends its nonce, so it cannot be sent again.
-if KEYS[11] and not redis.call('SET', KEYS[11], '1', 'NX', 'EX', ARGV[8]) then
+-- a rate-limited one still spends its nonce, so it cannot be sent again. The nonce holds
+-- the order id it was spent on: this very script sent again (its first answer lost on a
+-- failing connection) is not a replay, and goes on to find its own reservation.
+if KEYS[11] and not redis.call('SET', KEYS[11], ARGV[1], 'NX', 'EX', ARGV[8])
+    and redis.call('GET', KEYS[11]) ~= ARGV[1] then
   return {'refused', bucket, 'nonce_reused'}
 end
 if limited then

@@ -1006,3 +1006,84 @@ async fn a_replayed_order_read_reveals_nothing_and_audits_no_second_reveal() {
         assert_eq!(reveals().await, before + 1, "{path}: the replay revealed nothing");
     }
 }
+
+/// A reservation script that runs twice is one order. A cluster connection sends a script
+/// again when its first answer was lost to a failing node; the second run must find its
+/// own reservation (the request then waits for its commit, docs/design.md), not refuse
+/// the nonce it spent itself, while a true replay of that nonce is still refused.
+#[tokio::test]
+async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
+    use cardgate::reserve::{fingerprint, reserve, reserve_cmd, Fulfilment, Guards, Refusal, Reserved, Sourcing};
+    let (app, t, _) = shop_with(2, |env| {
+        env.insert("CARDGATE_REDIS__CELLS".into(), "1".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let keys = app.keys();
+    let f = Fulfilment {
+        order_id: cardgate::ids::order_id(),
+        reseller: app.reseller_pk(&k.reseller_id).await,
+        merchant_order_no: "TWICE-1".into(),
+        product: app.product_pk(SKU).await,
+        sku: SKU.into(),
+        quantity: 1,
+        unit_price: GOLD,
+        amount: GOLD,
+        created_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+        key_id: k.key_id.clone(),
+    };
+    let nonce = keys.nonce(f.reseller, &k.key_id, "sent-twice-0000001");
+    let fp = fingerprint(SKU, 1);
+    let cmd = |f: &Fulfilment| {
+        reserve_cmd(
+            &keys,
+            f,
+            &fp,
+            None,
+            3600,
+            Some(&nonce),
+            None,
+            &Guards::default(),
+            Sourcing::Local,
+            false,
+        )
+    };
+    let mut r = app.redis().await;
+    let first = reserve(&mut r, &cmd(&f)).await.unwrap();
+    assert!(matches!(first.reserved, Reserved::Ok { .. }), "{first:?}");
+    let again = reserve(&mut r, &cmd(&f)).await.unwrap();
+    assert_eq!(
+        again.reserved,
+        Reserved::Seen {
+            pending: true,
+            fingerprint: fp.clone(),
+            order_id: f.order_id.clone()
+        }
+    );
+    let other = Fulfilment {
+        order_id: cardgate::ids::order_id(),
+        merchant_order_no: "TWICE-2".into(),
+        ..f.clone()
+    };
+    let replay = reserve(&mut r, &cmd(&other)).await.unwrap();
+    assert_eq!(replay.reserved, Reserved::Refused(Refusal::NonceReused));
+
+    // The gateway's writer commits the one reservation: one order, one code, one charge.
+    let db = app.db().await;
+    let committed = eventually(std::time::Duration::from_secs(10), || async {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM orders WHERE reseller_id = $1", &[&f.reseller])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    assert!(committed, "the reservation was committed");
+    assert_eq!(app.balance_of(&k).await, 100_000 - GOLD);
+    assert_eq!(app.stock_len(SKU).await, 1);
+    app.assert_reconciled(&t).await;
+}
