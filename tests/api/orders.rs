@@ -1029,10 +1029,7 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
         quantity: 1,
         unit_price: GOLD,
         amount: GOLD,
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64,
+        created_at: Clock::System.now_unix_secs(),
         key_id: k.key_id.clone(),
     };
     let nonce = keys.nonce(f.reseller, &k.key_id, "sent-twice-0000001");
