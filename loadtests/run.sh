@@ -29,6 +29,8 @@
 # Every gateway scenario also records CPU per request of the gateway, Redis, Postgres and
 # the generator (which signs every request before its clock starts).
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=loadtests/reservation.sh
+. "$(dirname "${BASH_SOURCE[0]}")/reservation.sh"
 secs=${1:-10}
 conns="64 256 512"  # closed-loop connection counts; each figure and baseline is taken at its best
 open_conns=512  # open loop: enough that the generator never holds a due request back
@@ -150,23 +152,10 @@ curl -fs "$base/metrics" | python3 loadtests/gateway-metrics.py >>"$results"
 # Baselines, after the gateway's runs: they write to the same stores behind its back.
 note "baseline-redis-script"
 bench="bench$$:{s0}"
-# The gateway loads the bucket's code in front of the script (src/reserve/mod.rs).
-sha=$(redis-cli -u "$CARDGATE_REDIS_URL" SCRIPT LOAD "$(cat src/ratelimit/gcra.lua src/reserve/reserve.lua)")
 rb_n=$((secs * 40000))
-redis-cli -u "$CARDGATE_REDIS_URL" EVAL "for i = 1, tonumber(ARGV[1]) do redis.call('RPUSH', KEYS[1], string.rep('e', 60)) end" \
-  1 "$bench:stock" $((rb_n * 2)) >/dev/null
-redis-cli -u "$CARDGATE_REDIS_URL" MSET "$bench:bal" 1000000000000000 "$bench:epoch" 1 >/dev/null
-# The rules on by default run as the gateway runs them (an address, the velocity rule;
-# a write token taken, from a bucket too large to refuse: one token a microsecond);
-# no spend limit, local stock only.
-fields='{"order_id":"ord_bench","reseller":1,"merchant_order_no":"M","product":1,"sku":"s","quantity":1,"unit_price":9800,"amount":9800,"created_at":0,"key_id":"ak_bench"}'
-hostport=${CARDGATE_REDIS_URL#redis://}; hostport=${hostport%%/*}
+reservation_fixture "$bench" $((rb_n * 2))
 for c in $conns; do
-  rb=$(redis-benchmark -h "${hostport%:*}" -p "${hostport#*:}" -c "$c" -n "$rb_n" -r 1000000000 --csv \
-    EVALSHA "$sha" 11 "$bench:idem:1:__rand_int__" "$bench:stock" "$bench:bal" "$bench:outbox" "$bench:epoch" \
-    "$bench:risk:1" "$bench:kspend:ak_bench" "$bench:addrs:1" "$bench:rate:w:1" "$bench:sold" "$bench:nonce:__rand_int__" \
-    ord___rand_int__ s1 1 9800 "" 600 "$fields" 600 0 "$(date -u +%F)" "" "" "$(date +%s)" 127.0.0.1 \
-    "$(($(date +%s) / 60))" 10 60 "" 1 1 1000000000 cells | tail -1)
+  rb=$(reservation_benchmark "$reservation_sha" "$bench" -c "$c" -n "$rb_n" --csv | tail -1)
   # The command (first CSV column) holds quotes of its own: count columns from the end
   # (rps, avg, min, p50, p95, p99, max).
   python3 - "$rb" "$c" >>"$results" <<'PY'
