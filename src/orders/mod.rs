@@ -313,14 +313,20 @@ async fn place_inner(
                 pending,
                 fingerprint: seen,
                 order_id,
+                upstream,
             } => {
                 if seen != fingerprint {
                     return Err(ApiError::IdempotencyConflict);
                 }
                 // This attempt's own reservation, its answer lost and the script sent again
                 // (a cluster connection does so when a node fails over mid-call): the order
-                // is this request's, and its codes are read from Postgres once committed.
+                // is this request's, and its codes are read from Postgres once committed;
+                // one to be bought upstream has its purchase begun here, as it never was.
                 if pending && order_id == f.order_id {
+                    if upstream {
+                        drop(waiter);
+                        return crate::upstream::begin(app, &f).await;
+                    }
                     None
                 } else if pending {
                     return Err(ApiError::OrderInProgress);

@@ -105,6 +105,8 @@ pub enum Reserved {
         pending: bool,
         fingerprint: String,
         order_id: String,
+        /// The order went upstream: no outbox entry will commit it.
+        upstream: bool,
     },
     /// Nothing taken.
     Refused(Refusal),
@@ -331,6 +333,7 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reservation> {
             pending: text(it.next())? == "pending",
             fingerprint: text(it.next())?,
             order_id: text(it.next())?,
+            upstream: it.next().is_some_and(|v| v == b"1"),
         },
         b"upstream" => Reserved::Upstream {
             signals: text(it.next())?,
@@ -481,7 +484,8 @@ mod tests {
             plain(Reserved::Seen {
                 pending: false,
                 fingerprint: "s\n1".into(),
-                order_id: "ord_1".into()
+                order_id: "ord_1".into(),
+                upstream: false
             })
         );
         assert_eq!(

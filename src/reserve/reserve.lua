@@ -30,7 +30,9 @@
 --
 -- Answers, each with the write bucket second (as take() reports it, '' when nothing
 -- was taken):
---   {'dup', bucket, state, fingerprint, order id}  the merchant_order_no was seen before
+--   {'dup', bucket, state, fingerprint, order id, up}  the merchant_order_no was seen
+--                                                  before; up '1' when that order went
+--                                                  upstream
 --   {'refused', bucket, code}                      nothing taken ('rebuilding': no epoch)
 --   {'ok', bucket, signals, element...}            reserved; signals name the risk rules
 --                                                  that fired ('a' new address, 'v'
@@ -64,9 +66,9 @@ if not epoch then
 end
 -- The idempotency check comes next, so a replay is answered as the original even
 -- when the product has gone off sale or the price has moved since.
-local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'order')
+local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'order', 'up')
 if rec[1] then
-  return {'dup', bucket, rec[1], rec[2] or '', rec[3] or ''}
+  return {'dup', bucket, rec[1], rec[2] or '', rec[3] or '', rec[4] or ''}
 end
 if ARGV[5] ~= '' then
   return {'refused', bucket, ARGV[5]}
@@ -124,7 +126,13 @@ if not upstream then
   end
 end
 redis.call('DECRBY', KEYS[3], amount)
-redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1])
+-- An order to be bought upstream says so: this script sent again must begin its purchase,
+-- since nothing in the outbox will ever commit it.
+if upstream then
+  redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1], 'up', '1')
+else
+  redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 
 local signals = ''

@@ -1057,7 +1057,8 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
         Reserved::Seen {
             pending: true,
             fingerprint: fp.clone(),
-            order_id: f.order_id.clone()
+            order_id: f.order_id.clone(),
+            upstream: false
         }
     );
     let other = Fulfilment {
@@ -1083,4 +1084,39 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
     assert_eq!(app.balance_of(&k).await, 100_000 - GOLD);
     assert_eq!(app.stock_len(SKU).await, 1);
     app.assert_reconciled(&t).await;
+
+    // One to be bought upstream says so when sent again: the request must begin its
+    // purchase itself, since no outbox entry will commit it.
+    let up = Fulfilment {
+        order_id: cardgate::ids::order_id(),
+        merchant_order_no: "TWICE-UP".into(),
+        ..f.clone()
+    };
+    let nonce = keys.nonce(f.reseller, &k.key_id, "sent-twice-0000002");
+    let cmd = || {
+        reserve_cmd(
+            &keys,
+            &up,
+            &fp,
+            None,
+            3600,
+            Some(&nonce),
+            None,
+            &Guards::default(),
+            Sourcing::Only,
+            false,
+        )
+    };
+    let first = reserve(&mut r, &cmd()).await.unwrap();
+    assert!(matches!(first.reserved, Reserved::Upstream { .. }), "{first:?}");
+    let again = reserve(&mut r, &cmd()).await.unwrap();
+    assert_eq!(
+        again.reserved,
+        Reserved::Seen {
+            pending: true,
+            fingerprint: fp.clone(),
+            order_id: up.order_id.clone(),
+            upstream: true
+        }
+    );
 }
