@@ -60,19 +60,9 @@ nodes() {
 # CPU seconds, commands and the reservation script's calls and microseconds (JSON).
 snapshot() {
   python3 - "$gw_pid" $(nodes "$1") <<'PY'
-import json, os, subprocess, sys
-hz = os.sysconf("SC_CLK_TCK")
-def secs(p):
-    try:
-        f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / hz
-    except (OSError, IndexError, ValueError):
-        return 0.0
-def comm(p):
-    try:
-        return open(f"/proc/{p}/comm").read().strip()
-    except OSError:
-        return ""
+import json, subprocess, sys
+sys.path.insert(0, "loadtests")
+from procstat import postgres_secs, secs
 def info(port, section):
     out = subprocess.run(["redis-cli", "-p", port, "INFO", section], capture_output=True, text=True).stdout
     return dict(l.split(":", 1) for l in out.replace("\r", "").splitlines() if ":" in l and not l.startswith("#"))
@@ -88,8 +78,7 @@ for port in sys.argv[2:]:
     pid = info(port, "server").get("process_id", "0")
     nodes[port] = {"role": info(port, "replication").get("role", "?"), "cpu": secs(pid),
                    "commands": total, "script_calls": calls, "script_usec": usec}
-pg = sum(secs(p) for p in os.listdir("/proc") if p.isdigit() and comm(p) == "postgres")
-print(json.dumps({"gateway": secs(sys.argv[1]), "postgres": pg, "nodes": nodes}))
+print(json.dumps({"gateway": secs(sys.argv[1]), "postgres": postgres_secs(), "nodes": nodes}))
 PY
 }
 

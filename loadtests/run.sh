@@ -71,21 +71,10 @@ redis_pid=$(redis-cli -u "$CARDGATE_REDIS_URL" INFO server | sed -n 's/^process_
 # cpu: CPU seconds used so far by the gateway, Redis and every Postgres process (JSON).
 cpu() {
   python3 - "$gw_pid" "$redis_pid" <<'PY'
-import json, os, sys
-hz = os.sysconf("SC_CLK_TCK")
-def secs(p):
-    try:
-        f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / hz
-    except (OSError, IndexError, ValueError):
-        return 0.0
-def comm(p):
-    try:
-        return open(f"/proc/{p}/comm").read().strip()
-    except OSError:
-        return ""
-pg = sum(secs(p) for p in os.listdir("/proc") if p.isdigit() and comm(p) == "postgres")
-print(json.dumps({"gateway": secs(sys.argv[1]), "redis": secs(sys.argv[2]), "postgres": pg}))
+import json, sys
+sys.path.insert(0, "loadtests")
+from procstat import postgres_secs, secs
+print(json.dumps({"gateway": secs(sys.argv[1]), "redis": secs(sys.argv[2]), "postgres": postgres_secs()}))
 PY
 }
 scenario() { # scenario NAME ARGS...: one cardgate-load run, its line kept with CPU per request by process

@@ -21,8 +21,7 @@ trap 'redis-cli -u "$url" --scan --pattern "cost$$:*" | xargs -r -n 1000 redis-c
 reservation_fixture "$bench" $((n * 3))
 answer=$(redis-cli -u "$url" SCRIPT LOAD "return {'ok', '', ''}")
 pid=$(redis-cli -u "$url" INFO server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
-cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
-hz=$(getconf CLK_TCK)
+cpu() { python3 loadtests/procstat.py "$pid"; }
 # An append-only-file rewrite in the middle would be counted against one of the scripts.
 rewrite=$(redis-cli -u "$url" CONFIG GET auto-aof-rewrite-percentage | tail -1)
 redis-cli -u "$url" CONFIG SET auto-aof-rewrite-percentage 0 >/dev/null
@@ -32,7 +31,7 @@ for which in answer reserve answer reserve; do
   before=$(cpu)
   reservation_benchmark "$sha" "$bench" -c 4 -P 16 -n "$n" -q >/dev/null 2>&1
   after=$(cpu)
-  python3 -c "import sys; print(f'{sys.argv[1]}: {(int(sys.argv[3]) - int(sys.argv[2])) * 1e6 / int(sys.argv[4]) / int(sys.argv[5]):.1f} µs of Redis CPU per call')" \
-    "$which" "$before" "$after" "$hz" "$n"
+  python3 -c "import sys; print(f'{sys.argv[1]}: {(float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / int(sys.argv[4]):.1f} µs of Redis CPU per call')" \
+    "$which" "$before" "$after" "$n"
 done
 redis-cli -u "$url" CONFIG SET auto-aof-rewrite-percentage "$rewrite" >/dev/null
