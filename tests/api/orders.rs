@@ -1032,9 +1032,10 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
         created_at: Clock::System.now_unix_secs(),
         key_id: k.key_id.clone(),
     };
-    let nonce = keys.nonce(f.reseller, &k.key_id, "sent-twice-0000001");
     let fp = fingerprint(SKU, 1);
-    let cmd = |f: &Fulfilment| {
+    // A signed request's reservation, with its nonce.
+    let cmd = |f: &Fulfilment, nonce: &str, sourcing| {
+        let nonce = keys.nonce(f.reseller, &k.key_id, nonce);
         reserve_cmd(
             &keys,
             f,
@@ -1044,14 +1045,15 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
             Some(&nonce),
             None,
             &Guards::default(),
-            Sourcing::Local,
+            sourcing,
             false,
         )
     };
+    let nonce = "sent-twice-0000001";
     let mut r = app.redis().await;
-    let first = reserve(&mut r, &cmd(&f)).await.unwrap();
+    let first = reserve(&mut r, &cmd(&f, nonce, Sourcing::Local)).await.unwrap();
     assert!(matches!(first.reserved, Reserved::Ok { .. }), "{first:?}");
-    let again = reserve(&mut r, &cmd(&f)).await.unwrap();
+    let again = reserve(&mut r, &cmd(&f, nonce, Sourcing::Local)).await.unwrap();
     assert_eq!(
         again.reserved,
         Reserved::Seen {
@@ -1066,7 +1068,7 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
         merchant_order_no: "TWICE-2".into(),
         ..f.clone()
     };
-    let replay = reserve(&mut r, &cmd(&other)).await.unwrap();
+    let replay = reserve(&mut r, &cmd(&other, nonce, Sourcing::Local)).await.unwrap();
     assert_eq!(replay.reserved, Reserved::Refused(Refusal::NonceReused));
 
     // The gateway's writer commits the one reservation: one order, one code, one charge.
@@ -1092,24 +1094,10 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
         merchant_order_no: "TWICE-UP".into(),
         ..f.clone()
     };
-    let nonce = keys.nonce(f.reseller, &k.key_id, "sent-twice-0000002");
-    let cmd = || {
-        reserve_cmd(
-            &keys,
-            &up,
-            &fp,
-            None,
-            3600,
-            Some(&nonce),
-            None,
-            &Guards::default(),
-            Sourcing::Only,
-            false,
-        )
-    };
-    let first = reserve(&mut r, &cmd()).await.unwrap();
+    let nonce = "sent-twice-0000002";
+    let first = reserve(&mut r, &cmd(&up, nonce, Sourcing::Only)).await.unwrap();
     assert!(matches!(first.reserved, Reserved::Upstream { .. }), "{first:?}");
-    let again = reserve(&mut r, &cmd()).await.unwrap();
+    let again = reserve(&mut r, &cmd(&up, nonce, Sourcing::Only)).await.unwrap();
     assert_eq!(
         again.reserved,
         Reserved::Seen {
