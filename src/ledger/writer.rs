@@ -368,7 +368,9 @@ async fn process(app: &App, c: &Redis, entries: &[Entry]) {
 }
 
 /// Redis's part goes over `c`, the writer's own connection: on the shared one it queued
-/// behind every reservation in flight, and the writer's next batch waited with it.
+/// behind every reservation in flight, and the writer's next batch waited with it. Only a
+/// settle retried while its slot moves runs apart, on the shared connection, which
+/// reconnects by itself over the retry's 30 s.
 async fn finish(app: &App, c: &Redis, entries: &[Entry], outcomes: &[Settled]) {
     let mut elsewhere = String::new();
     let mut wake = |order_id: &str, s: Settled| {
