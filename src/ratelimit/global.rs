@@ -1,7 +1,8 @@
 //! Tier rate limits held across every gateway together (docs/api.md §3 "Rate limits",
 //! §9): one GCRA bucket per reseller and class in Redis (`gcra.lua`), charged by the
 //! command that spends the request's nonce, so the limit costs no round trip of its own.
-//! A read's shared pipeline carries `admit.lua` in place of a bare `SET NX`; an order's
+//! The reads of one coalesced pipeline spend their nonces and take their tokens in one
+//! `admit.lua` call (one per hash slot on a Redis Cluster); an order's
 //! reservation script charges the write bucket itself (`reserve.lua`); a request with no
 //! Redis work of its own (a refusal, a batch before its orders run) runs `admit.lua`
 //! alone, the round trip its nonce needed anyway. The bucket's answer is authoritative,
@@ -105,7 +106,7 @@ fn outcome(limit: u32, remaining: u32, reset_us: u64, retry_us: u64) -> Outcome 
     }
 }
 
-/// What `admit.lua` answered.
+/// What `admit.lua` answered for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spent {
     /// False: the nonce was spent before (a replay).
@@ -127,39 +128,72 @@ fn parse_spent(reply: &[Vec<u8>]) -> Option<Spent> {
     Some(Spent { nonce_fresh, bucket })
 }
 
-/// `admit.lua`'s `EVALSHA`: spends `nonce_key` and takes `charge`'s tokens, if any.
-pub fn admit_cmd(keys: &Keys, nonce_key: &str, charge: Option<&Charge>) -> Cmd {
+/// One request's nonce to spend and tokens to take, with the keys named: what a
+/// coalesced pipeline carries for each of its reads.
+#[derive(Debug, Clone)]
+pub struct Admit {
+    nonce_key: String,
+    /// The bucket's key, the tokens to take and its quota.
+    bucket: Option<(String, u32, Quota)>,
+}
+
+impl Admit {
+    pub fn new(keys: &Keys, nonce_key: &str, charge: Option<&Charge>) -> Admit {
+        Admit {
+            nonce_key: nonce_key.to_string(),
+            bucket: charge.map(|c| (keys.rate(c.reseller, c.class), c.n, c.quota)),
+        }
+    }
+
+    /// The nonce's key, in its reseller's cell as the bucket is: requests whose nonces
+    /// share a hash tag may share one [`admit_cmd`] on a Redis Cluster.
+    pub fn nonce_key(&self) -> &str {
+        &self.nonce_key
+    }
+}
+
+/// `admit.lua`'s `EVALSHA`: spends each request's nonce and takes its tokens, in order.
+/// On a Redis Cluster the requests' keys must share one hash slot.
+pub fn admit_cmd(admits: &[&Admit]) -> Cmd {
+    let mut buckets: Vec<&str> = Vec::new();
+    let mut args: Vec<u64> = Vec::with_capacity(admits.len() * 4);
+    for a in admits {
+        match &a.bucket {
+            Some((key, n, quota)) => {
+                let at = match buckets.iter().position(|b| b == key) {
+                    Some(at) => at,
+                    None => {
+                        buckets.push(key);
+                        buckets.len() - 1
+                    }
+                };
+                args.extend([at as u64 + 1, u64::from(*n), quota.interval_us, u64::from(quota.burst)]);
+            }
+            None => args.extend([0, 0, 0, 0]),
+        }
+    }
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(ADMIT.get_hash());
-    match charge {
-        Some(c) => cmd
-            .arg(2)
-            .arg(nonce_key)
-            .arg(keys.rate(c.reseller, c.class))
-            .arg(NONCE_TTL_SECS)
-            .arg(c.n)
-            .arg(c.quota.interval_us)
-            .arg(c.quota.burst),
-        None => cmd.arg(1).arg(nonce_key).arg(NONCE_TTL_SECS),
-    };
+    cmd.arg(ADMIT.get_hash()).arg(admits.len() + buckets.len());
+    for a in admits {
+        cmd.arg(&a.nonce_key);
+    }
+    cmd.arg(&buckets).arg(NONCE_TTL_SECS).arg(admits.len()).arg(&args);
     cmd
 }
 
-/// Reads the reply of an [`admit_cmd`] sent in a pipeline.
-pub fn read_admit(reply: Value) -> Result<Spent, RedisError> {
+/// Reads the reply of an [`admit_cmd`] for `n` requests, one [`Spent`] each, in order.
+pub fn read_admit(reply: Value, n: usize) -> Result<Vec<Spent>, RedisError> {
     let reply: Vec<Vec<u8>> = redis::from_redis_value(reply)?;
-    parse_spent(&reply).ok_or_else(malformed)
+    if reply.len() != 2 * n {
+        return Err(malformed());
+    }
+    reply.chunks(2).map(|r| parse_spent(r).ok_or_else(malformed)).collect()
 }
 
-/// Runs an [`admit_cmd`] on its own round trip.
-pub async fn admit<C: ConnectionLike>(
-    conn: &mut C,
-    keys: &Keys,
-    nonce_key: &str,
-    charge: Option<&Charge>,
-) -> Result<Spent, RedisError> {
-    let reply: Vec<Vec<u8>> = crate::store::redis::evalsha(conn, &ADMIT, &admit_cmd(keys, nonce_key, charge)).await?;
-    parse_spent(&reply).ok_or_else(malformed)
+/// Runs an [`admit_cmd`] for one request on its own round trip.
+pub async fn admit<C: ConnectionLike>(conn: &mut C, admit: &Admit) -> Result<Spent, RedisError> {
+    let reply: Value = crate::store::redis::evalsha(conn, &ADMIT, &admit_cmd(&[admit])).await?;
+    read_admit(reply, 1)?.pop().ok_or_else(malformed)
 }
 
 /// Loads `admit.lua`, for a pipeline Redis refused with `NOSCRIPT` (a restarted Redis

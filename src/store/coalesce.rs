@@ -1,11 +1,14 @@
 //! Signed reads' Redis commands, coalesced: the requests that arrive while earlier
 //! pipelines are out share the next one, as orders share a ledger commit. Each read
 //! still gets its own nonce spent and its own live figures; under load many go in one
-//! write to Redis and one reply, instead of one round trip each.
+//! write to Redis and one reply, instead of one round trip each, and their nonces and
+//! tokens in one script call (one per hash slot on a Redis Cluster), instead of one each.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::ratelimit::global::{self, Admit, Spent};
+use crate::store::keys::hash_tag;
 use crate::store::redis::Redis;
 use redis::{ErrorKind, Pipeline, RedisError, Value};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -21,11 +24,16 @@ struct Job {
     /// Reads whose replies are the same for every request in one pipeline (a product's
     /// pool counts): the same `Arc` asked by many requests is sent once per pipeline.
     shared: Vec<Arc<Pipeline>>,
-    reply: oneshot::Sender<Result<Replies, RedisError>>,
+    /// The request's nonce to spend and tokens to take, if it has not spent them.
+    admit: Option<Admit>,
+    reply: oneshot::Sender<Result<Replied, RedisError>>,
 }
 
 /// The replies to a request's own commands, then to each of its shared reads' commands.
 pub type Replies = (Vec<Value>, Vec<Value>);
+
+/// A request's replies, and what spending its nonce said (when it asked).
+pub type Replied = (Replies, Option<Spent>);
 
 #[derive(Clone)]
 pub struct Coalescer {
@@ -40,13 +48,26 @@ impl Coalescer {
         Coalescer { jobs }
     }
 
-    /// Runs `pipe`'s commands, in order, and `shared`'s, in a pipeline shared with other
-    /// requests and returns their replies. A command Redis refuses fails this request
-    /// only, with Redis's error as it is (a `NOSCRIPT` can be told apart and acted on).
-    pub async fn query(&self, pipe: Arc<Pipeline>, shared: Vec<Arc<Pipeline>>) -> Result<Replies, RedisError> {
+    /// Runs `pipe`'s commands, in order, `shared`'s and `admit`, in a pipeline shared
+    /// with other requests and returns their replies. A command Redis refuses fails this
+    /// request only (the script that spends nonces, the requests it spends them for),
+    /// with Redis's error as it is (a `NOSCRIPT` can be told apart and acted on).
+    pub async fn query(
+        &self,
+        pipe: Arc<Pipeline>,
+        shared: Vec<Arc<Pipeline>>,
+        admit: Option<Admit>,
+    ) -> Result<Replied, RedisError> {
         let (reply, answer) = oneshot::channel();
         let gone = || RedisError::from((ErrorKind::Client, "the Redis coalescer has stopped"));
-        self.jobs.send(Job { pipe, shared, reply }).map_err(|_| gone())?;
+        self.jobs
+            .send(Job {
+                pipe,
+                shared,
+                admit,
+                reply,
+            })
+            .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 }
@@ -106,6 +127,29 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
                 .collect()
         })
         .collect();
+    // The nonces and tokens, in one script call per hash slot: on one Redis a script may
+    // name keys of every cell, on a cluster only of one slot. For each call, where its
+    // reply is and which jobs it spends for, in order.
+    let by_slot = matches!(redis, Redis::Cluster(_));
+    let mut admits: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if let Some(a) = &j.admit {
+            let tag = if by_slot { hash_tag(a.nonce_key()) } else { "" };
+            match admits.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, members)) => members.push(i),
+                None => admits.push((tag, vec![i])),
+            }
+        }
+    }
+    let admits: Vec<(usize, Vec<usize>)> = admits
+        .into_iter()
+        .map(|(_, members)| {
+            let batch: Vec<&Admit> = members.iter().filter_map(|&i| jobs[i].admit.as_ref()).collect();
+            let at = pipe.len();
+            pipe.add_command(global::admit_cmd(&batch));
+            (at, members)
+        })
+        .collect();
     match pipe.query_async::<Vec<Value>>(redis).await {
         Ok(values) if values.len() != pipe.len() => {
             for j in jobs {
@@ -116,9 +160,24 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
                 ))));
             }
         }
-        Ok(values) => {
+        Ok(mut values) => {
+            let mut spent: Vec<Option<Result<Spent, RedisError>>> = jobs.iter().map(|_| None).collect();
+            for (at, members) in admits {
+                match read_admit(std::mem::replace(&mut values[at], Value::Nil), members.len()) {
+                    Ok(each) => {
+                        for (i, s) in members.into_iter().zip(each) {
+                            spent[i] = Some(Ok(s));
+                        }
+                    }
+                    Err(e) => {
+                        for i in members {
+                            spent[i] = Some(Err(e.clone()));
+                        }
+                    }
+                }
+            }
             let mut at = 0;
-            for (j, starts) in jobs.into_iter().zip(starts) {
+            for ((j, starts), spent) in jobs.into_iter().zip(starts).zip(spent) {
                 let mine = values[at..at + j.pipe.len()].to_vec();
                 at += j.pipe.len();
                 let shared = j
@@ -127,7 +186,9 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
                     .zip(starts)
                     .flat_map(|(s, from)| values[from..from + s.len()].iter().cloned())
                     .collect();
-                let _ = j.reply.send(own(mine).and_then(|m| Ok((m, own(shared)?))));
+                let _ = j
+                    .reply
+                    .send(own(mine).and_then(|m| Ok(((m, own(shared)?), spent.transpose()?))));
             }
         }
         Err(e) => {
@@ -135,6 +196,14 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
                 let _ = j.reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+/// One admit call's reply: what it said for each of its `n` requests, or Redis's refusal.
+fn read_admit(reply: Value, n: usize) -> Result<Vec<Spent>, RedisError> {
+    match reply {
+        Value::ServerError(e) => Err(RedisError::from(e)),
+        v => global::read_admit(v, n),
     }
 }
 

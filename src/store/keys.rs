@@ -180,6 +180,16 @@ impl Keys {
     }
 }
 
+/// The part of a key Redis Cluster hashes to find its slot: between the first `{` and the
+/// next `}` when something is there, else the whole key. Keys with one tag share a slot.
+pub fn hash_tag(key: &str) -> &str {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(tag, _)| tag)
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +219,10 @@ mod tests {
         assert_eq!(k.epoch(3), "cg:{c3}:epoch");
         assert_eq!(k.stock(3, 7), "cg:{c3}:stock:7");
         assert_eq!(k.signature_failures("ak", 1), "cg:{s0}:sigfail:ak:1");
+        // As Redis Cluster reads a slot: the first tag, a client's `{` after it is not one.
+        assert_eq!(hash_tag(&k.nonce(11, "ak", "{x}")), "c3");
+        assert_eq!(hash_tag(&k.rate(11, crate::ratelimit::Class::Reads)), "c3");
+        assert_eq!(hash_tag("a{}b{c}"), "a{}b{c}");
+        assert_eq!(hash_tag("plain"), "plain");
     }
 }

@@ -322,7 +322,9 @@ async fn the_shared_bucket_is_gcra_on_redis_time_and_is_forgotten_once_full() {
         nonce_key: &str,
     ) -> Spent {
         let charge = Charge::new(tiers, "t", Class::Reads, 1, n);
-        global::admit(conn, keys, nonce_key, charge.as_ref()).await.unwrap()
+        global::admit(conn, &global::Admit::new(keys, nonce_key, charge.as_ref()))
+            .await
+            .unwrap()
     }
     async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
         redis::cmd("PTTL").arg(key).query_async(conn).await.unwrap()
@@ -371,6 +373,92 @@ async fn the_shared_bucket_is_gcra_on_redis_time_and_is_forgotten_once_full() {
     match take(&mut conn, &keys, &tiers, 3, &fresh()).await.bucket {
         Some(Outcome::Allowed(h)) => assert_eq!(h.remaining, 0),
         other => panic!("a full bucket again: {other:?}"),
+    }
+}
+
+/// Many requests' nonces and tokens in one script call, as a coalesced pipeline of reads
+/// sends them: each request is decided in its turn, as if it had run alone, against the
+/// bucket as the ones before it left it, whoever's bucket it is.
+#[tokio::test]
+async fn one_admit_call_decides_each_request_in_turn() {
+    let client = redis::Client::open(env_url("CARDGATE_REDIS_URL").as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = Keys::with_cells(&format!("t{}", random_suffix()), 4);
+    let tiers = BTreeMap::from([(
+        "t".to_string(),
+        Tier {
+            priority: 1,
+            orders_per_second: 1,
+            orders_burst: 1,
+            reads_per_second: 1,
+            reads_burst: 3,
+            max_quantity: 1,
+            max_batch: 1,
+            upgrade_spend: None,
+        },
+    )]);
+    let admit = |reseller: i64, n: u32, nonce: &str| {
+        let charge = Charge::new(&tiers, "t", Class::Reads, reseller, n);
+        global::Admit::new(&keys, &keys.nonce(reseller, "ak", nonce), charge.as_ref())
+    };
+    let twice = nonce();
+    let batch = [
+        admit(1, 1, &nonce()),
+        admit(2, 2, &nonce()),
+        admit(1, 1, &twice),
+        // The same nonce again in the same call: a replay, and charged like any request.
+        admit(1, 1, &twice),
+        // More than is left: refused, nothing taken, so a smaller one after it fits.
+        admit(2, 3, &nonce()),
+        admit(2, 1, &nonce()),
+        global::Admit::new(&keys, &keys.nonce(3, "ak", &nonce()), None),
+        admit(1, 1, &nonce()),
+    ];
+    let refs: Vec<&global::Admit> = batch.iter().collect();
+    global::load(&mut conn).await.unwrap();
+    let reply: redis::Value = global::admit_cmd(&refs).query_async(&mut conn).await.unwrap();
+    let seen: Vec<(bool, Option<(bool, u32)>)> = global::read_admit(reply, batch.len())
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            let bucket = s
+                .bucket
+                .map(|o| (matches!(o, Outcome::Allowed(_)), o.headers().remaining));
+            (s.nonce_fresh, bucket)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (true, Some((true, 2))),
+            (true, Some((true, 1))),
+            (true, Some((true, 1))),
+            (false, Some((true, 0))),
+            (true, Some((false, 1))),
+            (true, Some((true, 0))),
+            (true, None),
+            (true, Some((false, 0))),
+        ]
+    );
+    // Every nonce is spent, the refused requests' too; each bucket is stored once, as the
+    // last request left it: empty, so a request on its own is refused.
+    for a in &batch {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(a.nonce_key())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(exists, 1, "{}", a.nonce_key());
+    }
+    for reseller in [1, 2] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(keys.rate(reseller, Class::Reads))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!((2000..=3000).contains(&ttl), "reseller {reseller}: {ttl}");
+        let alone = global::admit(&mut conn, &admit(reseller, 1, &nonce())).await.unwrap();
+        assert!(matches!(alone.bucket, Some(Outcome::Refused { .. })), "{alone:?}");
     }
 }
 

@@ -510,14 +510,15 @@ async fn a_refused_command_fails_only_its_own_request() {
             pipe.cmd("INCR").arg(format!("{p}:counter"));
         }
         let (c, counted) = (coalescer.clone(), counted.clone());
-        calls.push(async move { (i, c.query(std::sync::Arc::new(pipe), vec![counted]).await) });
+        calls.push(async move { (i, c.query(std::sync::Arc::new(pipe), vec![counted], None).await) });
     }
     let mut counts = Vec::new();
     for (i, r) in futures_util::future::join_all(calls).await {
         if i % 3 == 0 {
             assert!(r.is_err(), "request {i}: WRONGTYPE not reported");
         } else {
-            let (own, shared) = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            let ((own, shared), spent) = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(spent, None);
             assert_eq!((own.len(), shared.len()), (1, 1));
             assert_eq!(redis::from_redis_value::<i64>(shared[0].clone()).unwrap(), 2);
             counts.push(redis::from_redis_value::<i64>(own[0].clone()).unwrap());

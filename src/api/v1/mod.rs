@@ -18,7 +18,7 @@ use crate::auth::scopes::Scope;
 use crate::error::ApiError;
 use crate::http::{body, Body, Ctx};
 use crate::overload::Slot;
-use crate::ratelimit::global::{self, Charge, Tokens};
+use crate::ratelimit::global::{self, Admit, Charge, Tokens};
 use crate::ratelimit::{Class, Headers, Outcome};
 
 /// A signed request past authentication (and, when its tokens are taken already, the
@@ -90,7 +90,12 @@ pub async fn begin(
         // refusal is the answer whether the bucket had the token or not.
         let _ = app.rate_limits.check(&r.tier, class, r.pk, 1);
         let tokens = Tokens::new(Charge::new(&app.config.tiers, &r.tier, class, r.pk, 1));
-        let e = match global::admit(&mut app.redis(), &app.keys, verified.nonce_key(), tokens.charge()).await {
+        let e = match global::admit(
+            &mut app.redis(),
+            &Admit::new(&app.keys, verified.nonce_key(), tokens.charge()),
+        )
+        .await
+        {
             Ok(spent) => {
                 tokens.record(spent.bucket);
                 if spent.nonce_fresh {
@@ -149,7 +154,11 @@ pub async fn begin(
 /// may, so nobody can burn another's nonces or tokens.
 async fn spend(app: &App, verified: &Verified, tokens: &Tokens) -> Result<(), ApiError> {
     let mut redis = app.redis();
-    let spent = global::admit(&mut redis, &app.keys, verified.nonce_key(), tokens.charge()).await?;
+    let spent = global::admit(
+        &mut redis,
+        &Admit::new(&app.keys, verified.nonce_key(), tokens.charge()),
+    )
+    .await?;
     tokens.settle(spent)
 }
 
@@ -158,30 +167,31 @@ impl Signed {
         &self.verified.caller
     }
 
-    /// Runs `pipe` with the nonce spent and the tokens taken at its end (`admit.lua`),
-    /// in one Redis round trip shared with the other reads of the moment, and returns the
-    /// replies of `pipe`'s own commands, or `nonce_reused`, or `rate_limited`. Reads have
-    /// no side effects, so where the nonce stands in the pipeline does not matter; it is
-    /// checked before anything is answered.
+    /// Runs `pipe` with the nonce spent and the tokens taken (`admit.lua`, one call for
+    /// the reads of the moment), in one Redis round trip shared with the other reads, and
+    /// returns the replies of `pipe`'s own commands, or `nonce_reused`, or `rate_limited`.
+    /// Reads have no side effects, so where the nonce stands in the pipeline does not
+    /// matter; it is checked before anything is answered.
     pub async fn query(
         &self,
         app: &App,
-        mut pipe: redis::Pipeline,
+        pipe: redis::Pipeline,
         shared: Vec<Arc<redis::Pipeline>>,
     ) -> Result<crate::store::coalesce::Replies, ApiError> {
-        let spend = self.nonce().take();
-        if let Some(s) = spend {
-            pipe.add_command(global::admit_cmd(&app.keys, s.nonce_key, s.charge));
-        }
+        let admit = self
+            .nonce()
+            .take()
+            .map(|s| Admit::new(&app.keys, s.nonce_key, s.charge));
         let pipe = Arc::new(pipe);
+        let ask = || app.coalescer.query(Arc::clone(&pipe), shared.clone(), admit.clone());
         let mut moving = crate::store::redis::SlotMoving::new(crate::store::redis::SLOT_MOVING_PATIENCE);
-        let (mut replies, shared) = loop {
-            let reply = match app.coalescer.query(Arc::clone(&pipe), shared.clone()).await {
+        let (replies, spent) = loop {
+            let reply = match ask().await {
                 // A restarted Redis has no scripts: the admit command alone was refused, so
                 // nothing was spent or taken, and the reads may simply be asked again.
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                     global::load(&mut app.redis()).await?;
-                    app.coalescer.query(Arc::clone(&pipe), shared.clone()).await
+                    ask().await
                 }
                 other => other,
             };
@@ -193,13 +203,10 @@ impl Signed {
                 other => break other?,
             }
         };
-        if spend.is_some() {
-            let admit = replies
-                .pop()
-                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("empty pipeline reply")))?;
-            self.tokens.settle(global::read_admit(admit)?)?;
+        if let Some(spent) = spent {
+            self.tokens.settle(spent)?;
         }
-        Ok((replies, shared))
+        Ok(replies)
     }
 
     /// The nonce and the tokens for a Redis script of the handler's to spend first thing,
