@@ -17,8 +17,10 @@ local function gcra_load(key, now)
   return math.max(tonumber(redis.call('GET', key)) or now, now)
 end
 
+-- Times are whole microseconds, so '%d' (a 64-bit integer here) writes them exactly, and
+-- is cheaper for Redis than '%.0f'; a plain tostring would write 1e+15.
 local function gcra_store(key, tat, now)
-  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+  redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
 end
 
 -- Takes n tokens from a bucket at tat, all or none, and stores nothing. interval is how
@@ -41,7 +43,7 @@ local function gcra_step(tat, now, n, interval, burst)
     retry = 0
   end
   local remaining = math.floor((tau - (after - now)) / interval)
-  return after, string.format('%d %d %.0f %.0f', burst, remaining, after - now, retry), retry > 0
+  return after, string.format('%d %d %d %d', burst, remaining, after - now, retry), retry > 0
 end
 
 -- take(key, n, interval, burst): gcra_step on the bucket stored at key, stored back when
