@@ -291,6 +291,23 @@ async fn metric_with(app: &TestApp, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// One tier, "t", whose reads come `per_second` a second, `burst` at once.
+fn reads_tier(per_second: u32, burst: u32) -> BTreeMap<String, Tier> {
+    BTreeMap::from([(
+        "t".to_string(),
+        Tier {
+            priority: 1,
+            orders_per_second: 1,
+            orders_burst: 1,
+            reads_per_second: per_second,
+            reads_burst: burst,
+            max_quantity: 1,
+            max_batch: 1,
+            upgrade_spend: None,
+        },
+    )])
+}
+
 /// The bucket itself, straight against Redis: exact GCRA on Redis's clock, all or none,
 /// and gone once it is full again.
 #[tokio::test]
@@ -299,19 +316,7 @@ async fn the_shared_bucket_is_gcra_on_redis_time_and_is_forgotten_once_full() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys = Keys::new(&format!("t{}", random_suffix()));
     // Two a second (a token every 500 ms), three at once.
-    let tiers = BTreeMap::from([(
-        "t".to_string(),
-        Tier {
-            priority: 1,
-            orders_per_second: 1,
-            orders_burst: 1,
-            reads_per_second: 2,
-            reads_burst: 3,
-            max_quantity: 1,
-            max_batch: 1,
-            upgrade_spend: None,
-        },
-    )]);
+    let tiers = reads_tier(2, 3);
     let bucket = keys.rate(1, Class::Reads);
     let fresh = || keys.nonce(1, "ak_test", &nonce());
     async fn take(
@@ -384,19 +389,7 @@ async fn one_admit_call_decides_each_request_in_turn() {
     let client = redis::Client::open(env_url("CARDGATE_REDIS_URL").as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys = Keys::with_cells(&format!("t{}", random_suffix()), 4);
-    let tiers = BTreeMap::from([(
-        "t".to_string(),
-        Tier {
-            priority: 1,
-            orders_per_second: 1,
-            orders_burst: 1,
-            reads_per_second: 1,
-            reads_burst: 3,
-            max_quantity: 1,
-            max_batch: 1,
-            upgrade_spend: None,
-        },
-    )]);
+    let tiers = reads_tier(1, 3);
     let admit = |reseller: i64, n: u32, nonce: &str| {
         let charge = Charge::new(&tiers, "t", Class::Reads, reseller, n);
         global::Admit::new(&keys, &keys.nonce(reseller, "ak", nonce), charge.as_ref())
