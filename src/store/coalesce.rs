@@ -29,8 +29,9 @@ struct Job {
     reply: oneshot::Sender<Result<Replied, RedisError>>,
 }
 
-/// The replies to a request's own commands, then to each of its shared reads' commands.
-pub type Replies = (Vec<Value>, Vec<Value>);
+/// The replies to a request's own commands, then to each of its shared reads' commands
+/// (one slice per shared read, itself shared by the requests that asked it).
+pub type Replies = (Vec<Value>, Vec<Arc<[Value]>>);
 
 /// A request's replies, and what spending its nonce said (when it asked).
 pub type Replied = (Replies, Option<Spent>);
@@ -107,21 +108,22 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
         }
     }
     // Each shared read once, however many requests ask it: its figure is as live as a
-    // request's own round trip would read it. For each job, where each of its shared
-    // reads' replies start.
+    // request's own round trip would read it. Where each distinct read's replies start,
+    // and for each job which of them it asked.
     let mut sent: HashMap<usize, usize> = HashMap::new();
-    let starts: Vec<Vec<usize>> = jobs
+    let mut reads: Vec<(usize, usize)> = Vec::new();
+    let asked: Vec<Vec<usize>> = jobs
         .iter()
         .map(|j| {
             j.shared
                 .iter()
                 .map(|s| {
                     *sent.entry(Arc::as_ptr(s) as usize).or_insert_with(|| {
-                        let at = pipe.len();
+                        reads.push((pipe.len(), s.len()));
                         for c in s.cmd_iter() {
                             pipe.add_command(c.clone());
                         }
-                        at
+                        reads.len() - 1
                     })
                 })
                 .collect()
@@ -176,19 +178,19 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
                     }
                 }
             }
+            // Each shared read's replies once, for every job that asked it.
+            let reads: Vec<Result<Arc<[Value]>, RedisError>> = reads
+                .into_iter()
+                .map(|(from, len)| own(values[from..from + len].to_vec()).map(Arc::from))
+                .collect();
             let mut at = 0;
-            for ((j, starts), spent) in jobs.into_iter().zip(starts).zip(spent) {
+            for ((j, asked), spent) in jobs.into_iter().zip(asked).zip(spent) {
                 let mine = values[at..at + j.pipe.len()].to_vec();
                 at += j.pipe.len();
-                let shared = j
-                    .shared
-                    .iter()
-                    .zip(starts)
-                    .flat_map(|(s, from)| values[from..from + s.len()].iter().cloned())
-                    .collect();
+                let shared = asked.iter().map(|&r| reads[r].clone()).collect::<Result<Vec<_>, _>>();
                 let _ = j
                     .reply
-                    .send(own(mine).and_then(|m| Ok(((m, own(shared)?), spent.transpose()?))));
+                    .send(own(mine).and_then(|m| Ok(((m, shared?), spent.transpose()?))));
             }
         }
         Err(e) => {

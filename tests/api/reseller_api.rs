@@ -519,8 +519,8 @@ async fn a_refused_command_fails_only_its_own_request() {
         } else {
             let ((own, shared), spent) = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(spent, None);
-            assert_eq!((own.len(), shared.len()), (1, 1));
-            assert_eq!(redis::from_redis_value::<i64>(shared[0].clone()).unwrap(), 2);
+            assert_eq!((own.len(), shared.len(), shared[0].len()), (1, 1, 1));
+            assert_eq!(redis::from_redis_value::<i64>(shared[0][0].clone()).unwrap(), 2);
             counts.push(redis::from_redis_value::<i64>(own[0].clone()).unwrap());
         }
     }

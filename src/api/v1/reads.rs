@@ -37,20 +37,21 @@ fn view<'a>(app: &'a App, p: &'a Product, tier: &str, available: i64) -> Product
     }
 }
 
-fn ints(replies: Vec<redis::Value>) -> Result<Vec<i64>, ApiError> {
-    replies
-        .into_iter()
-        .map(|v| redis::from_redis_value(v).map_err(ApiError::internal))
-        .collect()
-}
-
 /// Live stock counts, in the same Redis round trip as the nonce.
 async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i64>, ApiError> {
     // Every cell's pool counts: an order brings stock over from the others.
-    let cells = app.keys.cells() as usize;
     let counts = products.iter().map(|p| app.pool_counts.of(&app.keys, p.id)).collect();
     let (_, lens) = s.query(app, redis::pipe(), counts).await?;
-    Ok(ints(lens)?.chunks(cells).map(|c| c.iter().sum()).collect())
+    lens.iter()
+        .map(|cells| {
+            cells.iter().try_fold(0i64, |sum, v| match v {
+                redis::Value::Int(n) => Ok(sum + n),
+                other => Err(ApiError::internal(anyhow::anyhow!(
+                    "a pool count that is not a number: {other:?}"
+                ))),
+            })
+        })
+        .collect()
 }
 
 pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
