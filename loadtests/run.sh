@@ -17,6 +17,8 @@
 #                    rate, stock running out half way; then `cardgate reconcile` and
 #                    delivered codes vs stock
 #   tier-mix         four tiers in equal shares at twice the sustained rate
+#   signed-reads-catalogue  signed reads again, once a hundred more products (without
+#                    stock) are on sale: each product's live count is one LLEN per cell
 # Baselines:
 #   baseline-redis-script  redis-benchmark calling the reservation script (EVALSHA),
 #                          random order numbers, at the same connection counts
@@ -137,6 +139,9 @@ open(sys.argv[1], "w").write("".join(json.dumps(l) + "\n" for l in lines))
 PY
 sleep 2
 curl -fs "$base/metrics" | python3 loadtests/gateway-metrics.py >>"$results"
+# Last, since the mover then has a hundred more products to look after.
+for i in $(seq 1 100); do product "catalogue-$i" >/dev/null; done
+scenario signed-reads-catalogue --target products --keys "$work/diamond" --connections 64 --seconds "$secs"
 
 # Baselines, after the gateway's runs: they write to the same stores behind its back.
 note "baseline-redis-script"
