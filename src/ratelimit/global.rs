@@ -8,7 +8,7 @@
 //! alone, the round trip its nonce needed anyway. The bucket's answer is authoritative,
 //! and the `RateLimit-*` headers are read from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{LazyLock, OnceLock};
 
 use redis::aio::ConnectionLike;
@@ -155,19 +155,18 @@ impl Admit {
 /// `admit.lua`'s `EVALSHA`: spends each request's nonce and takes its tokens, in order.
 /// On a Redis Cluster the requests' keys must share one hash slot.
 pub fn admit_cmd(admits: &[&Admit]) -> Cmd {
+    // Each bucket once, in the order first asked; a pipeline may hold hundreds of reads.
     let mut buckets: Vec<&str> = Vec::new();
+    let mut places: HashMap<&str, usize> = HashMap::new();
     let mut args: Vec<u64> = Vec::with_capacity(admits.len() * 4);
     for a in admits {
         match &a.bucket {
             Some((key, n, quota)) => {
-                let at = match buckets.iter().position(|b| b == key) {
-                    Some(at) => at,
-                    None => {
-                        buckets.push(key);
-                        buckets.len() - 1
-                    }
-                };
-                args.extend([at as u64 + 1, u64::from(*n), quota.interval_us, u64::from(quota.burst)]);
+                let at = *places.entry(key).or_insert_with(|| {
+                    buckets.push(key);
+                    buckets.len()
+                });
+                args.extend([at as u64, u64::from(*n), quota.interval_us, u64::from(quota.burst)]);
             }
             None => args.extend([0, 0, 0, 0]),
         }
