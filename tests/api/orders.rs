@@ -1049,20 +1049,30 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
             false,
         )
     };
+    // Sends it twice: the second run finds the first's reservation, pending, and whether it
+    // went upstream; returns what the first run answered.
+    let sent_twice = async |r: &mut redis::aio::MultiplexedConnection,
+                            f: &Fulfilment,
+                            nonce: &str,
+                            sourcing: Sourcing,
+                            upstream: bool| {
+        let first = reserve(r, &cmd(f, nonce, sourcing)).await.unwrap();
+        let again = reserve(r, &cmd(f, nonce, sourcing)).await.unwrap();
+        assert_eq!(
+            again.reserved,
+            Reserved::Seen {
+                pending: true,
+                fingerprint: fp.clone(),
+                order_id: f.order_id.clone(),
+                upstream
+            }
+        );
+        first.reserved
+    };
     let nonce = "sent-twice-0000001";
     let mut r = app.redis().await;
-    let first = reserve(&mut r, &cmd(&f, nonce, Sourcing::Local)).await.unwrap();
-    assert!(matches!(first.reserved, Reserved::Ok { .. }), "{first:?}");
-    let again = reserve(&mut r, &cmd(&f, nonce, Sourcing::Local)).await.unwrap();
-    assert_eq!(
-        again.reserved,
-        Reserved::Seen {
-            pending: true,
-            fingerprint: fp.clone(),
-            order_id: f.order_id.clone(),
-            upstream: false
-        }
-    );
+    let first = sent_twice(&mut r, &f, nonce, Sourcing::Local, false).await;
+    assert!(matches!(first, Reserved::Ok { .. }), "{first:?}");
     let other = Fulfilment {
         order_id: cardgate::ids::order_id(),
         merchant_order_no: "TWICE-2".into(),
@@ -1094,17 +1104,6 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
         merchant_order_no: "TWICE-UP".into(),
         ..f.clone()
     };
-    let nonce = "sent-twice-0000002";
-    let first = reserve(&mut r, &cmd(&up, nonce, Sourcing::Only)).await.unwrap();
-    assert!(matches!(first.reserved, Reserved::Upstream { .. }), "{first:?}");
-    let again = reserve(&mut r, &cmd(&up, nonce, Sourcing::Only)).await.unwrap();
-    assert_eq!(
-        again.reserved,
-        Reserved::Seen {
-            pending: true,
-            fingerprint: fp.clone(),
-            order_id: up.order_id.clone(),
-            upstream: true
-        }
-    );
+    let first = sent_twice(&mut r, &up, "sent-twice-0000002", Sourcing::Only, true).await;
+    assert!(matches!(first, Reserved::Upstream { .. }), "{first:?}");
 }
