@@ -11,17 +11,24 @@ reservation_fixture() {
   redis-cli -u "$CARDGATE_REDIS_URL" MSET "$1:bal" 1000000000000000 "$1:epoch" 1 >/dev/null
 }
 
+# local_benchmark ARGS...: redis-benchmark against $CARDGATE_REDIS_URL's Redis, with
+# __rand_int__ drawn from a billion values.
+local_benchmark() {
+  local hostport=${CARDGATE_REDIS_URL#redis://}
+  hostport=${hostport%%/*}
+  redis-benchmark -h "${hostport%:*}" -p "${hostport#*:}" -r 1000000000 "$@"
+}
+
 # reservation_benchmark SHA PREFIX OPTION...: redis-benchmark with OPTIONs (connections,
 # requests, output) calling SHA with the reservation's 11 keys under PREFIX and its 22
 # arguments, random order numbers and nonces. The rules on by default run as the gateway
 # runs them (an address, the velocity rule; a write token taken, from a bucket too large
 # to refuse: one token a microsecond); no spend limit, local stock only.
 reservation_benchmark() {
-  local sha=$1 p=$2 hostport fields
+  local sha=$1 p=$2 fields
   shift 2
-  hostport=${CARDGATE_REDIS_URL#redis://}; hostport=${hostport%%/*}
   fields='{"order_id":"ord_bench","reseller":1,"merchant_order_no":"M","product":1,"sku":"s","quantity":1,"unit_price":9800,"amount":9800,"created_at":0,"key_id":"ak_bench"}'
-  redis-benchmark -h "${hostport%:*}" -p "${hostport#*:}" -r 1000000000 "$@" \
+  local_benchmark "$@" \
     EVALSHA "$sha" 11 "$p:idem:1:__rand_int__" "$p:stock" "$p:bal" "$p:outbox" "$p:epoch" \
     "$p:risk:1" "$p:kspend:ak_bench" "$p:addrs:1" "$p:rate:w:1" "$p:sold" "$p:nonce:__rand_int__" \
     ord___rand_int__ s1 1 9800 "" 600 "$fields" 600 0 "$(date -u +%F)" "" "" "$(date +%s)" 127.0.0.1 \

@@ -28,7 +28,6 @@ cpu() { python3 loadtests/procstat.py "$pid"; }
 rewrite=$(redis-cli -u "$url" CONFIG GET auto-aof-rewrite-percentage | tail -1)
 redis-cli -u "$url" CONFIG SET auto-aof-rewrite-percentage 0 >/dev/null
 admit_sha=$(redis-cli -u "$url" SCRIPT LOAD "$(cat src/ratelimit/gcra.lua src/ratelimit/admit.lua)")
-hostport=${url#redis://}; hostport=${hostport%%/*}
 admit=() admit_args=(600 8)
 for i in 1 2 3 4 5 6 7 8; do admit+=("$bench:nonce:__rand_int__:$i"); done
 for i in 1 2 3 4 5 6 7 8; do admit+=("$bench:rate:r:$i"); admit_args+=("$i" 1 1 1000000000); done
@@ -40,7 +39,7 @@ for which in answer reserve admit answer reserve admit; do
   case $which in
     answer) reservation_benchmark "$answer" "$bench" -c 4 -P 16 -n "$n" -q >/dev/null 2>&1 ;;
     reserve) reservation_benchmark "$reservation_sha" "$bench" -c 4 -P 16 -n "$n" -q >/dev/null 2>&1 ;;
-    admit) redis-benchmark -h "${hostport%:*}" -p "${hostport#*:}" -r 1000000000 -c 4 -P 16 -n $((n / 8)) -q \
+    admit) local_benchmark -c 4 -P 16 -n $((n / 8)) -q \
              EVALSHA "$admit_sha" 16 "${admit[@]}" "${admit_args[@]}" >/dev/null 2>&1 ;;
   esac
   after=$(cpu)
