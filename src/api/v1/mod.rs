@@ -90,12 +90,7 @@ pub async fn begin(
         // refusal is the answer whether the bucket had the token or not.
         let _ = app.rate_limits.check(&r.tier, class, r.pk, 1);
         let tokens = Tokens::new(Charge::new(&app.config.tiers, &r.tier, class, r.pk, 1));
-        let e = match global::admit(
-            &mut app.redis(),
-            &Admit::new(&app.keys, verified.nonce_key(), tokens.charge()),
-        )
-        .await
-        {
+        let e = match admit_alone(app, &verified, &tokens).await {
             Ok(spent) => {
                 tokens.record(spent.bucket);
                 if spent.nonce_fresh {
@@ -153,13 +148,16 @@ pub async fn begin(
 /// Spends the nonce and takes the tokens on their own round trip. Only a verified request
 /// may, so nobody can burn another's nonces or tokens.
 async fn spend(app: &App, verified: &Verified, tokens: &Tokens) -> Result<(), ApiError> {
-    let mut redis = app.redis();
-    let spent = global::admit(
-        &mut redis,
+    tokens.settle(admit_alone(app, verified, tokens).await?)
+}
+
+/// `admit.lua` for this one request, and what it answered.
+async fn admit_alone(app: &App, verified: &Verified, tokens: &Tokens) -> Result<global::Spent, redis::RedisError> {
+    global::admit(
+        &mut app.redis(),
         &Admit::new(&app.keys, verified.nonce_key(), tokens.charge()),
     )
-    .await?;
-    tokens.settle(spent)
+    .await
 }
 
 impl Signed {
