@@ -181,16 +181,14 @@ async fn send(redis: &mut Redis, jobs: Vec<Job>) {
             // Each shared read's replies once, for every job that asked it.
             let reads: Vec<Result<Arc<[Value]>, RedisError>> = reads
                 .into_iter()
-                .map(|(from, len)| own(values[from..from + len].to_vec()).map(Arc::from))
+                .map(|(from, len)| own(&values[from..from + len]).map(Arc::from))
                 .collect();
             let mut at = 0;
             for ((j, asked), spent) in jobs.into_iter().zip(asked).zip(spent) {
-                let mine = values[at..at + j.pipe.len()].to_vec();
+                let mine = own(&values[at..at + j.pipe.len()]).map(<[Value]>::to_vec);
                 at += j.pipe.len();
                 let shared = asked.iter().map(|&r| reads[r].clone()).collect::<Result<Vec<_>, _>>();
-                let _ = j
-                    .reply
-                    .send(own(mine).and_then(|m| Ok(((m, shared?), spent.transpose()?))));
+                let _ = j.reply.send(mine.and_then(|m| Ok(((m, shared?), spent.transpose()?))));
             }
         }
         Err(e) => {
@@ -210,7 +208,7 @@ fn read_admit(reply: Value, n: usize) -> Result<Vec<Spent>, RedisError> {
 }
 
 /// One request's replies, or its first refused command as an error.
-fn own(values: Vec<Value>) -> Result<Vec<Value>, RedisError> {
+fn own(values: &[Value]) -> Result<&[Value], RedisError> {
     match values.iter().find_map(|v| match v {
         Value::ServerError(e) => Some(e.clone()),
         _ => None,
