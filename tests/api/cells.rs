@@ -43,6 +43,25 @@ async fn pools(app: &TestApp, product: i64) -> Vec<i64> {
     out
 }
 
+/// `available` of the SKU as a reseller reads it, in the catalogue and on its own.
+async fn listed(app: &TestApp, k: &ResellerKey) -> (i64, i64) {
+    let mut out = [0; 2];
+    for (i, path) in ["/v1/products".to_string(), format!("/v1/products/{SKU}")]
+        .iter()
+        .enumerate()
+    {
+        let resp = app.signed(k, reqwest::Method::GET, path, None).await;
+        assert_eq!(resp.status(), 200);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        let p = match v["products"].as_array() {
+            Some(all) => all.iter().find(|p| p["sku"] == SKU).cloned().unwrap_or_default(),
+            None => v,
+        };
+        out[i] = p["available"].as_i64().unwrap_or(-1);
+    }
+    (out[0], out[1])
+}
+
 /// Buyers until every one of `cells` cells is the home of at least two.
 pub(crate) async fn buyers_in_every_cell(app: &TestApp, t: &str, cells: u32) -> Vec<Arc<ResellerKey>> {
     let mut per_cell = vec![0; cells as usize];
@@ -247,6 +266,7 @@ async fn the_mover_keeps_pools_in_proportion_to_sales() {
     mover::step(&state).await.unwrap();
     let p = pools(&app, product).await;
     assert_eq!(p.iter().sum::<i64>(), 370);
+    assert_eq!(listed(&app, &k).await, (370, 370), "every pool counted: {p:?}");
     for (cell, n) in p.iter().enumerate() {
         if cell != busy {
             assert!(p[busy] > 3 * n, "the selling cell holds the most: {p:?}");

@@ -368,6 +368,11 @@ async fn orders_replays_reads_a_rebuild_and_reconciliation_on_a_cluster() {
     assert_eq!(resp.status(), 200);
     let resp = app.signed(&k, Method::GET, &format!("/v1/products/{SKU}"), None).await;
     assert_eq!(resp.status(), 200);
+    let listed: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        listed["available"], 4,
+        "every cell's pool counted, one LLEN each: {listed}"
+    );
     let spent = 6 * crate::orders::GOLD;
     assert_eq!(app.balance_of(&k).await, 1_000_000 - spent);
 
