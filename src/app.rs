@@ -110,7 +110,6 @@ impl App {
         let probe = store::pg::Probe::new(&config)?;
         let upstream_slots = Arc::new(tokio::sync::Semaphore::new(config.upstream.max_in_flight));
         let supplier_health = crate::upstream::health::Suppliers::new(&config.upstream);
-        let pool_counts = crate::stock::mover::PoolCounts::new(store::redis::is_cluster(&config));
         let app = App {
             config,
             settings,
@@ -118,7 +117,7 @@ impl App {
             pg_orders,
             bulkheads,
             coalescer: Coalescer::start(redis.clone()),
-            pool_counts,
+            pool_counts: Default::default(),
             redis,
             keys,
             metrics,

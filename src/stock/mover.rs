@@ -246,49 +246,19 @@ fn pool_counts(keys: &Keys, product: i64) -> redis::Pipeline {
     pipe
 }
 
-/// Every cell's pool of a product summed by one script call, as the coalescer's shared
-/// read of a catalogue asks it on one Redis: one command per product instead of one
-/// `LLEN` per cell (an `LLEN` inside a script costs Redis under a microsecond; as a
-/// command of its own, read and answered, about one and a half). Sent as `EVAL`, so a
-/// Redis that lost its scripts cannot refuse it.
-const SUM_POOLS: &str = "local n = 0 for i = 1, #KEYS do n = n + redis.call('LLEN', KEYS[i]) end return n";
-
-fn pool_sum(keys: &Keys, product: i64) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    let cmd = pipe.cmd("EVAL").arg(SUM_POOLS).arg(keys.cells());
-    for cell in keys.all_cells() {
-        cmd.arg(keys.stock(cell, product));
-    }
-    pipe
-}
-
-/// Each product's stock count as one shared read of the signed reads' coalescer, built
-/// once: the requests asking a product's count hand it the same `Arc`, which goes once
-/// into each pipeline. A product's keys never change, so nothing expires. The replies are
-/// numbers to be summed: one, or one per cell on a Redis Cluster, where a script may name
-/// keys of one hash slot only.
-pub struct PoolCounts {
-    one_call: bool,
-    memo: std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<redis::Pipeline>>>,
-}
+/// Each product's [`pool_counts`] as one shared read of the signed reads' coalescer,
+/// built once: the requests asking a product's counts hand it the same `Arc`, which goes
+/// once into each pipeline. A product's keys never change, so nothing expires.
+#[derive(Default)]
+pub struct PoolCounts(std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<redis::Pipeline>>>);
 
 impl PoolCounts {
-    pub fn new(cluster: bool) -> Self {
-        PoolCounts {
-            one_call: !cluster,
-            memo: Default::default(),
-        }
-    }
-
     pub fn of(&self, keys: &Keys, product: i64) -> std::sync::Arc<redis::Pipeline> {
-        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
-        std::sync::Arc::clone(memo.entry(product).or_insert_with(|| {
-            std::sync::Arc::new(if self.one_call {
-                pool_sum(keys, product)
-            } else {
-                pool_counts(keys, product)
-            })
-        }))
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::sync::Arc::clone(
+            memo.entry(product)
+                .or_insert_with(|| std::sync::Arc::new(pool_counts(keys, product))),
+        )
     }
 }
 
