@@ -45,21 +45,18 @@ async fn pools(app: &TestApp, product: i64) -> Vec<i64> {
 
 /// `available` of the SKU as a reseller reads it, in the catalogue and on its own.
 async fn listed(app: &TestApp, k: &ResellerKey) -> (i64, i64) {
-    let mut out = [0; 2];
-    for (i, path) in ["/v1/products".to_string(), format!("/v1/products/{SKU}")]
-        .iter()
-        .enumerate()
-    {
+    let read = async |path: &str| -> serde_json::Value {
         let resp = app.signed(k, reqwest::Method::GET, path, None).await;
         assert_eq!(resp.status(), 200);
-        let v: serde_json::Value = resp.json().await.unwrap();
-        let p = match v["products"].as_array() {
-            Some(all) => all.iter().find(|p| p["sku"] == SKU).cloned().unwrap_or_default(),
-            None => v,
-        };
-        out[i] = p["available"].as_i64().unwrap_or(-1);
-    }
-    (out[0], out[1])
+        resp.json().await.unwrap()
+    };
+    let catalogue = read("/v1/products").await;
+    let in_catalogue = catalogue["products"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["sku"] == SKU))
+        .and_then(|p| p["available"].as_i64());
+    let alone = read(&format!("/v1/products/{SKU}")).await["available"].as_i64();
+    (in_catalogue.unwrap_or(-1), alone.unwrap_or(-1))
 }
 
 /// Buyers until every one of `cells` cells is the home of at least two.
