@@ -329,6 +329,12 @@ async fn place_inner(
                     }
                     None
                 } else if pending {
+                    // An order is answered once Postgres holds it, before its record is
+                    // settled (or, bought upstream, marked done): in that gap the first
+                    // request is done, and a replay gets the order as it is.
+                    if let Some(placed) = recorded(app, reseller, req, &fingerprint).await? {
+                        return Ok(placed);
+                    }
                     return Err(ApiError::OrderInProgress);
                 } else {
                     return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {

@@ -882,8 +882,7 @@ async fn mark_done(app: &App, f: &Fulfilment) {
         .invoke_async::<i64>(&mut redis)
         .await;
     if let Err(e) = r {
-        // A replay then finds the record pending and is told to retry until it expires or
-        // Redis is rebuilt; the order itself is in Postgres.
+        // A replay finds the record pending, then the order in Postgres, and answers it.
         tracing::warn!(error = %e, "idempotency record not marked done");
     }
 }

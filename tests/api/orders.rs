@@ -366,6 +366,37 @@ async fn retry_storm_makes_one_order_and_one_charge() {
     app.assert_reconciled(&t).await;
 }
 
+/// The answer goes out once the order is committed, before the writer settles its Redis
+/// record: a retry in that gap (the first answer lost on the way) is a replay of the
+/// order, not `order_in_progress`, for the first request is done.
+#[tokio::test]
+async fn a_retry_between_the_commit_and_the_settle_replays_the_order() {
+    let (app, t, _) = shop(3).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let (s, first, _) = app.order(&k, order_body(SKU, 1, "GAP-1")).await;
+    assert_eq!(s, 201, "{first}");
+    // The record as it is between the commit and the settle.
+    let record = app.keys().idempotency(app.reseller_pk(&k.reseller_id).await, "GAP-1");
+    let mut r = app.redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&record)
+        .arg("state")
+        .arg("pending")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+
+    let (s, again, replayed) = app.order(&k, order_body(SKU, 1, "GAP-1")).await;
+    assert_eq!((s, replayed), (200, true), "{again}");
+    assert_eq!(again["order_id"], first["order_id"]);
+    assert_eq!(codes_of(&again), codes_of(&first));
+    // Another quantity under the number is still a conflict, not a second order.
+    let resp = app.post_order(&k, order_body(SKU, 2, "GAP-1")).await;
+    assert_eq!(error_of(resp).await.1, "idempotency_conflict");
+    assert_eq!(app.balance_of(&k).await, 100_000 - GOLD);
+    assert_eq!(app.stock_len(SKU).await, 2);
+}
+
 /// Invariant 11: orders are the ledger's order entries, so Postgres keeps them like the
 /// ledger itself: never deleted or rewritten, their one change the refund, and the
 /// balance always the sum of the statement.
