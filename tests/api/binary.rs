@@ -11,9 +11,12 @@ use crate::helpers::*;
 
 const LINES: usize = 1_000_000;
 /// Each line is 100 bytes, so the body is about 100 MB: an import that buffered the body
-/// would add more than this to the process's peak memory. (The process's own baseline,
-/// largely Argon2id's 19 MiB working memory per login, is measured and set aside.)
-const IMPORT_PEAK_GROWTH_MAX_KB: u64 = 40 * 1024;
+/// would add at least that to the process's peak memory. A streaming one adds its batch
+/// and what the allocator keeps of the batches before it: 29 to 30 MB measured alone,
+/// 44 MB once while the whole suite ran beside it, so the bound sits between the two
+/// cases with room on each side. (The process's own baseline, largely Argon2id's 19 MiB
+/// working memory per login, is measured and set aside.)
+const IMPORT_PEAK_GROWTH_MAX_KB: u64 = 64 * 1024;
 
 fn peak_rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
