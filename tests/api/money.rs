@@ -200,6 +200,35 @@ async fn postgres_refuses_money_past_the_bound_whatever_writes_it() {
     assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION));
 }
 
+/// Postgres holds merchant_order_no to docs/api.md's shape itself, whatever writes it:
+/// 1 to 64 characters of A-Z a-z 0-9 _ . : -.
+#[tokio::test]
+async fn postgres_refuses_a_merchant_order_no_of_another_shape() {
+    let app = spawn_app().await;
+    let t = app.root_token().await;
+    app.create_product(&t, "p1").await;
+    let r = app.create_reseller(&t, "gold").await;
+    let pk = app.reseller_pk(r["reseller_id"].as_str().unwrap()).await;
+    let db = app.db().await;
+    let insert = "INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount, currency, created_at)
+                  SELECT 'ord_' || md5($2), $1, $2, id, sku, 1, 0, 0, 'CNY', now() FROM products WHERE sku = 'p1'";
+    let longest = format!("{}_.:-09az", "A".repeat(56));
+    for bad in ["", "a b", "a/b", "é", "a\n", &format!("{longest}Z")] {
+        let e = db.execute(insert, &[&pk, &bad]).await.expect_err(bad);
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+            "{bad:?}: {e}"
+        );
+    }
+    // The longest and every kind of character it may hold go in (and are rolled back).
+    db.batch_execute("BEGIN").await.unwrap();
+    for good in [longest.as_str(), "M", "M20261123-0001"] {
+        assert_eq!(db.execute(insert, &[&pk, &good]).await.unwrap(), 1, "{good}");
+    }
+    db.batch_execute("ROLLBACK").await.unwrap();
+}
+
 #[tokio::test]
 async fn an_order_whose_amount_would_pass_the_bound_is_refused_and_takes_nothing() {
     let app = spawn_app().await;
