@@ -650,6 +650,22 @@ impl TestApp {
         r
     }
 
+    /// Puts a committed order's idempotency record back to `pending`, as it is between
+    /// the order's commit and the settle (or, bought upstream, its record marked done).
+    pub async fn unsettle(&self, key: &ResellerKey, merchant_order_no: &str) {
+        let record = self
+            .keys()
+            .idempotency(self.reseller_pk(&key.reseller_id).await, merchant_order_no);
+        let mut r = self.redis().await;
+        let _: () = redis::cmd("HSET")
+            .arg(record)
+            .arg("state")
+            .arg("pending")
+            .query_async(&mut r)
+            .await
+            .unwrap();
+    }
+
     /// A reseller's numeric id (its home cell is a function of it).
     pub async fn reseller_pk(&self, reseller_id: &str) -> i64 {
         self.db()

@@ -375,16 +375,7 @@ async fn a_retry_between_the_commit_and_the_settle_replays_the_order() {
     let k = buyer(&app, &t, "gold", 100_000).await;
     let (s, first, _) = app.order(&k, order_body(SKU, 1, "GAP-1")).await;
     assert_eq!(s, 201, "{first}");
-    // The record as it is between the commit and the settle.
-    let record = app.keys().idempotency(app.reseller_pk(&k.reseller_id).await, "GAP-1");
-    let mut r = app.redis().await;
-    let _: () = redis::cmd("HSET")
-        .arg(&record)
-        .arg("state")
-        .arg("pending")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    app.unsettle(&k, "GAP-1").await;
 
     let (s, again, replayed) = app.order(&k, order_body(SKU, 1, "GAP-1")).await;
     assert_eq!((s, replayed), (200, true), "{again}");

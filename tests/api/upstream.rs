@@ -358,15 +358,7 @@ async fn an_order_local_stock_cannot_fill_is_bought_upstream_once_and_answered_2
     assert_eq!((status, replayed), (200, true));
     assert_eq!(codes_of(&again), codes);
     // So does one between the purchase's commit and its record marked done.
-    let pk = c.down.app.reseller_pk(&c.down.buyer.reseller_id).await;
-    let mut r = c.down.app.redis().await;
-    let _: () = redis::cmd("HSET")
-        .arg(c.down.app.keys().idempotency(pk, "M-UP-1"))
-        .arg("state")
-        .arg("pending")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    c.down.app.unsettle(&c.down.buyer, "M-UP-1").await;
     let (status, again, replayed) = c.down.app.order(&c.down.buyer, order_body(SKU, 2, "M-UP-1")).await;
     assert_eq!((status, replayed), (200, true), "{again}");
     assert_eq!(codes_of(&again), codes);
