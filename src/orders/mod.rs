@@ -328,20 +328,17 @@ async fn place_inner(
                         return crate::upstream::begin(app, &f).await;
                     }
                     None
-                } else if pending {
+                } else {
                     // An order is answered once Postgres holds it, before its record is
                     // settled (or, bought upstream, marked done): in that gap the first
                     // request is done, and a replay gets the order as it is.
-                    if let Some(placed) = recorded(app, reseller, req, &fingerprint).await? {
-                        return Ok(placed);
-                    }
-                    return Err(ApiError::OrderInProgress);
-                } else {
-                    return recorded(app, reseller, req, &fingerprint).await?.ok_or_else(|| {
-                        ApiError::internal(anyhow::anyhow!(
+                    return match recorded(app, reseller, req, &fingerprint).await? {
+                        Some(placed) => Ok(placed),
+                        None if pending => Err(ApiError::OrderInProgress),
+                        None => Err(ApiError::internal(anyhow::anyhow!(
                             "idempotency record names an order Postgres does not hold"
-                        ))
-                    });
+                        ))),
+                    };
                 }
             }
             Reserved::Refused(Refusal::NonceReused) => return Err(ApiError::NonceReused),
