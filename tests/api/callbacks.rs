@@ -156,9 +156,13 @@ fn fast_retries(env: &mut std::collections::HashMap<String, String>) {
     env.insert("CARDGATE_CALLBACKS__ALLOW_PRIVATE_TARGETS".into(), "true".into());
 }
 
-/// Fast retries, and callback delivery left to the test ([`deliver_due`]).
+/// Callback delivery left to the test ([`deliver_due`]), and retries due only when the
+/// test says the backoff has passed ([`backoff_passes`]): a backoff short enough to pass
+/// inside one `deliver_due` on a slow machine made it count a retry as a first attempt.
 fn stepped(env: &mut std::collections::HashMap<String, String>) {
     fast_retries(env);
+    env.insert("CARDGATE_CALLBACKS__BACKOFF_BASE_MS".into(), "600000".into());
+    env.insert("CARDGATE_CALLBACKS__BACKOFF_MAX_MS".into(), "600000".into());
     env.insert(MANUAL_BACKGROUND.into(), "1".into());
 }
 
