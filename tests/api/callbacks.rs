@@ -160,7 +160,13 @@ fn fast_retries(env: &mut std::collections::HashMap<String, String>) {
 /// test says the backoff has passed ([`backoff_passes`]): a backoff short enough to pass
 /// inside one `deliver_due` on a slow machine made it count a retry as a first attempt.
 fn stepped(env: &mut std::collections::HashMap<String, String>) {
-    fast_retries(env);
+    stepped_guarded(env);
+    env.insert("CARDGATE_CALLBACKS__ALLOW_PRIVATE_TARGETS".into(), "true".into());
+}
+
+/// [`stepped`], with targets on this machine refused as in production.
+fn stepped_guarded(env: &mut std::collections::HashMap<String, String>) {
+    fast_retries_guarded(env);
     env.insert("CARDGATE_CALLBACKS__BACKOFF_BASE_MS".into(), "600000".into());
     env.insert("CARDGATE_CALLBACKS__BACKOFF_MAX_MS".into(), "600000".into());
     env.insert(MANUAL_BACKGROUND.into(), "1".into());
@@ -748,11 +754,7 @@ async fn aim_directly(app: &TestApp, reseller_id: &str, url: &str) {
 /// with the reason and retried by the usual backoff; the receiver never hears a thing.
 #[tokio::test]
 async fn a_private_target_set_earlier_is_refused_at_each_delivery() {
-    let (app, t, _) = shop_with(1, |env| {
-        fast_retries_guarded(env);
-        env.insert(MANUAL_BACKGROUND.into(), "1".into());
-    })
-    .await;
+    let (app, t, _) = shop_with(1, stepped_guarded).await;
     let receiver = Receiver::start(&[], Reply::Status(200)).await;
     let port = receiver
         .url
