@@ -30,6 +30,9 @@
 #                          partial index on codes): what a user would otherwise run
 # Every gateway scenario also records CPU per request of the gateway, Redis, Postgres and
 # the generator (which signs every request before its clock starts).
+# latest.md ends with what each throughput goal allows a request to cost at this run's
+# /healthz cost, and, when loadtests/report/before.json holds an earlier run's
+# latest.json, that run's checks and CPU per request beside this one's.
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source=loadtests/reservation.sh
 . "$(dirname "${BASH_SOURCE[0]}")/reservation.sh"

@@ -151,7 +151,19 @@ pub fn write(results: &Path, out: &Path) -> Result<()> {
         out.join("latest.json"),
         serde_json::to_string_pretty(&json!({"checks": checks_json, "results": lines}))?,
     )?;
-    std::fs::write(out.join("latest.md"), markdown(&lines, &checks))?;
+    // A report kept from an earlier build, to read this one against.
+    let before: Option<Value> = std::fs::read_to_string(out.join("before.json"))
+        .ok()
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .context("before.json is not a report")?;
+    let mut md = markdown(&lines, &checks);
+    md.push_str(&budgets(&lines));
+    if let Some(before) = &before {
+        md.push_str(&compared(before, &lines, &checks));
+    }
+    md.push_str("\n![latency by percentile](latency.svg)\n");
+    std::fs::write(out.join("latest.md"), md)?;
     plot(&lines, &out.join("latency.svg"))?;
     print!("{}", table(&checks));
     Ok(())
@@ -270,7 +282,123 @@ fn markdown(lines: &[Value], checks: &[Check]) -> String {
     }) {
         s.push_str(&format!("- {l}\n"));
     }
-    s.push_str("\n![latency by percentile](latency.svg)\n");
+    s
+}
+
+/// CPU per request of every process in one scenario line, in the report's order.
+const PROCESSES: [&str; 4] = ["gateway", "redis", "postgres", "generator"];
+
+fn cpu(line: &Value) -> Option<[f64; 4]> {
+    let us = &line["cpu_us_per_request"];
+    us.as_object()?;
+    Some(PROCESSES.map(|k| num(us, &[k]).unwrap_or(0.0)))
+}
+
+/// What each throughput goal allows a request to cost. Both sides of a ratio run on the
+/// same cores, so a scenario reaches `goal` times `/healthz`'s rate only if a request of it
+/// costs at most `/healthz`'s CPU per request divided by `goal`, all processes together.
+fn budgets(lines: &[Value]) -> String {
+    let find = |name: &str| lines.iter().find(|l| l["scenario"] == name);
+    let Some(health) = find("healthz").and_then(cpu) else {
+        return String::new();
+    };
+    let health_total: f64 = health.iter().sum();
+    // The orders' figures are those of the connection count that answered most.
+    let orders = lines
+        .iter()
+        .filter(|l| l["scenario"].as_str().is_some_and(|n| n.starts_with("orders-steady")))
+        .max_by(|a, b| {
+            num(a, &["success_rate"])
+                .partial_cmp(&num(b, &["success_rate"]))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+    let mut s = format!(
+        "\n## What each goal allows a request to cost\n\n`/healthz` cost {health_total:.1} µs of CPU a request, all processes together, in this run. A scenario reaches a share of its rate on the same cores only if each of its requests costs at most that figure divided by the share.\n\n| goal | allowed µs a request | cost µs (gateway / Redis / Postgres / generator) | over by |\n|---|---|---|---|\n"
+    );
+    for (goal, share, line) in [
+        ("signed orders 0.20 of /healthz", 0.20, orders),
+        ("signed reads 0.60 of /healthz", 0.60, find("signed-reads")),
+    ] {
+        let Some(c) = line.and_then(cpu) else { continue };
+        let allowed = health_total / share;
+        let total: f64 = c.iter().sum();
+        s.push_str(&format!(
+            "| {goal} ({}) | {allowed:.0} | {total:.0} ({:.0} / {:.0} / {:.0} / {:.0}) | {:.2}x |\n",
+            line.and_then(|l| l["scenario"].as_str()).unwrap_or("?"),
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            total / allowed
+        ));
+    }
+    s
+}
+
+/// This run against `before`, a report kept from an earlier build: each check's figure,
+/// then CPU per request by process for every scenario both runs have.
+fn compared(before: &Value, lines: &[Value], checks: &[Check]) -> String {
+    let meta = before["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["scenario"] == "meta");
+    let mut s = format!(
+        "\n## Before and after\n\nBefore: the report of {}, commit {} (`before.json`). Each figure is a ratio or a cost within its own run; the machine's speed differs between runs.\n\n| check | before | now | target |\n|---|---|---|---|\n",
+        meta.and_then(|m| m["date"].as_str()).unwrap_or("?"),
+        meta.and_then(|m| m["commit"].as_str()).unwrap_or("?"),
+    );
+    let was = |what: &str| {
+        before["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["what"] == what)
+            .and_then(|c| c["figure"].as_str())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    for c in checks {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            c.what,
+            was(c.what),
+            c.figure,
+            c.target
+        ));
+    }
+    // A slower day raises every process's CPU per request alike; in units of that run's
+    // own `/healthz` request the two runs compare.
+    let health = |ls: &[Value]| {
+        ls.iter()
+            .find(|l| l["scenario"] == "healthz")
+            .and_then(cpu)
+            .map(|c| c.iter().sum::<f64>())
+    };
+    let then_lines = before["results"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let (h_then, h_now) = (health(then_lines), health(lines));
+    s.push_str("\nCPU per request, µs, before -> now, and the total in `/healthz` requests of the same run:\n\n| scenario | gateway | Redis | Postgres | generator | total | in `/healthz` requests |\n|---|---|---|---|---|---|---|\n");
+    for now in lines {
+        let Some(name) = now["scenario"].as_str() else { continue };
+        let then = then_lines.iter().find(|l| l["scenario"] == name);
+        let (Some(a), Some(b)) = (then.and_then(cpu), cpu(now)) else {
+            continue;
+        };
+        let cell = |x: f64, y: f64| format!("{x:.0} -> {y:.0}");
+        let (ta, tb) = (a.iter().sum::<f64>(), b.iter().sum::<f64>());
+        let units = match (h_then, h_now) {
+            (Some(x), Some(y)) => format!("{:.1} -> {:.1}", ta / x, tb / y),
+            _ => "-".into(),
+        };
+        s.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} | {units} |\n",
+            cell(a[0], b[0]),
+            cell(a[1], b[1]),
+            cell(a[2], b[2]),
+            cell(a[3], b[3]),
+            cell(ta, tb),
+        ));
+    }
     s
 }
 
