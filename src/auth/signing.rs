@@ -55,9 +55,10 @@ pub fn parse_header(value: &str) -> Option<AuthHeader<'_>> {
     let key_id = key_id.filter(|k| !k.is_empty() && k.len() <= 64)?;
     let timestamp = timestamp?;
     // Canonical decimal only: the server signs the number it parsed, so a leading zero
-    // would make the client's string to sign differ from the server's.
+    // would make the client's string to sign differ from the server's. Any such number is
+    // a time, however far off: milliseconds sent for seconds are outside the window, not a
+    // malformed header, and one past i64 is the farthest time there is.
     if timestamp.is_empty()
-        || timestamp.len() > 12
         || !timestamp.bytes().all(|b| b.is_ascii_digit())
         || (timestamp.len() > 1 && timestamp.starts_with('0'))
     {
@@ -68,7 +69,7 @@ pub fn parse_header(value: &str) -> Option<AuthHeader<'_>> {
     hex::decode_to_slice(signature?, &mut sig).ok()?;
     Some(AuthHeader {
         key_id,
-        timestamp: timestamp.parse().ok()?,
+        timestamp: timestamp.parse().unwrap_or(i64::MAX),
         nonce,
         signature: sig,
     })
@@ -248,6 +249,21 @@ mod tests {
             assert!(parse_header(&bad).is_none(), "{bad}");
         }
         assert!(parse_header(&format!("CG1-HMAC-SHA256 {good}")).is_some());
+    }
+
+    #[test]
+    fn a_timestamp_of_any_length_is_a_time() {
+        let sig = "ab".repeat(32);
+        let with = |t: &str| {
+            parse_header(&format!(
+                "CG1-HMAC-SHA256 key_id=\"k\",timestamp=\"{t}\",nonce=\"abcdefghijklmnop\",signature=\"{sig}\""
+            ))
+            .map(|h| h.timestamp)
+        };
+        assert_eq!(with("1764570000000"), Some(1_764_570_000_000), "milliseconds");
+        assert_eq!(with("9223372036854775807"), Some(i64::MAX));
+        assert_eq!(with(&"9".repeat(40)), Some(i64::MAX), "past i64: the farthest time");
+        assert_eq!(with("0"), Some(0));
     }
 
     #[test]

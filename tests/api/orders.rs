@@ -760,6 +760,11 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
     assert_eq!(resp.status(), 400);
     assert_eq!(resp.headers()["ratelimit-limit"], "40");
     assert_eq!(resp.headers()["ratelimit-remaining"], "39");
+    // So is one that names a number twice, whatever its size.
+    let twice = batch((0..10).map(|i| order_body(SKU, 1, &format!("W-{}", i % 9))).collect());
+    let resp = app.signed(&fresh, Method::POST, "/v1/orders/batch", Some(&twice)).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["ratelimit-remaining"], "38");
 
     // The standard tier's write burst is 40: a batch that needs more tokens than are
     // left is refused whole (a fresh reseller, so no earlier call spent any).

@@ -138,6 +138,11 @@ async fn the_timestamp_window_is_judged_by_the_gateways_clock() {
         refused(error_of(signed_at(gateway_time).await).await),
         "the gateway's earlier time is an hour old now"
     );
+    // Milliseconds sent for seconds, the usual slip: a time far ahead, named as such.
+    assert!(
+        refused(error_of(signed_at(clock.now_unix_ms()).await).await),
+        "milliseconds are a time outside the window, not a malformed header"
+    );
 }
 
 proptest! {

@@ -47,15 +47,30 @@ fn batch_cap(app: &App, tier: &str) -> usize {
         .map_or(0, |t| (t.max_batch as usize).min(BATCH_MAX))
 }
 
+/// A merchant_order_no named by two items of a batch. Over every item that names one,
+/// valid or not: a malformed copy of a number is still a duplicate, and the batch is
+/// refused whole.
+fn twice(items: &[Value]) -> Option<&str> {
+    let mut seen = HashSet::new();
+    items
+        .iter()
+        .filter_map(|i| i.get("merchant_order_no")?.as_str())
+        .find(|mon| !seen.insert(*mon))
+}
+
 pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     // One write token per order. The count is read from the body before it is checked;
-    // a body that is not a batch the caller's tier may send costs one token and is
-    // refused below, not charged for orders that will never run.
+    // a body that is not a batch the caller's tier may send (no orders, too many, a
+    // number twice) costs one token and is refused below, not charged for orders that
+    // will never run.
     let count = |b: &[u8], tier: &str| {
         serde_json::from_slice::<Value>(b)
             .ok()
-            .and_then(|v| v.get("orders").and_then(Value::as_array).map(|a| a.len()))
-            .filter(|n| (1..=batch_cap(app, tier)).contains(n))
+            .and_then(|v| {
+                let items = v.get("orders")?.as_array()?;
+                let runs = (1..=batch_cap(app, tier)).contains(&items.len()) && twice(items).is_none();
+                runs.then_some(items.len())
+            })
             .unwrap_or(1) as u32
     };
     let s = signed!(app, ctx, req, Scope::OrdersWrite, count);
@@ -73,15 +88,10 @@ pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
             .and_then(Value::as_array)
             .filter(|a| (1..=cap).contains(&a.len()))
             .ok_or_else(|| ApiError::invalid(format!("orders: an array of 1 to {cap} orders")))?;
-        // Over every item that names one, valid or not: a malformed copy of a number is
-        // still a duplicate, and the batch is refused whole.
-        let mut seen = HashSet::new();
-        for mon in items.iter().filter_map(|i| i.get("merchant_order_no")?.as_str()) {
-            if !seen.insert(mon) {
-                return Err(ApiError::invalid(format!(
-                    "orders: merchant_order_no {mon} appears twice; nothing was processed"
-                )));
-            }
+        if let Some(mon) = twice(items) {
+            return Err(ApiError::invalid(format!(
+                "orders: merchant_order_no {mon} appears twice; nothing was processed"
+            )));
         }
         let parsed: Vec<Result<OrderRequest, ApiError>> = items.iter().map(OrderRequest::parse).collect();
         // Concurrently, so the whole batch shares the ledger writer's commits.
