@@ -2,9 +2,9 @@
 //! earns the rate of the highest `[[rebates]]` bracket it reaches, on the whole of it,
 //! credited once when the month is closed.
 //!
-//! Spend is read from the report rollups (`reseller_daily`: fulfilled orders by the UTC
-//! day they were placed, refunds of those orders already taken out) after a fold, so a
-//! month costs days × resellers rows, not orders.
+//! Spend is read from the report rollups (`reseller_daily`: orders by the UTC day they
+//! were placed, refunds of those orders already taken out) after a fold, less orders
+//! still being bought upstream, so a month costs days × resellers rows, not orders.
 //!
 //! A close is one transaction: the month's row first (`rebate_months`, so of two closes at
 //! once one waits on the other's row and then answers its recorded result), the lines as
@@ -307,15 +307,23 @@ async fn credit(tx: &Audited<'_>, actor: &Actor, month: Month, r: &Rebates) -> R
     Ok(rows.iter().map(|row| row.get(2)).collect())
 }
 
-/// The month's spend per reseller (those with some), from the rollups as they stand, and
-/// what the brackets make of it.
+/// The month's spend per reseller (those with some), from the rollups and what is
+/// pending for them, in one snapshot, less orders still being bought upstream (not
+/// fulfilled, so not spend: a month closed before one is fulfilled does not count it,
+/// as it does not take back a refund made after), and what the brackets make of it.
 async fn spend_lines(c: &impl GenericClient, brackets: &[RebateBracket], month: Month) -> Result<Vec<Line>, ApiError> {
     let rows = c
         .query(
-            "SELECT d.reseller_id, r.reseller_id, sum(d.amount)::int8
-               FROM reseller_daily d JOIN resellers r ON r.id = d.reseller_id
-              WHERE d.day >= $1 AND d.day < $2
-              GROUP BY d.reseller_id, r.reseller_id HAVING sum(d.amount) > 0",
+            &format!(
+                "SELECT s.reseller_id, r.reseller_id, sum(s.amount)::int8
+                   FROM (SELECT reseller_id, day, amount FROM reseller_daily
+                         UNION ALL SELECT reseller_id, day, amount FROM sales_pending
+                         UNION ALL SELECT reseller_id, day, -amount FROM ({PROCESSING}) u) s
+                   JOIN resellers r ON r.id = s.reseller_id
+                  WHERE s.day >= $1 AND s.day < $2
+                  GROUP BY s.reseller_id, r.reseller_id HAVING sum(s.amount) > 0",
+                PROCESSING = crate::growth::PROCESSING
+            ),
             &[&month.first_day(), &month.end_day()],
         )
         .await?;

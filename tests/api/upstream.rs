@@ -139,6 +139,33 @@ impl Down {
         panic!("order {order_id} still processing after 30 s");
     }
 
+    /// The buyer's spend as `GET /v1/balance` says it, and as this month's rebate preview
+    /// counts it.
+    async fn spend(&self) -> (i64, i64) {
+        let resp = self.app.signed(&self.buyer, Method::GET, "/v1/balance", None).await;
+        assert_eq!(resp.status(), 200);
+        let balance: Value = resp.json().await.unwrap();
+        let state = self.app.state.as_ref().expect("an in-process hub");
+        let month = cardgate::rebates::Month::of(state.clock.now()).unwrap();
+        let preview = self
+            .app
+            .admin_ok(
+                &self.token,
+                Method::GET,
+                &format!("/admin/v1/rebates?month={month}"),
+                None,
+                200,
+            )
+            .await;
+        let line = preview["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["reseller_id"] == self.buyer.reseller_id.as_str())
+            .map_or(0, |l| l["spend"].as_i64().unwrap());
+        (balance["spend"]["amount"].as_i64().unwrap(), line)
+    }
+
     async fn get_order(&self, order_id: &str) -> Value {
         let resp = self
             .app
@@ -424,10 +451,13 @@ async fn an_upstream_slower_than_the_window_is_answered_202_and_fulfilled_by_the
     let (status, again, replayed) = c.down.app.order(&c.down.buyer, order_body(SKU, 1, "M-UP-3")).await;
     assert_eq!((status, replayed), (200, true), "{again}");
     assert_eq!(again["status"], "processing");
+    // Spend is fulfilled orders: not yet for growth, the balance or the month's rebate.
+    assert_eq!(c.down.spend().await, (0, 0), "an order being bought is not spend");
 
     let id = order["order_id"].as_str().unwrap();
     let got = c.down.finish(id).await;
     assert_eq!(got["status"], "fulfilled");
+    assert_eq!(c.down.spend().await, (PRICE, PRICE), "fulfilled, it is");
     let codes = codes_of(&got);
     assert_eq!(codes.len(), 1);
     let state = c.down.app.state.clone().unwrap();
