@@ -75,8 +75,9 @@ impl Catalogue {
                 on_sale: r.get::<_, &str>(6) == "on_sale",
                 tier_prices,
                 sourcing: match (r.get::<_, &str>(8), r.get::<_, bool>(9)) {
-                    (_, false) => crate::reserve::Sourcing::Local,
                     ("upstream_only", true) => crate::reserve::Sourcing::Only,
+                    ("upstream_only", false) => crate::reserve::Sourcing::Nowhere,
+                    (_, false) => crate::reserve::Sourcing::Local,
                     _ => crate::reserve::Sourcing::Fallback,
                 },
             };

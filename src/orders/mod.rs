@@ -221,6 +221,7 @@ async fn place_inner(
         }
         _ if amount.is_none() => Some(Refusal::QuantityOutOfRange),
         _ if req.max_unit_price.is_some_and(|max| unit_price > max) => Some(Refusal::PriceChanged),
+        Some(p) if p.sourcing == reserve::Sourcing::Nowhere => Some(Refusal::OutOfStock),
         _ => None,
     };
     let fingerprint = reserve::fingerprint(&req.sku, req.quantity);

@@ -295,6 +295,8 @@ pub fn reserve_cmd(
         Sourcing::Local => "",
         Sourcing::Fallback => "fallback",
         Sourcing::Only => "only",
+        // Refused before the script looks at where codes come from.
+        Sourcing::Nowhere => "",
     });
     match charge {
         Some(c) => cmd.arg(c.n).arg(c.quota.interval_us).arg(c.quota.burst),
@@ -313,6 +315,9 @@ pub enum Sourcing {
     Fallback,
     /// Always bought upstream.
     Only,
+    /// Upstream only, and no source to buy from: every order is `out_of_stock`, decided by
+    /// the gateway, nothing taken.
+    Nowhere,
 }
 
 fn limit_arg(limit: Option<i64>) -> String {

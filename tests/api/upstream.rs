@@ -848,3 +848,43 @@ async fn a_code_the_hub_already_holds_is_never_delivered_again_and_the_buyer_is_
     c.up.app.assert_reconciled(&c.up.token).await;
     c.down.app.assert_reconciled(&c.down.token).await;
 }
+
+/// An upstream-only product is bought whole from its sources, never from local stock:
+/// with no source left, its orders are `out_of_stock`, nothing is taken and the number
+/// stays free.
+#[tokio::test]
+async fn an_upstream_only_product_without_sources_sells_no_local_code() {
+    let down = hub(spawn_app().await).await;
+    let (app, t) = (&down.app, &down.token);
+    assert_eq!(
+        app.import_codes(t, SKU, String::from("LOCAL-A\nLOCAL-B"))
+            .await
+            .status(),
+        200
+    );
+    let mode = |m: &'static str| async move {
+        app.admin_ok(
+            t,
+            Method::PATCH,
+            &format!("/admin/v1/products/{SKU}"),
+            Some(json!({ "source_mode": m })),
+            200,
+        )
+        .await
+    };
+    mode("upstream_only").await;
+    let stock = app.stock_len(SKU).await;
+
+    let resp = app.post_order(&down.buyer, order_body(SKU, 1, "M-UP-NOWHERE")).await;
+    let (status, code, _) = error_of(resp).await;
+    assert_eq!((status, code.as_str()), (409, "out_of_stock"));
+    assert_eq!(app.balance_of(&down.buyer).await, BUYER_FUNDS, "nothing charged");
+    assert_eq!(app.stock_len(SKU).await, stock, "no local code taken");
+
+    // Back to local stock, the same number is free and sells a local code.
+    mode("local_first").await;
+    let (status, order, _) = app.order(&down.buyer, order_body(SKU, 1, "M-UP-NOWHERE")).await;
+    assert_eq!(status, 201, "{order}");
+    assert!(codes_of(&order)[0].starts_with("LOCAL-"));
+    app.assert_reconciled(t).await;
+}
