@@ -3,8 +3,9 @@
 
 /// The longest code accepted, in bytes, after trimming.
 pub const CODE_MAX_BYTES: usize = 512;
-/// Raw bytes held for one line before it is rejected unread: room for a code plus
-/// generous surrounding whitespace.
+/// Raw bytes held for one line, leading ASCII whitespace not counted: room for a code
+/// and generous padding. Past it only whether more than padding follows is kept, so a
+/// padded code or a long blank line is still read as the contract says.
 const LINE_BUFFER_MAX_BYTES: usize = 4096;
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -20,7 +21,11 @@ pub enum Line<'a> {
 #[derive(Default)]
 pub struct Splitter {
     buf: Vec<u8>,
+    /// The line went past the buffer: what did not fit was dropped.
     overflow: bool,
+    /// What was dropped held more than ASCII whitespace, so the trimmed line is longer
+    /// than any code.
+    lost: bool,
     started: bool,
 }
 
@@ -42,13 +47,21 @@ impl Splitter {
         }
     }
 
-    fn take(&mut self, part: &[u8]) {
+    fn take(&mut self, mut part: &[u8]) {
+        let padding = |p: &[u8]| p.iter().all(u8::is_ascii_whitespace);
         if self.overflow {
+            self.lost |= !padding(part);
             return;
         }
-        if self.buf.len() + part.len() > LINE_BUFFER_MAX_BYTES {
+        if self.buf.is_empty() {
+            let skip = part.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            part = &part[skip..];
+        }
+        let room = LINE_BUFFER_MAX_BYTES - self.buf.len();
+        if part.len() > room {
+            self.buf.extend_from_slice(&part[..room]);
             self.overflow = true;
-            self.buf.clear();
+            self.lost = !padding(&part[room..]);
             return;
         }
         self.buf.extend_from_slice(part);
@@ -57,7 +70,8 @@ impl Splitter {
     fn end_line(&mut self, emit: &mut impl FnMut(Line<'_>)) {
         let first = !self.started;
         self.started = true;
-        if std::mem::take(&mut self.overflow) {
+        self.overflow = false;
+        if std::mem::take(&mut self.lost) {
             self.buf.clear();
             emit(Line::Rejected);
             return;
@@ -128,6 +142,22 @@ mod tests {
         assert_eq!(split(&[b"\xFF\xFE\nfine\n"]), ["<rejected>", "fine"]);
         assert_eq!(split(&[b"a\x00b\nc\n"]), ["<rejected>", "c"]);
         assert_eq!(split(&[&huge, b"\nafter"]), ["<rejected>", "after"]);
+    }
+
+    #[test]
+    fn padding_past_the_buffer_is_still_trimmed() {
+        let pad = " ".repeat(LINE_BUFFER_MAX_BYTES + 10);
+        let padded = format!("{pad}CODE-1\t{pad}\r\n{pad}\nnext");
+        assert_eq!(split(&[padded.as_bytes()]), ["CODE-1", "<blank>", "next"]);
+        // In pieces, the padding straddling chunks.
+        assert_eq!(
+            split(&[pad.as_bytes(), b"CODE-2", pad.as_bytes(), pad.as_bytes(), b"\nnext"]),
+            ["CODE-2", "next"]
+        );
+        // Content past the buffer makes the trimmed line too long, wherever it is.
+        let far = format!("A{pad}B\nnext");
+        assert_eq!(split(&[far.as_bytes()]), ["<rejected>", "next"]);
+        assert_eq!(split(&[b"A", pad.as_bytes(), b"B\nnext"]), ["<rejected>", "next"]);
     }
 
     #[test]
