@@ -75,6 +75,27 @@ async fn neither_postgres_nor_redis_holds_a_plaintext_code_or_secret() {
         )
         .await;
     let api_secret = k["secret"].as_str().unwrap().to_string();
+    // Orders carry the codes they deliver through the outbox, the idempotency records,
+    // the ledger and the audit of what was revealed: none of it in plaintext either.
+    let buyer = app.reseller_with_key(&t, "gold", json!({})).await;
+    app.fund(&t, &buyer.reseller_id, 1_000_000).await;
+    let mut delivered = Vec::new();
+    for i in 0..3 {
+        let (status, order, _) = app.order(&buyer, order_body("secret-sku", 2, &format!("S-{i}"))).await;
+        assert_eq!(status, 201, "{order}");
+        delivered.extend(
+            order["codes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string()),
+        );
+        let id = order["order_id"].as_str().unwrap();
+        let again = app.signed(&buyer, Method::GET, &format!("/v1/orders/{id}"), None).await;
+        assert_eq!(again.status(), 200);
+    }
+    assert_eq!(delivered.len(), 6);
+    assert!(delivered.iter().all(|c| codes.contains(c)), "{delivered:?}");
 
     // Every column of every table, as text (bytea as hex and as escaped bytes).
     let db = app.db().await;
@@ -120,22 +141,43 @@ async fn neither_postgres_nor_redis_holds_a_plaintext_code_or_secret() {
         .await
         .unwrap();
     assert!(!keys.is_empty());
+    // Every value of every type, field names and stream entries included.
+    fn bytes_of(v: redis::Value, out: &mut Vec<u8>) {
+        match v {
+            redis::Value::BulkString(b) => out.extend(b),
+            redis::Value::SimpleString(s) => out.extend(s.into_bytes()),
+            redis::Value::Array(vs) | redis::Value::Set(vs) => vs.into_iter().for_each(|v| bytes_of(v, out)),
+            redis::Value::Map(kvs) => kvs.into_iter().for_each(|(k, v)| {
+                bytes_of(k, out);
+                bytes_of(v, out);
+            }),
+            _ => {}
+        }
+    }
     let mut raw = Vec::new();
+    let mut kinds = std::collections::BTreeSet::new();
     for key in keys {
         let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut redis).await.unwrap();
-        if kind == "list" {
-            let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut redis)
-                .await
-                .unwrap();
-            items.into_iter().for_each(|i| raw.extend(i));
-        } else if kind == "string" {
-            let v: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
-            raw.extend(v);
-        }
+        let mut read = match kind.as_str() {
+            "list" => redis::cmd("LRANGE"),
+            "string" => redis::cmd("GET"),
+            "hash" => redis::cmd("HGETALL"),
+            "set" => redis::cmd("SMEMBERS"),
+            "zset" => redis::cmd("ZRANGE"),
+            "stream" => redis::cmd("XRANGE"),
+            other => panic!("{key} is a {other}, which this test does not read"),
+        };
+        read.arg(&key);
+        match kind.as_str() {
+            "list" | "zset" => read.arg(0).arg(-1),
+            "stream" => read.arg("-").arg("+"),
+            _ => &mut read,
+        };
+        bytes_of(read.query_async(&mut redis).await.unwrap(), &mut raw);
+        kinds.insert(kind);
+    }
+    for kind in ["list", "string", "hash"] {
+        assert!(kinds.contains(kind), "no {kind} in Redis to read: {kinds:?}");
     }
     assert!(raw.len() > 50 * 28, "stock is in Redis");
     for needle in needles {
