@@ -797,6 +797,44 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
     app.assert_reconciled(&t).await;
 }
 
+/// Behind the ledger's own checks, Postgres refuses a delivered code in a second order
+/// whatever writes it (`delivered_code_unique`).
+#[tokio::test]
+async fn postgres_refuses_a_code_delivered_twice_whatever_writes_it() {
+    let (app, t, _) = shop(1).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let (status, order, _) = app.order(&k, order_body(SKU, 1, "G-1")).await;
+    assert_eq!(status, 201, "{order}");
+    let mut db = app.db().await;
+    let tx = db.transaction().await.unwrap();
+    let second: i64 = tx
+        .query_one(
+            "INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount, currency, created_at)
+             SELECT 'ord_second', reseller_id, 'G-2', product_id, sku, 1, 0, 0, currency, now() FROM orders WHERE merchant_order_no = 'G-1'
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let e = tx
+        .execute(
+            "INSERT INTO order_codes (order_id, code_id, position)
+             SELECT $1, oc.code_id, 0 FROM order_codes oc JOIN orders o ON o.id = oc.order_id
+              WHERE o.merchant_order_no = 'G-1'",
+            &[&second],
+        )
+        .await
+        .expect_err("a delivered code went into a second order");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+        "{e}"
+    );
+    drop(tx);
+    app.assert_reconciled(&t).await;
+}
+
 #[tokio::test]
 async fn reconciliation_catches_what_it_claims_to_catch() {
     let (app, t, _) = shop(3).await;
