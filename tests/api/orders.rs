@@ -877,6 +877,62 @@ async fn reconciliation_catches_what_it_claims_to_catch() {
         .await
         .unwrap();
     app.assert_reconciled(&t).await;
+
+    // Each fault below is planted, named by the report, and taken back.
+    let problems = |want: &'static str| {
+        let (app, t) = (&app, &t);
+        async move {
+            let report = app.admin_ok(t, Method::GET, "/admin/v1/reconcile", None, 200).await;
+            assert_eq!(report["ok"], false, "{want}: {report}");
+            assert!(report["problems"].to_string().contains(want), "{want}: {report}");
+        }
+    };
+    let head: Vec<u8> = redis::cmd("LINDEX").arg(&key).arg(0).query_async(&mut r).await.unwrap();
+    // A code held twice in Redis, which the conservation sum counts twice too.
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&key)
+        .arg(&head)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    problems("held twice in Redis").await;
+    problems("imported 3 != available 3 + in flight 0 + delivered 1").await;
+    let _: Vec<u8> = redis::cmd("LPOP").arg(&key).query_async(&mut r).await.unwrap();
+    app.assert_reconciled(&t).await;
+
+    // A code Postgres no longer sells, still in Redis; and marked delivered by no order.
+    let db = app.db().await;
+    let code: i64 = db
+        .query_one(
+            "SELECT id FROM codes WHERE status = 'available' ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mark = |status: &'static str| {
+        let db = &db;
+        async move {
+            db.execute("UPDATE codes SET status = $2 WHERE id = $1", &[&code, &status])
+                .await
+                .unwrap();
+        }
+    };
+    mark("delivered").await;
+    problems("not sellable in Postgres").await;
+    problems("2 codes marked delivered, 1 delivered by fulfilled orders").await;
+    mark("available").await;
+    app.assert_reconciled(&t).await;
+
+    // Last, as orders are append-only: an order that holds none of its codes.
+    db.execute(
+        "INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount, currency, created_at)
+         SELECT 'ord_empty', reseller_id, 'X-EMPTY', product_id, sku, 1, 0, 0, currency, now() FROM orders WHERE merchant_order_no = 'X-1'",
+        &[],
+    )
+    .await
+    .unwrap();
+    problems("orders do not hold exactly their quantity of codes").await;
 }
 
 /// Two gateways share the outbox: an order taken by one may be committed by the other's
