@@ -15,6 +15,7 @@ use serde::Deserialize;
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const ENV_PREFIX: &str = "CARDGATE";
 const ENV_CONFIG_FILE: &str = "CARDGATE_CONFIG";
+const ENV_TRUSTED_PROXIES: &str = "CARDGATE_HTTP__TRUSTED_PROXIES";
 
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -250,47 +251,59 @@ impl Config {
     }
 
     pub fn load(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let mut builder =
-            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
-        let mut override_tiers = None;
+        let mut defaults: toml::Table = DEFAULT_TOML
+            .parse()
+            .map_err(|e| ConfigError::setting("config/default.toml", e))?;
+        let mut file = None;
         if let Some(path) = env.get(ENV_CONFIG_FILE).filter(|p| !p.is_empty()) {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::setting(ENV_CONFIG_FILE, format!("cannot read {path}: {e}")))?;
             let table: toml::Table = text
                 .parse()
                 .map_err(|e| ConfigError::setting(ENV_CONFIG_FILE, format!("{path} is not valid TOML: {e}")))?;
-            override_tiers = table.get("tiers").cloned();
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            // A tier table in the override file replaces the default one whole, instead of
+            // being merged key by key: an operator who writes [tiers.gold] means that table.
+            // The environment still overrides it, as it does every other setting.
+            if let (Some(toml::Value::Table(theirs)), Some(toml::Value::Table(ours))) =
+                (table.get("tiers"), defaults.get_mut("tiers"))
+            {
+                for name in theirs.keys() {
+                    ours.remove(name);
+                }
+            }
+            file = Some(text);
+        }
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(&defaults.to_string(), config::FileFormat::Toml));
+        if let Some(text) = &file {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
         // Only our own names: CARDGATE_CONFIG and the dev script's helpers are not settings.
-        let env_settings: HashMap<String, String> = env
+        let mut env_settings: HashMap<String, String> = env
             .iter()
             .filter(|(k, _)| k.starts_with("CARDGATE_") && *k != ENV_CONFIG_FILE && !k.starts_with("CARDGATE_DEV_"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // Values stay strings until each is read as its setting's type: parsed early, a
+        // master key of decimal digits became a number and lost its zeros. The one list
+        // is split here.
+        if let Some(list) = env_settings.remove(ENV_TRUSTED_PROXIES) {
+            let items: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect();
+            builder = builder.set_override("http.trusted_proxies", items).map_err(describe)?;
+        }
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .separator("__")
                 .prefix_separator("_")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("http.trusted_proxies")
                 .source(Some(env_settings)),
         );
         let raw = builder.build().map_err(describe)?;
-        let mut config: Config = raw.try_deserialize().map_err(describe)?;
-
-        // A tier table in the override file replaces the default one whole, instead of
-        // being merged key by key: an operator who writes [tiers.gold] means that table.
-        if let Some(toml::Value::Table(tiers)) = override_tiers {
-            for (name, table) in tiers {
-                let tier: Tier = table
-                    .try_into()
-                    .map_err(|e| ConfigError::setting(&format!("tiers.{name}"), e))?;
-                config.tiers.insert(name, tier);
-            }
-        }
-        Ok(config)
+        raw.try_deserialize().map_err(describe)
     }
 
     /// Checks every setting and decodes the ones used in binary form. Messages name the

@@ -45,6 +45,28 @@ fn a_bad_master_key_names_the_setting_and_never_echoes_it() {
     assert!(!err.contains(bad), "the secret leaked into: {err}");
 }
 
+/// Values are strings until read as their setting's type: secrets made of decimal digits
+/// keep every digit, and a list is split on commas.
+#[test]
+fn secrets_of_digits_are_read_as_written() {
+    use secrecy::ExposeSecret;
+    for key in ["0".repeat(64), "1234567890".repeat(6) + "0123"] {
+        let mut env = base_env();
+        env.insert("CARDGATE_MASTER_KEY".into(), key.clone());
+        env.insert("CARDGATE_JWT_SECRET".into(), "0".repeat(40));
+        let config = load(&env).unwrap();
+        assert_eq!(
+            config.validate().unwrap().master_key.to_vec(),
+            hex::decode(&key).unwrap()
+        );
+        assert_eq!(config.jwt_secret.unwrap().expose_secret(), "0".repeat(40));
+    }
+    let mut env = base_env();
+    env.insert("CARDGATE_HTTP__TRUSTED_PROXIES".into(), "10.0.0.0/8, 127.0.0.1".into());
+    let config = load(&env).unwrap();
+    assert_eq!(config.http.trusted_proxies, ["10.0.0.0/8", "127.0.0.1"]);
+}
+
 #[test]
 fn the_master_key_and_jwt_secret_are_required() {
     for key in ["CARDGATE_MASTER_KEY", "CARDGATE_JWT_SECRET"] {
@@ -112,6 +134,12 @@ max_batch = 10
     assert_eq!((gold.priority, gold.orders_burst, gold.max_batch), (99, 2, 6));
     assert_eq!(config.tiers["platinum"].priority, 50);
     assert_eq!(config.tiers["silver"].priority, 20, "untouched defaults stay");
+    // The environment overrides the file's tier as any other setting.
+    env.insert("CARDGATE_TIERS__GOLD__ORDERS_BURST".into(), "7".into());
+    let config = load(&env).unwrap();
+    let gold = &config.tiers["gold"];
+    assert_eq!((gold.priority, gold.orders_burst, gold.max_batch), (99, 7, 6));
+    env.remove("CARDGATE_TIERS__GOLD__ORDERS_BURST");
 
     // A partial tier table is an error naming the tier, not a silent merge.
     std::fs::write(&file, "[tiers.gold]\npriority = 1\n").unwrap();
