@@ -77,6 +77,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    // Listened for before anything starts: a SIGTERM sent while migrations run or Redis is
+    // rebuilt stops the server once it is up, instead of killing it (or, as a container's
+    // PID 1, being ignored and lost).
+    let stop = shutdown_signal();
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -85,7 +89,7 @@ async fn serve(config: Config, listen: std::net::SocketAddr) -> anyhow::Result<(
     if let Some(admin) = server.admin_addr() {
         tracing::info!(addr = %admin, "operator API listening (and no longer on the public address)");
     }
-    server.run(shutdown_signal()).await?;
+    server.run(stop).await?;
     tracing::info!("cardgate stopped");
     Ok(())
 }
@@ -165,19 +169,21 @@ async fn close_rebates(config: Config, month: cardgate::rebates::Month) -> anyho
     }
 }
 
-/// SIGTERM (orchestrators) or SIGINT (a terminal).
-async fn shutdown_signal() {
+/// SIGTERM (orchestrators) or SIGINT (a terminal), listened for from the call on.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM or SIGINT");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
