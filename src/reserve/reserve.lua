@@ -90,8 +90,14 @@ if not upstream and redis.call('LLEN', KEYS[2]) < qty then
   upstream = true
 end
 local amount = tonumber(ARGV[4])
--- Spend counts per UTC day: a counter of another day is yesterday's.
+-- Spend counts per UTC day: a counter of another day is yesterday's. Days only move
+-- forward: a gateway whose clock is a moment behind another's at midnight counts into
+-- the later day rather than resetting it, so its limit is never passed. (YYYY-MM-DD
+-- compares as it reads.)
 local today = ARGV[10]
+if risk[2] and risk[2] > today then
+  today = risk[2]
+end
 local spent = 0
 if risk[2] == today then
   spent = tonumber(risk[3]) or 0

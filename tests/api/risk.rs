@@ -54,6 +54,50 @@ fn manual(env: &mut HashMap<String, String>) {
     env.insert(MANUAL_BACKGROUND.into(), "1".into());
 }
 
+/// At midnight a gateway whose clock is a moment behind another's still counts into the
+/// day the other began: it never moves the counter back to its own day and so forgets
+/// what was spent after midnight.
+#[tokio::test]
+async fn a_gateway_a_moment_behind_at_midnight_counts_into_the_later_day() {
+    let (app, t, _) = shop_with(5, manual).await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let path = format!("/admin/v1/resellers/{}", k.reseller_id);
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &path,
+        Some(json!({"daily_spend_limit": 2 * GOLD + 99})),
+        200,
+    )
+    .await;
+    // As another gateway, already past midnight, left it: two gold codes spent tomorrow.
+    let tomorrow = cardgate::reserve::utc_day(now_secs() + 86_400);
+    let risk = app.keys().risk(app.reseller_pk(&k.reseller_id).await);
+    let mut r = app.redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&risk)
+        .arg("day")
+        .arg(&tomorrow)
+        .arg("spent")
+        .arg(2 * GOLD)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let (status, body, _) = app.order(&k, order_body(SKU, 1, "MIDNIGHT-1")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (402, Some("spend_limit_exceeded")),
+        "{body}"
+    );
+    let day: String = redis::cmd("HGET")
+        .arg(&risk)
+        .arg("day")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(day, tomorrow, "the day was not moved back");
+}
+
 #[tokio::test]
 async fn a_daily_spend_limit_is_never_passed_by_concurrent_orders_on_two_gateways_nor_forgotten_by_a_rebuild() {
     let (a, t, _) = shop_with(40, manual).await;
