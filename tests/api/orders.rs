@@ -240,6 +240,33 @@ async fn refusals_take_nothing() {
     )
     .await;
 
+    // Refused before the body is read or parsed: forged, stale, oversized.
+    let body = order_body(SKU, 1, "M-1").to_string();
+    let forged = ResellerKey {
+        secret: "f".repeat(k.secret.len()),
+        ..k.clone()
+    };
+    let resp = app.signed(&forged, Method::POST, "/v1/orders", Some(&body)).await;
+    assert_eq!(error_of(resp).await.1, "invalid_signature");
+    let resp = app
+        .signed_at(
+            &k,
+            Method::POST,
+            "/v1/orders",
+            Some(&body),
+            now_secs() - 3_600,
+            &nonce(),
+            &[],
+        )
+        .await;
+    assert_eq!(error_of(resp).await.1, "timestamp_out_of_window");
+    let huge = format!(
+        "{{\"sku\":\"{SKU}\",\"quantity\":1,\"merchant_order_no\":\"M-1\",\"pad\":\"{}\"}}",
+        "x".repeat(200_000)
+    );
+    let resp = app.signed(&k, Method::POST, "/v1/orders", Some(&huge)).await;
+    assert_eq!(resp.status(), 413);
+
     // Nothing moved: stock, balance, orders; and the refused number is still free.
     assert_eq!(app.stock_len(SKU).await, 3);
     assert_eq!(app.balance_of(&k).await, before);
