@@ -617,19 +617,19 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
 /// A code put into Redis twice (corrupted stock) is still delivered at most once: the
 /// Postgres constraint refuses the second delivery and the order is served from other
 /// stock.
+/// The pool's first code pushed again, so that Redis holds it twice, as a bug could.
+async fn hold_the_head_twice(r: &mut (impl redis::aio::ConnectionLike + Send), pool: &str) {
+    let head: Vec<u8> = redis::cmd("LINDEX").arg(pool).arg(0).query_async(r).await.unwrap();
+    let _: i64 = redis::cmd("LPUSH").arg(pool).arg(&head).query_async(r).await.unwrap();
+}
+
 #[tokio::test]
 async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let (app, t, _) = shop(3).await;
     let k = buyer(&app, &t, "gold", 100_000).await;
     let key = app.import_pool(app.product_pk(SKU).await);
     let mut r = app.redis().await;
-    let head: Vec<u8> = redis::cmd("LINDEX").arg(&key).arg(0).query_async(&mut r).await.unwrap();
-    let _: i64 = redis::cmd("LPUSH")
-        .arg(&key)
-        .arg(&head)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    hold_the_head_twice(&mut r, &key).await;
     let guard_before = last_guard_hits(&app).await;
 
     // Both copies in one order: refused as it stands, completed from other stock.
@@ -914,14 +914,8 @@ async fn reconciliation_catches_what_it_claims_to_catch() {
             assert!(report["problems"].to_string().contains(want), "{want}: {report}");
         }
     };
-    let head: Vec<u8> = redis::cmd("LINDEX").arg(&key).arg(0).query_async(&mut r).await.unwrap();
     // A code held twice in Redis, which the conservation sum counts twice too.
-    let _: i64 = redis::cmd("LPUSH")
-        .arg(&key)
-        .arg(&head)
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    hold_the_head_twice(&mut r, &key).await;
     problems("held twice in Redis").await;
     problems("imported 3 != available 3 + in flight 0 + delivered 1").await;
     let _: Vec<u8> = redis::cmd("LPOP").arg(&key).query_async(&mut r).await.unwrap();
