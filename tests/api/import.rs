@@ -75,8 +75,9 @@ async fn neither_postgres_nor_redis_holds_a_plaintext_code_or_secret() {
         )
         .await;
     let api_secret = k["secret"].as_str().unwrap().to_string();
-    // Orders carry the codes they deliver through the outbox, the idempotency records,
-    // the ledger and the audit of what was revealed: none of it in plaintext either.
+    // Orders leave idempotency records, risk state, ledger rows and the audit of what was
+    // revealed: none of it in plaintext either. (Their outbox entries carry the pool's
+    // sealed elements and are deleted once committed.)
     let buyer = app.reseller_with_key(&t, "gold", json!({})).await;
     app.fund(&t, &buyer.reseller_id, 1_000_000).await;
     let mut delivered = Vec::new();
