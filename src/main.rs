@@ -175,15 +175,22 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     async move {
-        match (term, int) {
-            (Ok(mut term), Ok(mut int)) => tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            },
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM or SIGINT");
-                let _ = tokio::signal::ctrl_c().await;
+        // Either one alone still stops the server if the other cannot be listened for.
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                    tracing::info!("{name} received");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for {name}");
+                    std::future::pending::<()>().await;
+                }
             }
+        };
+        tokio::select! {
+            _ = wait(term, "SIGTERM") => {}
+            _ = wait(int, "SIGINT") => {}
         }
     }
 }

@@ -614,15 +614,15 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
     assert!(none["orders"].as_array().unwrap().is_empty());
 }
 
-/// A code put into Redis twice (corrupted stock) is still delivered at most once: the
-/// Postgres constraint refuses the second delivery and the order is served from other
-/// stock.
 /// The pool's first code pushed again, so that Redis holds it twice, as a bug could.
 async fn hold_the_head_twice(r: &mut (impl redis::aio::ConnectionLike + Send), pool: &str) {
     let head: Vec<u8> = redis::cmd("LINDEX").arg(pool).arg(0).query_async(r).await.unwrap();
     let _: i64 = redis::cmd("LPUSH").arg(pool).arg(&head).query_async(r).await.unwrap();
 }
 
+/// A code put into Redis twice (corrupted stock) is still delivered at most once: the
+/// Postgres constraint refuses the second delivery and the order is served from other
+/// stock.
 #[tokio::test]
 async fn the_last_guard_delivers_a_duplicated_code_at_most_once() {
     let (app, t, _) = shop(3).await;
@@ -792,6 +792,18 @@ async fn batches_are_all_or_nothing_on_shape_and_tokens_but_per_order_on_outcome
     let resp = app.signed(&fresh, Method::POST, "/v1/orders/batch", Some(&twice)).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(resp.headers()["ratelimit-remaining"], "38");
+    // And one with another field, or a string holding NUL: refused whole, one token.
+    let items: Vec<serde_json::Value> = (0..10).map(|i| order_body(SKU, 1, &format!("F-{i}"))).collect();
+    let mut nul = items.clone();
+    nul[3]["merchant_order_no"] = json!("F\u{0}3");
+    for (body, left) in [
+        (json!({"orders": items, "dry_run": true}).to_string(), "37"),
+        (json!({ "orders": nul }).to_string(), "36"),
+    ] {
+        let resp = app.signed(&fresh, Method::POST, "/v1/orders/batch", Some(&body)).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        assert_eq!(resp.headers()["ratelimit-remaining"], left, "{body}");
+    }
 
     // The standard tier's write burst is 40: a batch that needs more tokens than are
     // left is refused whole (a fresh reseller, so no earlier call spent any).

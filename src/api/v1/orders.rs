@@ -60,14 +60,15 @@ fn twice(items: &[Value]) -> Option<&str> {
 
 pub async fn batch(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     // One write token per order. The count is read from the body before it is checked;
-    // a body that is not a batch the caller's tier may send (no orders, too many, a
-    // number twice) costs one token and is refused below, not charged for orders that
-    // will never run.
+    // a body that is not a batch the caller's tier may send (not JSON as parsed below,
+    // another field, no orders, too many, a number twice) costs one token and is refused
+    // below, not charged for orders that will never run.
     let count = |b: &[u8], tier: &str| {
-        serde_json::from_slice::<Value>(b)
+        body::parse_json::<Value>(b)
             .ok()
             .and_then(|v| {
-                let items = v.get("orders")?.as_array()?;
+                let o = v.as_object().filter(|o| o.keys().all(|k| k == "orders"))?;
+                let items = o.get("orders")?.as_array()?;
                 let runs = (1..=batch_cap(app, tier)).contains(&items.len()) && twice(items).is_none();
                 runs.then_some(items.len())
             })
