@@ -10,7 +10,7 @@
 --       6 the reseller's risk state, 7 the key's spend
 -- ARGV: 1 order id, 2 amount, 3 consumer group, 4 entry id,
 --       5 '1' to remove other copies of each element first (after a last-guard hit),
---       6 the epoch the reservation was made at, 7 the UTC day it was counted in,
+--       6 the epoch the reservation was made at, 7 the gateway's UTC day of the order,
 --       8.. the elements to return
 if redis.call('XDEL', KEYS[4], ARGV[4]) == 0 then
   return 0
@@ -19,7 +19,11 @@ redis.call('XACK', KEYS[4], ARGV[3], ARGV[4])
 if redis.call('GET', KEYS[5]) ~= ARGV[6] then
   return 1
 end
+-- The day its spend was counted in: the gateway's, unless the script counted it into a
+-- later one (reserve.lua).
+local day = ARGV[7]
 if redis.call('HGET', KEYS[1], 'order') == ARGV[1] then
+  day = redis.call('HGET', KEYS[1], 'd') or day
   redis.call('DEL', KEYS[1])
 end
 for i = #ARGV, 8, -1 do
@@ -34,7 +38,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 -- Spend that was never made is not spend: back out of the day it was counted in.
 for k = 6, 7 do
-  if redis.call('HGET', KEYS[k], 'day') == ARGV[7] then
+  if redis.call('HGET', KEYS[k], 'day') == day then
     redis.call('HINCRBY', KEYS[k], 'spent', -tonumber(ARGV[2]))
   end
 end

@@ -93,7 +93,8 @@ local amount = tonumber(ARGV[4])
 -- Spend counts per UTC day: a counter of another day is yesterday's. Days only move
 -- forward: a gateway whose clock is a moment behind another's at midnight counts into
 -- the later day rather than resetting it, so its limit is never passed. (YYYY-MM-DD
--- compares as it reads.)
+-- compares as it reads. How far ahead a day can be is bounded by the signature window:
+-- a gateway whose clock is minutes off refuses every request signed at the real time.)
 local today = ARGV[10]
 if risk[2] and risk[2] > today then
   today = risk[2]
@@ -138,6 +139,10 @@ if upstream then
   redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1], 'up', '1')
 else
   redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[2], 'order', ARGV[1])
+end
+if today ~= ARGV[10] then
+  -- Counted into a later day than the gateway's own: an undo backs it out of that one.
+  redis.call('HSET', KEYS[1], 'd', today)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 

@@ -43,15 +43,18 @@ static UNHOLD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 -- KEYS: 1 idempotency record, 2 hot balance, 3 the reseller's risk state, 4 the key's spend
--- ARGV: 1 order id, 2 amount, 3 the UTC day the spend was counted in
+-- ARGV: 1 order id, 2 amount, 3 the gateway's UTC day of the order (the record says
+--       when the reservation counted its spend into a later one)
+local day = ARGV[3]
 if redis.call('HGET', KEYS[1], 'order') == ARGV[1] then
+  day = redis.call('HGET', KEYS[1], 'd') or day
   redis.call('DEL', KEYS[1])
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('INCRBY', KEYS[2], ARGV[2])
 end
 for k = 3, 4 do
-  if redis.call('HGET', KEYS[k], 'day') == ARGV[3] then
+  if redis.call('HGET', KEYS[k], 'day') == day then
     redis.call('HINCRBY', KEYS[k], 'spent', -tonumber(ARGV[2]))
   end
 end

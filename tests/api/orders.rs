@@ -615,7 +615,7 @@ async fn refunds_credit_once_and_refunded_codes_are_never_sold_again() {
 }
 
 /// The pool's first code pushed again, so that Redis holds it twice, as a bug could.
-async fn hold_the_head_twice(r: &mut (impl redis::aio::ConnectionLike + Send), pool: &str) {
+pub async fn hold_the_head_twice(r: &mut (impl redis::aio::ConnectionLike + Send), pool: &str) {
     let head: Vec<u8> = redis::cmd("LINDEX").arg(pool).arg(0).query_async(r).await.unwrap();
     let _: i64 = redis::cmd("LPUSH").arg(pool).arg(&head).query_async(r).await.unwrap();
 }

@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::orders::{buyer, shop_with, GOLD, SKU};
+use crate::orders::{buyer, hold_the_head_twice, shop_with, GOLD, SKU};
 
 /// A signed order sent from `from` (an address of the loopback range).
 async fn order_from(app: &TestApp, k: &ResellerKey, from: IpAddr, mon: &str) -> (u16, Value) {
@@ -96,6 +96,31 @@ async fn a_gateway_a_moment_behind_at_midnight_counts_into_the_later_day() {
         .await
         .unwrap();
     assert_eq!(day, tomorrow, "the day was not moved back");
+
+    // Room for two more codes; a reservation undone (the last guard: both copies of a
+    // code doubled in Redis) gives its spend back to the later day it was counted in.
+    app.admin_ok(
+        &t,
+        Method::PATCH,
+        &path,
+        Some(json!({"daily_spend_limit": 10 * GOLD})),
+        200,
+    )
+    .await;
+    hold_the_head_twice(&mut r, &app.import_pool(app.product_pk(SKU).await)).await;
+    let (status, body, _) = app.order(&k, order_body(SKU, 2, "MIDNIGHT-2")).await;
+    assert_eq!(status, 201, "{body}");
+    let spent: i64 = redis::cmd("HGET")
+        .arg(&risk)
+        .arg("spent")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        spent,
+        4 * GOLD,
+        "two codes of tomorrow before, two now, the undone two given back"
+    );
 }
 
 #[tokio::test]
