@@ -61,15 +61,8 @@ fn manual(env: &mut HashMap<String, String>) {
 async fn a_gateway_a_moment_behind_at_midnight_counts_into_the_later_day() {
     let (app, t, _) = shop_with(5, manual).await;
     let k = buyer(&app, &t, "gold", 1_000_000).await;
-    let path = format!("/admin/v1/resellers/{}", k.reseller_id);
-    app.admin_ok(
-        &t,
-        Method::PATCH,
-        &path,
-        Some(json!({"daily_spend_limit": 2 * GOLD + 99})),
-        200,
-    )
-    .await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"daily_spend_limit": 2 * GOLD + 99}))
+        .await;
     // As another gateway, already past midnight, left it: two gold codes spent tomorrow.
     let tomorrow = cardgate::reserve::utc_day(now_secs() + 86_400);
     let risk = app.keys().risk(app.reseller_pk(&k.reseller_id).await);
@@ -99,14 +92,8 @@ async fn a_gateway_a_moment_behind_at_midnight_counts_into_the_later_day() {
 
     // Room for two more codes; a reservation undone (the last guard: both copies of a
     // code doubled in Redis) gives its spend back to the later day it was counted in.
-    app.admin_ok(
-        &t,
-        Method::PATCH,
-        &path,
-        Some(json!({"daily_spend_limit": 10 * GOLD})),
-        200,
-    )
-    .await;
+    app.patch_reseller(&t, &k.reseller_id, json!({"daily_spend_limit": 10 * GOLD}))
+        .await;
     hold_the_head_twice(&mut r, &app.import_pool(app.product_pk(SKU).await)).await;
     let (status, body, _) = app.order(&k, order_body(SKU, 2, "MIDNIGHT-2")).await;
     assert_eq!(status, 201, "{body}");
