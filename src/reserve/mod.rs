@@ -29,7 +29,8 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
         include_str!("reserve.lua")
     ))
 });
-static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("give_back.lua"), include_str!("release.lua"))));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
 
 /// Everything the ledger writer needs to record one order, carried in its outbox entry.

@@ -10,7 +10,8 @@
 --       6 the reseller's risk state, 7 the key's spend
 -- ARGV: 1 order id, 2 amount, 3 consumer group, 4 entry id,
 --       5 '1' to remove other copies of each element first (after a last-guard hit),
---       6 the epoch the reservation was made at, 7 the gateway's UTC day of the order,
+--       6 the epoch the reservation was made at, 7 the gateway's UTC day of the order
+--       (give_back.lua),
 --       8.. the elements to return
 if redis.call('XDEL', KEYS[4], ARGV[4]) == 0 then
   return 0
@@ -19,27 +20,11 @@ redis.call('XACK', KEYS[4], ARGV[3], ARGV[4])
 if redis.call('GET', KEYS[5]) ~= ARGV[6] then
   return 1
 end
--- The day its spend was counted in: the gateway's, unless the script counted it into a
--- later one (reserve.lua).
-local day = ARGV[7]
-if redis.call('HGET', KEYS[1], 'order') == ARGV[1] then
-  day = redis.call('HGET', KEYS[1], 'd') or day
-  redis.call('DEL', KEYS[1])
-end
 for i = #ARGV, 8, -1 do
   if ARGV[5] == '1' then
     redis.call('LREM', KEYS[2], 0, ARGV[i])
   end
   redis.call('LPUSH', KEYS[2], ARGV[i])
 end
--- A missing hot balance is rebuilt whole from Postgres; creating it here would be wrong.
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('INCRBY', KEYS[3], ARGV[2])
-end
--- Spend that was never made is not spend: back out of the day it was counted in.
-for k = 6, 7 do
-  if redis.call('HGET', KEYS[k], 'day') == day then
-    redis.call('HINCRBY', KEYS[k], 'spent', -tonumber(ARGV[2]))
-  end
-end
+give_back(KEYS[1], ARGV[1], ARGV[7], ARGV[2], KEYS[3], KEYS[6], KEYS[7])
 return 1

@@ -40,27 +40,15 @@ use crate::reserve::{utc_day, Fulfilment};
 
 /// Gives back the hold of a purchase that will have no order (see the script).
 static UNHOLD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        include_str!("../reserve/give_back.lua"),
         r"
 -- KEYS: 1 idempotency record, 2 hot balance, 3 the reseller's risk state, 4 the key's spend
--- ARGV: 1 order id, 2 amount, 3 the gateway's UTC day of the order (the record says
---       when the reservation counted its spend into a later one)
-local day = ARGV[3]
-if redis.call('HGET', KEYS[1], 'order') == ARGV[1] then
-  day = redis.call('HGET', KEYS[1], 'd') or day
-  redis.call('DEL', KEYS[1])
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('INCRBY', KEYS[2], ARGV[2])
-end
-for k = 3, 4 do
-  if redis.call('HGET', KEYS[k], 'day') == day then
-    redis.call('HINCRBY', KEYS[k], 'spent', -tonumber(ARGV[2]))
-  end
-end
+-- ARGV: 1 order id, 2 amount, 3 the gateway's UTC day of the order
+give_back(KEYS[1], ARGV[1], ARGV[3], ARGV[2], KEYS[2], KEYS[3], KEYS[4])
 return 1
-",
-    )
+"
+    ))
 });
 
 /// Marks the number's record done once its order is in Postgres: replays read it there.
