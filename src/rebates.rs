@@ -3,8 +3,9 @@
 //! credited once when the month is closed.
 //!
 //! Spend is read from the report rollups (`reseller_daily`: orders by the UTC day they
-//! were placed, refunds of those orders already taken out) after a fold, less orders
-//! still being bought upstream, so a month costs days × resellers rows, not orders.
+//! were placed, refunds of those orders already taken out) and what is pending for them,
+//! less orders still being bought upstream, so a month costs days × resellers rows, not
+//! orders.
 //!
 //! A close is one transaction: the month's row first (`rebate_months`, so of two closes at
 //! once one waits on the other's row and then answers its recorded result), the lines as
@@ -189,8 +190,7 @@ pub async fn preview(app: &App, month: Month) -> Result<Rebates, ApiError> {
     if let Some(closed) = recorded(app, &client, month).await? {
         return Ok(closed);
     }
-    // The rollups must hold every order committed so far.
-    crate::rollups::fold(&client).await?;
+    // Every order committed so far: spend_lines reads what is pending beside the rollups.
     let lines = spend_lines(&client, &app.config.rebates, month).await?;
     Ok(Rebates::of(app, month, false, lines))
 }
