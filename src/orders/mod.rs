@@ -330,9 +330,9 @@ async fn place_inner(
                     }
                     None
                 } else {
-                    // An order is answered once Postgres holds it, before its record is
-                    // settled (or, bought upstream, marked done): in that gap the first
-                    // request is done, and a replay gets the order as it is.
+                    // Postgres decides: a committed order's record still says 'pending'
+                    // (only a rebuild, or the end of an upstream purchase, writes 'done'),
+                    // and a replay gets the order as Postgres holds it.
                     return match recorded(app, reseller, req, &fingerprint).await? {
                         Some(placed) => Ok(placed),
                         None if pending => Err(ApiError::OrderInProgress),

@@ -356,22 +356,16 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reservation> {
     Some(Reservation { reserved, bucket })
 }
 
-/// Acknowledges committed orders: deletes their outbox entries and marks their
-/// idempotency records done, one script per home cell (its keys must share a slot), the
-/// cells' scripts sent at once.
+/// Acknowledges committed orders: deletes their outbox entries, one script per home cell
+/// (its keys must share a slot), the cells' scripts sent at once.
 pub async fn settle(conn: &Redis, keys: &Keys, committed: &[(&str, &Fulfilment)]) -> Result<(), RedisError> {
-    let mut by_cell: std::collections::BTreeMap<u32, Vec<&(&str, &Fulfilment)>> = Default::default();
-    for c in committed {
-        by_cell.entry(keys.cell_of(c.1.reseller)).or_default().push(c);
+    let mut by_cell: std::collections::BTreeMap<u32, Vec<&str>> = Default::default();
+    for (entry_id, f) in committed {
+        by_cell.entry(keys.cell_of(f.reseller)).or_default().push(entry_id);
     }
-    let scripts = by_cell.into_iter().map(|(cell, committed)| {
+    let scripts = by_cell.into_iter().map(|(cell, entry_ids)| {
         let mut inv = SETTLE.prepare_invoke();
-        inv.key(keys.outbox(cell)).arg(GROUP);
-        for (entry_id, f) in committed {
-            inv.key(keys.idempotency(f.reseller, &f.merchant_order_no))
-                .arg(*entry_id)
-                .arg(&f.order_id);
-        }
+        inv.key(keys.outbox(cell)).arg(GROUP).arg(entry_ids);
         let mut conn = conn.clone();
         async move { inv.invoke_async::<i64>(&mut conn).await }
     });
