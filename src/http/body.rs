@@ -79,19 +79,33 @@ async fn read_limited(parts: &Parts, body: Incoming, limit: usize, timeout: Dura
 }
 
 /// Parses a JSON body. Broken JSON is `invalid_json`; well-formed JSON of the wrong shape
-/// is `invalid_request` with serde's message, which names the offending field.
+/// is `invalid_request` naming the offending field (docs/api.md §2): serde's own message
+/// names a missing or unknown field but not one of the wrong type, so the path to it is
+/// found by parsing again, on the error's path only.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::InvalidJson("request body is empty".into()));
     }
     let value = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
+        serde_json::error::Category::Data => ApiError::invalid(with_path::<T>(bytes).unwrap_or_else(|| e.to_string())),
         _ => ApiError::InvalidJson(e.to_string()),
     })?;
     if has_escaped_nul(bytes) {
         return Err(ApiError::invalid("strings may not contain NUL (\\u0000)"));
     }
     Ok(value)
+}
+
+/// serde's message for a body of the wrong shape, led by the path to the offending value
+/// (`amount`, `sources[0].priority`) when it is inside the top-level object.
+fn with_path<T: DeserializeOwned>(bytes: &[u8]) -> Option<String> {
+    let e = serde_path_to_error::deserialize::<_, T>(&mut serde_json::Deserializer::from_slice(bytes)).err()?;
+    let path = e.path().to_string();
+    Some(if path == "." {
+        e.inner().to_string()
+    } else {
+        format!("{path}: {}", e.inner())
+    })
 }
 
 /// Whether a JSON text holds a `\u0000` escape. Postgres text cannot store NUL, so a
@@ -133,6 +147,37 @@ mod tests {
         assert!(matches!(
             parse_json::<serde_json::Value>(br#"{"name":"a\u0000"}"#),
             Err(ApiError::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_refused_naming_its_field() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Source {
+            priority: i32,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Body {
+            amount: i64,
+            sources: Vec<Source>,
+        }
+        let message = |body: &[u8]| match parse_json::<Body>(body) {
+            Err(ApiError::InvalidRequest(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(message(br#"{"amount":"500","sources":[]}"#).starts_with("amount: invalid type: string"));
+        assert!(message(br#"{"amount":null,"sources":[]}"#).starts_with("amount: "));
+        assert!(message(br#"{"amount":1,"sources":[{"priority":3000000000}]}"#).starts_with("sources[0].priority: "));
+        // Those serde names already are not named twice.
+        assert_eq!(
+            message(br#"{"sources":[]}"#),
+            "missing field `amount` at line 1 column 14"
+        );
+        assert!(matches!(
+            parse_json::<Body>(br#"{"amount":"#),
+            Err(ApiError::InvalidJson(_))
         ));
     }
 }

@@ -274,6 +274,31 @@ async fn products_are_created_validated_patched_and_listed_with_stock() {
         .await;
         assert_eq!((s, c.as_str()), (400, "invalid_request"), "{bad}: {e}");
     }
+    // A value of the wrong type is refused naming its field (docs/api.md §2), as a
+    // missing one is.
+    for (field, bad) in [
+        (
+            "face_value",
+            json!({"sku": "a", "name": "n", "face_value": "100", "base_price": 1, "max_quantity": 1}),
+        ),
+        (
+            "max_quantity",
+            json!({"sku": "a", "name": "n", "face_value": 1, "base_price": 1, "max_quantity": 3_000_000_000u64}),
+        ),
+        (
+            "name",
+            json!({"sku": "a", "name": null, "face_value": 1, "base_price": 1, "max_quantity": 1}),
+        ),
+    ] {
+        let (s, c, e) = error_of(
+            app.admin(&t, Method::POST, "/admin/v1/products", Some(bad.clone()))
+                .await,
+        )
+        .await;
+        assert_eq!((s, c.as_str()), (400, "invalid_request"), "{bad}: {e}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(&format!("{field}: ")), "{bad}: {message}");
+    }
     let patched = app.admin_ok(&t, Method::PATCH, "/admin/v1/products/steam-cn-100", Some(json!({"base_price": 9900, "status": "off_sale", "tier_prices": {"diamond": 9000}, "low_stock_threshold": 10})), 200).await;
     assert_eq!(patched["base_price"], 9900);
     assert_eq!(patched["status"], "off_sale");
