@@ -2,16 +2,19 @@
 //!
 //! The order-path rules (`new_address`, `velocity`) are evaluated by the reservation
 //! script in the same step as the order (`reserve/reserve.lua`), which answers the
-//! rules that fired; a hold is refused there too (`risk_hold`). Everything else happens
-//! off the answer's path: the order path and signature checks only [`Queue::signal`] into
-//! a bounded queue, and a background task ([`run`], or [`step`] in tests) records the
-//! events in Postgres, counts them, and places holds. `refund_rate` is judged after each
-//! refund, an operator's action, on the operator's path ([`after_refund`]).
+//! rules that fired, places a hold when one of them holds, and refuses the orders of a
+//! held reseller (`risk_hold`). A hold fired so is recorded in Postgres before the order
+//! that fired it is answered ([`order_fired`]); everything else happens off the answer's
+//! path: flags and signature failures only [`Queue::signal`] into a bounded queue, and a
+//! background task ([`run`], or [`step`] in tests) records the events in Postgres and
+//! counts them. `refund_rate` is judged after each refund, an operator's action, on the
+//! operator's path ([`after_refund`]).
 //!
-//! A hold is decided in Postgres (`resellers.risk_hold_at`), audited and called back
-//! (`account.held`), then mirrored into the reseller's risk hash in Redis for the
-//! script; a Redis rebuild restores it from Postgres. No rule driven by requests that do
-//! not verify can hold: `failed_signatures` only flags (config refuses `hold`).
+//! Postgres keeps every hold (`resellers.risk_hold_at`), audited and called back
+//! (`account.held`), and mirrors it into the reseller's risk hash in Redis for the
+//! script (a `refund_rate` hold is placed there this way); a Redis rebuild restores it
+//! from Postgres. No rule driven by requests that do not verify can hold:
+//! `failed_signatures` only flags (config refuses `hold`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -66,6 +69,43 @@ impl Queue {
         if self.tx.try_send(s).is_err() {
             metrics::counter!("cardgate_risk_signals_dropped_total").increment(1);
         }
+    }
+}
+
+/// The order-path rules whose action is hold, as `reserve.lua` names them.
+pub fn order_holds(r: &crate::config::RiskConfig) -> &'static str {
+    match (r.new_address == RiskAction::Hold, r.velocity == RiskAction::Hold) {
+        (true, true) => "av",
+        (true, false) => "a",
+        (false, true) => "v",
+        (false, false) => "",
+    }
+}
+
+/// The rules an order fired. Flags go to the queue; a hold, which the reservation script
+/// has placed in Redis already, is recorded in Postgres before the order is answered:
+/// it must be neither dropped by a full queue nor missing from the operator's view of
+/// the reseller. A reseller is held once, so these cannot pile up.
+pub async fn order_fired(app: &App, s: Signal) {
+    let Signal::Order { fired, reseller_pk, .. } = &s else {
+        return app.risk.signal(s);
+    };
+    if fired.is_empty() {
+        return;
+    }
+    let holds = order_holds(&app.config.risk);
+    if !fired.chars().any(|c| holds.contains(c)) {
+        return app.risk.signal(s);
+    }
+    let reseller_pk = *reseller_pk;
+    if let Err(e) = handle(app, s).await {
+        // Redis refuses the reseller's orders all the same; a release clears it there too.
+        metrics::counter!("cardgate_risk_signals_dropped_total").increment(1);
+        tracing::error!(
+            error = format!("{e:#}"),
+            reseller_pk,
+            "risk hold not recorded in Postgres"
+        );
     }
 }
 

@@ -233,6 +233,7 @@ async fn place_inner(
         key_daily_limit: caller.key_daily_limit,
         address: (risk.new_address != RiskAction::Off).then(|| caller.ip.to_string()),
         velocity: (risk.velocity != RiskAction::Off).then_some((risk.velocity_factor, risk.velocity_min_per_minute)),
+        holds: crate::risk::order_holds(risk),
     };
     // Other cells may hold what the home cell lacks, until a fill finds that none does.
     let mut other_cells = app.keys.cells() > 1;
@@ -298,16 +299,17 @@ async fn place_inner(
         if let Some(n) = &nonce {
             n.tokens().record(bucket);
         }
-        // The rules that fired on a reservation that took the money, for the risk queue.
+        // The rules that fired on a reservation that took the money.
         let signal = |fired: String| {
-            if !fired.is_empty() {
-                app.risk.signal(crate::risk::Signal::Order {
+            crate::risk::order_fired(
+                app,
+                crate::risk::Signal::Order {
                     reseller_pk: reseller.pk,
                     key_id: caller.key_id.clone(),
                     address: caller.ip,
                     fired,
-                });
-            }
+                },
+            )
         };
         let elements = match reserved {
             Reserved::Seen {
@@ -357,12 +359,12 @@ async fn place_inner(
                 return Err(refusal.into());
             }
             Reserved::Upstream { signals } => {
-                signal(signals);
+                signal(signals).await;
                 drop(waiter);
                 return crate::upstream::begin(app, &f).await;
             }
             Reserved::Ok { signals, elements } => {
-                signal(signals);
+                signal(signals).await;
                 Some(elements)
             }
         };

@@ -69,6 +69,8 @@ pub struct Guards {
     pub address: Option<String>,
     /// `(factor, floor per minute)`, when the `velocity` rule is on.
     pub velocity: Option<(f64, u32)>,
+    /// The rules whose action is hold, as the script names them (`a`, `v`).
+    pub holds: &'static str,
 }
 
 /// One outbox entry, as `reserve.lua` appends it: the fulfilment (`o`), its stock
@@ -303,7 +305,7 @@ pub fn reserve_cmd(
         Some(c) => cmd.arg(c.n).arg(c.quota.interval_us).arg(c.quota.burst),
         None => cmd.arg(0).arg(0).arg(0),
     };
-    cmd.arg(if other_cells { "cells" } else { "" });
+    cmd.arg(if other_cells { "cells" } else { "" }).arg(guards.holds);
     cmd
 }
 

@@ -26,7 +26,9 @@
 --       (microseconds), 21 the burst, 22 'cells' when other cells may still hold
 --       stock: a pool that cannot fill the order refuses 'cell_dry' (the gateway brings
 --       stock from the other cells and asks again) rather than 'out_of_stock' or buying
---       upstream; '' once no cell can fill it
+--       upstream; '' once no cell can fill it,
+--       23 the rules whose action is hold ('a', 'v', both or ''): one that fires holds the
+--       reseller here, so every order reserved after this one is refused on every gateway
 --
 -- Answers, each with the write bucket second (as take() reports it, '' when nothing
 -- was taken):
@@ -188,6 +190,18 @@ if ARGV[14] ~= '' then
     end
   elseif now - seen > 3600 then
     redis.call('HSET', KEYS[8], ARGV[14], now)
+  end
+end
+
+-- The order that fires a hold is itself served (it passed every check); the ones after it
+-- are refused at once. Postgres records the hold before this order is answered
+-- (src/risk.rs), and a rebuild restores it from there.
+if signals ~= '' and (ARGV[23] or '') ~= '' then
+  for i = 1, #signals do
+    if string.find(ARGV[23], string.sub(signals, i, i), 1, true) then
+      redis.call('HSET', KEYS[6], 'hold', '1')
+      break
+    end
   end
 end
 

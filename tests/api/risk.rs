@@ -233,9 +233,9 @@ async fn a_hold_from_a_second_address_refuses_orders_until_released_and_survives
         "the first address is not new"
     );
 
-    // The order from the new address goes through; the hold follows it.
+    // The order from the new address goes through; the hold follows it, recorded before
+    // that order's answer (nothing is left to the background's queue).
     assert_eq!(order_from(&app, &k, away, "H-3").await.0, 201);
-    assert_eq!(cardgate::risk::step(&state).await.unwrap(), 1);
     let events = risk_events(&app, &t, &k.reseller_id).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(
@@ -244,6 +244,11 @@ async fn a_hold_from_a_second_address_refuses_orders_until_released_and_survives
     );
     assert_eq!(events[0]["details"]["address"], "127.0.0.2");
     assert_eq!(callbacks_of(&app, "account.held").await, 0, "no callback URL, no event");
+    assert_eq!(
+        cardgate::risk::step(&state).await.unwrap(),
+        0,
+        "the hold went to no queue"
+    );
     for from in [home, away] {
         let (s, body) = order_from(&app, &k, from, &format!("H-held-{from}")).await;
         assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
@@ -282,6 +287,65 @@ async fn a_hold_from_a_second_address_refuses_orders_until_released_and_survives
         )
         .await;
     assert_eq!(audit["entries"].as_array().map(Vec::len), Some(1), "{audit}");
+    app.assert_reconciled(&t).await;
+}
+
+/// A hold is placed by the reservation that fires it, in the same script: the orders of a
+/// batch, reserved concurrently, are refused from the one after it on, not served until
+/// Postgres has recorded the hold.
+#[tokio::test]
+async fn a_velocity_hold_refuses_the_orders_reserved_after_the_one_that_fired_it() {
+    let (app, t, _) = shop_with(12, |env| {
+        manual(env);
+        env.insert("CARDGATE_RISK__VELOCITY".into(), "hold".into());
+        env.insert("CARDGATE_RISK__VELOCITY_MIN_PER_MINUTE".into(), "2".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let orders: Vec<Value> = (0..6).map(|i| order_body(SKU, 1, &format!("VH-{i}"))).collect();
+    let resp = app
+        .signed(
+            &k,
+            Method::POST,
+            "/v1/orders/batch",
+            Some(&json!({ "orders": orders }).to_string()),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let mut statuses: Vec<i64> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_i64().unwrap())
+        .collect();
+    statuses.sort();
+    // Unless the batch straddled a minute: three served (the third fired the rule), three
+    // refused.
+    let straddled = statuses.iter().filter(|s| **s == 201).count() > 3;
+    if !straddled {
+        assert_eq!(statuses, vec![201, 201, 201, 403, 403, 403], "{body}");
+        for r in body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["status"] == 403)
+        {
+            assert_eq!(r["error"]["code"], "risk_hold", "{r}");
+        }
+    }
+    let r = app
+        .admin_ok(
+            &t,
+            Method::GET,
+            &format!("/admin/v1/resellers/{}", k.reseller_id),
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(r["risk_hold"]["rule"], "velocity", "{r}");
+    let (s, body, _) = app.order(&k, order_body(SKU, 1, "VH-after")).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
     app.assert_reconciled(&t).await;
 }
 
