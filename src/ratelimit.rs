@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
@@ -186,18 +186,22 @@ impl<C: Clock + Clone> RateLimits<C> {
 }
 
 /// Addresses an [`AddressLimiter`] tracks before it forgets those whose bucket is full
-/// again on the next check, bounding its memory under a flood from many addresses
+/// again on the next failure, bounding its memory under a flood from many addresses
 /// (each entry is tens of bytes) between the periodic sweeps.
 const ADDRESS_LIMITER_KEYS_MAX: usize = 100_000;
 
-type AddressLimiterInner<C> =
-    RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, governor::middleware::NoOpMiddleware<<C as Clock>::Instant>>;
+type AddressLimiterInner<C> = RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, StateInformationMiddleware>;
 
-/// A GCRA bucket per client address, for routes that must refuse a flood before doing
-/// any work (logins). An IPv6 client usually holds a whole /64, so one counts as one
-/// address: otherwise it could take a fresh bucket for every request.
+/// A GCRA bucket of failures per client address, for logins: each failure takes a token,
+/// and an address whose failures emptied its bucket is refused before any work (the
+/// body, Postgres, Argon2) until a token is back. A success takes nothing, so an
+/// operator, or a script that signs in often, is never refused for signing in. An IPv6
+/// client usually holds a whole /64, so one counts as one address: otherwise it could
+/// take a fresh bucket for every request.
 pub struct AddressLimiter<C: Clock = DefaultClock> {
     limiter: AddressLimiterInner<C>,
+    /// Addresses refused until then: their last failure took the last token.
+    blocked: std::sync::Mutex<HashMap<IpAddr, C::Instant>>,
     clock: C,
 }
 
@@ -211,33 +215,68 @@ impl<C: Clock + Clone> AddressLimiter<C> {
     pub fn with_clock(per_minute: u32, burst: u32, clock: C) -> Self {
         let quota = Quota::per_minute(nz(per_minute)).allow_burst(nz(burst));
         AddressLimiter {
-            limiter: RateLimiter::new(quota, DashMapStateStore::default(), clock.clone()),
+            limiter: RateLimiter::<_, _, _, governor::middleware::NoOpMiddleware<C::Instant>>::new(
+                quota,
+                DashMapStateStore::default(),
+                clock.clone(),
+            )
+            .with_middleware::<StateInformationMiddleware>(),
+            blocked: Default::default(),
             clock,
         }
     }
 
-    /// Takes one token for `ip`, or says how many whole seconds (at least 1) to wait.
+    /// Whether `ip` may try now, or how many whole seconds (at least 1) to wait.
     pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        let key = crate::http::per_client::client_key(ip);
+        let mut blocked = self.blocked();
+        let Some(&until) = blocked.get(&key) else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        if until <= now {
+            blocked.remove(&key);
+            return Ok(());
+        }
+        Err((Duration::from(until.duration_since(now)).as_millis() as u64)
+            .div_ceil(1000)
+            .max(1))
+    }
+
+    /// Counts a failure of `ip`; the one that takes its last token blocks it until the
+    /// next comes back.
+    pub fn failed(&self, ip: IpAddr) {
         if self.limiter.len() >= ADDRESS_LIMITER_KEYS_MAX {
             self.limiter.retain_recent();
         }
-        self.limiter
-            .check_key(&crate::http::per_client::client_key(ip))
-            .map_err(|not_until| {
-                (not_until.wait_time_from(self.clock.now()).as_millis() as u64)
-                    .div_ceil(1000)
-                    .max(1)
-            })
+        let key = crate::http::per_client::client_key(ip);
+        let now = self.clock.now();
+        let until = match self.limiter.check_key(&key) {
+            Ok(state) if state.remaining_burst_capacity() == 0 => now + state.quota().replenish_interval().into(),
+            Ok(_) => return,
+            Err(not_until) => not_until.earliest_possible(),
+        };
+        let mut blocked = self.blocked();
+        if blocked.len() >= ADDRESS_LIMITER_KEYS_MAX {
+            blocked.retain(|_, u| *u > now);
+        }
+        blocked.insert(key, until);
     }
 
-    /// Forgets addresses whose buckets are full again.
+    fn blocked(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, C::Instant>> {
+        self.blocked.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets addresses whose buckets are full again, and blocks that have ended.
     pub fn sweep(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        let now = self.clock.now();
+        self.blocked().retain(|_, until| *until > now);
     }
 
     pub fn tracked_keys(&self) -> usize {
-        self.limiter.len()
+        self.limiter.len() + self.blocked().len()
     }
 }
 
@@ -318,21 +357,31 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_limited_apart_and_an_ipv6_64_is_one_address() {
+    fn failures_are_limited_per_address_and_an_ipv6_64_is_one_address() {
         let clock = FakeRelativeClock::default();
         let limiter = AddressLimiter::with_clock(20, 2, clock.clone());
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(limiter.check(ip("192.0.2.1")).is_ok() && limiter.check(ip("192.0.2.1")).is_ok());
-        // 20 a minute: the next token comes in 3 s.
+        // Checks alone take nothing.
+        for _ in 0..10 {
+            assert!(limiter.check(ip("192.0.2.1")).is_ok());
+        }
+        limiter.failed(ip("192.0.2.1"));
+        assert!(limiter.check(ip("192.0.2.1")).is_ok());
+        // The second failure takes the last token: 20 a minute, the next comes in 3 s.
+        limiter.failed(ip("192.0.2.1"));
         assert_eq!(limiter.check(ip("192.0.2.1")), Err(3));
         assert!(limiter.check(ip("192.0.2.2")).is_ok());
-        assert!(limiter.check(ip("2001:db8:1:2::1")).is_ok() && limiter.check(ip("2001:db8:1:2:ffff::9")).is_ok());
+        limiter.failed(ip("2001:db8:1:2::1"));
+        limiter.failed(ip("2001:db8:1:2:ffff::9"));
         assert!(limiter.check(ip("2001:db8:1:2:abcd::1")).is_err());
         assert!(limiter.check(ip("2001:db8:1:3::1")).is_ok());
         // An IPv4-mapped address is the IPv4 one.
         assert!(limiter.check(ip("::ffff:192.0.2.1")).is_err());
         clock.advance(Duration::from_secs(3));
         assert!(limiter.check(ip("192.0.2.1")).is_ok());
+        // One token back: the next failure blocks again at once.
+        limiter.failed(ip("192.0.2.1"));
+        assert!(limiter.check(ip("192.0.2.1")).is_err());
         clock.advance(Duration::from_secs(60));
         limiter.sweep();
         assert_eq!(limiter.tracked_keys(), 0);

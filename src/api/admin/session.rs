@@ -25,7 +25,8 @@ struct Login {
     password: String,
 }
 
-/// The order of the steps is the point: the per-address limit before the body is read;
+/// The order of the steps is the point: the per-address limit of failures before the body
+/// is read;
 /// the attempt counted before the password is checked; no Postgres connection held
 /// while Argon2 runs; Argon2 on its own bounded pool (`App::passwords`).
 /// How long a login refused by the per-address limit waits before its answer.
@@ -41,17 +42,27 @@ pub async fn login(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
         tokio::time::sleep(LOGIN_REFUSAL_DELAY).await;
         return Err(ApiError::RateLimited { retry_after_secs });
     }
-    let login: Login = super::json(app, &parts, body).await?;
+    // Every way the caller can fail counts against the address (a body that is not a
+    // login too); a success does not, nor a failure of ours (overloaded, Postgres away).
+    let failed = |e: ApiError| {
+        if e.status().is_client_error() {
+            app.login_limiter.failed(ip);
+        }
+        e
+    };
+    let login: Login = super::json(app, &parts, body).await.map_err(failed)?;
     if !valid_username(&login.username) || login.password.len() > PASSWORD_MAX_BYTES {
-        return Err(ApiError::Unauthenticated("invalid username or password"));
+        return Err(failed(ApiError::Unauthenticated("invalid username or password")));
     }
-    accounts::count_login_attempt(app, &login.username, ip).await?;
+    accounts::count_login_attempt(app, &login.username, ip)
+        .await
+        .map_err(failed)?;
     let account = accounts::for_login(app, &login.username).await?;
     let ok = app.passwords.verify(login.password, account.password_hash).await?;
     let actor = Actor::admin(&login.username, ip);
     if !ok || account.disabled {
         accounts::audit_login(app, &actor, &login.username, false).await?;
-        return Err(ApiError::Unauthenticated("invalid username or password"));
+        return Err(failed(ApiError::Unauthenticated("invalid username or password")));
     }
     accounts::clear_login_attempts(app, &login.username, ip).await;
     let (token, exp) = app
