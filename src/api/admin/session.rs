@@ -25,13 +25,12 @@ struct Login {
     password: String,
 }
 
-/// The order of the steps is the point: the per-address limit of failures before the body
-/// is read;
-/// the attempt counted before the password is checked; no Postgres connection held
-/// while Argon2 runs; Argon2 on its own bounded pool (`App::passwords`).
 /// How long a login refused by the per-address limit waits before its answer.
 const LOGIN_REFUSAL_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The order of the steps is the point: the per-address limit of failures before the body
+/// is read; the attempt counted before the password is checked; no Postgres connection
+/// held while Argon2 runs; Argon2 on its own bounded pool (`App::passwords`).
 pub async fn login(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let ip = ctx.client_ip(app, &parts.headers);
