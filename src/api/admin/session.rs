@@ -41,27 +41,33 @@ pub async fn login(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
         tokio::time::sleep(LOGIN_REFUSAL_DELAY).await;
         return Err(ApiError::RateLimited { retry_after_secs });
     }
-    // Every way the caller can fail counts against the address (a body that is not a
-    // login too); a success does not, nor a failure of ours (overloaded, Postgres away).
-    let failed = |e: ApiError| {
-        if e.status().is_client_error() {
-            app.login_limiter.failed(ip);
-        }
-        e
-    };
-    let login: Login = super::json(app, &parts, body).await.map_err(failed)?;
-    if !valid_username(&login.username) || login.password.len() > PASSWORD_MAX_BYTES {
-        return Err(failed(ApiError::Unauthenticated("invalid username or password")));
+    // Every login that does not sign in counts against the address: a wrong password, a
+    // body that is not a login, and one that found Argon2 busy too (else a flood from one
+    // address would keep Argon2 from everyone's logins without ever being refused).
+    let result = sign_in(app, parts, body, ip).await;
+    if result.is_err() {
+        app.login_limiter.failed(ip);
     }
-    accounts::count_login_attempt(app, &login.username, ip)
-        .await
-        .map_err(failed)?;
+    result
+}
+
+async fn sign_in(
+    app: &App,
+    parts: hyper::http::request::Parts,
+    body: Incoming,
+    ip: std::net::IpAddr,
+) -> Result<Response<Body>, ApiError> {
+    let login: Login = super::json(app, &parts, body).await?;
+    if !valid_username(&login.username) || login.password.len() > PASSWORD_MAX_BYTES {
+        return Err(ApiError::Unauthenticated("invalid username or password"));
+    }
+    accounts::count_login_attempt(app, &login.username, ip).await?;
     let account = accounts::for_login(app, &login.username).await?;
     let ok = app.passwords.verify(login.password, account.password_hash).await?;
     let actor = Actor::admin(&login.username, ip);
     if !ok || account.disabled {
         accounts::audit_login(app, &actor, &login.username, false).await?;
-        return Err(failed(ApiError::Unauthenticated("invalid username or password")));
+        return Err(ApiError::Unauthenticated("invalid username or password"));
     }
     accounts::clear_login_attempts(app, &login.username, ip).await;
     let (token, exp) = app
