@@ -131,6 +131,23 @@ async fn order_status(app: &TestApp, key: &ResellerKey, order_id: &str) -> Value
     resp.json::<Value>().await.unwrap()["status"].clone()
 }
 
+/// The gateway that buys upstream, on a clock the test moves, with SKU and a circuit
+/// that opens after FAILURES and stays open for COOLDOWN; background work by hand.
+async fn hub() -> (TestApp, ManualClock, String) {
+    let clock = ManualClock::at_system_now();
+    let mut env = test_env(&create_database().await);
+    env.insert("CARDGATE_UPSTREAM__CIRCUIT_FAILURES".into(), FAILURES.to_string());
+    env.insert(
+        "CARDGATE_UPSTREAM__CIRCUIT_OPEN_MS".into(),
+        COOLDOWN.as_millis().to_string(),
+    );
+    env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    let down = start_with_clock(env, clock.clone().into()).await;
+    let t = down.root_token().await;
+    down.create_product(&t, SKU).await;
+    (down, clock, t)
+}
+
 #[tokio::test]
 async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_asked_it() {
     // The live supplier: another cardgate with stock, the hub its funded reseller.
@@ -142,18 +159,8 @@ async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_
     let hub_key = buyer(&up, &up_token, "standard", 100 * 9800).await;
     let dead = BlackHole::start().await;
 
-    let clock = ManualClock::at_system_now();
-    let mut env = test_env(&create_database().await);
-    env.insert("CARDGATE_UPSTREAM__CIRCUIT_FAILURES".into(), FAILURES.to_string());
-    env.insert(
-        "CARDGATE_UPSTREAM__CIRCUIT_OPEN_MS".into(),
-        COOLDOWN.as_millis().to_string(),
-    );
-    env.insert(MANUAL_BACKGROUND.into(), "1".into());
-    let down = start_with_clock(env, clock.clone().into()).await;
+    let (down, clock, t) = hub().await;
     let state = down.state.clone().unwrap();
-    let t = down.root_token().await;
-    down.create_product(&t, SKU).await;
     let dead_sp = create_supplier(&down, &t, "dead", &dead.base, "ak_dead", "sk-dead-secret").await;
     let live_sp = create_supplier(&down, &t, "live", &up.base, &hub_key.key_id, &hub_key.secret).await;
     down.admin_ok(
@@ -298,18 +305,8 @@ async fn a_source_passed_over_for_its_open_circuit_is_waited_for_not_taken_as_a_
     let hub_key = buyer(&up, &up_token, "standard", 100 * 9800).await;
     let dead = BlackHole::start().await;
 
-    let clock = ManualClock::at_system_now();
-    let mut env = test_env(&create_database().await);
-    env.insert("CARDGATE_UPSTREAM__CIRCUIT_FAILURES".into(), FAILURES.to_string());
-    env.insert(
-        "CARDGATE_UPSTREAM__CIRCUIT_OPEN_MS".into(),
-        COOLDOWN.as_millis().to_string(),
-    );
-    env.insert(MANUAL_BACKGROUND.into(), "1".into());
-    let down = start_with_clock(env, clock.clone().into()).await;
+    let (down, _clock, t) = hub().await;
     let state = down.state.clone().unwrap();
-    let t = down.root_token().await;
-    down.create_product(&t, SKU).await;
     let dead_sp = create_supplier(&down, &t, "dead", &dead.base, "ak_dead", "sk-dead-secret").await;
     let empty_sp = create_supplier(&down, &t, "empty", &up.base, &hub_key.key_id, &hub_key.secret).await;
     let sources = |list: Value| {
