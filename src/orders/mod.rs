@@ -359,14 +359,9 @@ async fn place_inner(
                 return Err(refusal.into());
             }
             Reserved::Upstream { signals } => {
+                signal(signals).await;
                 drop(waiter);
-                let placed = crate::upstream::begin(app, &f).await;
-                // The rules count orders that took the money: one every source refused in
-                // its window took nothing, and holds nobody (reserve.lua leaves it to here).
-                if placed.is_ok() {
-                    signal(signals).await;
-                }
-                return placed;
+                return crate::upstream::begin(app, &f).await;
             }
             Reserved::Ok { signals, elements } => {
                 signal(signals).await;

@@ -195,10 +195,8 @@ end
 
 -- The order that fires a hold is itself served (it passed every check); the ones after it
 -- are refused at once. Postgres records the hold before this order is answered
--- (src/risk.rs), and a rebuild restores it from there. An order to be bought upstream
--- holds only once a source has sold or accepted it: every source may yet refuse it, and
--- then it took nothing.
-if not upstream and signals ~= '' and (ARGV[23] or '') ~= '' then
+-- (src/risk.rs), and a rebuild restores it from there.
+if signals ~= '' and (ARGV[23] or '') ~= '' then
   for i = 1, #signals do
     if string.find(ARGV[23], string.sub(signals, i, i), 1, true) then
       redis.call('HSET', KEYS[6], 'hold', '1')

@@ -496,23 +496,18 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
 /// Asks the sources from the purchase's current one on. With a deadline (the answer
 /// window), an unknown outcome is asked again until it passes; without one (the
 /// background step), each source is asked once and an unknown outcome ends the round.
-/// A source whose circuit is open ([`health`]) is passed over for the next if the number
-/// has not gone to it (nothing was sent, so moving on cannot buy twice), but it has not
-/// refused: a round whose other sources all refuse ends undecided at the first source
-/// passed over, which is asked once its circuit lets a call through (docs/api.md §8: the
-/// answer is the refusal only when every source refused). If the number has gone to it,
-/// the round ends undecided there at once.
+/// A source whose circuit is open ([`health`]) is skipped like a refusal if the number
+/// has not gone to it (nothing was sent, so moving on cannot buy twice); if it has, the
+/// round ends undecided and the same source is asked once its circuit lets a call through.
 async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Instant>) -> Round {
     let mut i = (p.source_index.max(0) as usize).min(sources.len());
     let mut asked = p.asked;
-    let mut passed_over = None;
     while let Some(s) = sources.get(i) {
         let Some(permit) = app.supplier_health.admit(&s.supplier_id, app.clock.now_unix_ms()) else {
             if asked {
                 return Round::Open { source: i };
             }
             app.supplier_health.skipped(&s.supplier_id);
-            passed_over.get_or_insert(i);
             i += 1;
             continue;
         };
@@ -565,10 +560,7 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
             },
         }
     }
-    match passed_over {
-        Some(source) => Round::Open { source },
-        None => Round::Refused,
-    }
+    Round::Refused
 }
 
 /// Writes that the purchase's number is going to source `index`, before it is sent: if
@@ -729,10 +721,9 @@ async fn processing(app: &App, p: &Purchase, source: usize) -> Result<Order, Api
         if !exists {
             insert_order(&tx, app, p, "processing").await?;
         }
-        // Due for the background step at once, from the source the round ended at (a
-        // source passed over for its open circuit comes before those that refused since).
+        // Due for the background step at once.
         tx.execute(
-            "UPDATE purchases SET lease_until = $2, source_index = $3, updated_at = now()
+            "UPDATE purchases SET lease_until = $2, source_index = greatest(source_index, $3), updated_at = now()
               WHERE id = $1",
             &[&p.pk, &app.clock.now(), &(source as i32)],
         )
@@ -960,13 +951,13 @@ async fn resume(app: &App, p: &Purchase) -> Result<bool, ApiError> {
             fail(app, p).await?;
             Ok(true)
         }
-        Round::Open { source } => {
+        Round::Open { .. } => {
             let retry = app.clock.now() + Duration::from_millis(app.config.upstream.retry_ms);
             let client = app.pg_orders.get().await?;
             client
                 .execute(
-                    "UPDATE purchases SET lease_until = $2, source_index = $3 WHERE id = $1 AND state = 'open'",
-                    &[&p.pk, &retry, &(source as i32)],
+                    "UPDATE purchases SET lease_until = $2 WHERE id = $1 AND state = 'open'",
+                    &[&p.pk, &retry],
                 )
                 .await?;
             Ok(false)

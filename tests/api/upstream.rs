@@ -433,41 +433,6 @@ async fn every_source_refusing_is_a_clean_409_and_the_number_stays_free() {
     c.down.app.assert_reconciled(&c.down.token).await;
 }
 
-/// An order every source refused took nothing, so the risk rules do not act on it: a
-/// velocity hold fired by it would lock the reseller out for orders it never got.
-#[tokio::test]
-async fn an_upstream_order_every_source_refused_holds_nobody() {
-    let up = upstream(spawn_app().await, &[(SKU, 0)]).await;
-    let down = hub(spawn_app_with(|env| {
-        hub_env(3000)(env);
-        env.insert("CARDGATE_RISK__VELOCITY".into(), "hold".into());
-        env.insert("CARDGATE_RISK__VELOCITY_MIN_PER_MINUTE".into(), "1".into());
-    })
-    .await)
-    .await;
-    let sp = down.supplier(&up.app.base, &up.hub_key).await;
-    down.sources(&[(&sp, SKU)]).await;
-    for mon in ["M-RISK-1", "M-RISK-2"] {
-        let resp = down.app.post_order(&down.buyer, order_body(SKU, 1, mon)).await;
-        assert_eq!(error_of(resp).await.1, "out_of_stock");
-    }
-    let r = down
-        .app
-        .admin_ok(
-            &down.token,
-            Method::GET,
-            &format!("/admin/v1/resellers/{}", down.buyer.reseller_id),
-            None,
-            200,
-        )
-        .await;
-    assert!(r["risk_hold"].is_null(), "{r}");
-    let local = format!("LOCAL-{}", random_suffix());
-    assert_eq!(down.app.import_codes(&down.token, SKU, local).await.status(), 200);
-    let (status, order, _) = down.app.order(&down.buyer, order_body(SKU, 1, "M-RISK-3")).await;
-    assert_eq!(status, 201, "{order}");
-}
-
 #[tokio::test]
 async fn an_upstream_slower_than_the_window_is_answered_202_and_fulfilled_by_the_step() {
     let c = chain(2, 0).await;
