@@ -186,22 +186,28 @@ impl<C: Clock + Clone> RateLimits<C> {
 }
 
 /// Addresses an [`AddressLimiter`] tracks before it forgets those whose bucket is full
-/// again on the next failure, bounding its memory under a flood from many addresses
+/// again on the next check, bounding its memory under a flood from many addresses
 /// (each entry is tens of bytes) between the periodic sweeps.
 const ADDRESS_LIMITER_KEYS_MAX: usize = 100_000;
 
-type AddressLimiterInner<C> = RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, StateInformationMiddleware>;
+type AddressLimiterInner<C> =
+    RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, governor::middleware::NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// A GCRA bucket of failures per client address, for logins: each failure takes a token,
-/// and an address whose failures emptied its bucket is refused before any work (the
-/// body, Postgres, Argon2) until a token is back. A success takes nothing, so an
-/// operator, or a script that signs in often, is never refused for signing in. An IPv6
-/// client usually holds a whole /64, so one counts as one address: otherwise it could
-/// take a fresh bucket for every request.
+/// A GCRA bucket per client address, for logins, which must refuse a flood before doing
+/// any work. Every attempt takes a token before its body is read, so neither a wave of
+/// concurrent attempts nor clients that hang up mid-way get past it; a sign-in gives its
+/// token back as a credit the address spends when its bucket is empty (governor cannot
+/// return a token), so an operator, or a script that signs in often, is never refused
+/// for signing in. An IPv6 client usually holds a whole /64, so one counts as one
+/// address: otherwise it could take a fresh bucket for every request.
 pub struct AddressLimiter<C: Clock = DefaultClock> {
     limiter: AddressLimiterInner<C>,
-    /// Addresses refused until then: their last failure took the last token.
-    blocked: std::sync::Mutex<HashMap<IpAddr, C::Instant>>,
+    /// Sign-ins not yet spent again, per address, with when the last was given: at most
+    /// the burst, forgotten once the bucket would be full again anyway.
+    credits: std::sync::Mutex<HashMap<IpAddr, (u32, C::Instant)>>,
+    burst: u32,
+    /// How long an empty bucket takes to fill.
+    refill: Duration,
     clock: C,
 }
 
@@ -215,68 +221,63 @@ impl<C: Clock + Clone> AddressLimiter<C> {
     pub fn with_clock(per_minute: u32, burst: u32, clock: C) -> Self {
         let quota = Quota::per_minute(nz(per_minute)).allow_burst(nz(burst));
         AddressLimiter {
-            limiter: RateLimiter::<_, _, _, governor::middleware::NoOpMiddleware<C::Instant>>::new(
-                quota,
-                DashMapStateStore::default(),
-                clock.clone(),
-            )
-            .with_middleware::<StateInformationMiddleware>(),
-            blocked: Default::default(),
+            limiter: RateLimiter::new(quota, DashMapStateStore::default(), clock.clone()),
+            credits: Default::default(),
+            burst: burst.max(1),
+            refill: quota.replenish_interval() * burst.max(1),
             clock,
         }
     }
 
-    /// Whether `ip` may try now, or how many whole seconds (at least 1) to wait.
+    /// Takes one token (or a credit) for an attempt from `ip`, or says how many whole
+    /// seconds (at least 1) to wait.
     pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
-        let key = crate::http::per_client::client_key(ip);
-        let mut blocked = self.blocked();
-        let Some(&until) = blocked.get(&key) else {
-            return Ok(());
-        };
-        let now = self.clock.now();
-        if until <= now {
-            blocked.remove(&key);
-            return Ok(());
-        }
-        Err((Duration::from(until.duration_since(now)).as_millis() as u64)
-            .div_ceil(1000)
-            .max(1))
-    }
-
-    /// Counts a failure of `ip`; the one that takes its last token blocks it until the
-    /// next comes back.
-    pub fn failed(&self, ip: IpAddr) {
         if self.limiter.len() >= ADDRESS_LIMITER_KEYS_MAX {
             self.limiter.retain_recent();
         }
         let key = crate::http::per_client::client_key(ip);
+        self.limiter.check_key(&key).or_else(|not_until| {
+            if let Some((n, _)) = self.credits().get_mut(&key).filter(|(n, _)| *n > 0) {
+                *n -= 1;
+                return Ok(());
+            }
+            Err((not_until.wait_time_from(self.clock.now()).as_millis() as u64)
+                .div_ceil(1000)
+                .max(1))
+        })
+    }
+
+    /// An attempt from `ip` signed in: its token comes back, as a credit.
+    pub fn signed_in(&self, ip: IpAddr) {
         let now = self.clock.now();
-        let until = match self.limiter.check_key(&key) {
-            Ok(state) if state.remaining_burst_capacity() == 0 => now + state.quota().replenish_interval().into(),
-            Ok(_) => return,
-            Err(not_until) => not_until.earliest_possible(),
-        };
-        let mut blocked = self.blocked();
-        if blocked.len() >= ADDRESS_LIMITER_KEYS_MAX {
-            blocked.retain(|_, u| *u > now);
+        let mut credits = self.credits();
+        if credits.len() >= ADDRESS_LIMITER_KEYS_MAX {
+            self.forget_spent(&mut credits, now);
         }
-        blocked.insert(key, until);
+        let c = credits
+            .entry(crate::http::per_client::client_key(ip))
+            .or_insert((0, now));
+        *c = ((c.0 + 1).min(self.burst), now);
     }
 
-    fn blocked(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, C::Instant>> {
-        self.blocked.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn credits(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, C::Instant)>> {
+        self.credits.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Forgets addresses whose buckets are full again, and blocks that have ended.
+    fn forget_spent(&self, credits: &mut HashMap<IpAddr, (u32, C::Instant)>, now: C::Instant) {
+        credits.retain(|_, (n, at)| *n > 0 && Duration::from(now.duration_since(*at)) < self.refill);
+    }
+
+    /// Forgets addresses whose buckets are full again.
     pub fn sweep(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
         let now = self.clock.now();
-        self.blocked().retain(|_, until| *until > now);
+        self.forget_spent(&mut self.credits(), now);
     }
 
     pub fn tracked_keys(&self) -> usize {
-        self.limiter.len() + self.blocked().len()
+        self.limiter.len() + self.credits().len()
     }
 }
 
@@ -357,31 +358,47 @@ mod tests {
     }
 
     #[test]
-    fn failures_are_limited_per_address_and_an_ipv6_64_is_one_address() {
+    fn addresses_are_limited_apart_and_an_ipv6_64_is_one_address() {
         let clock = FakeRelativeClock::default();
         let limiter = AddressLimiter::with_clock(20, 2, clock.clone());
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        // Checks alone take nothing.
-        for _ in 0..10 {
-            assert!(limiter.check(ip("192.0.2.1")).is_ok());
-        }
-        limiter.failed(ip("192.0.2.1"));
-        assert!(limiter.check(ip("192.0.2.1")).is_ok());
-        // The second failure takes the last token: 20 a minute, the next comes in 3 s.
-        limiter.failed(ip("192.0.2.1"));
+        assert!(limiter.check(ip("192.0.2.1")).is_ok() && limiter.check(ip("192.0.2.1")).is_ok());
+        // 20 a minute: the next token comes in 3 s.
         assert_eq!(limiter.check(ip("192.0.2.1")), Err(3));
         assert!(limiter.check(ip("192.0.2.2")).is_ok());
-        limiter.failed(ip("2001:db8:1:2::1"));
-        limiter.failed(ip("2001:db8:1:2:ffff::9"));
+        assert!(limiter.check(ip("2001:db8:1:2::1")).is_ok() && limiter.check(ip("2001:db8:1:2:ffff::9")).is_ok());
         assert!(limiter.check(ip("2001:db8:1:2:abcd::1")).is_err());
         assert!(limiter.check(ip("2001:db8:1:3::1")).is_ok());
         // An IPv4-mapped address is the IPv4 one.
         assert!(limiter.check(ip("::ffff:192.0.2.1")).is_err());
         clock.advance(Duration::from_secs(3));
         assert!(limiter.check(ip("192.0.2.1")).is_ok());
-        // One token back: the next failure blocks again at once.
-        limiter.failed(ip("192.0.2.1"));
-        assert!(limiter.check(ip("192.0.2.1")).is_err());
+        clock.advance(Duration::from_secs(60));
+        limiter.sweep();
+        assert_eq!(limiter.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn a_sign_in_gives_its_token_back_and_failures_do_not() {
+        let clock = FakeRelativeClock::default();
+        let limiter = AddressLimiter::with_clock(20, 2, clock.clone());
+        let me: IpAddr = "192.0.2.1".parse().unwrap();
+        // Sign-ins one after another, far past the burst.
+        for _ in 0..50 {
+            assert!(limiter.check(me).is_ok());
+            limiter.signed_in(me);
+        }
+        // Failures spend the credits, then the bucket refuses.
+        assert!(limiter.check(me).is_ok() && limiter.check(me).is_ok());
+        assert_eq!(limiter.check(me), Err(3));
+        // A sign-in gives back one attempt, no more than the burst in all.
+        for _ in 0..5 {
+            limiter.signed_in(me);
+        }
+        assert!(limiter.check(me).is_ok() && limiter.check(me).is_ok());
+        assert!(limiter.check(me).is_err());
+        // Credits are forgotten once the bucket would be full again.
+        limiter.signed_in(me);
         clock.advance(Duration::from_secs(60));
         limiter.sweep();
         assert_eq!(limiter.tracked_keys(), 0);

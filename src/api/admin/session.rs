@@ -28,9 +28,10 @@ struct Login {
 /// How long a login refused by the per-address limit waits before its answer.
 const LOGIN_REFUSAL_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The order of the steps is the point: the per-address limit of failures before the body
-/// is read; the attempt counted before the password is checked; no Postgres connection
-/// held while Argon2 runs; Argon2 on its own bounded pool (`App::passwords`).
+/// The order of the steps is the point: the per-address limit before the body is read
+/// (every attempt takes a token there; a sign-in gives its token back at the end); the
+/// attempt counted before the password is checked; no Postgres connection held while
+/// Argon2 runs; Argon2 on its own bounded pool (`App::passwords`).
 pub async fn login(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let ip = ctx.client_ip(app, &parts.headers);
@@ -41,22 +42,6 @@ pub async fn login(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Respo
         tokio::time::sleep(LOGIN_REFUSAL_DELAY).await;
         return Err(ApiError::RateLimited { retry_after_secs });
     }
-    // Every login that does not sign in counts against the address: a wrong password, a
-    // body that is not a login, and one that found Argon2 busy too (else a flood from one
-    // address would keep Argon2 from everyone's logins without ever being refused).
-    let result = sign_in(app, parts, body, ip).await;
-    if result.is_err() {
-        app.login_limiter.failed(ip);
-    }
-    result
-}
-
-async fn sign_in(
-    app: &App,
-    parts: hyper::http::request::Parts,
-    body: Incoming,
-    ip: std::net::IpAddr,
-) -> Result<Response<Body>, ApiError> {
     let login: Login = super::json(app, &parts, body).await?;
     if !valid_username(&login.username) || login.password.len() > PASSWORD_MAX_BYTES {
         return Err(ApiError::Unauthenticated("invalid username or password"));
@@ -70,6 +55,7 @@ async fn sign_in(
         return Err(ApiError::Unauthenticated("invalid username or password"));
     }
     accounts::clear_login_attempts(app, &login.username, ip).await;
+    app.login_limiter.signed_in(ip);
     let (token, exp) = app
         .tokens
         .issue(&login.username, u64::try_from(account.iat).unwrap_or(0))?;
