@@ -3,11 +3,11 @@
 //! The order-path rules (`new_address`, `velocity`) are evaluated by the reservation
 //! script in the same step as the order (`reserve/reserve.lua`), which answers the
 //! rules that fired, places a hold when one of them holds, and refuses the orders of a
-//! held reseller (`risk_hold`). A hold fired so is recorded in Postgres before the order
-//! that fired it is answered ([`order_fired`]); everything else happens off the answer's
-//! path: flags and signature failures only [`Queue::signal`] into a bounded queue, and a
-//! background task ([`run`], or [`step`] in tests) records the events in Postgres and
-//! counts them. `refund_rate` is judged after each refund, an operator's action, on the
+//! held reseller (`risk_hold`). Everything else happens off the answer's path: the order
+//! path and signature checks only queue what they saw ([`order_fired`],
+//! [`Queue::signal`]), and a background task ([`run`], or [`step`] in tests) records the
+//! events in Postgres, counts them, and records holds. Flags go into a bounded queue; a
+//! hold into one that drops nothing, retried until Postgres takes it. `refund_rate` is judged after each refund, an operator's action, on the
 //! operator's path ([`after_refund`]).
 //!
 //! Postgres keeps every hold (`resellers.risk_hold_at`), audited and called back
@@ -53,13 +53,21 @@ pub enum Signal {
 
 pub struct Queue {
     tx: mpsc::Sender<Signal>,
-    rx: Mutex<mpsc::Receiver<Signal>>,
+    /// Orders whose rules held their reseller: never dropped, and few (the script refuses
+    /// a held reseller's next orders, so each hold fires once).
+    holds: mpsc::UnboundedSender<Signal>,
+    rx: Mutex<(mpsc::Receiver<Signal>, mpsc::UnboundedReceiver<Signal>)>,
 }
 
 impl Default for Queue {
     fn default() -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
-        Queue { tx, rx: Mutex::new(rx) }
+        let (holds, holds_rx) = mpsc::unbounded_channel();
+        Queue {
+            tx,
+            holds,
+            rx: Mutex::new((rx, holds_rx)),
+        }
     }
 }
 
@@ -82,55 +90,75 @@ pub fn order_holds(r: &crate::config::RiskConfig) -> &'static str {
     }
 }
 
-/// The rules an order fired. Flags go to the queue; a hold, which the reservation script
-/// has placed in Redis already, is recorded in Postgres before the order is answered:
-/// it must be neither dropped by a full queue nor missing from the operator's view of
-/// the reseller. A reseller is held once, so these cannot pile up.
-pub async fn order_fired(app: &App, s: Signal) {
-    let Signal::Order { fired, reseller_pk, .. } = &s else {
+/// The rules an order fired, for the background task. One that holds, which the
+/// reservation script has placed in Redis already, goes where nothing is dropped: the
+/// hold must reach Postgres (the operator's view of the reseller, the event, the
+/// callback), and off the order's path, which must not wait on the operator's pool.
+pub fn order_fired(app: &App, s: Signal) {
+    let Signal::Order { fired, .. } = &s else {
         return app.risk.signal(s);
     };
     if fired.is_empty() {
         return;
     }
     let holds = order_holds(&app.config.risk);
-    if !fired.chars().any(|c| holds.contains(c)) {
-        return app.risk.signal(s);
-    }
-    let reseller_pk = *reseller_pk;
-    if let Err(e) = handle(app, s).await {
-        // Redis refuses the reseller's orders all the same; a release clears it there too.
-        metrics::counter!("cardgate_risk_signals_dropped_total").increment(1);
-        tracing::error!(
-            error = format!("{e:#}"),
-            reseller_pk,
-            "risk hold not recorded in Postgres"
-        );
+    if fired.chars().any(|c| holds.contains(c)) {
+        // Fails only once the receiver is gone, as the gateway stops.
+        let _ = app.risk.holds.send(s);
+    } else {
+        app.risk.signal(s);
     }
 }
 
 pub async fn run(app: Arc<App>) {
     loop {
-        let next = app.risk.rx.lock().await.recv().await;
-        let Some(s) = next else { return };
-        if let Err(e) = handle(&app, s).await {
+        let next = {
+            let mut rx = app.risk.rx.lock().await;
+            let (signals, holds) = &mut *rx;
+            tokio::select! {
+                biased;
+                Some(s) = holds.recv() => (s, true),
+                Some(s) = signals.recv() => (s, false),
+                else => return,
+            }
+        };
+        let (s, hold) = next;
+        if hold {
+            // Retried until Postgres takes it: Redis holds the reseller meanwhile.
+            let reseller_pk = match &s {
+                Signal::Order { reseller_pk, .. } | Signal::BadSignature { reseller_pk, .. } => *reseller_pk,
+            };
+            if let Err(e) = handle(&app, &s).await {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    reseller_pk,
+                    "risk hold not yet recorded in Postgres; retrying"
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let _ = app.risk.holds.send(s);
+            }
+        } else if let Err(e) = handle(&app, &s).await {
             tracing::warn!(error = format!("{e:#}"), "risk signal not recorded");
         }
     }
 }
 
-/// Handles every signal queued so far; answers how many.
+/// Handles every signal queued so far, holds first; answers how many.
 pub async fn step(app: &App) -> anyhow::Result<usize> {
     let mut n = 0;
     loop {
-        let next = app.risk.rx.lock().await.try_recv();
+        let next = {
+            let mut rx = app.risk.rx.lock().await;
+            let (signals, holds) = &mut *rx;
+            holds.try_recv().or_else(|_| signals.try_recv())
+        };
         let Ok(s) = next else { return Ok(n) };
-        handle(app, s).await?;
+        handle(app, &s).await?;
         n += 1;
     }
 }
 
-async fn handle(app: &App, s: Signal) -> anyhow::Result<()> {
+async fn handle(app: &App, s: &Signal) -> anyhow::Result<()> {
     let r = &app.config.risk;
     match s {
         Signal::Order {
@@ -155,7 +183,7 @@ async fn handle(app: &App, s: Signal) -> anyhow::Result<()> {
                     _ => continue,
                 };
                 if action != RiskAction::Off {
-                    record(app, reseller_pk, rule, action, details).await?;
+                    record(app, *reseller_pk, rule, action, details).await?;
                 }
             }
         }
@@ -164,7 +192,7 @@ async fn handle(app: &App, s: Signal) -> anyhow::Result<()> {
                 return Ok(());
             }
             let minute = app.clock.now_unix_secs().div_euclid(60);
-            let key = app.keys.signature_failures(&key_id, minute);
+            let key = app.keys.signature_failures(key_id, minute);
             let (n,): (u64,) = redis::pipe()
                 .atomic()
                 .cmd("INCR")
@@ -178,7 +206,7 @@ async fn handle(app: &App, s: Signal) -> anyhow::Result<()> {
             // Once a minute per key, on the failure that passes the limit.
             if n == u64::from(r.failed_signatures_per_minute) + 1 {
                 let details = json!({"key_id": key_id, "per_minute": r.failed_signatures_per_minute});
-                record(app, reseller_pk, "failed_signatures", RiskAction::Flag, details).await?;
+                record(app, *reseller_pk, "failed_signatures", RiskAction::Flag, details).await?;
             }
         }
     }
@@ -205,12 +233,14 @@ async fn record(app: &App, reseller_pk: i64, rule: &str, action: RiskAction, det
 }
 
 /// Sets or clears `hold` in a reseller's risk hash if Redis is still at epoch ARGV[2]
-/// (KEYS[2]); after a rebuild Redis has Postgres's word already.
+/// (KEYS[2]); after a rebuild Redis has Postgres's word already. A hold the reservation
+/// script placed is kept as it is: it names the order that fired it, which may still be
+/// reserved again.
 static MIRROR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
-if ARGV[1] == '1' then return redis.call('HSET', KEYS[1], 'hold', '1') end
+if ARGV[1] == '1' then return redis.call('HSETNX', KEYS[1], 'hold', '1') end
 return redis.call('HDEL', KEYS[1], 'hold')",
     )
 });

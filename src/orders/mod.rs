@@ -359,12 +359,12 @@ async fn place_inner(
                 return Err(refusal.into());
             }
             Reserved::Upstream { signals } => {
-                signal(signals).await;
+                signal(signals);
                 drop(waiter);
                 return crate::upstream::begin(app, &f).await;
             }
             Reserved::Ok { signals, elements } => {
-                signal(signals).await;
+                signal(signals);
                 Some(elements)
             }
         };

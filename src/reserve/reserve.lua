@@ -76,7 +76,9 @@ if ARGV[5] ~= '' then
   return {'refused', bucket, ARGV[5]}
 end
 local risk = redis.call('HMGET', KEYS[6], 'hold', 'day', 'spent', 'm', 'n', 'avg')
-if risk[1] then
+-- A hold this very order fired names its number: reserved again (a code Postgres would
+-- not deliver, a rebuild in between), the order that fired it is still served.
+if risk[1] and risk[1] ~= KEYS[1] then
   return {'refused', bucket, 'risk_hold'}
 end
 local qty = tonumber(ARGV[3])
@@ -194,12 +196,12 @@ if ARGV[14] ~= '' then
 end
 
 -- The order that fires a hold is itself served (it passed every check); the ones after it
--- are refused at once. Postgres records the hold before this order is answered
--- (src/risk.rs), and a rebuild restores it from there.
+-- are refused at once. The background records the hold in Postgres (src/risk.rs), which
+-- a rebuild restores it from.
 if signals ~= '' and (ARGV[23] or '') ~= '' then
   for i = 1, #signals do
     if string.find(ARGV[23], string.sub(signals, i, i), 1, true) then
-      redis.call('HSET', KEYS[6], 'hold', '1')
+      redis.call('HSET', KEYS[6], 'hold', KEYS[1])
       break
     end
   end

@@ -233,9 +233,12 @@ async fn a_hold_from_a_second_address_refuses_orders_until_released_and_survives
         "the first address is not new"
     );
 
-    // The order from the new address goes through; the hold follows it, recorded before
-    // that order's answer (nothing is left to the background's queue).
+    // The order from the new address goes through; the hold follows it at once, before
+    // the background has recorded it.
     assert_eq!(order_from(&app, &k, away, "H-3").await.0, 201);
+    let (s, body) = order_from(&app, &k, home, "H-next").await;
+    assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
+    assert_eq!(cardgate::risk::step(&state).await.unwrap(), 1);
     let events = risk_events(&app, &t, &k.reseller_id).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(
@@ -244,11 +247,6 @@ async fn a_hold_from_a_second_address_refuses_orders_until_released_and_survives
     );
     assert_eq!(events[0]["details"]["address"], "127.0.0.2");
     assert_eq!(callbacks_of(&app, "account.held").await, 0, "no callback URL, no event");
-    assert_eq!(
-        cardgate::risk::step(&state).await.unwrap(),
-        0,
-        "the hold went to no queue"
-    );
     for from in [home, away] {
         let (s, body) = order_from(&app, &k, from, &format!("H-held-{from}")).await;
         assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
@@ -292,7 +290,7 @@ async fn a_hold_from_a_second_address_refuses_orders_until_released_and_survives
 
 /// A hold is placed by the reservation that fires it, in the same script: the orders of a
 /// batch, reserved concurrently, are refused from the one after it on, not served until
-/// Postgres has recorded the hold.
+/// the background has recorded the hold in Postgres.
 #[tokio::test]
 async fn a_velocity_hold_refuses_the_orders_reserved_after_the_one_that_fired_it() {
     let (app, t, _) = shop_with(12, |env| {
@@ -334,6 +332,7 @@ async fn a_velocity_hold_refuses_the_orders_reserved_after_the_one_that_fired_it
             assert_eq!(r["error"]["code"], "risk_hold", "{r}");
         }
     }
+    cardgate::risk::step(&app.state.clone().unwrap()).await.unwrap();
     let r = app
         .admin_ok(
             &t,
@@ -346,6 +345,36 @@ async fn a_velocity_hold_refuses_the_orders_reserved_after_the_one_that_fired_it
     assert_eq!(r["risk_hold"]["rule"], "velocity", "{r}");
     let (s, body, _) = app.order(&k, order_body(SKU, 1, "VH-after")).await;
     assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
+    app.assert_reconciled(&t).await;
+}
+
+/// The order that fires a hold is served even when it must be reserved again (the last
+/// guard refused a code doubled in Redis): the hold names it, and refuses the next one.
+#[tokio::test]
+async fn the_order_that_fires_a_hold_is_served_when_it_is_reserved_again() {
+    let (app, t, _) = shop_with(12, |env| {
+        manual(env);
+        env.insert("CARDGATE_RISK__VELOCITY".into(), "hold".into());
+        env.insert("CARDGATE_RISK__VELOCITY_MIN_PER_MINUTE".into(), "1".into());
+    })
+    .await;
+    let k = buyer(&app, &t, "gold", 1_000_000).await;
+    let (s, body, _) = app.order(&k, order_body(SKU, 1, "VR-1")).await;
+    assert_eq!(s, 201, "{body}");
+    let mut r = app.redis().await;
+    hold_the_head_twice(&mut r, &app.import_pool(app.product_pk(SKU).await)).await;
+    // The second order in the minute fires the rule; both copies of the code are its
+    // first reservation, which Postgres refuses, and it is reserved again.
+    let (s, body, _) = app.order(&k, order_body(SKU, 2, "VR-2")).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(codes_of(&body).len(), 2);
+    assert!(metric(&app, "cardgate_last_guard_total").await >= 1.0, "reserved again");
+    let (s, body, _) = app.order(&k, order_body(SKU, 1, "VR-3")).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
+    // Recorded, and the mirrored hold refuses the same.
+    cardgate::risk::step(&app.state.clone().unwrap()).await.unwrap();
+    let (s, _, _) = app.order(&k, order_body(SKU, 1, "VR-4")).await;
+    assert_eq!(s, 403);
     app.assert_reconciled(&t).await;
 }
 
