@@ -650,8 +650,8 @@ impl TestApp {
         r
     }
 
-    /// Puts a committed order's idempotency record back to `pending`, as it is between
-    /// the order's commit and the settle (or, bought upstream, its record marked done).
+    /// Puts a committed order's idempotency record back to `pending`, as it is between an
+    /// order bought upstream being committed and its record marked done.
     pub async fn unsettle(&self, key: &ResellerKey, merchant_order_no: &str) {
         let record = self
             .keys()

@@ -393,16 +393,23 @@ async fn retry_storm_makes_one_order_and_one_charge() {
     app.assert_reconciled(&t).await;
 }
 
-/// The answer goes out once the order is committed, before the writer settles its Redis
-/// record: a retry in that gap (the first answer lost on the way) is a replay of the
-/// order, not `order_in_progress`, for the first request is done.
+/// A committed order's Redis record still says `pending` (settling only acknowledges the
+/// outbox): a retry (the first answer lost on the way) is a replay of the order from
+/// Postgres, not `order_in_progress`, for the first request is done.
 #[tokio::test]
-async fn a_retry_between_the_commit_and_the_settle_replays_the_order() {
+async fn a_retry_of_a_committed_order_whose_record_says_pending_replays_the_order() {
     let (app, t, _) = shop(3).await;
     let k = buyer(&app, &t, "gold", 100_000).await;
     let (s, first, _) = app.order(&k, order_body(SKU, 1, "GAP-1")).await;
     assert_eq!(s, 201, "{first}");
-    app.unsettle(&k, "GAP-1").await;
+    let record = app.keys().idempotency(app.reseller_pk(&k.reseller_id).await, "GAP-1");
+    let state: String = redis::cmd("HGET")
+        .arg(record)
+        .arg("state")
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending");
 
     let (s, again, replayed) = app.order(&k, order_body(SKU, 1, "GAP-1")).await;
     assert_eq!((s, replayed), (200, true), "{again}");
