@@ -237,7 +237,12 @@ impl<C: Clock + Clone> AddressLimiter<C> {
         }
         let key = crate::http::per_client::client_key(ip);
         self.limiter.check_key(&key).or_else(|not_until| {
-            if let Some((n, _)) = self.credits().get_mut(&key).filter(|(n, _)| *n > 0) {
+            // A credit older than a refill stood beside a bucket full again: spent, it would
+            // let a burst through twice.
+            let now = self.clock.now();
+            let fresh =
+                |(n, at): &&mut (u32, C::Instant)| *n > 0 && Duration::from(now.duration_since(*at)) < self.refill;
+            if let Some((n, _)) = self.credits().get_mut(&key).filter(fresh) {
                 *n -= 1;
                 return Ok(());
             }
@@ -397,8 +402,16 @@ mod tests {
         }
         assert!(limiter.check(me).is_ok() && limiter.check(me).is_ok());
         assert!(limiter.check(me).is_err());
-        // Credits are forgotten once the bucket would be full again.
-        limiter.signed_in(me);
+        // Credits are no good once the bucket would be full again, and then forgotten.
+        for _ in 0..2 {
+            limiter.signed_in(me);
+        }
+        clock.advance(Duration::from_secs(6));
+        assert!(limiter.check(me).is_ok() && limiter.check(me).is_ok());
+        assert!(
+            limiter.check(me).is_err(),
+            "the refilled burst, without the old credits"
+        );
         clock.advance(Duration::from_secs(60));
         limiter.sweep();
         assert_eq!(limiter.tracked_keys(), 0);

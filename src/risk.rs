@@ -53,8 +53,8 @@ pub enum Signal {
 
 pub struct Queue {
     tx: mpsc::Sender<Signal>,
-    /// Orders whose rules held their reseller: never dropped, and few (the script refuses
-    /// a held reseller's next orders, so each hold fires once).
+    /// Orders whose rules held their reseller: not dropped when the flags' queue is full,
+    /// and few (the script refuses a held reseller's next orders until a release).
     holds: mpsc::UnboundedSender<Signal>,
     rx: Mutex<(mpsc::Receiver<Signal>, mpsc::UnboundedReceiver<Signal>)>,
 }
@@ -91,9 +91,10 @@ pub fn order_holds(r: &crate::config::RiskConfig) -> &'static str {
 }
 
 /// The rules an order fired, for the background task. One that holds, which the
-/// reservation script has placed in Redis already, goes where nothing is dropped: the
-/// hold must reach Postgres (the operator's view of the reseller, the event, the
-/// callback), and off the order's path, which must not wait on the operator's pool.
+/// reservation script has placed in Redis already, goes where a flood of flags cannot
+/// crowd it out: the hold must reach Postgres (the operator's view of the reseller, the
+/// event, the callback), and off the order's path, which must not wait on the operator's
+/// pool.
 pub fn order_fired(app: &App, s: Signal) {
     let Signal::Order { fired, .. } = &s else {
         return app.risk.signal(s);
@@ -103,7 +104,7 @@ pub fn order_fired(app: &App, s: Signal) {
     }
     let holds = order_holds(&app.config.risk);
     if fired.chars().any(|c| holds.contains(c)) {
-        // Fails only once the receiver is gone, as the gateway stops.
+        // The receiver lives as long as the gateway.
         let _ = app.risk.holds.send(s);
     } else {
         app.risk.signal(s);
@@ -116,29 +117,15 @@ pub async fn run(app: Arc<App>) {
             let mut rx = app.risk.rx.lock().await;
             let (signals, holds) = &mut *rx;
             tokio::select! {
-                biased;
-                Some(s) = holds.recv() => (s, true),
-                Some(s) = signals.recv() => (s, false),
+                Some(s) = holds.recv() => s,
+                Some(s) = signals.recv() => s,
                 else => return,
             }
         };
-        let (s, hold) = next;
-        if hold {
-            // Retried until Postgres takes it: Redis holds the reseller meanwhile.
-            let reseller_pk = match &s {
-                Signal::Order { reseller_pk, .. } | Signal::BadSignature { reseller_pk, .. } => *reseller_pk,
-            };
-            if let Err(e) = handle(&app, &s).await {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    reseller_pk,
-                    "risk hold not yet recorded in Postgres; retrying"
-                );
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                let _ = app.risk.holds.send(s);
-            }
-        } else if let Err(e) = handle(&app, &s).await {
-            tracing::warn!(error = format!("{e:#}"), "risk signal not recorded");
+        if let Err(e) = handle(&app, &next).await {
+            // A hold not recorded stays in Redis alone: the reseller is refused, and a
+            // release (or a rebuild, from Postgres) clears it.
+            tracing::error!(error = format!("{e:#}"), "risk signal not recorded");
         }
     }
 }
@@ -233,14 +220,12 @@ async fn record(app: &App, reseller_pk: i64, rule: &str, action: RiskAction, det
 }
 
 /// Sets or clears `hold` in a reseller's risk hash if Redis is still at epoch ARGV[2]
-/// (KEYS[2]); after a rebuild Redis has Postgres's word already. A hold the reservation
-/// script placed is kept as it is: it names the order that fired it, which may still be
-/// reserved again.
+/// (KEYS[2]); after a rebuild Redis has Postgres's word already.
 static MIRROR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
-if ARGV[1] == '1' then return redis.call('HSETNX', KEYS[1], 'hold', '1') end
+if ARGV[1] == '1' then return redis.call('HSET', KEYS[1], 'hold', '1') end
 return redis.call('HDEL', KEYS[1], 'hold')",
     )
 });

@@ -76,9 +76,7 @@ if ARGV[5] ~= '' then
   return {'refused', bucket, ARGV[5]}
 end
 local risk = redis.call('HMGET', KEYS[6], 'hold', 'day', 'spent', 'm', 'n', 'avg')
--- A hold this very order fired names its number: reserved again (a code Postgres would
--- not deliver, a rebuild in between), the order that fired it is still served.
-if risk[1] and risk[1] ~= KEYS[1] then
+if risk[1] then
   return {'refused', bucket, 'risk_hold'}
 end
 local qty = tonumber(ARGV[3])
@@ -197,11 +195,11 @@ end
 
 -- The order that fires a hold is itself served (it passed every check); the ones after it
 -- are refused at once. The background records the hold in Postgres (src/risk.rs), which
--- a rebuild restores it from.
+-- a rebuild restores it from; until then Redis has it alone, and a release clears it.
 if signals ~= '' and (ARGV[23] or '') ~= '' then
   for i = 1, #signals do
     if string.find(ARGV[23], string.sub(signals, i, i), 1, true) then
-      redis.call('HSET', KEYS[6], 'hold', KEYS[1])
+      redis.call('HSET', KEYS[6], 'hold', '1')
       break
     end
   end

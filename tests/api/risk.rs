@@ -348,36 +348,6 @@ async fn a_velocity_hold_refuses_the_orders_reserved_after_the_one_that_fired_it
     app.assert_reconciled(&t).await;
 }
 
-/// The order that fires a hold is served even when it must be reserved again (the last
-/// guard refused a code doubled in Redis): the hold names it, and refuses the next one.
-#[tokio::test]
-async fn the_order_that_fires_a_hold_is_served_when_it_is_reserved_again() {
-    let (app, t, _) = shop_with(12, |env| {
-        manual(env);
-        env.insert("CARDGATE_RISK__VELOCITY".into(), "hold".into());
-        env.insert("CARDGATE_RISK__VELOCITY_MIN_PER_MINUTE".into(), "1".into());
-    })
-    .await;
-    let k = buyer(&app, &t, "gold", 1_000_000).await;
-    let (s, body, _) = app.order(&k, order_body(SKU, 1, "VR-1")).await;
-    assert_eq!(s, 201, "{body}");
-    let mut r = app.redis().await;
-    hold_the_head_twice(&mut r, &app.import_pool(app.product_pk(SKU).await)).await;
-    // The second order in the minute fires the rule; both copies of the code are its
-    // first reservation, which Postgres refuses, and it is reserved again.
-    let (s, body, _) = app.order(&k, order_body(SKU, 2, "VR-2")).await;
-    assert_eq!(s, 201, "{body}");
-    assert_eq!(codes_of(&body).len(), 2);
-    assert!(metric(&app, "cardgate_last_guard_total").await >= 1.0, "reserved again");
-    let (s, body, _) = app.order(&k, order_body(SKU, 1, "VR-3")).await;
-    assert_eq!((s, body["error"]["code"].as_str()), (403, Some("risk_hold")), "{body}");
-    // Recorded, and the mirrored hold refuses the same.
-    cardgate::risk::step(&app.state.clone().unwrap()).await.unwrap();
-    let (s, _, _) = app.order(&k, order_body(SKU, 1, "VR-4")).await;
-    assert_eq!(s, 403);
-    app.assert_reconciled(&t).await;
-}
-
 #[tokio::test]
 async fn a_velocity_burst_is_flagged_once_and_refuses_nothing() {
     let (app, t, _) = shop_with(12, |env| {
