@@ -318,19 +318,22 @@ async fn a_velocity_hold_refuses_the_orders_reserved_after_the_one_that_fired_it
         .map(|r| r["status"].as_i64().unwrap())
         .collect();
     statuses.sort();
-    // Unless the batch straddled a minute: three served (the third fired the rule), three
-    // refused.
-    let straddled = statuses.iter().filter(|s| **s == 201).count() > 3;
-    if !straddled {
-        assert_eq!(statuses, vec![201, 201, 201, 403, 403, 403], "{body}");
-        for r in body["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["status"] == 403)
-        {
-            assert_eq!(r["error"]["code"], "risk_hold", "{r}");
-        }
+    // Three served (the third fired the rule), three refused; a batch that straddles a
+    // minute fires in whichever minute has three of its orders, so one at least is refused
+    // all the same.
+    let served = statuses.iter().filter(|s| **s == 201).count();
+    assert!((3..6).contains(&served), "{body}");
+    for r in body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] != 201)
+    {
+        assert_eq!(
+            (r["status"].as_i64(), r["error"]["code"].as_str()),
+            (Some(403), Some("risk_hold")),
+            "{r}"
+        );
     }
     cardgate::risk::step(&app.state.clone().unwrap()).await.unwrap();
     let r = app
