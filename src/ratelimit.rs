@@ -237,18 +237,12 @@ impl<C: Clock + Clone> AddressLimiter<C> {
         }
         let key = crate::http::per_client::client_key(ip);
         self.limiter.check_key(&key).or_else(|not_until| {
-            // A credit older than a refill stood beside a bucket full again: spent, it would
-            // let a burst through twice.
             let now = self.clock.now();
-            let fresh =
-                |(n, at): &&mut (u32, C::Instant)| *n > 0 && Duration::from(now.duration_since(*at)) < self.refill;
-            if let Some((n, _)) = self.credits().get_mut(&key).filter(fresh) {
+            if let Some((n, _)) = self.credits().get_mut(&key).filter(|c| self.usable(c, now)) {
                 *n -= 1;
                 return Ok(());
             }
-            Err((not_until.wait_time_from(self.clock.now()).as_millis() as u64)
-                .div_ceil(1000)
-                .max(1))
+            Err((not_until.wait_time_from(now).as_millis() as u64).div_ceil(1000).max(1))
         })
     }
 
@@ -269,8 +263,14 @@ impl<C: Clock + Clone> AddressLimiter<C> {
         self.credits.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A credit left and younger than a refill. An older one stood beside a bucket full
+    /// again: spent, it would let a burst through twice.
+    fn usable(&self, (n, at): &(u32, C::Instant), now: C::Instant) -> bool {
+        *n > 0 && Duration::from(now.duration_since(*at)) < self.refill
+    }
+
     fn forget_spent(&self, credits: &mut HashMap<IpAddr, (u32, C::Instant)>, now: C::Instant) {
-        credits.retain(|_, (n, at)| *n > 0 && Duration::from(now.duration_since(*at)) < self.refill);
+        credits.retain(|_, c| self.usable(c, now));
     }
 
     /// Forgets addresses whose buckets are full again.

@@ -6,9 +6,10 @@
 //! held reseller (`risk_hold`). Everything else happens off the answer's path: the order
 //! path and signature checks only queue what they saw ([`order_fired`],
 //! [`Queue::signal`]), and a background task ([`run`], or [`step`] in tests) records the
-//! events in Postgres, counts them, and records holds. Flags go into a bounded queue; a
-//! hold into one that drops nothing, retried until Postgres takes it. `refund_rate` is judged after each refund, an operator's action, on the
-//! operator's path ([`after_refund`]).
+//! events in Postgres, counts them, and records holds. Flags go into a bounded queue that
+//! drops what overflows; a hold into one of its own, which flags cannot fill.
+//! `refund_rate` is judged after each refund, an operator's action, on the operator's path
+//! ([`after_refund`]).
 //!
 //! Postgres keeps every hold (`resellers.risk_hold_at`), audited and called back
 //! (`account.held`), and mirrors it into the reseller's risk hash in Redis for the
@@ -96,18 +97,14 @@ pub fn order_holds(r: &crate::config::RiskConfig) -> &'static str {
 /// event, the callback), and off the order's path, which must not wait on the operator's
 /// pool.
 pub fn order_fired(app: &App, s: Signal) {
-    let Signal::Order { fired, .. } = &s else {
-        return app.risk.signal(s);
-    };
-    if fired.is_empty() {
-        return;
-    }
     let holds = order_holds(&app.config.risk);
-    if fired.chars().any(|c| holds.contains(c)) {
-        // The receiver lives as long as the gateway.
-        let _ = app.risk.holds.send(s);
-    } else {
-        app.risk.signal(s);
+    match &s {
+        Signal::Order { fired, .. } if fired.is_empty() => {}
+        Signal::Order { fired, .. } if fired.chars().any(|c| holds.contains(c)) => {
+            // The receiver lives as long as the gateway.
+            let _ = app.risk.holds.send(s);
+        }
+        _ => app.risk.signal(s),
     }
 }
 
@@ -122,7 +119,7 @@ pub async fn run(app: Arc<App>) {
                 else => return,
             }
         };
-        if let Err(e) = handle(&app, &next).await {
+        if let Err(e) = handle(&app, next).await {
             // A hold not recorded stays in Redis alone: the reseller is refused, and a
             // release (or a rebuild, from Postgres) clears it.
             tracing::error!(error = format!("{e:#}"), "risk signal not recorded");
@@ -140,12 +137,12 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
             holds.try_recv().or_else(|_| signals.try_recv())
         };
         let Ok(s) = next else { return Ok(n) };
-        handle(app, &s).await?;
+        handle(app, s).await?;
         n += 1;
     }
 }
 
-async fn handle(app: &App, s: &Signal) -> anyhow::Result<()> {
+async fn handle(app: &App, s: Signal) -> anyhow::Result<()> {
     let r = &app.config.risk;
     match s {
         Signal::Order {
@@ -170,7 +167,7 @@ async fn handle(app: &App, s: &Signal) -> anyhow::Result<()> {
                     _ => continue,
                 };
                 if action != RiskAction::Off {
-                    record(app, *reseller_pk, rule, action, details).await?;
+                    record(app, reseller_pk, rule, action, details).await?;
                 }
             }
         }
@@ -179,7 +176,7 @@ async fn handle(app: &App, s: &Signal) -> anyhow::Result<()> {
                 return Ok(());
             }
             let minute = app.clock.now_unix_secs().div_euclid(60);
-            let key = app.keys.signature_failures(key_id, minute);
+            let key = app.keys.signature_failures(&key_id, minute);
             let (n,): (u64,) = redis::pipe()
                 .atomic()
                 .cmd("INCR")
@@ -193,7 +190,7 @@ async fn handle(app: &App, s: &Signal) -> anyhow::Result<()> {
             // Once a minute per key, on the failure that passes the limit.
             if n == u64::from(r.failed_signatures_per_minute) + 1 {
                 let details = json!({"key_id": key_id, "per_minute": r.failed_signatures_per_minute});
-                record(app, *reseller_pk, "failed_signatures", RiskAction::Flag, details).await?;
+                record(app, reseller_pk, "failed_signatures", RiskAction::Flag, details).await?;
             }
         }
     }

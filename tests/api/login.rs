@@ -64,8 +64,8 @@ async fn concurrent_wrong_passwords_are_verified_at_most_the_limit_then_even_the
 async fn logins_are_limited_per_client_address_before_the_body_is_read_and_a_sign_in_gives_its_token_back() {
     // The defaults: 20 a minute, a burst of 10.
     let app = spawn_app().await;
-    // Each sign-in gives back the token its attempt took: a script may sign in as often
-    // as it likes.
+    // Each sign-in gives back the token its attempt took: a script signing in one login
+    // after another is never refused.
     for _ in 0..25 {
         assert_eq!(
             try_login(&app.client, &app, ROOT_USER, ROOT_PASSWORD).await.status(),
