@@ -19,7 +19,11 @@
 //!    is resumed by any gateway's step the same way.
 //!
 //! Each gateway keeps every supplier's health ([`health`]): a source whose circuit is open
-//! is skipped by a purchase that has not yet asked it, and waited for by one that has.
+//! is passed over by a purchase that has not yet asked it (and gone back to when every
+//! source after it refuses), and waited for by one that has.
+//!
+//! Every round of asking holds the purchase by its round number, which each claim bumps:
+//! a round that outlived its lease changes nothing more.
 
 pub mod cardgate;
 pub mod health;
@@ -384,6 +388,12 @@ struct Purchase {
     /// (the row's outcome there is unknown): that source must be asked again, circuit or
     /// not.
     asked: bool,
+    /// It was sent back to the source at `source_index`, passed over for its open circuit
+    /// ([`back_to_passed_over`]), and has not asked it since.
+    waiting: bool,
+    /// The claim this round holds (the row's `round`): every write it makes is
+    /// conditional on it, so a round another has taken over from changes nothing.
+    round: i64,
 }
 
 /// How a round of asking the sources ended.
@@ -394,7 +404,8 @@ enum Round {
         upstream_order_id: String,
         cost: i64,
     },
-    /// Every source, from the purchase's current one on, refused definitely.
+    /// Every source, from the purchase's current one on, refused definitely, and none was
+    /// passed over for its open circuit.
     Refused,
     /// Not decided yet; `source` is the one to ask next time.
     Open { source: usize },
@@ -461,6 +472,8 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
         upstream_no,
         source_index: 0,
         asked: false,
+        waiting: false,
+        round: 1,
     };
     let deadline = started + window;
     // Past the bound on orders waiting on suppliers, the order does not wait: `202` now,
@@ -478,13 +491,21 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
         } => match fulfil(app, &p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await? {
             Some(order) => Ok(Placed::Created(order)),
             None => {
-                refuse(app, &p).await?;
-                Err(ApiError::OutOfStock)
+                if refuse(app, &p).await? {
+                    Err(ApiError::OutOfStock)
+                } else {
+                    Err(ApiError::OrderInProgress)
+                }
             }
         },
         Round::Refused => {
-            refuse(app, &p).await?;
-            Err(ApiError::OutOfStock)
+            if refuse(app, &p).await? {
+                Err(ApiError::OutOfStock)
+            } else {
+                // Its lease ran out inside the window and another round holds it now:
+                // that round decides, and a retry of the number answers what it decided.
+                Err(ApiError::OrderInProgress)
+            }
         }
         Round::Open { source } => {
             let order = processing(app, &p, source).await?;
@@ -496,15 +517,23 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
 /// Asks the sources from the purchase's current one on. With a deadline (the answer
 /// window), an unknown outcome is asked again until it passes; without one (the
 /// background step), each source is asked once and an unknown outcome ends the round.
-/// A source whose circuit is open ([`health`]) is skipped like a refusal if the number
-/// has not gone to it (nothing was sent, so moving on cannot buy twice); if it has, the
-/// round ends undecided and the same source is asked once its circuit lets a call through.
+///
+/// A source whose circuit is open ([`health`]) is not asked. If the number has gone to
+/// it, the round ends undecided there, to ask it again once its circuit lets a call
+/// through. If not, the round passes it over for the next (nothing was sent, so moving on
+/// cannot buy twice) and remembers it. A source passed over has not refused: when every
+/// source after it refuses, the purchase goes back to the first one passed over
+/// ([`back_to_passed_over`]) and is undecided, not refused (docs/api.md §8). A purchase
+/// sent back so waits there while the circuit stays open, rather than asking the sources
+/// after it again on every pass.
 async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Instant>) -> Round {
-    let mut i = (p.source_index.max(0) as usize).min(sources.len());
+    let start = (p.source_index.max(0) as usize).min(sources.len());
+    let mut i = start;
     let mut asked = p.asked;
     while let Some(s) = sources.get(i) {
         let Some(permit) = app.supplier_health.admit(&s.supplier_id, app.clock.now_unix_ms()) else {
-            if asked {
+            let sent_back_here = i == start && p.waiting;
+            if asked || sent_back_here || !pass_over(app, p, i).await {
                 return Round::Open { source: i };
             }
             app.supplier_health.skipped(&s.supplier_id);
@@ -512,7 +541,7 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
             continue;
         };
         if !asked {
-            if !mark_asked(app, p.pk, s.supplier_pk, i).await {
+            if !mark_asked(app, p, s.supplier_pk, i).await {
                 return Round::Open { source: i };
             }
             asked = true;
@@ -534,7 +563,7 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
             None => call.await,
         };
         permit.record(health::Outcome::of(&answer), started.elapsed(), app.clock.now_unix_ms());
-        record_attempt(app, p.pk, s.supplier_pk, i, &answer).await;
+        record_attempt(app, p, s.supplier_pk, i, &answer).await;
         match answer {
             Answer::Codes {
                 codes,
@@ -560,22 +589,69 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
             },
         }
     }
-    Round::Refused
+    match back_to_passed_over(app, p).await {
+        Ok(Some(source)) => Round::Open { source },
+        Ok(None) => Round::Refused,
+        // Undecided: the next round looks again.
+        Err(_) => Round::Open { source: i },
+    }
+}
+
+/// Writes that the round passed over source `index` for its open circuit, before it
+/// moves on. Not written (the round is no longer the purchase's, or Postgres failed):
+/// `false`, and the round stops there.
+async fn pass_over(app: &App, p: &Purchase, index: usize) -> bool {
+    let Ok(client) = app.pg_orders.get().await else {
+        return false;
+    };
+    let r = client
+        .execute(
+            "UPDATE purchases SET passed_over = least(passed_over, $3), updated_at = now()
+              WHERE id = $1 AND state = 'open' AND round = $2",
+            &[&p.pk, &p.round, &(index as i32)],
+        )
+        .await;
+    match r {
+        Ok(n) => n == 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "source passed over not recorded; the round stops");
+            false
+        }
+    }
+}
+
+/// Every source from the purchase's current one on has refused: back to the first one
+/// passed over for its open circuit, if any (its index), to ask it once the circuit lets
+/// a call through. `None`: nothing was passed over (or the round is no longer the
+/// purchase's, whose ending is then fenced off too): the purchase is refused.
+async fn back_to_passed_over(app: &App, p: &Purchase) -> Result<Option<usize>, ApiError> {
+    let client = app.pg_orders.get().await?;
+    let row = client
+        .query_opt(
+            "UPDATE purchases SET source_index = passed_over, passed_over = NULL,
+                    outcome = 'waiting: its circuit was open', updated_at = now()
+              WHERE id = $1 AND state = 'open' AND round = $2 AND passed_over IS NOT NULL
+             RETURNING source_index",
+            &[&p.pk, &p.round],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, i32>(0).max(0) as usize))
 }
 
 /// Writes that the purchase's number is going to source `index`, before it is sent: if
 /// its answer is lost (the window cuts it, the gateway dies), whoever resumes the
 /// purchase reads an unknown outcome there and asks that source again, whatever its
-/// circuit says. Not written, not sent: `false`.
-async fn mark_asked(app: &App, pk: i64, supplier_pk: i64, index: usize) -> bool {
+/// circuit says. Not written (nor sent) when the round is no longer the purchase's:
+/// `false`.
+async fn mark_asked(app: &App, p: &Purchase, supplier_pk: i64, index: usize) -> bool {
     let Ok(client) = app.pg_orders.get().await else {
         return false;
     };
     let r = client
         .execute(
             "UPDATE purchases SET supplier_id = $2, source_index = $3, outcome = 'unknown: asking', updated_at = now()
-              WHERE id = $1 AND state = 'open'",
-            &[&pk, &supplier_pk, &(index as i32)],
+              WHERE id = $1 AND state = 'open' AND round = $4",
+            &[&p.pk, &supplier_pk, &(index as i32), &p.round],
         )
         .await;
     match r {
@@ -587,8 +663,9 @@ async fn mark_asked(app: &App, pk: i64, supplier_pk: i64, index: usize) -> bool 
     }
 }
 
-/// Counts the attempt and, after a refusal, moves the purchase to the next source.
-async fn record_attempt(app: &App, pk: i64, supplier_pk: i64, index: usize, answer: &Answer) {
+/// Counts the attempt and, after a refusal, moves the purchase to the next source (if
+/// the round is still the purchase's).
+async fn record_attempt(app: &App, p: &Purchase, supplier_pk: i64, index: usize, answer: &Answer) {
     let (outcome, next) = match answer {
         Answer::Codes { .. } => ("codes".to_string(), index),
         Answer::Refused(c) => (format!("refused: {c}"), index + 1),
@@ -601,8 +678,8 @@ async fn record_attempt(app: &App, pk: i64, supplier_pk: i64, index: usize, answ
         .execute(
             "UPDATE purchases SET attempts = attempts + 1, supplier_id = $2, source_index = $3, outcome = $4,
                     updated_at = now()
-              WHERE id = $1 AND state = 'open'",
-            &[&pk, &supplier_pk, &(next as i32), &outcome],
+              WHERE id = $1 AND state = 'open' AND round = $5",
+            &[&p.pk, &supplier_pk, &(next as i32), &outcome, &p.round],
         )
         .await;
     if let Err(e) = r {
@@ -687,15 +764,16 @@ async fn fulfil(
 }
 
 /// Within the window, nothing was sold: the purchase ends `refused`, the hold goes back
-/// and the number is free.
-async fn refuse(app: &App, p: &Purchase) -> Result<(), ApiError> {
+/// and the number is free. Whether it ended so: not when another round holds it now, or
+/// its order was written.
+async fn refuse(app: &App, p: &Purchase) -> Result<bool, ApiError> {
     let client = app.pg_orders.get().await?;
     let n = client
         .execute(
             "UPDATE purchases SET state = 'refused', finished_at = now(), updated_at = now()
-              WHERE id = $1 AND state = 'open'
+              WHERE id = $1 AND state = 'open' AND round = $3
                 AND NOT EXISTS (SELECT 1 FROM orders WHERE order_id = $2)",
-            &[&p.pk, &p.f.order_id],
+            &[&p.pk, &p.f.order_id, &p.round],
         )
         .await?;
     drop(client);
@@ -703,7 +781,7 @@ async fn refuse(app: &App, p: &Purchase) -> Result<(), ApiError> {
     if n == 1 {
         unhold(app, &p.f).await;
     }
-    Ok(())
+    Ok(n == 1)
 }
 
 /// The window passed undecided: the order is written `processing` (and charged as any
@@ -723,9 +801,9 @@ async fn processing(app: &App, p: &Purchase, source: usize) -> Result<Order, Api
         }
         // Due for the background step at once.
         tx.execute(
-            "UPDATE purchases SET lease_until = $2, source_index = greatest(source_index, $3), updated_at = now()
-              WHERE id = $1",
-            &[&p.pk, &app.clock.now(), &(source as i32)],
+            "UPDATE purchases SET lease_until = $2, source_index = $3, updated_at = now()
+              WHERE id = $1 AND round = $4",
+            &[&p.pk, &app.clock.now(), &(source as i32), &p.round],
         )
         .await?;
     }
@@ -741,14 +819,22 @@ async fn processing(app: &App, p: &Purchase, source: usize) -> Result<Order, Api
 }
 
 /// After a `202`, every source refused: the order `failed`, its amount back through the
-/// ledger (`upstream_failed`), `order.failed` queued, all in one transaction.
-async fn fail(app: &App, p: &Purchase) -> Result<(), ApiError> {
+/// ledger (`upstream_failed`), `order.failed` queued, all in one transaction. Whether it
+/// ended so (not when it was no longer open, or another round holds it).
+async fn fail(app: &App, p: &Purchase) -> Result<bool, ApiError> {
     let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     let epoch = crate::rebuild::fence(&tx).await?;
-    let open = lock_open(&tx, p.pk).await?;
-    if !open {
-        return Ok(());
+    // Another round holds it now (this one outlived its lease): that round decides.
+    let ours = tx
+        .query_opt(
+            "SELECT 1 FROM purchases WHERE id = $1 AND state = 'open' AND round = $2 FOR UPDATE",
+            &[&p.pk, &p.round],
+        )
+        .await?
+        .is_some();
+    if !ours {
+        return Ok(false);
     }
     let failed = tx
         .query_opt(
@@ -785,7 +871,7 @@ async fn fail(app: &App, p: &Purchase) -> Result<(), ApiError> {
     drop(client);
     metrics::counter!("cardgate_upstream_failed_total").increment(1);
     crate::hot_balance::settle(app, Some(p.f.reseller)).await;
-    Ok(())
+    Ok(true)
 }
 
 /// A supplier sold a code this platform already holds: it is not delivered a second time.
@@ -887,12 +973,12 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
     let client = app.pg_orders.get().await?;
     let rows = client
         .query(
-            "UPDATE purchases SET lease_until = $2, updated_at = now()
+            "UPDATE purchases SET lease_until = $2, round = round + 1, updated_at = now()
               WHERE id IN (SELECT id FROM purchases WHERE state = 'open' AND lease_until <= $1
                             ORDER BY lease_until LIMIT 32 FOR UPDATE SKIP LOCKED)
              RETURNING id, order_id, upstream_no, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price,
                        amount, coalesce(key_id, ''), extract(epoch FROM order_created_at)::int8, source_index,
-                       coalesce(outcome LIKE 'unknown%', false)",
+                       coalesce(outcome LIKE 'unknown%', false), coalesce(outcome LIKE 'waiting:%', false), round",
             &[&now, &lease],
         )
         .await?;
@@ -916,6 +1002,8 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
             },
             source_index: r.get(12),
             asked: r.get(13),
+            waiting: r.get(14),
+            round: r.get(15),
         };
         let ended = resume(app, &p).await;
         if let Err(e) = &ended {
@@ -947,17 +1035,14 @@ async fn resume(app: &App, p: &Purchase) -> Result<bool, ApiError> {
             }
             Ok(true)
         }
-        Round::Refused => {
-            fail(app, p).await?;
-            Ok(true)
-        }
+        Round::Refused => fail(app, p).await,
         Round::Open { .. } => {
             let retry = app.clock.now() + Duration::from_millis(app.config.upstream.retry_ms);
             let client = app.pg_orders.get().await?;
             client
                 .execute(
-                    "UPDATE purchases SET lease_until = $2 WHERE id = $1 AND state = 'open'",
-                    &[&p.pk, &retry],
+                    "UPDATE purchases SET lease_until = $2 WHERE id = $1 AND state = 'open' AND round = $3",
+                    &[&p.pk, &retry, &p.round],
                 )
                 .await?;
             Ok(false)

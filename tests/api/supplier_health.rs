@@ -131,6 +131,26 @@ async fn order_status(app: &TestApp, key: &ResellerKey, order_id: &str) -> Value
     resp.json::<Value>().await.unwrap()["status"].clone()
 }
 
+/// The gateway that buys upstream, on a clock the test moves, with SKU and a circuit
+/// that opens after FAILURES and stays open for COOLDOWN; background work by hand.
+async fn hub(settings: &[(&str, &str)]) -> (TestApp, ManualClock, String) {
+    let clock = ManualClock::at_system_now();
+    let mut env = test_env(&create_database().await);
+    env.insert("CARDGATE_UPSTREAM__CIRCUIT_FAILURES".into(), FAILURES.to_string());
+    env.insert(
+        "CARDGATE_UPSTREAM__CIRCUIT_OPEN_MS".into(),
+        COOLDOWN.as_millis().to_string(),
+    );
+    for (k, v) in settings {
+        env.insert((*k).into(), (*v).into());
+    }
+    env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    let down = start_with_clock(env, clock.clone().into()).await;
+    let t = down.root_token().await;
+    down.create_product(&t, SKU).await;
+    (down, clock, t)
+}
+
 #[tokio::test]
 async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_asked_it() {
     // The live supplier: another cardgate with stock, the hub its funded reseller.
@@ -142,18 +162,8 @@ async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_
     let hub_key = buyer(&up, &up_token, "standard", 100 * 9800).await;
     let dead = BlackHole::start().await;
 
-    let clock = ManualClock::at_system_now();
-    let mut env = test_env(&create_database().await);
-    env.insert("CARDGATE_UPSTREAM__CIRCUIT_FAILURES".into(), FAILURES.to_string());
-    env.insert(
-        "CARDGATE_UPSTREAM__CIRCUIT_OPEN_MS".into(),
-        COOLDOWN.as_millis().to_string(),
-    );
-    env.insert(MANUAL_BACKGROUND.into(), "1".into());
-    let down = start_with_clock(env, clock.clone().into()).await;
+    let (down, clock, t) = hub(&[]).await;
     let state = down.state.clone().unwrap();
-    let t = down.root_token().await;
-    down.create_product(&t, SKU).await;
     let dead_sp = create_supplier(&down, &t, "dead", &dead.base, "ak_dead", "sk-dead-secret").await;
     let live_sp = create_supplier(&down, &t, "live", &up.base, &hub_key.key_id, &hub_key.secret).await;
     down.admin_ok(
@@ -284,4 +294,231 @@ async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_
     );
     down.assert_reconciled(&t).await;
     up.assert_reconciled(&up_token).await;
+}
+
+/// A source passed over for its open circuit has not refused: when it is the only one
+/// left, the order waits for it (`202 processing`, money held) instead of being refused
+/// out of stock; a source that refused after it does not move the purchase past it, and
+/// is not asked again while the purchase waits.
+#[tokio::test]
+async fn a_source_passed_over_for_its_open_circuit_is_waited_for_not_taken_as_a_refusal() {
+    // The refusing supplier: another cardgate that has the product but no stock.
+    let up = spawn_app().await;
+    let up_token = up.root_token().await;
+    up.create_product(&up_token, SKU).await;
+    let hub_key = buyer(&up, &up_token, "standard", 100 * 9800).await;
+    let dead = BlackHole::start().await;
+
+    let (down, clock, t) = hub(&[]).await;
+    let state = down.state.clone().unwrap();
+    let dead_sp = create_supplier(&down, &t, "dead", &dead.base, "ak_dead", "sk-dead-secret").await;
+    let empty_sp = create_supplier(&down, &t, "empty", &up.base, &hub_key.key_id, &hub_key.secret).await;
+    let sources = |list: Value| {
+        let path = format!("/admin/v1/products/{SKU}");
+        let down = &down;
+        let t = &t;
+        async move {
+            down.admin_ok(
+                t,
+                Method::PATCH,
+                &path,
+                Some(json!({"source_mode": "upstream_only", "sources": list})),
+                200,
+            )
+            .await;
+        }
+    };
+    sources(json!([{"supplier_id": dead_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1}])).await;
+    let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
+
+    // The first order opens the dead supplier's circuit and waits for it.
+    let (status, a, _) = down.order(&buyer, order_body(SKU, 1, "M-PASS-1")).await;
+    assert_eq!(status, 202, "{a}");
+    assert_eq!(listed(&down, &t, &dead_sp).await["health"]["circuit"], "open");
+    let a_no = format!("cg-{}", a["order_id"].as_str().unwrap());
+
+    // Alone: a new order is not sent there while the circuit is open, and not refused.
+    let (status, b, _) = down.order(&buyer, order_body(SKU, 1, "M-PASS-2")).await;
+    assert_eq!((status, b["status"].as_str()), (202, Some("processing")), "{b}");
+    let b_id = b["order_id"].as_str().unwrap().to_string();
+    let b_no = format!("cg-{b_id}");
+    assert_eq!(dead.count(&b_no), 0, "nothing sent while the circuit is open");
+
+    // Behind a source that refuses: the refusal does not end it either, and the purchase
+    // goes back to the source it passed over.
+    sources(json!([
+        {"supplier_id": dead_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1},
+        {"supplier_id": empty_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 2}]))
+    .await;
+    let (status, c, _) = down.order(&buyer, order_body(SKU, 1, "M-PASS-3")).await;
+    assert_eq!((status, c["status"].as_str()), (202, Some("processing")), "{c}");
+    let c_id = c["order_id"].as_str().unwrap().to_string();
+    let c_no = format!("cg-{c_id}");
+    let index: i32 = down
+        .db()
+        .await
+        .query_one("SELECT source_index FROM purchases WHERE order_id = $1", &[&c_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(index, 0, "waits at the dead supplier, not past the one that refused");
+    let empty_calls = || supplier_metric(&down, "cardgate_supplier_calls_total", &empty_sp, None);
+    assert_eq!(empty_calls().await, 1.0, "the empty supplier refused once");
+
+    // The background step while the circuit stays open ends nothing, and asks no one:
+    // the purchases sent back wait for the dead supplier, not ask the empty one again.
+    assert_eq!(cardgate::upstream::step(&state).await.unwrap(), 0);
+    for id in [&b_id, &c_id] {
+        assert_eq!(order_status(&down, &buyer, id).await, "processing");
+    }
+    assert_eq!(empty_calls().await, 1.0);
+    let sent = || dead.count(&a_no) + dead.count(&b_no) + dead.count(&c_no);
+    assert_eq!(sent(), FAILURES);
+    let balance = down.signed(&buyer, Method::GET, "/v1/balance", None).await;
+    let balance: Value = balance.json().await.unwrap();
+    assert_eq!(balance["balance"], 10 * 9800 - 3 * 9800, "three orders held: {balance}");
+
+    // Once the circuit lets a trial through, one of the waiting numbers goes to the dead
+    // supplier (its only call), and its failure opens the circuit again: still nothing
+    // is refused, and the empty supplier is not asked.
+    clock.advance(COOLDOWN);
+    assert_eq!(cardgate::upstream::step(&state).await.unwrap(), 0);
+    assert_eq!(sent(), FAILURES + 1, "one trial");
+    assert_eq!(listed(&down, &t, &dead_sp).await["health"]["circuit"], "open");
+    assert_eq!(empty_calls().await, 1.0);
+    for id in [&b_id, &c_id] {
+        assert_eq!(order_status(&down, &buyer, id).await, "processing");
+    }
+    down.assert_reconciled(&t).await;
+}
+
+/// A supplier whose every answer is given by the test, when the test decides: each
+/// request it receives is announced (in order) and held until its answer is sent.
+struct Scripted {
+    base: String,
+    arrived: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<(u16, Value)>>,
+}
+
+impl Scripted {
+    async fn start() -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, arrived) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<(u16, Value)>>();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !complete(&request) {
+                        match socket.read(&mut chunk).await {
+                            Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    let (answer, told) = tokio::sync::oneshot::channel();
+                    if tx.send(answer).is_err() {
+                        return;
+                    }
+                    let Ok((status, body)) = told.await else { return };
+                    let body = body.to_string();
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    use tokio::io::AsyncWriteExt;
+                    let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        Scripted { base, arrived }
+    }
+
+    /// The next request's answer, once it has arrived.
+    async fn next(&mut self) -> tokio::sync::oneshot::Sender<(u16, Value)> {
+        tokio::time::timeout(Duration::from_secs(10), self.arrived.recv())
+            .await
+            .expect("a request within 10 s")
+            .expect("the supplier runs")
+    }
+}
+
+/// Rounds are fenced: a background round that outlived its lease, whose supplier then
+/// refuses, cannot fail the order under the round that took the purchase over, which buys
+/// it. Without the fence the late refusal fails the order (money back) and the codes the
+/// second round bought are never delivered.
+#[tokio::test]
+async fn a_round_that_outlived_its_lease_cannot_end_the_purchase_under_the_round_that_took_it_over() {
+    let mut supplier = Scripted::start().await;
+    let (down, clock, t) = hub(&[("CARDGATE_UPSTREAM__ANSWER_WITHIN_MS", "300")]).await;
+    let state = down.state.clone().unwrap();
+    let sp = create_supplier(
+        &down,
+        &t,
+        "scripted",
+        &supplier.base,
+        "ak_scripted",
+        "sk-scripted-secret",
+    )
+    .await;
+    down.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"source_mode": "upstream_only",
+                    "sources": [{"supplier_id": sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1}]})),
+        200,
+    )
+    .await;
+    let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
+
+    // The order's own round: no answer within the window, 202 (the call stays unanswered).
+    let (status, order, _) = down.order(&buyer, order_body(SKU, 1, "M-FENCE-1")).await;
+    assert_eq!((status, order["status"].as_str()), (202, Some("processing")), "{order}");
+    let order_id = order["order_id"].as_str().unwrap().to_string();
+    let _first = supplier.next().await;
+
+    // A background round asks the supplier and waits; its lease runs out meanwhile, and a
+    // second round takes the purchase over and asks the same number again.
+    let late = tokio::spawn({
+        let state = state.clone();
+        async move { cardgate::upstream::step(&state).await.unwrap() }
+    });
+    let late_answer = supplier.next().await;
+    clock.advance(Duration::from_secs(31));
+    let owner = tokio::spawn({
+        let state = state.clone();
+        async move { cardgate::upstream::step(&state).await.unwrap() }
+    });
+    let owner_answer = supplier.next().await;
+
+    // The late round hears a refusal: it ends nothing.
+    late_answer
+        .send((
+            409,
+            json!({"error": {"code": "out_of_stock", "message": "none", "request_id": "req_x"}}),
+        ))
+        .unwrap();
+    assert_eq!(late.await.unwrap(), 0, "the late round ended the purchase");
+    assert_eq!(order_status(&down, &buyer, &order_id).await, "processing");
+
+    // The round that holds it is sold the codes: the order is fulfilled, charged once.
+    let code = format!("FENCE-{}", random_suffix());
+    owner_answer
+        .send((
+            201,
+            json!({"order_id": "ord_upstream_1", "status": "fulfilled", "amount": 9800,
+                           "codes": [code]}),
+        ))
+        .unwrap();
+    assert_eq!(owner.await.unwrap(), 1);
+    let resp = down
+        .signed(&buyer, Method::GET, &format!("/v1/orders/{order_id}"), None)
+        .await;
+    let got: Value = resp.json().await.unwrap();
+    assert_eq!(got["status"], "fulfilled", "{got}");
+    assert_eq!(codes_of(&got), vec![code]);
+    assert_eq!(down.balance_of(&buyer).await, 10 * 9800 - 9800, "charged once");
+    down.assert_reconciled(&t).await;
 }

@@ -1,0 +1,16 @@
+-- A purchase's rounds are fenced, and a source passed over for its open circuit is
+-- remembered (docs/api.md §8, "The skip rule").
+--
+-- round: bumped by every claim of the purchase (its first round, in the answer window, is
+-- 1). Every write a round makes, and the sends it writes before, are conditional on the
+-- round still being its own, so a round that outlived its lease (supplier calls one after
+-- another can take longer) stops instead of moving the purchase under the one that took
+-- it over: two rounds never send the number to two sources.
+--
+-- passed_over: the first source in priority order that a round skipped because its
+-- circuit was open, its number never sent there. Skipping it cannot buy twice, but it has
+-- not refused: when every source after it refuses, the purchase goes back to it instead
+-- of being refused.
+ALTER TABLE purchases
+    ADD COLUMN round bigint NOT NULL DEFAULT 1,
+    ADD COLUMN passed_over integer;
