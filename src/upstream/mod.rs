@@ -407,8 +407,9 @@ enum Round {
     /// Every source, from the purchase's current one on, refused definitely, and none was
     /// passed over for its open circuit.
     Refused,
-    /// Not decided yet; `source` is the one to ask next time.
-    Open { source: usize },
+    /// Not decided yet: the purchase's row says which source to ask next time (each step
+    /// of a round writes it before the next).
+    Open,
 }
 
 /// Steps 2 to 4 of the module's account, for the order whose money the reservation
@@ -480,7 +481,7 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
     // and the background step buys it.
     let round = match app.upstream_slots.try_acquire() {
         Ok(_waiting) => ask(app, &p, &sources, Some(deadline)).await,
-        Err(_) => Round::Open { source: 0 },
+        Err(_) => Round::Open,
     };
     match round {
         Round::Bought {
@@ -490,28 +491,25 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
             cost,
         } => match fulfil(app, &p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await? {
             Some(order) => Ok(Placed::Created(order)),
-            None => {
-                if refuse(app, &p).await? {
-                    Err(ApiError::OutOfStock)
-                } else {
-                    Err(ApiError::OrderInProgress)
-                }
-            }
+            None => refused(app, &p).await,
         },
-        Round::Refused => {
-            if refuse(app, &p).await? {
-                Err(ApiError::OutOfStock)
-            } else {
-                // Its lease ran out inside the window and another round holds it now:
-                // that round decides, and a retry of the number answers what it decided.
-                Err(ApiError::OrderInProgress)
-            }
-        }
-        Round::Open { source } => {
-            let order = processing(app, &p, source).await?;
+        Round::Refused => refused(app, &p).await,
+        Round::Open => {
+            let order = processing(app, &p).await?;
             Ok(Placed::Accepted(order))
         }
     }
+}
+
+/// The answer to an order every source refused within its window: `409 out_of_stock`,
+/// nothing charged. If the purchase was not this round's to refuse (its lease ran out
+/// inside the window and another round holds it now), that round decides: the order is
+/// written `processing` and answered `202`, as for a window that passed undecided.
+async fn refused(app: &App, p: &Purchase) -> Result<Placed, ApiError> {
+    if refuse(app, p).await? {
+        return Err(ApiError::OutOfStock);
+    }
+    Ok(Placed::Accepted(processing(app, p).await?))
 }
 
 /// Asks the sources from the purchase's current one on. With a deadline (the answer
@@ -534,7 +532,7 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
         let Some(permit) = app.supplier_health.admit(&s.supplier_id, app.clock.now_unix_ms()) else {
             let sent_back_here = i == start && p.waiting;
             if asked || sent_back_here || !pass_over(app, p, i).await {
-                return Round::Open { source: i };
+                return Round::Open;
             }
             app.supplier_health.skipped(&s.supplier_id);
             i += 1;
@@ -542,7 +540,7 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
         };
         if !asked {
             if !mark_asked(app, p, s.supplier_pk, i).await {
-                return Round::Open { source: i };
+                return Round::Open;
             }
             asked = true;
         }
@@ -558,7 +556,7 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
                 Ok(a) => a,
                 // The permit goes unsettled: the window, not the supplier, ended the call.
-                Err(_) => return Round::Open { source: i },
+                Err(_) => return Round::Open,
             },
             None => call.await,
         };
@@ -585,15 +583,15 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
                 Some(d) if Instant::now() + Duration::from_millis(50) < d => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                _ => return Round::Open { source: i },
+                _ => return Round::Open,
             },
         }
     }
     match back_to_passed_over(app, p).await {
-        Ok(Some(source)) => Round::Open { source },
-        Ok(None) => Round::Refused,
+        Ok(true) => Round::Open,
+        Ok(false) => Round::Refused,
         // Undecided: the next round looks again.
-        Err(_) => Round::Open { source: i },
+        Err(_) => Round::Open,
     }
 }
 
@@ -621,21 +619,20 @@ async fn pass_over(app: &App, p: &Purchase, index: usize) -> bool {
 }
 
 /// Every source from the purchase's current one on has refused: back to the first one
-/// passed over for its open circuit, if any (its index), to ask it once the circuit lets
-/// a call through. `None`: nothing was passed over (or the round is no longer the
-/// purchase's, whose ending is then fenced off too): the purchase is refused.
-async fn back_to_passed_over(app: &App, p: &Purchase) -> Result<Option<usize>, ApiError> {
+/// passed over for its open circuit, if any, to ask it once the circuit lets a call
+/// through. `false`: nothing was passed over (or the round is no longer the purchase's,
+/// whose ending is then fenced off too): the purchase is refused.
+async fn back_to_passed_over(app: &App, p: &Purchase) -> Result<bool, ApiError> {
     let client = app.pg_orders.get().await?;
-    let row = client
-        .query_opt(
+    let n = client
+        .execute(
             "UPDATE purchases SET source_index = passed_over, passed_over = NULL,
                     outcome = 'waiting: its circuit was open', updated_at = now()
-              WHERE id = $1 AND state = 'open' AND round = $2 AND passed_over IS NOT NULL
-             RETURNING source_index",
+              WHERE id = $1 AND state = 'open' AND round = $2 AND passed_over IS NOT NULL",
             &[&p.pk, &p.round],
         )
         .await?;
-    Ok(row.map(|r| r.get::<_, i32>(0).max(0) as usize))
+    Ok(n == 1)
 }
 
 /// Writes that the purchase's number is going to source `index`, before it is sent: if
@@ -786,7 +783,7 @@ async fn refuse(app: &App, p: &Purchase) -> Result<bool, ApiError> {
 
 /// The window passed undecided: the order is written `processing` (and charged as any
 /// order is), and the purchase left for the background step.
-async fn processing(app: &App, p: &Purchase, source: usize) -> Result<Order, ApiError> {
+async fn processing(app: &App, p: &Purchase) -> Result<Order, ApiError> {
     let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     crate::rebuild::fence(&tx).await?;
@@ -801,9 +798,8 @@ async fn processing(app: &App, p: &Purchase, source: usize) -> Result<Order, Api
         }
         // Due for the background step at once.
         tx.execute(
-            "UPDATE purchases SET lease_until = $2, source_index = $3, updated_at = now()
-              WHERE id = $1 AND round = $4",
-            &[&p.pk, &app.clock.now(), &(source as i32), &p.round],
+            "UPDATE purchases SET lease_until = $2, updated_at = now() WHERE id = $1 AND round = $3",
+            &[&p.pk, &app.clock.now(), &p.round],
         )
         .await?;
     }
@@ -889,8 +885,8 @@ async fn codes_already_held(app: &App, p: &Purchase, upstream_order_id: &str) ->
         .execute(
             "UPDATE purchases SET upstream_order_id = $2, outcome = 'refused: delivered a code already held',
                     updated_at = now()
-              WHERE id = $1 AND state = 'open'",
-            &[&p.pk, &upstream_order_id],
+              WHERE id = $1 AND state = 'open' AND round = $3",
+            &[&p.pk, &upstream_order_id, &p.round],
         )
         .await?;
     Ok(())
@@ -1026,17 +1022,12 @@ async fn resume(app: &App, p: &Purchase) -> Result<bool, ApiError> {
             codes,
             upstream_order_id,
             cost,
-        } => {
-            if fulfil(app, p, sources[source].supplier_pk, &codes, &upstream_order_id, cost)
-                .await?
-                .is_none()
-            {
-                fail(app, p).await?;
-            }
-            Ok(true)
-        }
+        } => match fulfil(app, p, sources[source].supplier_pk, &codes, &upstream_order_id, cost).await? {
+            Some(_) => Ok(true),
+            None => fail(app, p).await,
+        },
         Round::Refused => fail(app, p).await,
-        Round::Open { .. } => {
+        Round::Open => {
             let retry = app.clock.now() + Duration::from_millis(app.config.upstream.retry_ms);
             let client = app.pg_orders.get().await?;
             client

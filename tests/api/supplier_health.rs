@@ -522,3 +522,83 @@ async fn a_round_that_outlived_its_lease_cannot_end_the_purchase_under_the_round
     assert_eq!(down.balance_of(&buyer).await, 10 * 9800 - 9800, "charged once");
     down.assert_reconciled(&t).await;
 }
+
+/// A purchase sent back to a source it passed over for its open circuit is bought there
+/// once the circuit lets a call through; until then nothing is sent.
+#[tokio::test]
+async fn a_purchase_sent_back_to_a_source_passed_over_is_bought_there_once_the_circuit_lets_a_call_through() {
+    let mut supplier = Scripted::start().await;
+    let (down, clock, t) = hub(&[]).await;
+    let state = down.state.clone().unwrap();
+    let sp = create_supplier(
+        &down,
+        &t,
+        "scripted",
+        &supplier.base,
+        "ak_scripted",
+        "sk-scripted-secret",
+    )
+    .await;
+    down.admin_ok(
+        &t,
+        Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"source_mode": "upstream_only",
+                    "sources": [{"supplier_id": sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1}]})),
+        200,
+    )
+    .await;
+    let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
+
+    // The first order's number gets FAILURES answers of 503 in a row: the circuit opens,
+    // and the order waits for the source it asked.
+    let ((status, a, _), ()) = tokio::join!(down.order(&buyer, order_body(SKU, 1, "M-BACK-1")), async {
+        for _ in 0..FAILURES {
+            supplier.next().await.send((503, json!({}))).unwrap();
+        }
+    });
+    assert_eq!((status, a["status"].as_str()), (202, Some("processing")), "{a}");
+    assert_eq!(listed(&down, &t, &sp).await["health"]["circuit"], "open");
+
+    // The second passes it over, has no other source, and waits for it: nothing sent.
+    let (status, b, _) = down.order(&buyer, order_body(SKU, 1, "M-BACK-2")).await;
+    assert_eq!((status, b["status"].as_str()), (202, Some("processing")), "{b}");
+    assert_eq!(cardgate::upstream::step(&state).await.unwrap(), 0);
+    assert!(
+        supplier.arrived.try_recv().is_err(),
+        "nothing sent while the circuit is open"
+    );
+
+    // Past the cooldown the supplier sells again: both orders are bought from it, the
+    // first call being the circuit's trial.
+    let Scripted { mut arrived, .. } = supplier;
+    let seller = tokio::spawn(async move {
+        let mut sold = 0;
+        while let Some(answer) = arrived.recv().await {
+            sold += 1;
+            let code = format!("BACK-{sold}-{}", random_suffix());
+            let order = json!({"order_id": format!("ord_back_{sold}"), "status": "fulfilled",
+                               "amount": 9800, "codes": [code]});
+            let _ = answer.send((201, order));
+        }
+    });
+    clock.advance(COOLDOWN);
+    let mut ended = 0;
+    for _ in 0..3 {
+        ended += cardgate::upstream::step(&state).await.unwrap();
+        clock.advance(Duration::from_secs(2));
+    }
+    assert_eq!(ended, 2, "both bought");
+    for o in [&a, &b] {
+        let id = o["order_id"].as_str().unwrap();
+        let resp = down
+            .signed(&buyer, Method::GET, &format!("/v1/orders/{id}"), None)
+            .await;
+        let got: Value = resp.json().await.unwrap();
+        assert_eq!(got["status"], "fulfilled", "{got}");
+        assert_eq!(codes_of(&got).len(), 1);
+    }
+    assert_eq!(down.balance_of(&buyer).await, 10 * 9800 - 2 * 9800, "each charged once");
+    seller.abort();
+    down.assert_reconciled(&t).await;
+}
