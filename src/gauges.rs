@@ -1,4 +1,5 @@
-//! Gauges of state shared by every gateway (stock, balances, the callback queue), read
+//! Gauges of state shared by every gateway (stock, balances, the callback queue, orders
+//! waiting on suppliers), read
 //! from the stores every few seconds rather than on the paths that change them. Every
 //! gateway exports the same values; dashboards and alerts take the max or min.
 
@@ -63,5 +64,17 @@ pub async fn step(app: &App) -> anyhow::Result<()> {
         .await?;
     metrics::gauge!("cardgate_callbacks_pending").set(queue.get::<_, i64>(0) as f64);
     metrics::gauge!("cardgate_callbacks_oldest_pending_seconds").set(queue.get::<_, f64>(1));
+
+    // Orders waiting on suppliers, money held: a purchase waits as long as the source it
+    // asked, or passed over, stays unable to answer (docs/api.md §8).
+    let waiting = client
+        .query_one(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+               FROM purchases WHERE state = 'open'",
+            &[],
+        )
+        .await?;
+    metrics::gauge!("cardgate_upstream_open_purchases").set(waiting.get::<_, i64>(0) as f64);
+    metrics::gauge!("cardgate_upstream_oldest_open_purchase_seconds").set(waiting.get::<_, f64>(1));
     Ok(())
 }

@@ -148,6 +148,14 @@ fn describe() {
         "cardgate_callbacks_oldest_pending_seconds",
         "age of the oldest undelivered callback event"
     );
+    metrics::describe_gauge!(
+        "cardgate_upstream_open_purchases",
+        "upstream purchases not yet ended: orders waiting on suppliers, their money held"
+    );
+    metrics::describe_gauge!(
+        "cardgate_upstream_oldest_open_purchase_seconds",
+        "age of the oldest upstream purchase not yet ended"
+    );
     metrics::describe_counter!(
         "cardgate_callback_attempts_total",
         "callback delivery attempts, by outcome (delivered, http_error, timeout, error)"

@@ -377,6 +377,16 @@ async fn a_source_passed_over_for_its_open_circuit_is_waited_for_not_taken_as_a_
     let balance = down.signed(&buyer, Method::GET, "/v1/balance", None).await;
     let balance: Value = balance.json().await.unwrap();
     assert_eq!(balance["balance"], 10 * 9800 - 3 * 9800, "three orders held: {balance}");
+    // Operators see them waiting.
+    cardgate::gauges::step(&state).await.unwrap();
+    let metrics = down.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "cardgate_upstream_open_purchases 3"),
+        "three purchases open"
+    );
+    assert!(metrics
+        .lines()
+        .any(|l| l.starts_with("cardgate_upstream_oldest_open_purchase_seconds ")));
 
     // Once the circuit lets a trial through, one of the waiting numbers goes to the dead
     // supplier (its only call), and its failure opens the circuit again: still nothing
