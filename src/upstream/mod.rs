@@ -599,20 +599,31 @@ async fn ask(app: &App, p: &Purchase, sources: &[Source], deadline: Option<Insta
 /// moves on. Not written (the round is no longer the purchase's, or Postgres failed):
 /// `false`, and the round stops there.
 async fn pass_over(app: &App, p: &Purchase, index: usize) -> bool {
+    step_written(
+        app,
+        "UPDATE purchases SET passed_over = least(passed_over, $3), updated_at = now()
+          WHERE id = $1 AND state = 'open' AND round = $2",
+        &[&p.pk, &p.round, &(index as i32)],
+        "source passed over not recorded; the round stops",
+    )
+    .await
+}
+
+/// One step of a round, written on the purchase's row by `sql`, whose `WHERE` holds the
+/// round's fence: whether it was (Postgres failing, logged with `failed`, counts as not).
+async fn step_written(
+    app: &App,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    failed: &'static str,
+) -> bool {
     let Ok(client) = app.pg_orders.get().await else {
         return false;
     };
-    let r = client
-        .execute(
-            "UPDATE purchases SET passed_over = least(passed_over, $3), updated_at = now()
-              WHERE id = $1 AND state = 'open' AND round = $2",
-            &[&p.pk, &p.round, &(index as i32)],
-        )
-        .await;
-    match r {
+    match client.execute(sql, params).await {
         Ok(n) => n == 1,
         Err(e) => {
-            tracing::warn!(error = %e, "source passed over not recorded; the round stops");
+            tracing::warn!(error = %e, "{failed}");
             false
         }
     }
@@ -641,23 +652,14 @@ async fn back_to_passed_over(app: &App, p: &Purchase) -> Result<bool, ApiError> 
 /// circuit says. Not written (nor sent) when the round is no longer the purchase's:
 /// `false`.
 async fn mark_asked(app: &App, p: &Purchase, supplier_pk: i64, index: usize) -> bool {
-    let Ok(client) = app.pg_orders.get().await else {
-        return false;
-    };
-    let r = client
-        .execute(
-            "UPDATE purchases SET supplier_id = $2, source_index = $3, outcome = 'unknown: asking', updated_at = now()
-              WHERE id = $1 AND state = 'open' AND round = $4",
-            &[&p.pk, &supplier_pk, &(index as i32), &p.round],
-        )
-        .await;
-    match r {
-        Ok(n) => n == 1,
-        Err(e) => {
-            tracing::warn!(error = %e, "purchase not marked asked; not sent");
-            false
-        }
-    }
+    step_written(
+        app,
+        "UPDATE purchases SET supplier_id = $2, source_index = $3, outcome = 'unknown: asking', updated_at = now()
+          WHERE id = $1 AND state = 'open' AND round = $4",
+        &[&p.pk, &supplier_pk, &(index as i32), &p.round],
+        "purchase not marked asked; not sent",
+    )
+    .await
 }
 
 /// Counts the attempt and, after a refusal, moves the purchase to the next source (if

@@ -454,15 +454,11 @@ impl Scripted {
     }
 }
 
-/// Rounds are fenced: a background round that outlived its lease, whose supplier then
-/// refuses, cannot fail the order under the round that took the purchase over, which buys
-/// it. Without the fence the late refusal fails the order (money back) and the codes the
-/// second round bought are never delivered.
-#[tokio::test]
-async fn a_round_that_outlived_its_lease_cannot_end_the_purchase_under_the_round_that_took_it_over() {
-    let mut supplier = Scripted::start().await;
-    let (down, clock, t) = hub(&[("CARDGATE_UPSTREAM__ANSWER_WITHIN_MS", "300")]).await;
-    let state = down.state.clone().unwrap();
+/// A hub (see [`hub`]) whose product's only source is a [`Scripted`] supplier, with its
+/// supplier id and a buyer funded for ten orders.
+async fn scripted_hub(settings: &[(&str, &str)]) -> (Scripted, TestApp, ManualClock, String, String, ResellerKey) {
+    let supplier = Scripted::start().await;
+    let (down, clock, t) = hub(settings).await;
     let sp = create_supplier(
         &down,
         &t,
@@ -482,6 +478,18 @@ async fn a_round_that_outlived_its_lease_cannot_end_the_purchase_under_the_round
     )
     .await;
     let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
+    (supplier, down, clock, t, sp, buyer)
+}
+
+/// Rounds are fenced: a background round that outlived its lease, whose supplier then
+/// refuses, cannot fail the order under the round that took the purchase over, which buys
+/// it. Without the fence the late refusal fails the order (money back) and the codes the
+/// second round bought are never delivered.
+#[tokio::test]
+async fn a_round_that_outlived_its_lease_cannot_end_the_purchase_under_the_round_that_took_it_over() {
+    let (mut supplier, down, clock, t, _, buyer) =
+        scripted_hub(&[("CARDGATE_UPSTREAM__ANSWER_WITHIN_MS", "300")]).await;
+    let state = down.state.clone().unwrap();
 
     // The order's own round: no answer within the window, 202 (the call stays unanswered).
     let (status, order, _) = down.order(&buyer, order_body(SKU, 1, "M-FENCE-1")).await;
@@ -537,28 +545,8 @@ async fn a_round_that_outlived_its_lease_cannot_end_the_purchase_under_the_round
 /// once the circuit lets a call through; until then nothing is sent.
 #[tokio::test]
 async fn a_purchase_sent_back_to_a_source_passed_over_is_bought_there_once_the_circuit_lets_a_call_through() {
-    let mut supplier = Scripted::start().await;
-    let (down, clock, t) = hub(&[]).await;
+    let (mut supplier, down, clock, t, sp, buyer) = scripted_hub(&[]).await;
     let state = down.state.clone().unwrap();
-    let sp = create_supplier(
-        &down,
-        &t,
-        "scripted",
-        &supplier.base,
-        "ak_scripted",
-        "sk-scripted-secret",
-    )
-    .await;
-    down.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/products/{SKU}"),
-        Some(json!({"source_mode": "upstream_only",
-                    "sources": [{"supplier_id": sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1}]})),
-        200,
-    )
-    .await;
-    let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
 
     // The first order's number gets FAILURES answers of 503 in a row: the circuit opens,
     // and the order waits for the source it asked.
