@@ -23,7 +23,7 @@
 //! source after it refuses), and waited for by one that has.
 //!
 //! Every round of asking holds the purchase by its round number, which each claim bumps:
-//! a round that outlived its lease changes nothing more.
+//! a round that outlived its lease moves the purchase no further.
 
 pub mod cardgate;
 pub mod health;
@@ -391,8 +391,9 @@ struct Purchase {
     /// It was sent back to the source at `source_index`, passed over for its open circuit
     /// ([`back_to_passed_over`]), and has not asked it since.
     waiting: bool,
-    /// The claim this round holds (the row's `round`): every write it makes is
-    /// conditional on it, so a round another has taken over from changes nothing.
+    /// The claim this round holds (the row's `round`): every step it writes is
+    /// conditional on it, so a round another has taken over from moves nothing (codes it
+    /// was sold are still delivered, [`fulfil`]).
     round: i64,
 }
 
