@@ -97,10 +97,9 @@ pub fn order_holds(r: &crate::config::RiskConfig) -> &'static str {
 /// event, the callback), and off the order's path, which must not wait on the operator's
 /// pool.
 pub fn order_fired(app: &App, s: Signal) {
-    let holds = order_holds(&app.config.risk);
     match &s {
         Signal::Order { fired, .. } if fired.is_empty() => {}
-        Signal::Order { fired, .. } if fired.chars().any(|c| holds.contains(c)) => {
+        Signal::Order { fired, .. } if fired.chars().any(|c| order_holds(&app.config.risk).contains(c)) => {
             // The receiver lives as long as the gateway.
             let _ = app.risk.holds.send(s);
         }

@@ -673,18 +673,15 @@ async fn record_attempt(app: &App, p: &Purchase, supplier_pk: i64, index: usize,
     };
     let kind = outcome.split(':').next().unwrap_or("").to_string();
     metrics::counter!("cardgate_upstream_attempts_total", "outcome" => kind).increment(1);
-    let Ok(client) = app.pg_orders.get().await else { return };
-    let r = client
-        .execute(
-            "UPDATE purchases SET attempts = attempts + 1, supplier_id = $2, source_index = $3, outcome = $4,
-                    updated_at = now()
-              WHERE id = $1 AND state = 'open' AND round = $5",
-            &[&p.pk, &supplier_pk, &(next as i32), &outcome, &p.round],
-        )
-        .await;
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "purchase attempt not recorded");
-    }
+    step_written(
+        app,
+        "UPDATE purchases SET attempts = attempts + 1, supplier_id = $2, source_index = $3, outcome = $4,
+                updated_at = now()
+          WHERE id = $1 AND state = 'open' AND round = $5",
+        &[&p.pk, &supplier_pk, &(next as i32), &outcome, &p.round],
+        "purchase attempt not recorded",
+    )
+    .await;
 }
 
 /// The order fulfilled with the codes bought: written (or moved from `processing`) with
