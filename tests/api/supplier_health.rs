@@ -123,6 +123,24 @@ async fn listed(app: &TestApp, token: &str, supplier_id: &str) -> Value {
     s
 }
 
+/// SKU bought upstream only, from these suppliers in this order of priority, at up to
+/// its price.
+async fn sources(down: &TestApp, t: &str, suppliers: &[&str]) {
+    let list: Vec<Value> = suppliers
+        .iter()
+        .enumerate()
+        .map(|(i, sp)| json!({"supplier_id": sp, "sku": SKU, "max_unit_cost": 9800, "priority": i + 1}))
+        .collect();
+    down.admin_ok(
+        t,
+        Method::PATCH,
+        &format!("/admin/v1/products/{SKU}"),
+        Some(json!({"source_mode": "upstream_only", "sources": list})),
+        200,
+    )
+    .await;
+}
+
 async fn order_status(app: &TestApp, key: &ResellerKey, order_id: &str) -> Value {
     let resp = app
         .signed(key, Method::GET, &format!("/v1/orders/{order_id}"), None)
@@ -166,16 +184,7 @@ async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_
     let state = down.state.clone().unwrap();
     let dead_sp = create_supplier(&down, &t, "dead", &dead.base, "ak_dead", "sk-dead-secret").await;
     let live_sp = create_supplier(&down, &t, "live", &up.base, &hub_key.key_id, &hub_key.secret).await;
-    down.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/products/{SKU}"),
-        Some(json!({"source_mode": "upstream_only", "sources": [
-            {"supplier_id": dead_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1},
-            {"supplier_id": live_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 2}]})),
-        200,
-    )
-    .await;
+    sources(&down, &t, &[&dead_sp, &live_sp]).await;
     let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
 
     // The first order's number goes to the dead supplier: unknown outcomes, asked again
@@ -313,22 +322,7 @@ async fn a_source_passed_over_for_its_open_circuit_is_waited_for_not_taken_as_a_
     let state = down.state.clone().unwrap();
     let dead_sp = create_supplier(&down, &t, "dead", &dead.base, "ak_dead", "sk-dead-secret").await;
     let empty_sp = create_supplier(&down, &t, "empty", &up.base, &hub_key.key_id, &hub_key.secret).await;
-    let sources = |list: Value| {
-        let path = format!("/admin/v1/products/{SKU}");
-        let down = &down;
-        let t = &t;
-        async move {
-            down.admin_ok(
-                t,
-                Method::PATCH,
-                &path,
-                Some(json!({"source_mode": "upstream_only", "sources": list})),
-                200,
-            )
-            .await;
-        }
-    };
-    sources(json!([{"supplier_id": dead_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1}])).await;
+    sources(&down, &t, &[&dead_sp]).await;
     let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
 
     // The first order opens the dead supplier's circuit and waits for it.
@@ -346,10 +340,7 @@ async fn a_source_passed_over_for_its_open_circuit_is_waited_for_not_taken_as_a_
 
     // Behind a source that refuses: the refusal does not end it either, and the purchase
     // goes back to the source it passed over.
-    sources(json!([
-        {"supplier_id": dead_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1},
-        {"supplier_id": empty_sp, "sku": SKU, "max_unit_cost": 9800, "priority": 2}]))
-    .await;
+    sources(&down, &t, &[&dead_sp, &empty_sp]).await;
     let (status, c, _) = down.order(&buyer, order_body(SKU, 1, "M-PASS-3")).await;
     assert_eq!((status, c["status"].as_str()), (202, Some("processing")), "{c}");
     let c_id = c["order_id"].as_str().unwrap().to_string();
@@ -468,15 +459,7 @@ async fn scripted_hub(settings: &[(&str, &str)]) -> (Scripted, TestApp, ManualCl
         "sk-scripted-secret",
     )
     .await;
-    down.admin_ok(
-        &t,
-        Method::PATCH,
-        &format!("/admin/v1/products/{SKU}"),
-        Some(json!({"source_mode": "upstream_only",
-                    "sources": [{"supplier_id": sp, "sku": SKU, "max_unit_cost": 9800, "priority": 1}]})),
-        200,
-    )
-    .await;
+    sources(&down, &t, &[&sp]).await;
     let buyer = buyer(&down, &t, "standard", 10 * 9800).await;
     (supplier, down, clock, t, sp, buyer)
 }
