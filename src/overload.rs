@@ -6,24 +6,27 @@
 //! Little's law it is the arrival rate times the latency, so it rises both when too many
 //! orders arrive and when Redis or Postgres slow down, and it reacts at once.
 //!
-//! Bursts are not overload: the gateway counts as saturated only once the count has
-//! stayed at or above half of `max_in_flight_orders` for `standing_ms` (a standing
-//! queue, as CoDel tells one from a burst). Then each tier below the top is refused from
-//! its share of `max_in_flight_orders` by its rank in `priority`: with four tiers the
-//! lowest from a third of it, the next from two thirds, the third from all of it. The top
-//! tier is never refused here: what is shed makes room for it, and its own volume is
-//! bounded by its rate limit.
+//! Bursts are not overload: the gateway starts shedding only once the count has stayed at
+//! or above half of `max_in_flight_orders` for `standing_ms` (a standing queue, as CoDel
+//! tells one from a burst), and stops only once it has stayed below that for as long.
+//! Group commits make the count a sawtooth (a commit answers its whole batch at once), so
+//! a gateway that stopped at the first dip would admit every tier again until the queue
+//! had stood once more, a flood every time. While shedding, each tier below the top is
+//! refused from its share of `max_in_flight_orders` by its rank in `priority`: with four
+//! tiers the lowest from a third of it, the next from two thirds, the third from all of
+//! it. The top tier is never refused here: what is shed makes room for it, and its own
+//! volume is bounded by its rate limit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Tier;
 use crate::error::ApiError;
 
-/// `above_since` when the count is below the floor.
-const BELOW: u64 = u64::MAX;
+/// `above_since` or `below_since` while the count is on the other side of the floor.
+const NEVER: u64 = u64::MAX;
 
 pub struct Admission {
     in_flight: Arc<AtomicUsize>,
@@ -32,29 +35,71 @@ pub struct Admission {
     state: Arc<Standing>,
 }
 
-/// Since when (µs after `epoch`) the count has been at or above `floor`.
+/// Whether the gateway is shedding, and since when (µs after `epoch`) the count has been at
+/// or above `floor`, or below it.
 struct Standing {
     floor: usize,
     epoch: Instant,
     above_since: AtomicU64,
-    standing: Duration,
+    below_since: AtomicU64,
+    shedding: AtomicBool,
+    standing: u64,
 }
 
 impl Standing {
-    fn observe(&self, count: usize) {
-        if count < self.floor {
-            self.above_since.store(BELOW, Ordering::Relaxed);
-        } else if self.above_since.load(Ordering::Relaxed) == BELOW {
-            let now = self.epoch.elapsed().as_micros() as u64;
-            let _ = self
-                .above_since
-                .compare_exchange(BELOW, now, Ordering::Relaxed, Ordering::Relaxed);
+    fn new(floor: usize, standing: Duration) -> Standing {
+        Standing {
+            floor,
+            epoch: Instant::now(),
+            above_since: AtomicU64::new(NEVER),
+            // Idle since the start: a standing queue, not the first dip, ends shedding.
+            below_since: AtomicU64::new(0),
+            shedding: AtomicBool::new(false),
+            standing: standing.as_micros() as u64,
         }
     }
 
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn observe(&self, count: usize) {
+        self.observe_at(count, self.now());
+    }
+
     fn saturated(&self) -> bool {
-        let since = self.above_since.load(Ordering::Relaxed);
-        since != BELOW && self.epoch.elapsed().as_micros() as u64 >= since + self.standing.as_micros() as u64
+        self.saturated_at(self.now())
+    }
+
+    fn observe_at(&self, count: usize, now: u64) {
+        let (side, other) = if count < self.floor {
+            (&self.below_since, &self.above_since)
+        } else {
+            (&self.above_since, &self.below_since)
+        };
+        other.store(NEVER, Ordering::Relaxed);
+        if side.load(Ordering::Relaxed) == NEVER {
+            let _ = side.compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Shedding starts once the count has stood at or above the floor for `standing`, and
+    /// stops once it has stood below it as long.
+    fn saturated_at(&self, now: u64) -> bool {
+        let stood = |since: &AtomicU64| {
+            let since = since.load(Ordering::Relaxed);
+            since != NEVER && now >= since.saturating_add(self.standing)
+        };
+        let shedding = self.shedding.load(Ordering::Relaxed);
+        let flip = if shedding {
+            stood(&self.below_since)
+        } else {
+            stood(&self.above_since)
+        };
+        if flip {
+            self.shedding.store(!shedding, Ordering::Relaxed);
+        }
+        shedding != flip
     }
 }
 
@@ -93,12 +138,7 @@ impl Admission {
         Admission {
             in_flight: Arc::new(AtomicUsize::new(0)),
             thresholds,
-            state: Arc::new(Standing {
-                floor: (max_in_flight / 2).max(1),
-                epoch: Instant::now(),
-                above_since: AtomicU64::new(BELOW),
-                standing,
-            }),
+            state: Arc::new(Standing::new((max_in_flight / 2).max(1), standing)),
         }
     }
 
@@ -184,6 +224,28 @@ mod tests {
         held.clear();
         assert_eq!(a.in_flight(), 0, "refusals and finished requests give their slot back");
         assert!(a.admit("standard").is_ok(), "the queue drained: no longer saturated");
+    }
+
+    #[test]
+    fn shedding_outlasts_the_dips_of_a_standing_queue_and_ends_once_it_has_drained() {
+        const MS: u64 = 1_000;
+        let s = Standing::new(32, Duration::from_millis(100));
+        s.observe_at(40, 0);
+        assert!(!s.saturated_at(99 * MS), "a burst shorter than standing_ms is admitted");
+        assert!(s.saturated_at(100 * MS), "a queue that stood 100 ms is overload");
+        // A commit answers its batch at once: the count dips, then the queue is back.
+        s.observe_at(5, 110 * MS);
+        assert!(s.saturated_at(111 * MS), "one dip does not end shedding");
+        s.observe_at(50, 150 * MS);
+        s.observe_at(10, 160 * MS);
+        assert!(s.saturated_at(259 * MS), "below the floor for 99 ms: still shedding");
+        assert!(!s.saturated_at(260 * MS), "below it for 100 ms: drained");
+        s.observe_at(40, 300 * MS);
+        assert!(
+            !s.saturated_at(350 * MS),
+            "back above it: a new standing_ms before shedding again"
+        );
+        assert!(s.saturated_at(400 * MS));
     }
 
     #[test]
