@@ -85,6 +85,7 @@ fn bench(c: &mut Criterion) {
                 &guards,
                 Sourcing::Local,
                 true,
+                "",
             )
             .get_packed_command()
         })

@@ -29,8 +29,8 @@ reservation_benchmark() {
   shift 2
   fields='{"order_id":"ord_bench","reseller":1,"merchant_order_no":"M","product":1,"sku":"s","quantity":1,"unit_price":9800,"amount":9800,"created_at":0,"key_id":"ak_bench"}'
   local_benchmark "$@" \
-    EVALSHA "$sha" 11 "$p:idem:1:__rand_int__" "$p:stock" "$p:bal" "$p:outbox" "$p:epoch" \
-    "$p:risk:1" "$p:kspend:ak_bench" "$p:addrs:1" "$p:rate:w:1" "$p:sold" "$p:nonce:__rand_int__" \
+    EVALSHA "$sha" 12 "$p:idem:1:__rand_int__" "$p:stock" "$p:bal" "$p:outbox" "$p:epoch" \
+    "$p:risk:1" "$p:kspend:ak_bench" "$p:addrs:1" "$p:rate:w:1" "$p:sold" "$p:restocked" "$p:nonce:__rand_int__" \
     ord___rand_int__ s1 1 9800 "" 600 "$fields" 600 0 "$(date -u +%F)" "" "" "$(date +%s)" 127.0.0.1 \
-    "$(($(date +%s) / 60))" 10 60 "" 1 1 1000000000 cells ""
+    "$(($(date +%s) / 60))" 10 60 "" 1 1 1000000000 cells "" ""
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one reservation costs Redis, apart from everything else: redis-benchmark calls the
 # reservation script (with the bucket's code in front, as the gateway loads it) and, in
-# the same run, a script that only answers, with the same 11 keys and 22 arguments. Each
+# the same run, a script that only answers, with the same 12 keys and 24 arguments. Each
 # is pipelined (4 connections, 16 deep), so the figure is Redis's CPU per call, read from
 # /proc, not a latency. The difference is what the script's own work costs. Then the
 # reads' admission (admit.lua) as a coalesced pipeline sends it: one call spending eight

@@ -66,6 +66,8 @@ pub struct App {
     pub upstream_slots: Arc<tokio::sync::Semaphore>,
     /// Every supplier's health as this gateway sees it (`crate::upstream::health`).
     pub supplier_health: crate::upstream::health::Suppliers,
+    /// Sell-outs this gateway found (`crate::stock::sold_out`).
+    pub sold_out: crate::stock::sold_out::SoldOut,
 }
 
 impl App {
@@ -138,6 +140,7 @@ impl App {
             risk: Default::default(),
             upstream_slots,
             supplier_health,
+            sold_out: Default::default(),
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock).await?;

@@ -257,6 +257,10 @@ async fn place_inner(
         // The nonce and the request's write tokens, with the first reservation only.
         let spend = nonce.as_ref().and_then(|n| n.take());
         let sourcing = product.as_ref().map_or(reserve::Sourcing::Local, |p| p.sourcing);
+        let cell = app.keys.cell_of(f.reseller);
+        let want = usize::try_from(f.quantity).unwrap_or(0);
+        // A sell-out this gateway found already: refused in this one call if still one.
+        let sold_out = app.sold_out.as_of(f.product, cell, want);
         let command = |spend: Option<crate::auth::reseller::Spend>, other_cells| {
             reserve::reserve_cmd(
                 &app.keys,
@@ -269,6 +273,7 @@ async fn place_inner(
                 &guards,
                 sourcing,
                 other_cells,
+                &sold_out,
             )
         };
         let mut cmd = command(spend, other_cells);
@@ -285,11 +290,13 @@ async fn place_inner(
                 n.tokens().record(r.bucket);
             }
             dry += 1;
-            let want = usize::try_from(f.quantity).unwrap_or(0);
-            match crate::stock::mover::fill(app, f.product, app.keys.cell_of(f.reseller), want).await? {
+            match crate::stock::mover::fill(app, f.product, cell, want).await? {
                 crate::stock::mover::Fill::Moved => {}
                 // No cell can fill it: out_of_stock, or bought upstream where allowed.
-                crate::stock::mover::Fill::Short => other_cells = false,
+                crate::stock::mover::Fill::Short { as_of, total } => {
+                    app.sold_out.note(f.product, cell, as_of, total);
+                    other_cells = false;
+                }
                 crate::stock::mover::Fill::Rebuilding => return Err(Refusal::Rebuilding.into()),
             }
             cmd = command(None, other_cells);

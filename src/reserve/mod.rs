@@ -242,7 +242,8 @@ pub async fn reserve<C: ConnectionLike>(conn: &mut C, cmd: &Cmd) -> Result<Reser
 /// `charge`'s tokens are taken from the reseller's write bucket before that: the two go
 /// together, with the request's first reservation (a retry, or an order of a batch, has
 /// neither). With `other_cells`, a home pool short of the order is refused
-/// [`Refusal::CellDry`] instead of out of stock or bought upstream.
+/// [`Refusal::CellDry`] instead of out of stock or bought upstream, unless `sold_out`
+/// ([`crate::stock::sold_out::SoldOut::as_of`]) shows no cell can fill it.
 #[allow(clippy::too_many_arguments)]
 pub fn reserve_cmd(
     keys: &Keys,
@@ -255,13 +256,14 @@ pub fn reserve_cmd(
     guards: &Guards,
     sourcing: Sourcing,
     other_cells: bool,
+    sold_out: &str,
 ) -> Cmd {
     let cell = keys.cell_of(f.reseller);
     // Serialising plain integers and strings cannot fail.
     let fields = serde_json::to_vec(f).unwrap_or_default();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(RESERVE.get_hash())
-        .arg(if nonce_key.is_some() { 11 } else { 10 })
+        .arg(if nonce_key.is_some() { 12 } else { 11 })
         .arg(keys.idempotency(f.reseller, &f.merchant_order_no))
         .arg(keys.stock(cell, f.product))
         .arg(keys.balance(f.reseller))
@@ -271,7 +273,8 @@ pub fn reserve_cmd(
         .arg(keys.key_spend(f.reseller, &f.key_id))
         .arg(keys.addresses(f.reseller))
         .arg(keys.rate(f.reseller, Class::Writes))
-        .arg(keys.sold(cell, f.product));
+        .arg(keys.sold(cell, f.product))
+        .arg(keys.restocked(cell, f.product));
     if let Some(k) = nonce_key {
         cmd.arg(k);
     }
@@ -305,7 +308,9 @@ pub fn reserve_cmd(
         Some(c) => cmd.arg(c.n).arg(c.quota.interval_us).arg(c.quota.burst),
         None => cmd.arg(0).arg(0).arg(0),
     };
-    cmd.arg(if other_cells { "cells" } else { "" }).arg(guards.holds);
+    cmd.arg(if other_cells { "cells" } else { "" })
+        .arg(guards.holds)
+        .arg(sold_out);
     cmd
 }
 
@@ -408,7 +413,15 @@ pub async fn release<C: ConnectionLike>(
     for e in elements {
         inv.arg(e.as_slice());
     }
-    Ok(inv.invoke_async::<i64>(conn).await? == 1)
+    let released = inv.invoke_async::<i64>(conn).await? == 1;
+    if released && !elements.is_empty() {
+        // Codes back in a pool: a sell-out found before is no longer one. The entry is gone
+        // already, so this is not retried; a sell-out is trusted only briefly for that.
+        if let Err(e) = crate::stock::sold_out::restocked(conn, keys, f.product).await {
+            tracing::warn!(error = %e, "could not count codes given back as a restock");
+        }
+    }
+    Ok(released)
 }
 
 /// The stock elements packed in an outbox entry's `c` field (2-byte length, element).

@@ -9,7 +9,8 @@
 --       7 the key's spend (hash: day, spent), 8 the reseller's addresses (hash),
 --       9 the reseller's write bucket (src/ratelimit/gcra.lua),
 --       10 the codes of this product sold from this cell lately (a counter, for the mover),
---       11 (optional) the request's nonce, spent here first: one round trip per order
+--       11 the product's restock counter in this cell (src/stock/sold_out.rs),
+--       12 (optional) the request's nonce, spent here first: one round trip per order
 --       Every key is in the reseller's home cell, the stock being that cell's pool.
 -- ARGV: 1 order id, 2 fingerprint (what a replay must match), 3 quantity, 4 amount,
 --       5 refusal the gateway already decided ('' for none), 6 record TTL in seconds,
@@ -28,7 +29,10 @@
 --       stock from the other cells and asks again) rather than 'out_of_stock' or buying
 --       upstream; '' once no cell can fill it,
 --       23 the rules whose action is hold ('a', 'v', both or ''): one that fires holds the
---       reseller here, so every order reserved after this one is refused on every gateway
+--       reseller here, so every order reserved after this one is refused on every gateway,
+--       24 'epoch:restock counter' when the gateway found every cell together short of this
+--       order at that point ('' for none): while both are unchanged no cell can fill it,
+--       and 'cells' is taken as 
 --
 -- Answers, each with the write bucket second (as take() reports it, '' when nothing
 -- was taken):
@@ -54,8 +58,8 @@ end
 -- a rate-limited one still spends its nonce, so it cannot be sent again. The nonce holds
 -- the order id it was spent on: this very script sent again (its first answer lost on a
 -- failing connection) is not a replay, and goes on to find its own reservation.
-if KEYS[11] and not redis.call('SET', KEYS[11], ARGV[1], 'NX', 'EX', ARGV[8])
-    and redis.call('GET', KEYS[11]) ~= ARGV[1] then
+if KEYS[12] and not redis.call('SET', KEYS[12], ARGV[1], 'NX', 'EX', ARGV[8])
+    and redis.call('GET', KEYS[12]) ~= ARGV[1] then
   return {'refused', bucket, 'nonce_reused'}
 end
 if limited then
@@ -82,8 +86,11 @@ end
 local qty = tonumber(ARGV[3])
 local upstream = ARGV[18] == 'only'
 if not upstream and redis.call('LLEN', KEYS[2]) < qty then
-  -- Another cell may hold what this one lacks: out_of_stock only when none does.
-  if ARGV[22] == 'cells' then
+  -- Another cell may hold what this one lacks: out_of_stock only when none does. Codes
+  -- reach a cell's pool from outside only by import, give-back or rebuild, each of which
+  -- moves the epoch or the restock counter; a sell-out found at both is still one.
+  local dry = ARGV[24] or ''
+  if ARGV[22] == 'cells' and (dry == '' or dry ~= epoch .. ':' .. (redis.call('GET', KEYS[11]) or '')) then
     return {'refused', bucket, 'cell_dry'}
   end
   if ARGV[18] ~= 'fallback' then

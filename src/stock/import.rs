@@ -171,6 +171,8 @@ impl Importer<'_> {
                 .arg(&elements)
                 .query_async::<()>(&mut redis)
                 .await?;
+            // Before the import answers: no gateway's sell-out of this product still holds.
+            super::sold_out::restocked(&mut redis, self.keys, self.product_id).await?;
         }
         if let Err(e) = tx.commit().await {
             // The codes are in Redis but not in Postgres: take them back out so nothing

@@ -7,6 +7,7 @@
 pub mod import;
 pub mod lines;
 pub mod mover;
+pub mod sold_out;
 pub mod void;
 
 pub fn element(code_id: i64, code_enc: &[u8]) -> Vec<u8> {

@@ -301,12 +301,14 @@ async fn move_counts<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) ->
 }
 
 /// What [`fill`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fill {
     /// The cell holds (or held, a moment ago) enough: worth reserving again.
     Moved,
-    /// All cells and transfers together hold fewer codes than wanted: out of stock.
-    Short,
+    /// All cells and transfers together held `total` codes, fewer than wanted: out of
+    /// stock. `as_of` is what the home cell read before the count
+    /// ([`super::sold_out::as_of`]).
+    Short { as_of: String, total: usize },
     /// Redis is being rebuilt: no epoch to move under.
     Rebuilding,
 }
@@ -326,6 +328,8 @@ async fn fill_from_others(app: &App, product: i64, cell: u32, want: usize) -> re
     let Some(epoch) = cell_epoch(&mut c, keys, cell).await? else {
         return Ok(Fill::Rebuilding);
     };
+    // Before counting: a restock after this reading is never mistaken for a sell-out.
+    let as_of = super::sold_out::as_of(&mut c, keys, cell, product).await?;
     finish_open(&mut c, keys, product).await?;
     let mut lens = pool_lengths(&mut c, keys, product).await?;
     if lens.iter().sum::<usize>() < want {
@@ -333,7 +337,7 @@ async fn fill_from_others(app: &App, product: i64, cell: u32, want: usize) -> re
         // codes moved by another transfer meanwhile can be counted in neither cell: a
         // shortage is only believed when no transfer moved codes while they were counted.
         match settled_stock(&mut c, keys, product).await? {
-            Some(n) if n < want => return Ok(Fill::Short),
+            Some(total) if total < want => return Ok(Fill::Short { as_of, total }),
             Some(_) => lens = pool_lengths(&mut c, keys, product).await?,
             // Transfers keep moving codes: some remain; the order tries again.
             None => return Ok(Fill::Moved),

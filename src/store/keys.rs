@@ -96,6 +96,14 @@ impl Keys {
         self.cell_key(cell, &["moves", &product_id.to_string()])
     }
 
+    /// How many times codes of a product were added to any cell's pool other than by a
+    /// transfer (imports, codes given back): a counter kept in every cell, so a reservation
+    /// script can tell, in its own cell, that nothing was restocked since a gateway found
+    /// every cell dry ([`crate::stock::sold_out`]).
+    pub fn restocked(&self, cell: u32, product_id: i64) -> String {
+        self.cell_key(cell, &["restocked", &product_id.to_string()])
+    }
+
     /// The ids of a product's transfers out of this cell not yet finished (a set).
     pub fn transfers(&self, cell: u32, product_id: i64) -> String {
         self.cell_key(cell, &["xfers", &product_id.to_string()])

@@ -130,6 +130,122 @@ async fn a_sku_imported_into_one_cell_sells_out_from_every_cell_exactly_once() {
     assert_eq!(report["products"][0]["available"], 0);
 }
 
+/// After a sell-out, an order is refused in its one reservation call: the count of every
+/// cell that found the sell-out is not run again for each order (in a flash sale the
+/// refusals cost more than the sales), and a restock ends it at once, on any gateway.
+#[tokio::test]
+async fn a_sell_out_once_found_is_refused_without_counting_every_cell_until_a_restock() {
+    let cells = 4;
+    let (app, t, _) = cell_shop(cells, 6).await;
+    let product = app.product_pk(SKU).await;
+    let keys = buyers_in_every_cell(&app, &t, cells).await;
+    for i in 0..6 {
+        let (s, body, _) = app
+            .order(&keys[i % keys.len()], order_body(SKU, 1, &format!("sale-{i}")))
+            .await;
+        assert_eq!(s, 201, "{body}");
+    }
+    // A buyer whose home pool the restock below does not go into.
+    let state = app.state.as_ref().unwrap();
+    let import_cell = mover::import_cell(&state.keys, product);
+    let mut buyer = &keys[0];
+    for k in &keys {
+        if app.reseller_pk(&k.reseller_id).await.rem_euclid(i64::from(cells)) as u32 != import_cell {
+            buyer = k;
+            break;
+        }
+    }
+    let refused = async |mon: &str| {
+        let (s, body, _) = app.order(buyer, order_body(SKU, 1, mon)).await;
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (409, Some("out_of_stock")),
+            "{mon}: {body}"
+        );
+    };
+    refused("after-0").await;
+
+    // Another cell's pool made unreadable: counting every cell again would now fail.
+    let home = app.reseller_pk(&buyer.reseller_id).await.rem_euclid(i64::from(cells)) as u32;
+    let other = state.keys.stock((home + 1) % cells, product);
+    let mut r = app.redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(&other)
+        .arg("not a pool")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    refused("after-1").await;
+    let _: () = redis::cmd("DEL").arg(&other).query_async(&mut r).await.unwrap();
+
+    // The import counts as a restock in every cell before it answers.
+    let resp = app.import_codes(&t, SKU, "RESTOCK-1\nRESTOCK-2").await;
+    assert_eq!(resp.status(), 200);
+    let (s, body, _) = app.order(buyer, order_body(SKU, 1, "restocked")).await;
+    assert_eq!(s, 201, "a sell-out found before the import no longer holds: {body}");
+    assert_eq!(codes_of(&body).len(), 1);
+    app.assert_reconciled(&t).await;
+}
+
+/// Codes a writer gives back (a reservation Postgres refused) count as a restock in every
+/// cell, so no gateway's sell-out of the product holds past them.
+#[tokio::test]
+async fn codes_given_back_count_as_a_restock_in_every_cell() {
+    use cardgate::reserve::{release, Fulfilment};
+    let cells = 4;
+    let (app, t, _) = cell_shop(cells, 1).await;
+    let state = app.state.as_ref().unwrap();
+    let product = app.product_pk(SKU).await;
+    let k = buyer(&app, &t, "gold", 100_000).await;
+    let mut r = app.redis().await;
+    let counters = async |r: &mut redis::aio::MultiplexedConnection| -> Vec<i64> {
+        let mut pipe = redis::pipe();
+        for cell in state.keys.all_cells() {
+            pipe.cmd("GET").arg(state.keys.restocked(cell, product));
+        }
+        let got: Vec<Option<i64>> = pipe.query_async(r).await.unwrap();
+        got.into_iter().map(Option::unwrap_or_default).collect()
+    };
+    let before = counters(&mut r).await;
+    let f = Fulfilment {
+        order_id: cardgate::ids::order_id(),
+        reseller: app.reseller_pk(&k.reseller_id).await,
+        merchant_order_no: "GIVEN-BACK".into(),
+        product,
+        sku: SKU.into(),
+        quantity: 1,
+        unit_price: 9800,
+        amount: 9800,
+        created_at: 0,
+        key_id: k.key_id.clone(),
+    };
+    // The outbox entry a writer undoes, at the cell's epoch.
+    let cell = state.keys.cell_of(f.reseller);
+    let entry: String = redis::cmd("XADD")
+        .arg(state.keys.outbox(cell))
+        .arg("*")
+        .arg("o")
+        .arg("undone")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let epoch: i64 = redis::cmd("GET")
+        .arg(state.keys.epoch(cell))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let element = cardgate::stock::element(i64::MAX, b"given back");
+    assert!(release(&mut r, &state.keys, &entry, epoch, &f, &[element], false)
+        .await
+        .unwrap());
+    let after = counters(&mut r).await;
+    assert_eq!(
+        after,
+        before.iter().map(|n| n + 1).collect::<Vec<_>>(),
+        "every cell counted the restock"
+    );
+}
+
 /// The mover's two steps are idempotent: a transfer cut short after step 1 (its codes
 /// in a transfer record, in no pool) is completed by the next pass, step 1 retried pops
 /// nothing more, step 2 retried pushes nothing twice; no code is lost or doubled, and

@@ -1208,6 +1208,7 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
             &Guards::default(),
             sourcing,
             false,
+            "",
         )
     };
     // Sends it twice: the second run finds the first's reservation, pending, and whether it
