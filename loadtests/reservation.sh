@@ -20,7 +20,7 @@ local_benchmark() {
 }
 
 # reservation_benchmark SHA PREFIX OPTION...: redis-benchmark with OPTIONs (connections,
-# requests, output) calling SHA with the reservation's 11 keys under PREFIX and its 22
+# requests, output) calling SHA with the reservation's 12 keys under PREFIX and its 24
 # arguments, random order numbers and nonces. The rules on by default run as the gateway
 # runs them (an address, the velocity rule; a write token taken, from a bucket too large
 # to refuse: one token a microsecond); no spend limit, local stock only.

@@ -109,6 +109,8 @@ impl App {
             std::time::Duration::from_millis(config.overload.standing_ms),
         );
         let bulkheads = Bulkheads::new(&config.admin);
+        let sold_out =
+            crate::stock::sold_out::SoldOut::new(std::time::Duration::from_millis(config.redis.sold_out_trust_ms));
         let probe = store::pg::Probe::new(&config)?;
         let upstream_slots = Arc::new(tokio::sync::Semaphore::new(config.upstream.max_in_flight));
         let supplier_health = crate::upstream::health::Suppliers::new(&config.upstream);
@@ -140,7 +142,7 @@ impl App {
             risk: Default::default(),
             upstream_slots,
             supplier_health,
-            sold_out: Default::default(),
+            sold_out,
         };
         app.bootstrap_admin().await?;
         app.key_cache.reload(&app.pg_orders, &app.crypto, &app.clock).await?;

@@ -145,6 +145,8 @@ pub struct RedisConfig {
     pub cells: u32,
     /// How often the stock mover rebalances the cells' pools, in milliseconds.
     pub mover_interval_ms: u64,
+    /// How long a sell-out found is trusted (`crate::stock::sold_out`), in milliseconds.
+    pub sold_out_trust_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -97,9 +97,16 @@ impl Standing {
             stood(&self.above_since)
         };
         if flip {
-            self.shedding.store(!shedding, Ordering::Relaxed);
+            // Whoever flips first decides; a caller that lost the race reads the outcome.
+            return match self
+                .shedding
+                .compare_exchange(shedding, !shedding, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => !shedding,
+                Err(now_shedding) => now_shedding,
+            };
         }
-        shedding != flip
+        shedding
     }
 }
 
@@ -146,8 +153,11 @@ impl Admission {
     /// gateway is saturated and `tier`'s share is taken.
     pub fn admit(&self, tier: &str) -> Result<Slot, ApiError> {
         let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        // Asked on every admission, whatever the tier, so that shedding also ends when no
+        // order over its share comes along to ask.
+        let saturated = self.state.saturated();
         let over_share = self.thresholds.get(tier).is_some_and(|limit| before >= *limit);
-        if over_share && self.state.saturated() {
+        if over_share && saturated {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             metrics::counter!("cardgate_orders_shed_total", "tier" => tier.to_owned()).increment(1);
             metrics::counter!("cardgate_orders_total", "outcome" => "overloaded", "tier" => tier.to_owned())
@@ -246,6 +256,23 @@ mod tests {
             "back above it: a new standing_ms before shedding again"
         );
         assert!(s.saturated_at(400 * MS));
+    }
+
+    #[test]
+    fn shedding_ends_once_the_queue_has_drained_whichever_tier_comes_next() {
+        // Floor 2 (half of 4); the lower tiers' shares: 1, 2, 4.
+        let a = admission(TIERS, 4, Duration::from_millis(30));
+        let held: Vec<_> = (0..4).map(|_| a.admit("diamond").unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(a.admit("gold").is_err(), "a queue that stood: shedding");
+        drop(held);
+        std::thread::sleep(Duration::from_millis(40));
+        // Only gold asks, from below its share: the drained queue still ends shedding, and a
+        // burst after it is admitted whole, as a burst.
+        let burst: Vec<_> = (0..6)
+            .map(|_| a.admit("gold").expect("drained: a burst is admitted"))
+            .collect();
+        assert_eq!(burst.len(), 6);
     }
 
     #[test]

@@ -32,7 +32,7 @@
 --       reseller here, so every order reserved after this one is refused on every gateway,
 --       24 'epoch:restock counter' when the gateway found every cell together short of this
 --       order at that point ('' for none): while both are unchanged no cell can fill it,
---       and 'cells' is taken as 
+--       and 'cells' is taken as ''
 --
 -- Answers, each with the write bucket second (as take() reports it, '' when nothing
 -- was taken):

@@ -172,24 +172,13 @@ impl Importer<'_> {
                 .query_async::<()>(&mut redis)
                 .await?;
             // Before the import answers: no gateway's sell-out of this product still holds.
-            super::sold_out::restocked(&mut redis, self.keys, self.product_id).await?;
+            if let Err(e) = super::sold_out::restocked(&mut redis, self.keys, self.product_id).await {
+                self.take_back(&elements).await;
+                return Err(e.into());
+            }
         }
         if let Err(e) = tx.commit().await {
-            // The codes are in Redis but not in Postgres: take them back out so nothing
-            // unrecorded can be sold, then report the failure.
-            let mut redis = self.redis.clone();
-            let mut pipe = redis::pipe();
-            for el in &elements {
-                pipe.cmd("LREM")
-                    .arg(
-                        self.keys
-                            .stock(super::mover::import_cell(self.keys, self.product_id), self.product_id),
-                    )
-                    .arg(1)
-                    .arg(el)
-                    .ignore();
-            }
-            let _ = pipe.query_async::<()>(&mut redis).await;
+            self.take_back(&elements).await;
             return Err(e.into());
         }
         report.imported += elements.len() as u64;
@@ -198,5 +187,19 @@ impl Importer<'_> {
         batch.hashes.clear();
         batch.sealed.clear();
         Ok(())
+    }
+
+    /// Codes pushed to Redis whose batch is not committed: taken back out, so nothing
+    /// unrecorded can be sold.
+    async fn take_back(&self, elements: &[Vec<u8>]) {
+        let pool = self
+            .keys
+            .stock(super::mover::import_cell(self.keys, self.product_id), self.product_id);
+        let mut redis = self.redis.clone();
+        let mut pipe = redis::pipe();
+        for el in elements {
+            pipe.cmd("LREM").arg(&pool).arg(1).arg(el).ignore();
+        }
+        let _ = pipe.query_async::<()>(&mut redis).await;
     }
 }

@@ -12,8 +12,10 @@
 //! counted. So the reservation script, finding both unchanged in its own cell, knows no
 //! cell can fill an order for more codes than the fill found, exactly as the fill would.
 //!
-//! A note is trusted for [`TRUSTED`] at most: a restock whose bump was lost (Redis failed
-//! between the codes and the counter) delays sales of its codes no longer than that.
+//! A note is trusted for `redis.sold_out_trust_ms` at most: a restock whose bump was lost
+//! (Redis failed between the codes and the counter) delays sales of its codes no longer
+//! than that. A give-back bumps the counters just after its codes are back, so an order
+//! in between, with a note, can still be refused for that moment.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,13 +25,11 @@ use redis::aio::ConnectionLike;
 
 use crate::store::keys::Keys;
 
-/// How long a sell-out found is trusted before a fill counts again.
-pub const TRUSTED: Duration = Duration::from_secs(1);
-
 /// Sell-outs this gateway found, by product and home cell. Bounded by products times cells.
-#[derive(Default)]
 pub struct SoldOut {
     found: Mutex<HashMap<(i64, u32), Found>>,
+    /// How long one is trusted before a fill counts again.
+    trusted: Duration,
 }
 
 struct Found {
@@ -41,6 +41,13 @@ struct Found {
 }
 
 impl SoldOut {
+    pub fn new(trusted: Duration) -> SoldOut {
+        SoldOut {
+            found: Mutex::default(),
+            trusted,
+        }
+    }
+
     /// A fill found `total` codes of `product` in every cell together, fewer than an order
     /// from `cell` wanted, reading `as_of` in `cell` before it counted.
     pub fn note(&self, product: i64, cell: u32, as_of: String, total: usize) {
@@ -61,7 +68,7 @@ impl SoldOut {
             return String::new();
         };
         match m.get(&(product, cell)) {
-            Some(f) if quantity > f.total && f.at.elapsed() < TRUSTED => f.as_of.clone(),
+            Some(f) if quantity > f.total && f.at.elapsed() < self.trusted => f.as_of.clone(),
             _ => String::new(),
         }
     }
