@@ -36,6 +36,8 @@ pub struct App {
     /// Signed reads' Redis commands, many requests to a pipeline.
     pub coalescer: Coalescer,
     pub pool_counts: crate::stock::mover::PoolCounts,
+    /// The same for a whole catalogue's products, per cell in one call.
+    pub catalogue_counts: crate::stock::mover::CatalogueCounts,
     pub keys: Keys,
     pub metrics: PrometheusHandle,
     pub crypto: Crypto,
@@ -122,6 +124,7 @@ impl App {
             bulkheads,
             coalescer: Coalescer::start(redis.clone()),
             pool_counts: Default::default(),
+            catalogue_counts: Default::default(),
             redis,
             keys,
             metrics,

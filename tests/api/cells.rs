@@ -383,6 +383,25 @@ async fn the_mover_keeps_pools_in_proportion_to_sales() {
     let p = pools(&app, product).await;
     assert_eq!(p.iter().sum::<i64>(), 370);
     assert_eq!(listed(&app, &k).await, (370, 370), "every pool counted: {p:?}");
+    // With more than one product the catalogue counts every cell's pools in one call per
+    // cell: the same figures, for each product.
+    app.create_product(&t, "CELLS-OTHER").await;
+    let other: Vec<String> = (0..7).map(|i| format!("OTHER-{i}-{}", random_suffix())).collect();
+    assert_eq!(
+        app.import_codes(&t, "CELLS-OTHER", other.join("\n")).await.status(),
+        200
+    );
+    mover::step(&state).await.unwrap();
+    assert_eq!(listed(&app, &k).await, (370, 370), "every pool counted: {p:?}");
+    let resp = app.signed(&k, reqwest::Method::GET, "/v1/products", None).await;
+    let catalogue: serde_json::Value = resp.json().await.unwrap();
+    let of = |sku: &str| {
+        catalogue["products"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["sku"] == sku))
+            .and_then(|p| p["available"].as_i64())
+    };
+    assert_eq!((of(SKU), of("CELLS-OTHER")), (Some(370), Some(7)), "{catalogue}");
     for (cell, n) in p.iter().enumerate() {
         if cell != busy {
             assert!(p[busy] > 3 * n, "the selling cell holds the most: {p:?}");

@@ -373,6 +373,18 @@ async fn orders_replays_reads_a_rebuild_and_reconciliation_on_a_cluster() {
         listed["available"], 4,
         "every cell's pool counted, one LLEN each: {listed}"
     );
+    // A catalogue of several products: one script call per cell, routed to its node.
+    app.create_product(&t, "CLUSTER-OTHER").await;
+    let resp = app.signed(&k, Method::GET, "/v1/products", None).await;
+    assert_eq!(resp.status(), 200);
+    let catalogue: serde_json::Value = resp.json().await.unwrap();
+    let of = |sku: &str| {
+        catalogue["products"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["sku"] == sku))
+            .and_then(|p| p["available"].as_i64())
+    };
+    assert_eq!((of(SKU), of("CLUSTER-OTHER")), (Some(4), Some(0)), "{catalogue}");
     let spent = 6 * crate::orders::GOLD;
     assert_eq!(app.balance_of(&k).await, 1_000_000 - spent);
 
