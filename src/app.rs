@@ -36,8 +36,8 @@ pub struct App {
     /// Signed reads' Redis commands, many requests to a pipeline.
     pub coalescer: Coalescer,
     pub pool_counts: crate::stock::mover::PoolCounts,
-    /// The same for a whole catalogue's products, per cell in one call.
-    pub catalogue_counts: crate::stock::mover::CatalogueCounts,
+    /// A large catalogue's counts, shared by the reads of a moment.
+    pub catalogue_counts: crate::stock::counts::CatalogueCounts,
     pub keys: Keys,
     pub metrics: PrometheusHandle,
     pub crypto: Crypto,
@@ -111,6 +111,9 @@ impl App {
             std::time::Duration::from_millis(config.overload.standing_ms),
         );
         let bulkheads = Bulkheads::new(&config.admin);
+        let catalogue_counts = crate::stock::counts::CatalogueCounts::new(std::time::Duration::from_millis(
+            config.redis.catalogue_counts_ms,
+        ));
         let sold_out =
             crate::stock::sold_out::SoldOut::new(std::time::Duration::from_millis(config.redis.sold_out_trust_ms));
         let probe = store::pg::Probe::new(&config)?;
@@ -124,7 +127,7 @@ impl App {
             bulkheads,
             coalescer: Coalescer::start(redis.clone()),
             pool_counts: Default::default(),
-            catalogue_counts: Default::default(),
+            catalogue_counts,
             redis,
             keys,
             metrics,

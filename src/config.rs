@@ -147,6 +147,10 @@ pub struct RedisConfig {
     pub mover_interval_ms: u64,
     /// How long a sell-out found is trusted (`crate::stock::sold_out`), in milliseconds.
     pub sold_out_trust_ms: u64,
+    /// Catalogues of more products than this are counted by a shared fetch
+    /// (`crate::stock::counts`), each count used for `catalogue_counts_ms`.
+    pub catalogue_live_max: usize,
+    pub catalogue_counts_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

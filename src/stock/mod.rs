@@ -4,6 +4,7 @@
 //! AES-GCM ciphertext, so the reservation script can hand the ledger writer the row ids
 //! without Redis ever holding a code in clear.
 
+pub mod counts;
 pub mod import;
 pub mod lines;
 pub mod mover;

@@ -262,73 +262,6 @@ impl PoolCounts {
     }
 }
 
-/// Products whose pools one call of [`COUNT_POOLS`] reads at most: a call blocks Redis for
-/// its length (about a quarter of a microsecond a pool).
-const POOLS_PER_CALL: usize = 512;
-
-/// The pool lengths of the products named by `KEYS`, all of one cell.
-const COUNT_POOLS: &str = "local n = {} for i, k in ipairs(KEYS) do n[i] = redis.call('LLEN', k) end return n";
-
-/// The pool counts of many products (a catalogue read) as one shared read: per cell, one
-/// script call reading each product's pool, instead of one `LLEN` per product and cell. A
-/// command costs Redis about 1.5 µs to read, run and answer, an `LLEN` inside a script a
-/// fraction of it, so a catalogue of a thousand products on sixteen cells is 16 calls,
-/// not 16,000 commands. `EVAL`, not `EVALSHA`: a restarted Redis has no script to miss.
-/// Built again only when the catalogue's products change.
-#[derive(Default)]
-pub struct CatalogueCounts(std::sync::Mutex<Option<(Vec<i64>, std::sync::Arc<redis::Pipeline>)>>);
-
-impl CatalogueCounts {
-    pub fn of(&self, keys: &Keys, products: &[i64]) -> std::sync::Arc<redis::Pipeline> {
-        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match memo.as_ref() {
-            Some((ids, pipe)) if ids.as_slice() == products => std::sync::Arc::clone(pipe),
-            _ => {
-                let mut pipe = redis::pipe();
-                for cell in keys.all_cells() {
-                    for chunk in products.chunks(POOLS_PER_CALL) {
-                        let mut cmd = redis::cmd("EVAL");
-                        cmd.arg(COUNT_POOLS).arg(chunk.len());
-                        for p in chunk {
-                            cmd.arg(keys.stock(cell, *p));
-                        }
-                        pipe.add_command(cmd);
-                    }
-                }
-                let pipe = std::sync::Arc::new(pipe);
-                *memo = Some((products.to_vec(), std::sync::Arc::clone(&pipe)));
-                pipe
-            }
-        }
-    }
-}
-
-/// Each product's codes over every cell, from the replies to [`CatalogueCounts::of`] for
-/// `products` products; `None` when the replies are not what it asked.
-pub fn catalogue_sums(products: usize, replies: &[redis::Value]) -> Option<Vec<i64>> {
-    let calls = products.div_ceil(POOLS_PER_CALL);
-    if calls == 0 || replies.len() % calls != 0 {
-        return None;
-    }
-    let mut sums = vec![0i64; products];
-    for (j, reply) in replies.iter().enumerate() {
-        let redis::Value::Array(lens) = reply else {
-            return None;
-        };
-        let first = (j % calls) * POOLS_PER_CALL;
-        if lens.len() != products.saturating_sub(first).min(POOLS_PER_CALL) {
-            return None;
-        }
-        for (sum, n) in sums[first..].iter_mut().zip(lens) {
-            let redis::Value::Int(n) = n else {
-                return None;
-            };
-            *sum += n;
-        }
-    }
-    Some(sums)
-}
-
 /// Readings of every cell tried by [`settled_stock`] before it gives up.
 const SETTLE_TRIES: usize = 5;
 
@@ -558,23 +491,6 @@ pub async fn run(app: std::sync::Arc<App>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn catalogue_counts_are_summed_per_product_over_cells_and_calls() {
-        use redis::Value::{Array, Int};
-        let ints = |v: &[i64]| Array(v.iter().map(|n| Int(*n)).collect());
-        assert_eq!(
-            catalogue_sums(3, &[ints(&[1, 2, 3]), ints(&[10, 0, 5])]),
-            Some(vec![11, 2, 8])
-        );
-        // 513 products: two calls per cell, the second with one pool.
-        let first: Vec<i64> = (0..512).collect();
-        let sums = catalogue_sums(513, &[ints(&first), ints(&[7]), ints(&first), ints(&[1])]).unwrap();
-        assert_eq!((sums[0], sums[511], sums[512]), (0, 1022, 8));
-        assert_eq!(catalogue_sums(3, &[ints(&[1, 2])]), None, "a short reply");
-        assert_eq!(catalogue_sums(3, &[Int(3)]), None, "not an array");
-        assert_eq!(catalogue_sums(513, &[ints(&first)]), None, "calls missing");
-    }
 
     #[test]
     fn transfer_ids_spell_the_transfer() {

@@ -249,6 +249,55 @@ async fn codes_given_back_count_as_a_restock_in_every_cell() {
     );
 }
 
+/// A catalogue listing more than `redis.catalogue_live_max` products is counted by one
+/// fetch shared for `redis.catalogue_counts_ms` (every cell's pools, as live counts are),
+/// while one product's own route stays live.
+#[tokio::test]
+async fn a_large_catalogue_is_counted_by_one_shared_fetch_and_one_product_live() {
+    let app = spawn_app_with(|env| {
+        env.insert("CARDGATE_REDIS__CELLS".into(), "4".into());
+        env.insert("CARDGATE_REDIS__CATALOGUE_LIVE_MAX".into(), "1".into());
+        env.insert("CARDGATE_REDIS__CATALOGUE_COUNTS_MS".into(), "60000".into());
+        env.insert(MANUAL_BACKGROUND.into(), "1".into());
+    })
+    .await;
+    let t = app.root_token().await;
+    for (sku, n) in [(SKU, 12), ("CELLS-OTHER", 5)] {
+        app.create_product(&t, sku).await;
+        let codes: Vec<String> = (0..n).map(|i| format!("{sku}-{i}-{}", random_suffix())).collect();
+        assert_eq!(app.import_codes(&t, sku, codes.join("\n")).await.status(), 200);
+    }
+    let state = app.state.clone().unwrap();
+    mover::step(&state).await.unwrap();
+    let k = buyer(&app, &t, "diamond", 1_000_000).await;
+    let catalogue = async || -> (i64, i64) {
+        let resp = app.signed(&k, reqwest::Method::GET, "/v1/products", None).await;
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        let of = |sku: &str| {
+            body["products"]
+                .as_array()
+                .and_then(|all| all.iter().find(|p| p["sku"] == sku))
+                .and_then(|p| p["available"].as_i64())
+                .unwrap_or(-1)
+        };
+        (of(SKU), of("CELLS-OTHER"))
+    };
+    assert_eq!(catalogue().await, (12, 5), "every cell's pools counted");
+    let (s, body, _) = app.order(&k, order_body(SKU, 2, "counted")).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(
+        catalogue().await,
+        (12, 5),
+        "the shared count, until it is catalogue_counts_ms old"
+    );
+    let resp = app
+        .signed(&k, reqwest::Method::GET, &format!("/v1/products/{SKU}"), None)
+        .await;
+    let one: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(one["available"], 10, "one product's route counts live: {one}");
+}
+
 /// The mover's two steps are idempotent: a transfer cut short after step 1 (its codes
 /// in a transfer record, in no pool) is completed by the next pass, step 1 retried pops
 /// nothing more, step 2 retried pushes nothing twice; no code is lost or doubled, and

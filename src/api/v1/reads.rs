@@ -40,14 +40,12 @@ fn view<'a>(app: &'a App, p: &'a Product, tier: &str, available: i64) -> Product
 /// Live stock counts, in the same Redis round trip as the nonce.
 async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i64>, ApiError> {
     // Every cell's pool counts: an order brings stock over from the others.
-    if products.len() > 1 {
+    if products.len() > app.config.redis.catalogue_live_max {
+        // The nonce and token first: a refused read costs no count.
+        s.query(app, redis::pipe(), Vec::new()).await?;
         let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
-        let counts = app.catalogue_counts.of(&app.keys, &ids);
-        let (_, replies) = s.query(app, redis::pipe(), vec![counts]).await?;
-        return replies
-            .first()
-            .and_then(|r| crate::stock::mover::catalogue_sums(ids.len(), r))
-            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("pool counts that are not what was asked")));
+        let sums = app.catalogue_counts.of(app, &ids).await?;
+        return Ok(sums.to_vec());
     }
     let counts = products.iter().map(|p| app.pool_counts.of(&app.keys, p.id)).collect();
     let (_, lens) = s.query(app, redis::pipe(), counts).await?;
