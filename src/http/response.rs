@@ -12,7 +12,7 @@ use crate::error::ApiError;
 
 pub type Body = Full<Bytes>;
 
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
+pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 pub fn new_request_id() -> String {
     let bytes: [u8; 12] = rand::thread_rng().gen();

@@ -11,23 +11,68 @@
 //! count is used for `redis.catalogue_counts_ms` from when its fetch began: Redis does that
 //! work a few times a second whatever the rate of reads. One product's own route
 //! (`GET /v1/products/{sku}`) and smaller catalogues stay counted live.
+//!
+//! Every read of one tier given the same counts and the same catalogue gets the same
+//! answer, so the answer is written once ([`Counted::answer`]): a thousand products are
+//! about 150 KB of JSON, and writing it for each read was the gateway's largest cost.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::app::App;
+use crate::catalogue::Product;
+
+/// A catalogue as the gateway holds it (`crate::catalogue::Catalogue::snapshot`).
+pub type Snapshot = Arc<BTreeMap<String, Arc<Product>>>;
+
+/// Answers kept per count, at most: one per tier for each catalogue seen meanwhile.
+const ANSWERS_MAX: usize = 32;
 
 pub struct CatalogueCounts {
     max_age: Duration,
-    latest: Mutex<Option<Counted>>,
+    latest: Mutex<Option<Arc<Counted>>>,
     /// One fetch at a time: the reads that find the counts too old wait for the same one.
     fetching: tokio::sync::Mutex<()>,
 }
 
-struct Counted {
+pub struct Counted {
     began: Instant,
     products: Vec<i64>,
-    sums: Arc<Vec<i64>>,
+    /// Each product's codes over every cell, in the order asked.
+    pub sums: Vec<i64>,
+    /// Answers written from these counts: tier, the catalogue they list, the body.
+    answers: Mutex<Vec<(String, Snapshot, Bytes)>>,
+}
+
+impl Counted {
+    /// The answer for `tier` listing `catalogue` from these counts, written by `write` the
+    /// first time it is asked.
+    pub fn answer<E>(
+        &self,
+        tier: &str,
+        catalogue: &Snapshot,
+        write: impl FnOnce() -> Result<Bytes, E>,
+    ) -> Result<Bytes, E> {
+        let kept = |answers: &[(String, Snapshot, Bytes)]| {
+            answers
+                .iter()
+                .find(|(t, c, _)| t == tier && Arc::ptr_eq(c, catalogue))
+                .map(|(_, _, body)| body.clone())
+        };
+        if let Some(body) = self.answers.lock().ok().and_then(|a| kept(&a)) {
+            return Ok(body);
+        }
+        let body = write()?;
+        if let Ok(mut answers) = self.answers.lock() {
+            if answers.len() < ANSWERS_MAX && kept(&answers).is_none() {
+                answers.push((tier.to_owned(), Arc::clone(catalogue), body.clone()));
+            }
+        }
+        Ok(body)
+    }
 }
 
 impl CatalogueCounts {
@@ -40,7 +85,7 @@ impl CatalogueCounts {
     }
 
     /// Each of `products`' codes over every cell, counted at most `max_age` ago.
-    pub async fn of(&self, app: &App, products: &[i64]) -> redis::RedisResult<Arc<Vec<i64>>> {
+    pub async fn of(&self, app: &App, products: &[i64]) -> redis::RedisResult<Arc<Counted>> {
         if let Some(sums) = self.fresh(products) {
             return Ok(sums);
         }
@@ -61,20 +106,21 @@ impl CatalogueCounts {
         if lens.len() != products.len() * cells {
             return Err(std::io::Error::other("pool counts that are not what was asked").into());
         }
-        let sums = Arc::new(lens.chunks(cells).map(|c| c.iter().sum()).collect::<Vec<i64>>());
+        let counted = Arc::new(Counted {
+            began,
+            products: products.to_vec(),
+            sums: lens.chunks(cells).map(|c| c.iter().sum()).collect(),
+            answers: Mutex::default(),
+        });
         if let Ok(mut latest) = self.latest.lock() {
-            *latest = Some(Counted {
-                began,
-                products: products.to_vec(),
-                sums: Arc::clone(&sums),
-            });
+            *latest = Some(Arc::clone(&counted));
         }
-        Ok(sums)
+        Ok(counted)
     }
 
-    fn fresh(&self, products: &[i64]) -> Option<Arc<Vec<i64>>> {
+    fn fresh(&self, products: &[i64]) -> Option<Arc<Counted>> {
         let latest = self.latest.lock().ok()?;
         let c = latest.as_ref()?;
-        (c.products == products && c.began.elapsed() < self.max_age).then(|| Arc::clone(&c.sums))
+        (c.products == products && c.began.elapsed() < self.max_age).then(|| Arc::clone(c))
     }
 }

@@ -270,26 +270,53 @@ async fn a_large_catalogue_is_counted_by_one_shared_fetch_and_one_product_live()
     let state = app.state.clone().unwrap();
     mover::step(&state).await.unwrap();
     let k = buyer(&app, &t, "diamond", 1_000_000).await;
-    let catalogue = async || -> (i64, i64) {
-        let resp = app.signed(&k, reqwest::Method::GET, "/v1/products", None).await;
+    let gold = buyer(&app, &t, "gold", 1_000_000).await;
+    // Each product's (available, unit_price) as `who` reads the catalogue.
+    let catalogue = async |who: &ResellerKey| -> Vec<(i64, i64)> {
+        let resp = app.signed(who, reqwest::Method::GET, "/v1/products", None).await;
         assert_eq!(resp.status(), 200);
         let body: serde_json::Value = resp.json().await.unwrap();
         let of = |sku: &str| {
-            body["products"]
+            let p = body["products"]
                 .as_array()
                 .and_then(|all| all.iter().find(|p| p["sku"] == sku))
-                .and_then(|p| p["available"].as_i64())
-                .unwrap_or(-1)
+                .cloned()
+                .unwrap_or_default();
+            (
+                p["available"].as_i64().unwrap_or(-1),
+                p["unit_price"].as_i64().unwrap_or(-1),
+            )
         };
-        (of(SKU), of("CELLS-OTHER"))
+        vec![of(SKU), of("CELLS-OTHER")]
     };
-    assert_eq!(catalogue().await, (12, 5), "every cell's pools counted");
+    assert_eq!(
+        catalogue(&k).await,
+        [(12, 9800), (5, 9800)],
+        "every cell's pools counted"
+    );
     let (s, body, _) = app.order(&k, order_body(SKU, 2, "counted")).await;
     assert_eq!(s, 201, "{body}");
     assert_eq!(
-        catalogue().await,
-        (12, 5),
+        catalogue(&k).await,
+        [(12, 9800), (5, 9800)],
         "the shared count, until it is catalogue_counts_ms old"
+    );
+    // The answer written once is each tier's own, and a catalogue change is listed at once.
+    assert_eq!(catalogue(&gold).await, [(12, 9650), (5, 9650)], "gold's prices");
+    app.admin_ok(
+        &t,
+        reqwest::Method::PATCH,
+        "/admin/v1/products/CELLS-OTHER",
+        Some(serde_json::json!({"base_price": 9900})),
+        200,
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            catalogue(&k).await == [(12, 9800), (5, 9900)]
+        })
+        .await,
+        "a new price is listed with the same counts"
     );
     let resp = app
         .signed(&k, reqwest::Method::GET, &format!("/v1/products/{SKU}"), None)

@@ -1,5 +1,6 @@
 //! Catalogue and balance reads, from memory and Redis: no Postgres on this path.
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
@@ -40,13 +41,6 @@ fn view<'a>(app: &'a App, p: &'a Product, tier: &str, available: i64) -> Product
 /// Live stock counts, in the same Redis round trip as the nonce.
 async fn available(app: &App, s: &Signed, products: &[&Product]) -> Result<Vec<i64>, ApiError> {
     // Every cell's pool counts: an order brings stock over from the others.
-    if products.len() > app.config.redis.catalogue_live_max {
-        // The nonce and token first: a refused read costs no count.
-        s.query(app, redis::pipe(), Vec::new()).await?;
-        let ids: Vec<i64> = products.iter().map(|p| p.id).collect();
-        let sums = app.catalogue_counts.of(app, &ids).await?;
-        return Ok(sums.to_vec());
-    }
     let counts = products.iter().map(|p| app.pool_counts.of(&app.keys, p.id)).collect();
     let (_, lens) = s.query(app, redis::pipe(), counts).await?;
     lens.iter()
@@ -66,14 +60,25 @@ pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Re
     let result = async {
         let snapshot = app.catalogue.snapshot();
         let list: Vec<&Product> = snapshot.values().map(|p| p.as_ref()).collect();
-        let counts = available(app, &s, &list).await?;
         let tier = &s.caller().reseller.tier;
-        let views: Vec<_> = list.iter().zip(counts).map(|(p, n)| view(app, p, tier, n)).collect();
         #[derive(Serialize)]
         struct Products<'a> {
             products: Vec<ProductView<'a>>,
         }
-        response::json(StatusCode::OK, &Products { products: views })
+        let write = |counts: &[i64]| {
+            let views: Vec<_> = list.iter().zip(counts).map(|(p, n)| view(app, p, tier, *n)).collect();
+            serde_json::to_vec(&Products { products: views }).map_err(ApiError::internal)
+        };
+        if list.len() > app.config.redis.catalogue_live_max {
+            // The nonce and token first: a refused read costs no count.
+            s.query(app, redis::pipe(), Vec::new()).await?;
+            let ids: Vec<i64> = list.iter().map(|p| p.id).collect();
+            let counted = app.catalogue_counts.of(app, &ids).await?;
+            let body = counted.answer(tier, &snapshot, || write(&counted.sums).map(Bytes::from))?;
+            return Ok(response::bytes(StatusCode::OK, response::JSON, body));
+        }
+        let counts = available(app, &s, &list).await?;
+        Ok(response::bytes(StatusCode::OK, response::JSON, write(&counts)?))
     }
     .await;
     s.finish(app, ctx, result).await
