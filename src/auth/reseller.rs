@@ -155,6 +155,11 @@ impl<'a> Nonce<'a> {
         })
     }
 
+    /// Whether the nonce was spent already (the request then asks Redis for no admission).
+    pub fn spent(&self) -> bool {
+        self.spent.load(Ordering::Relaxed)
+    }
+
     /// Where the command that took them reports the bucket (the answer's headers).
     pub fn tokens(&self) -> &'a Tokens {
         self.tokens

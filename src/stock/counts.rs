@@ -8,9 +8,11 @@
 //! 64 connections reading the catalogue (1,500 reads a second) kept Redis so busy that
 //! orders at 2,000/s went from a median of 4 ms to 90 ms. A catalogue listing more than
 //! `redis.catalogue_live_max` products is therefore counted by one fetch at a time, and a
-//! count is used for `redis.catalogue_counts_ms` from when its fetch began: Redis does that
-//! work a few times a second whatever the rate of reads. One product's own route
-//! (`GET /v1/products/{sku}`) and smaller catalogues stay counted live.
+//! read takes a count whose fetch began at most `redis.catalogue_counts_ms` before the
+//! read arrived, or waits for the next fetch with everyone who arrived meanwhile (its
+//! failure too is theirs): Redis counts the catalogue one fetch after another at most,
+//! whatever the rate of reads. One product's own route (`GET /v1/products/{sku}`) and
+//! smaller catalogues stay counted live.
 //!
 //! Every read of one tier given the same counts and the same catalogue gets the same
 //! answer, so the answer is written once ([`Counted::answer`]): a thousand products are
@@ -34,6 +36,8 @@ const ANSWERS_MAX: usize = 32;
 pub struct CatalogueCounts {
     max_age: Duration,
     latest: Mutex<Option<Arc<Counted>>>,
+    /// When the last fetch that failed began, and why it failed.
+    failed: Mutex<Option<(Instant, String)>>,
     /// One fetch at a time: the reads that find the counts too old wait for the same one.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -80,21 +84,44 @@ impl CatalogueCounts {
         CatalogueCounts {
             max_age,
             latest: Mutex::default(),
+            failed: Mutex::default(),
             fetching: tokio::sync::Mutex::default(),
         }
     }
 
-    /// Each of `products`' codes over every cell, counted at most `max_age` ago.
+    /// Each of `products`' codes over every cell, from a fetch that began at most
+    /// `max_age` before this call.
     pub async fn of(&self, app: &App, products: &[i64]) -> redis::RedisResult<Arc<Counted>> {
-        if let Some(sums) = self.fresh(products) {
-            return Ok(sums);
+        let arrived = Instant::now();
+        let oldest = arrived.checked_sub(self.max_age);
+        if let Some(counted) = self.since(products, oldest) {
+            return Ok(counted);
         }
         let _turn = self.fetching.lock().await;
-        // The fetch this read waited for may have counted what it needs.
-        if let Some(sums) = self.fresh(products) {
-            return Ok(sums);
+        // The fetch this read waited for, if it began in time, answers it.
+        if let Some(counted) = self.since(products, oldest) {
+            return Ok(counted);
+        }
+        if let Some((_, why)) = self
+            .failed
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .filter(|(began, _)| *began >= arrived)
+        {
+            return Err(std::io::Error::other(format!("counting the catalogue failed: {why}")).into());
         }
         let began = Instant::now();
+        let counted = self.fetch(app, products, began).await;
+        if let Err(e) = &counted {
+            if let Ok(mut failed) = self.failed.lock() {
+                *failed = Some((began, e.to_string()));
+            }
+        }
+        counted
+    }
+
+    async fn fetch(&self, app: &App, products: &[i64], began: Instant) -> redis::RedisResult<Arc<Counted>> {
         let mut pipe = redis::pipe();
         for &product in products {
             for cell in app.keys.all_cells() {
@@ -118,9 +145,10 @@ impl CatalogueCounts {
         Ok(counted)
     }
 
-    fn fresh(&self, products: &[i64]) -> Option<Arc<Counted>> {
+    /// The latest count of `products`, if its fetch began at `oldest` or later (`None`: any).
+    fn since(&self, products: &[i64], oldest: Option<Instant>) -> Option<Arc<Counted>> {
         let latest = self.latest.lock().ok()?;
         let c = latest.as_ref()?;
-        (c.products == products && c.began.elapsed() < self.max_age).then(|| Arc::clone(c))
+        (c.products == products && oldest.is_none_or(|t| c.began >= t)).then(|| Arc::clone(c))
     }
 }

@@ -459,8 +459,7 @@ async fn the_mover_keeps_pools_in_proportion_to_sales() {
     let p = pools(&app, product).await;
     assert_eq!(p.iter().sum::<i64>(), 370);
     assert_eq!(listed(&app, &k).await, (370, 370), "every pool counted: {p:?}");
-    // With more than one product the catalogue counts every cell's pools in one call per
-    // cell: the same figures, for each product.
+    // A catalogue of two products, counted live: the same figures, for each product.
     app.create_product(&t, "CELLS-OTHER").await;
     let other: Vec<String> = (0..7).map(|i| format!("OTHER-{i}-{}", random_suffix())).collect();
     assert_eq!(

@@ -336,7 +336,11 @@ fn redis_url_takes_one_redis_or_a_clusters_nodes() {
 async fn orders_replays_reads_a_rebuild_and_reconciliation_on_a_cluster() {
     let Some(urls) = cluster_urls() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let (app, t, imported) = shop_with(10, on_cluster(&urls)).await;
+    let (app, t, imported) = shop_with(10, |env| {
+        on_cluster(&urls)(env);
+        env.insert("CARDGATE_REDIS__CATALOGUE_LIVE_MAX".into(), "1".into());
+    })
+    .await;
     let k = buyer(&app, &t, "gold", 1_000_000).await;
 
     let (status, first, replayed) = app.order(&k, order_body(SKU, 2, "C-1")).await;
@@ -373,7 +377,8 @@ async fn orders_replays_reads_a_rebuild_and_reconciliation_on_a_cluster() {
         listed["available"], 4,
         "every cell's pool counted, one LLEN each: {listed}"
     );
-    // A catalogue of several products: one script call per cell, routed to its node.
+    // A catalogue of several products, counted by the shared fetch (its live limit is 1
+    // here): every cell's pool, each on its node.
     app.create_product(&t, "CLUSTER-OTHER").await;
     let resp = app.signed(&k, Method::GET, "/v1/products", None).await;
     assert_eq!(resp.status(), 200);

@@ -70,8 +70,10 @@ pub async fn products(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Re
             serde_json::to_vec(&Products { products: views }).map_err(ApiError::internal)
         };
         if list.len() > app.config.redis.catalogue_live_max {
-            // The nonce and token first: a refused read costs no count.
-            s.query(app, redis::pipe(), Vec::new()).await?;
+            // The nonce and token first, unless spent already: a refused read costs no count.
+            if !s.nonce().spent() {
+                s.query(app, redis::pipe(), Vec::new()).await?;
+            }
             let ids: Vec<i64> = list.iter().map(|p| p.id).collect();
             let counted = app.catalogue_counts.of(app, &ids).await?;
             let body = counted.answer(tier, &snapshot, || write(&counted.sums).map(Bytes::from))?;
