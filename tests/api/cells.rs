@@ -468,15 +468,10 @@ async fn the_mover_keeps_pools_in_proportion_to_sales() {
     );
     mover::step(&state).await.unwrap();
     assert_eq!(listed(&app, &k).await, (370, 370), "every pool counted: {p:?}");
-    let resp = app.signed(&k, reqwest::Method::GET, "/v1/products", None).await;
-    let catalogue: serde_json::Value = resp.json().await.unwrap();
-    let of = |sku: &str| {
-        catalogue["products"]
-            .as_array()
-            .and_then(|all| all.iter().find(|p| p["sku"] == sku))
-            .and_then(|p| p["available"].as_i64())
-    };
-    assert_eq!((of(SKU), of("CELLS-OTHER")), (Some(370), Some(7)), "{catalogue}");
+    assert_eq!(
+        catalogue_available(&app, &k, &[SKU, "CELLS-OTHER"]).await,
+        [Some(370), Some(7)]
+    );
     for (cell, n) in p.iter().enumerate() {
         if cell != busy {
             assert!(p[busy] > 3 * n, "the selling cell holds the most: {p:?}");

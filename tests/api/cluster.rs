@@ -380,16 +380,10 @@ async fn orders_replays_reads_a_rebuild_and_reconciliation_on_a_cluster() {
     // A catalogue of several products, counted by the shared fetch (its live limit is 1
     // here): every cell's pool, each on its node.
     app.create_product(&t, "CLUSTER-OTHER").await;
-    let resp = app.signed(&k, Method::GET, "/v1/products", None).await;
-    assert_eq!(resp.status(), 200);
-    let catalogue: serde_json::Value = resp.json().await.unwrap();
-    let of = |sku: &str| {
-        catalogue["products"]
-            .as_array()
-            .and_then(|all| all.iter().find(|p| p["sku"] == sku))
-            .and_then(|p| p["available"].as_i64())
-    };
-    assert_eq!((of(SKU), of("CLUSTER-OTHER")), (Some(4), Some(0)), "{catalogue}");
+    assert_eq!(
+        catalogue_available(&app, &k, &[SKU, "CLUSTER-OTHER"]).await,
+        [Some(4), Some(0)]
+    );
     let spent = 6 * crate::orders::GOLD;
     assert_eq!(app.balance_of(&k).await, 1_000_000 - spent);
 

@@ -722,6 +722,21 @@ pub fn order_body(sku: &str, quantity: i64, mon: &str) -> serde_json::Value {
     serde_json::json!({"sku": sku, "quantity": quantity, "merchant_order_no": mon})
 }
 
+/// The catalogue as `k` reads it: each of `skus`' `available` (`None` when not listed).
+pub async fn catalogue_available(app: &TestApp, k: &ResellerKey, skus: &[&str]) -> Vec<Option<i64>> {
+    let resp = app.signed(k, reqwest::Method::GET, "/v1/products", None).await;
+    assert_eq!(resp.status(), 200);
+    let catalogue: serde_json::Value = resp.json().await.unwrap();
+    skus.iter()
+        .map(|sku| {
+            catalogue["products"]
+                .as_array()
+                .and_then(|all| all.iter().find(|p| p["sku"] == *sku))
+                .and_then(|p| p["available"].as_i64())
+        })
+        .collect()
+}
+
 pub fn codes_of(order: &serde_json::Value) -> Vec<String> {
     order["codes"]
         .as_array()
