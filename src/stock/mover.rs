@@ -325,11 +325,10 @@ pub async fn fill(app: &App, product: i64, cell: u32, want: usize) -> redis::Red
 async fn fill_from_others(app: &App, product: i64, cell: u32, want: usize) -> redis::RedisResult<Fill> {
     let keys = &app.keys;
     let mut c = app.redis();
-    let Some(epoch) = cell_epoch(&mut c, keys, cell).await? else {
+    // Before counting: a restock after this reading is never mistaken for a sell-out.
+    let Some((epoch, as_of)) = super::sold_out::as_of(&mut c, keys, cell, product).await? else {
         return Ok(Fill::Rebuilding);
     };
-    // Before counting: a restock after this reading is never mistaken for a sell-out.
-    let as_of = super::sold_out::as_of(&mut c, keys, cell, product).await?;
     finish_open(&mut c, keys, product).await?;
     let mut lens = pool_lengths(&mut c, keys, product).await?;
     if lens.iter().sum::<usize>() < want {
@@ -376,10 +375,6 @@ async fn fill_from_others(app: &App, product: i64, cell: u32, want: usize) -> re
         need = need.saturating_sub(moved);
     }
     Ok(Fill::Moved)
-}
-
-async fn cell_epoch<C: ConnectionLike>(c: &mut C, keys: &Keys, cell: u32) -> redis::RedisResult<Option<i64>> {
-    redis::cmd("GET").arg(keys.epoch(cell)).query_async(c).await
 }
 
 /// One pass over every product on sale: completes open transfers, then moves codes from

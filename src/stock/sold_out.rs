@@ -84,14 +84,21 @@ pub async fn restocked<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i64) 
     pipe.query_async(c).await
 }
 
-/// The `epoch:restock counter` of `cell` for `product`, read before counting its stock.
-pub async fn as_of<C: ConnectionLike>(c: &mut C, keys: &Keys, cell: u32, product: i64) -> redis::RedisResult<String> {
-    let (epoch, counter): (Option<String>, Option<String>) = redis::pipe()
+/// The epoch of `cell`, and its `epoch:restock counter` for `product`, read in one round
+/// trip before counting the product's stock; `None` when the cell has no epoch (Redis is
+/// being rebuilt).
+pub async fn as_of<C: ConnectionLike>(
+    c: &mut C,
+    keys: &Keys,
+    cell: u32,
+    product: i64,
+) -> redis::RedisResult<Option<(i64, String)>> {
+    let (epoch, counter): (Option<i64>, Option<String>) = redis::pipe()
         .cmd("GET")
         .arg(keys.epoch(cell))
         .cmd("GET")
         .arg(keys.restocked(cell, product))
         .query_async(c)
         .await?;
-    Ok(format!("{}:{}", epoch.unwrap_or_default(), counter.unwrap_or_default()))
+    Ok(epoch.map(|e| (e, format!("{e}:{}", counter.unwrap_or_default()))))
 }
