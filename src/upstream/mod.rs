@@ -700,7 +700,7 @@ async fn fulfil(
     let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     crate::rebuild::fence(&tx).await?;
-    let open = lock_open(&tx, p.pk).await?;
+    let open = lock_open(&tx, p.pk, None).await?;
     if open {
         let moved = tx
             .query_opt(
@@ -787,7 +787,7 @@ async fn processing(app: &App, p: &Purchase) -> Result<Order, ApiError> {
     let mut client = app.pg_orders.get().await?;
     let tx = client.transaction().await?;
     crate::rebuild::fence(&tx).await?;
-    let open = lock_open(&tx, p.pk).await?;
+    let open = lock_open(&tx, p.pk, None).await?;
     if open {
         let exists = tx
             .query_opt("SELECT 1 FROM orders WHERE order_id = $1", &[&p.f.order_id])
@@ -822,14 +822,7 @@ async fn fail(app: &App, p: &Purchase) -> Result<bool, ApiError> {
     let tx = client.transaction().await?;
     let epoch = crate::rebuild::fence(&tx).await?;
     // Another round holds it now (this one outlived its lease): that round decides.
-    let ours = tx
-        .query_opt(
-            "SELECT 1 FROM purchases WHERE id = $1 AND state = 'open' AND round = $2 FOR UPDATE",
-            &[&p.pk, &p.round],
-        )
-        .await?
-        .is_some();
-    if !ours {
+    if !lock_open(&tx, p.pk, Some(p.round)).await? {
         return Ok(false);
     }
     let failed = tx
@@ -893,12 +886,13 @@ async fn codes_already_held(app: &App, p: &Purchase, upstream_order_id: &str) ->
 }
 
 /// Locks the purchase for the transaction that ends it; whether it is still open (a
-/// gateway that resumed it may have ended it meanwhile).
-async fn lock_open(tx: &impl GenericClient, pk: i64) -> Result<bool, ApiError> {
+/// gateway that resumed it may have ended it meanwhile) and, with `round`, still held by
+/// that round.
+async fn lock_open(tx: &impl GenericClient, pk: i64, round: Option<i64>) -> Result<bool, ApiError> {
     Ok(tx
-        .query_opt("SELECT state FROM purchases WHERE id = $1 FOR UPDATE", &[&pk])
+        .query_opt("SELECT state, round FROM purchases WHERE id = $1 FOR UPDATE", &[&pk])
         .await?
-        .is_some_and(|r| r.get::<_, &str>(0) == "open"))
+        .is_some_and(|r| r.get::<_, &str>(0) == "open" && round.is_none_or(|n| r.get::<_, i64>(1) == n)))
 }
 
 async fn insert_order(tx: &impl GenericClient, app: &App, p: &Purchase, status: &str) -> Result<i64, ApiError> {
