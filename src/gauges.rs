@@ -55,26 +55,35 @@ pub async fn step(app: &App) -> anyhow::Result<()> {
     metrics::gauge!("cardgate_credit_in_use").set(money.get::<_, f64>(1));
     metrics::gauge!("cardgate_resellers_in_credit").set(money.get::<_, i64>(2) as f64);
 
-    let queue = client
-        .query_one(
-            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
-               FROM events WHERE status = 'pending'",
-            &[],
-        )
-        .await?;
-    metrics::gauge!("cardgate_callbacks_pending").set(queue.get::<_, i64>(0) as f64);
-    metrics::gauge!("cardgate_callbacks_oldest_pending_seconds").set(queue.get::<_, f64>(1));
-
+    backlog(
+        &client,
+        "events WHERE status = 'pending'",
+        "cardgate_callbacks_pending",
+        "cardgate_callbacks_oldest_pending_seconds",
+    )
+    .await?;
     // Orders waiting on suppliers, money held: a purchase waits as long as the source it
     // asked, or passed over, stays unable to answer (docs/api.md §8).
-    let waiting = client
-        .query_one(
-            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
-               FROM purchases WHERE state = 'open'",
-            &[],
-        )
-        .await?;
-    metrics::gauge!("cardgate_upstream_open_purchases").set(waiting.get::<_, i64>(0) as f64);
-    metrics::gauge!("cardgate_upstream_oldest_open_purchase_seconds").set(waiting.get::<_, f64>(1));
+    backlog(
+        &client,
+        "purchases WHERE state = 'open'",
+        "cardgate_upstream_open_purchases",
+        "cardgate_upstream_oldest_open_purchase_seconds",
+    )
+    .await
+}
+
+/// A queue's length and the age of its oldest row, as the gauges `count` and `oldest`:
+/// `rows` is a table and the condition of the rows waiting in it.
+async fn backlog(
+    client: &deadpool_postgres::Object,
+    rows: &'static str,
+    count: &'static str,
+    oldest: &'static str,
+) -> anyhow::Result<()> {
+    let sql = format!("SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM {rows}");
+    let r = client.query_one(&sql, &[]).await?;
+    metrics::gauge!(count).set(r.get::<_, i64>(0) as f64);
+    metrics::gauge!(oldest).set(r.get::<_, f64>(1));
     Ok(())
 }
