@@ -306,7 +306,7 @@ async fn place_inner(
         if let Some(n) = &nonce {
             n.tokens().record(bucket);
         }
-        // The rules that fired on a reservation that took the money.
+        // The rules the reservation fired, whether it took the money or placed a hold.
         let signal = |fired: String| {
             crate::risk::order_fired(
                 app,
@@ -357,13 +357,10 @@ async fn place_inner(
             Reserved::Refused(Refusal::RateLimited) => {
                 return Err(nonce.map_or_else(|| Refusal::RateLimited.into(), |n| n.tokens().limited()))
             }
-            Reserved::Refused(refusal) => {
-                // Redis has no record of this number; Postgres may (the record expired,
-                // or Redis was rebuilt). Its answer wins over any refusal.
-                if let Some(placed) = recorded(app, reseller, req, &fingerprint).await? {
-                    return Ok(placed);
-                }
-                return Err(refusal.into());
+            Reserved::Refused(refusal) => return refused(app, reseller, req, &fingerprint, refusal).await,
+            Reserved::Held { signals } => {
+                signal(signals);
+                return refused(app, reseller, req, &fingerprint, Refusal::RiskHold).await;
             }
             Reserved::Upstream { signals } => {
                 signal(signals);
@@ -426,6 +423,21 @@ async fn place_inner(
         what: "stock",
         retry_after_secs: 1,
     })
+}
+
+/// A reservation refused: Redis has no record of this number, but Postgres may (the
+/// record expired, or Redis was rebuilt), and its answer wins over any refusal.
+async fn refused(
+    app: &App,
+    reseller: &Reseller,
+    req: &OrderRequest,
+    fingerprint: &str,
+    refusal: Refusal,
+) -> Result<Placed, ApiError> {
+    match recorded(app, reseller, req, fingerprint).await? {
+        Some(placed) => Ok(placed),
+        None => Err(refusal.into()),
+    }
 }
 
 /// The order Postgres holds for this merchant_order_no: a replay if it matches, a

@@ -113,6 +113,9 @@ pub enum Reserved {
     },
     /// Nothing taken.
     Refused(Refusal),
+    /// Nothing taken: this order fired a rule whose action is hold (`signals`), and the
+    /// script held the reseller. Refused `risk_hold` like every order after it.
+    Held { signals: String },
     /// Money held and the number recorded, no codes taken: the order is to be bought
     /// upstream (`crate::upstream`).
     Upstream { signals: String },
@@ -351,7 +354,12 @@ fn parse_reserved(reply: Vec<Vec<u8>>) -> Option<Reservation> {
         b"upstream" => Reserved::Upstream {
             signals: text(it.next())?,
         },
-        b"refused" => Reserved::Refused(Refusal::from_wire(&it.next()?)?),
+        b"refused" => match (Refusal::from_wire(&it.next()?)?, it.next()) {
+            (Refusal::RiskHold, Some(fired)) => Reserved::Held {
+                signals: String::from_utf8(fired).ok()?,
+            },
+            (refusal, _) => Reserved::Refused(refusal),
+        },
         _ => return None,
     };
     // The bucket refuses exactly when the script says rate_limited.
@@ -506,6 +514,16 @@ mod tests {
         assert_eq!(
             parse_reserved(vec![b("refused"), b(""), b("out_of_stock")]),
             plain(Reserved::Refused(Refusal::OutOfStock))
+        );
+        // The order that placed a hold names the rules it fired; a held reseller's next
+        // orders do not.
+        assert_eq!(
+            parse_reserved(vec![b("refused"), b(""), b("risk_hold"), b("a")]),
+            plain(Reserved::Held { signals: "a".into() })
+        );
+        assert_eq!(
+            parse_reserved(vec![b("refused"), b(""), b("risk_hold")]),
+            plain(Reserved::Refused(Refusal::RiskHold))
         );
         // A charged bucket comes back whatever the outcome.
         let charged = parse_reserved(vec![b("refused"), b("40 39 50000 0"), b("out_of_stock")]).unwrap();

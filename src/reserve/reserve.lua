@@ -29,7 +29,7 @@
 --       stock from the other cells and asks again) rather than 'out_of_stock' or buying
 --       upstream; '' once no cell can fill it,
 --       23 the rules whose action is hold ('a', 'v', both or ''): one that fires holds the
---       reseller here, so every order reserved after this one is refused on every gateway,
+--       reseller here, refusing this order and every one after it on every gateway,
 --       24 'epoch:restock counter' when the gateway found every cell together short of this
 --       order at that point ('' for none): while both are unchanged no cell can fill it,
 --       and 'cells' is taken as ''
@@ -40,6 +40,8 @@
 --                                                  before; up '1' when that order went
 --                                                  upstream
 --   {'refused', bucket, code}                      nothing taken ('rebuilding': no epoch)
+--   {'refused', bucket, 'risk_hold', signals}      nothing taken: this order fired a rule
+--                                                  whose action is hold, placed here
 --   {'ok', bucket, signals, element...}            reserved; signals name the risk rules
 --                                                  that fired ('a' new address, 'v'
 --                                                  velocity), elements are stock elements
@@ -133,6 +135,58 @@ end
 if tonumber(balance) + tonumber(ARGV[9]) < amount then
   return {'refused', bucket, 'insufficient_balance'}
 end
+local signals = ''
+-- Velocity: orders this minute against an exponentially weighted mean of the minutes
+-- before (a tenth per minute, idle minutes counting as zero). It fires once a minute,
+-- on the order that first passes the threshold.
+local minute = tonumber(ARGV[15])
+local m, n, avg = tonumber(risk[4]), tonumber(risk[5]) or 0, tonumber(risk[6]) or 0
+if m ~= minute then
+  if m and minute > m then
+    avg = (avg * 0.9 + n * 0.1) * 0.9 ^ math.min(minute - m - 1, 1000)
+  end
+  n = 0
+end
+n = n + 1
+if ARGV[17] ~= '' then
+  local threshold = math.max(tonumber(ARGV[17]), tonumber(ARGV[16]) * avg)
+  if n > threshold and n - 1 <= threshold then
+    signals = signals .. 'v'
+  end
+end
+-- A new address: one this reseller, which has ordered before, has not ordered from in
+-- 30 days. At most 1024 addresses are remembered per reseller; past that, an address
+-- not remembered counts as new.
+if ARGV[14] ~= '' then
+  local now = tonumber(ARGV[13])
+  local seen = tonumber(redis.call('HGET', KEYS[8], ARGV[14]))
+  if not seen or now - seen > 2592000 then
+    local known = redis.call('HLEN', KEYS[8])
+    if known > 0 then
+      signals = signals .. 'a'
+    end
+    if seen or known < 1024 then
+      redis.call('HSET', KEYS[8], ARGV[14], now)
+    end
+  elseif now - seen > 3600 then
+    redis.call('HSET', KEYS[8], ARGV[14], now)
+  end
+end
+
+-- A rule whose action is hold refuses the very order that fires it (it is the order the
+-- rule finds suspect) and every order after it, on every gateway, until an operator
+-- releases the reseller. Nothing is taken; the rules' counts and the address are kept, so
+-- the same order after a release is judged as any other. The background records the hold
+-- in Postgres (src/risk.rs), which a rebuild restores it from; until then Redis has it
+-- alone, and a release clears it.
+if signals ~= '' and (ARGV[23] or '') ~= '' then
+  for i = 1, #signals do
+    if string.find(ARGV[23], string.sub(signals, i, i), 1, true) then
+      redis.call('HSET', KEYS[6], 'hold', '1', 'm', minute, 'n', n, 'avg', tostring(avg))
+      return {'refused', bucket, 'risk_hold', signals}
+    end
+  end
+end
 local codes = {}
 if not upstream then
   codes = redis.call('LPOP', KEYS[2], qty)
@@ -155,61 +209,12 @@ if today ~= ARGV[10] then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 
-local signals = ''
--- Velocity: orders this minute against an exponentially weighted mean of the minutes
--- before (a tenth per minute, idle minutes counting as zero). It fires once a minute,
--- on the order that first passes the threshold.
-local minute = tonumber(ARGV[15])
-local m, n, avg = tonumber(risk[4]), tonumber(risk[5]) or 0, tonumber(risk[6]) or 0
-if m ~= minute then
-  if m and minute > m then
-    avg = (avg * 0.9 + n * 0.1) * 0.9 ^ math.min(minute - m - 1, 1000)
-  end
-  n = 0
-end
-n = n + 1
-if ARGV[17] ~= '' then
-  local threshold = math.max(tonumber(ARGV[17]), tonumber(ARGV[16]) * avg)
-  if n > threshold and n - 1 <= threshold then
-    signals = signals .. 'v'
-  end
-end
 -- Whole numbers as integers ('%.0f'): a plain tostring writes 1e+15 past 10^14.
 redis.call('HSET', KEYS[6], 'day', today, 'spent', string.format('%.0f', spent + amount), 'm', minute, 'n', n,
            'avg', tostring(avg))
 if ARGV[12] ~= '' then
   redis.call('HSET', KEYS[7], 'day', today, 'spent', string.format('%.0f', key_spent + amount))
   redis.call('EXPIRE', KEYS[7], 172800)
-end
--- A new address: one this reseller, which has ordered before, has not ordered from in
--- 30 days. At most 1024 addresses are remembered per reseller; past that, an address
--- not remembered counts as new.
-if ARGV[14] ~= '' then
-  local now = tonumber(ARGV[13])
-  local seen = tonumber(redis.call('HGET', KEYS[8], ARGV[14]))
-  if not seen or now - seen > 2592000 then
-    local known = redis.call('HLEN', KEYS[8])
-    if known > 0 then
-      signals = signals .. 'a'
-    end
-    if seen or known < 1024 then
-      redis.call('HSET', KEYS[8], ARGV[14], now)
-    end
-  elseif now - seen > 3600 then
-    redis.call('HSET', KEYS[8], ARGV[14], now)
-  end
-end
-
--- The order that fires a hold is itself served (it passed every check); the ones after it
--- are refused at once. The background records the hold in Postgres (src/risk.rs), which
--- a rebuild restores it from; until then Redis has it alone, and a release clears it.
-if signals ~= '' and (ARGV[23] or '') ~= '' then
-  for i = 1, #signals do
-    if string.find(ARGV[23], string.sub(signals, i, i), 1, true) then
-      redis.call('HSET', KEYS[6], 'hold', '1')
-      break
-    end
-  end
 end
 
 if upstream then
