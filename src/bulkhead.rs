@@ -1,10 +1,14 @@
 //! Bulkheads: heavy operator work (reports, searches, imports) runs a bounded number at a
 //! time per gateway, so that no volume of it can take the CPU or Postgres from orders
-//! (docs/invariants.md invariant 9). Past the bound the answer is `503 overloaded` at once, with
-//! `Retry-After`: queueing would only hold connections and memory for work that is
-//! already too much.
+//! (docs/invariants.md invariant 9). A few more callers may wait a bounded time for a
+//! turn, so two operators (or a script's parallel calls) are served one after the other
+//! rather than one of them refused; past that queue, or that wait, the answer is `503
+//! overloaded` with `Retry-After`. The queue is short on purpose: a longer one would only
+//! hold connections for work that is already too much.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -15,22 +19,47 @@ use crate::error::ApiError;
 pub struct Bulkhead {
     name: &'static str,
     slots: Arc<Semaphore>,
+    /// Callers waiting for a slot now, and how many may.
+    waiting: AtomicUsize,
+    queue: usize,
+    wait: Duration,
 }
 
 impl Bulkhead {
-    pub fn new(name: &'static str, slots: usize) -> Self {
+    pub fn new(name: &'static str, slots: usize, queue: usize, wait: Duration) -> Self {
         Bulkhead {
             name,
             slots: Arc::new(Semaphore::new(slots)),
+            waiting: AtomicUsize::new(0),
+            queue,
+            wait,
         }
     }
 
-    /// A slot for as long as the permit lives, or `503 overloaded` when all are taken.
-    pub fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        self.slots.clone().try_acquire_owned().map_err(|_| {
-            metrics::counter!("cardgate_bulkhead_refused_total", "work" => self.name).increment(1);
-            ApiError::Overloaded { retry_after_secs: 1 }
-        })
+    /// A slot for as long as the permit lives; `503 overloaded` when every slot is taken
+    /// and the queue is full, or no slot came free within the wait.
+    pub async fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let queued = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.queue).then_some(n + 1))
+            .is_ok();
+        if !queued {
+            return Err(self.refused());
+        }
+        let got = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match got {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(self.refused()),
+        }
+    }
+
+    fn refused(&self) -> ApiError {
+        metrics::counter!("cardgate_bulkhead_refused_total", "work" => self.name).increment(1);
+        ApiError::Overloaded { retry_after_secs: 1 }
     }
 }
 
@@ -43,9 +72,10 @@ pub struct Bulkheads {
 
 impl Bulkheads {
     pub fn new(cfg: &AdminConfig) -> Self {
+        let wait = Duration::from_millis(cfg.heavy_work_wait_ms);
         Bulkheads {
-            reports: Bulkhead::new("reports", cfg.report_concurrency),
-            imports: Bulkhead::new("imports", cfg.import_concurrency),
+            reports: Bulkhead::new("reports", cfg.report_concurrency, cfg.heavy_work_queue, wait),
+            imports: Bulkhead::new("imports", cfg.import_concurrency, cfg.heavy_work_queue, wait),
         }
     }
 }
@@ -54,13 +84,29 @@ impl Bulkheads {
 mod tests {
     use super::*;
 
-    #[test]
-    fn refuses_past_its_slots_and_frees_them_with_the_permit() {
-        let b = Bulkhead::new("t", 2);
-        let one = b.enter().unwrap();
-        let _two = b.enter().unwrap();
-        assert!(matches!(b.enter(), Err(ApiError::Overloaded { retry_after_secs: 1 })));
+    #[tokio::test]
+    async fn past_its_slots_a_caller_waits_in_a_short_queue_and_is_refused_past_it() {
+        let wait = Duration::from_millis(200);
+        let b = Arc::new(Bulkhead::new("t", 2, 1, wait));
+        let one = b.enter().await.unwrap();
+        let _two = b.enter().await.unwrap();
+        // The third waits for a slot; a fourth finds the queue full and is refused at once.
+        let third = tokio::spawn({
+            let b = Arc::clone(&b);
+            async move { b.enter().await.map(drop) }
+        });
+        while b.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(b.enter().await, Err(ApiError::Overloaded { retry_after_secs: 1 })));
         drop(one);
-        assert!(b.enter().is_ok());
+        assert!(third.await.unwrap().is_ok(), "a slot freed within the wait goes to the caller waiting");
+        // Nobody frees a slot: the waiter is refused when the wait is over, and leaves the
+        // queue to the next.
+        let _three = b.enter().await.unwrap();
+        let waited = std::time::Instant::now();
+        assert!(matches!(b.enter().await, Err(ApiError::Overloaded { .. })));
+        assert!(waited.elapsed() >= wait, "{:?}", waited.elapsed());
+        assert_eq!(b.waiting.load(Ordering::Acquire), 0);
     }
 }

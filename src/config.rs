@@ -159,6 +159,9 @@ pub struct AdminConfig {
     pub token_ttl_secs: u64,
     pub report_concurrency: usize,
     pub import_concurrency: usize,
+    /// Callers that may wait for a turn at heavy work (`crate::bulkhead`), and how long.
+    pub heavy_work_queue: usize,
+    pub heavy_work_wait_ms: u64,
     pub login_per_address_per_minute: u32,
     pub login_per_address_burst: u32,
     pub password_hash_concurrency: usize,
@@ -416,6 +419,7 @@ impl Config {
         }
         positive("admin.report_concurrency", self.admin.report_concurrency as u64)?;
         positive("admin.import_concurrency", self.admin.import_concurrency as u64)?;
+        positive("admin.heavy_work_wait_ms", self.admin.heavy_work_wait_ms)?;
         positive("postgres.connect_timeout_ms", self.postgres.connect_timeout_ms)?;
         positive("postgres.statement_timeout_ms", self.postgres.statement_timeout_ms)?;
         positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;

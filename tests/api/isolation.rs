@@ -186,6 +186,9 @@ async fn a_flood_on_every_other_route_leaves_orders_succeeding_with_their_usual_
     let mut env = test_env(&create_database().await);
     let addr = free_addr();
     env.insert("CARDGATE_LISTEN".into(), addr.to_string());
+    // Logins queue for Argon2 (up to admin.password_hash_wait_ms), so the flood sends a
+    // few hundred in its seconds: a small burst has each address meet its limit.
+    env.insert("CARDGATE_ADMIN__LOGIN_PER_ADDRESS_BURST".into(), "2".into());
     let log = std::env::temp_dir().join(format!("cardgate-flood-{}.log", random_suffix()));
     let gw = Gateway::start(&env, &log);
     let app = TestApp::external(addr, env);
@@ -319,4 +322,22 @@ async fn every_operator_connection_busy_is_neither_read_as_postgres_down_nor_fel
     drop(held);
     app.admin_ok(&t, reqwest::Method::GET, "/admin/v1/orders", None, 200)
         .await;
+}
+
+/// Heavy operator work past its bound waits in a short queue: operators, or a script's
+/// parallel calls, sent at once are served in turn rather than refused.
+#[tokio::test]
+async fn imports_sent_at_once_are_served_in_turn() {
+    let (app, t, _) = crate::orders::shop_with(1, |_| {}).await;
+    let imports = (0..4).map(|n| {
+        let (app, t) = (&app, &t);
+        async move {
+            let codes: Vec<String> = (0..500).map(|i| format!("TURN-{n}-{i:04}-{}", random_suffix())).collect();
+            let resp = app.import_codes(t, crate::orders::SKU, codes.join("\n")).await;
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap_or_default()["imported"].as_i64())
+        }
+    });
+    let answers = futures_util::future::join_all(imports).await;
+    assert_eq!(answers, vec![(200, Some(500)); 4]);
 }

@@ -14,7 +14,7 @@ use crate::http::{response, Body, Ctx};
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = authorized_head(app, ctx, req, Need::ReadAudit).await?;
-    let _slot = app.bulkheads.reports.enter()?;
+    let _slot = app.bulkheads.reports.enter().await?;
     let q = Query::parse(parts.uri.query())?;
     let limit = q.page_limit()?;
     let cursor = q.int("cursor")?;

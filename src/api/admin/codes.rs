@@ -19,7 +19,7 @@ const VOID_BODY_MAX_BYTES: usize = VOID_CODES_MAX * (2 * 512 + 3) + 64;
 pub async fn import(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let _slot = app.bulkheads.imports.enter()?;
+    let _slot = app.bulkheads.imports.enter().await?;
     if !body::content_type_is(&parts, "text/plain") {
         return Err(ApiError::UnsupportedMediaType(
             "Content-Type must be text/plain, one code per line",
@@ -33,7 +33,7 @@ pub async fn import(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> 
 pub async fn void(app: &App, ctx: &Ctx, req: Request<Incoming>, sku: &str) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let _slot = app.bulkheads.imports.enter()?;
+    let _slot = app.bulkheads.imports.enter().await?;
     let bytes = body::read_json_body_up_to(&parts, body, &app.config.http, VOID_BODY_MAX_BYTES).await?;
     let v: VoidRequest = body::parse_json(&bytes)?;
     let report = void::void(app, &actor, sku, v).await?;

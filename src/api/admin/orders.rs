@@ -19,7 +19,7 @@ const REASON_MAX: usize = 500;
 
 pub async fn list(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
-    let _slot = app.bulkheads.reports.enter()?;
+    let _slot = app.bulkheads.reports.enter().await?;
     let q = Query::parse(parts.uri.query())?;
     let window = q.window()?;
     let status = q.get("status");
@@ -72,7 +72,7 @@ pub async fn refund(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str
 /// listed when anything disagrees.
 pub async fn reconcile(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     authorized_head(app, ctx, req, Need::Read).await?;
-    let _slot = app.bulkheads.reports.enter()?;
+    let _slot = app.bulkheads.reports.enter().await?;
     let report = crate::reconcile::run(app).await.map_err(ApiError::store)?;
     if !report.ok {
         tracing::error!(problems = ?report.problems, "reconciliation found differences");

@@ -22,7 +22,7 @@ struct CloseBody {
 pub async fn get(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
     // An open month is summed from the rollups, as a report is.
-    let _slot = app.bulkheads.reports.enter()?;
+    let _slot = app.bulkheads.reports.enter().await?;
     let q = Query::parse(parts.uri.query())?;
     let month = Month::parse(q.get("month").unwrap_or_default())?;
     response::json(StatusCode::OK, &rebates::preview(app, month).await?)

@@ -23,7 +23,7 @@ async fn open(
     req: Request<Incoming>,
 ) -> Result<(Parts, Range, tokio::sync::OwnedSemaphorePermit), ApiError> {
     let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
-    let slot = app.bulkheads.reports.enter()?;
+    let slot = app.bulkheads.reports.enter().await?;
     let range = Range::parse(&Query::parse(parts.uri.query())?, app.clock.now())?;
     Ok((parts, range, slot))
 }

@@ -17,7 +17,7 @@ const RULES: [&str; 4] = ["new_address", "velocity", "failed_signatures", "refun
 pub async fn events(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (parts, _) = authorized_head(app, ctx, req, Need::Read).await?;
     // A search over a table that grows with traffic: bounded like the other searches.
-    let _slot = app.bulkheads.reports.enter()?;
+    let _slot = app.bulkheads.reports.enter().await?;
     let q = Query::parse(parts.uri.query())?;
     let window = q.window()?;
     let rule = q.get("rule");
