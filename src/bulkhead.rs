@@ -44,7 +44,9 @@ impl Bulkhead {
         }
         let queued = self
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.queue).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.queue).then_some(n + 1)
+            })
             .is_ok();
         if !queued {
             return Err(self.refused());
@@ -98,9 +100,15 @@ mod tests {
         while b.waiting.load(Ordering::Acquire) == 0 {
             tokio::task::yield_now().await;
         }
-        assert!(matches!(b.enter().await, Err(ApiError::Overloaded { retry_after_secs: 1 })));
+        assert!(matches!(
+            b.enter().await,
+            Err(ApiError::Overloaded { retry_after_secs: 1 })
+        ));
         drop(one);
-        assert!(third.await.unwrap().is_ok(), "a slot freed within the wait goes to the caller waiting");
+        assert!(
+            third.await.unwrap().is_ok(),
+            "a slot freed within the wait goes to the caller waiting"
+        );
         // Nobody frees a slot: the waiter is refused when the wait is over, and leaves the
         // queue to the next.
         let _three = b.enter().await.unwrap();

@@ -122,6 +122,9 @@ pub struct KeyView {
 
 /// The longest a rotated key may keep working beside the key that replaces it.
 pub const ROTATION_OVERLAP_MAX_SECS: i64 = 30 * 86_400;
+/// Without `overlap_seconds`, the old key keeps working a day: long enough to deploy the
+/// new secret everywhere, as API.md's example has it.
+pub const ROTATION_OVERLAP_DEFAULT_SECS: i64 = 86_400;
 
 const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
      r.low_balance_threshold, r.created_at, r.updated_at, b.balance, r.credit_limit, r.base_tier, r.tier_locked,

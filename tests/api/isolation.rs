@@ -332,10 +332,15 @@ async fn imports_sent_at_once_are_served_in_turn() {
     let imports = (0..4).map(|n| {
         let (app, t) = (&app, &t);
         async move {
-            let codes: Vec<String> = (0..500).map(|i| format!("TURN-{n}-{i:04}-{}", random_suffix())).collect();
+            let codes: Vec<String> = (0..500)
+                .map(|i| format!("TURN-{n}-{i:04}-{}", random_suffix()))
+                .collect();
             let resp = app.import_codes(t, crate::orders::SKU, codes.join("\n")).await;
             let status = resp.status().as_u16();
-            (status, resp.json::<serde_json::Value>().await.unwrap_or_default()["imported"].as_i64())
+            (
+                status,
+                resp.json::<serde_json::Value>().await.unwrap_or_default()["imported"].as_i64(),
+            )
         }
     });
     let answers = futures_util::future::join_all(imports).await;

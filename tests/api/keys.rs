@@ -355,7 +355,7 @@ async fn a_rotated_key_works_beside_its_replacement_for_the_overlap_then_only_th
         json!({"overlap_seconds": -1}),
         json!({"overlap_seconds": 1.5}),
         json!({"overlap_seconds": "600"}),
-        json!({}),
+        json!({"overlap_seconds": null}),
         json!({"overlap_seconds": 60, "scopes": ["orders:write"]}),
     ] {
         let (status, code, err) = error_of(rotate(&app, &t, &base.key_id, bad.clone()).await).await;
@@ -367,6 +367,16 @@ async fn a_rotated_key_works_beside_its_replacement_for_the_overlap_then_only_th
         );
     }
     assert_eq!(balance(&base).await.status(), 200, "refused rotations changed nothing");
+    // Without a body, or without the field, the old key keeps working a day.
+    for body in [None, Some(json!({}))] {
+        let plain = key_with(&app, &t, &rid, json!({})).await;
+        let now = secs();
+        let path = format!("/admin/v1/keys/{}/rotate", plain.key_id);
+        let resp = app.admin(&t, Method::POST, &path, body.clone()).await;
+        assert_eq!(resp.status(), 201, "{body:?}");
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["replaced_key_expires_at"], json!(at(now + 86_400)), "{body:?}");
+    }
     let (status, _, _) = error_of(rotate(&app, &t, "ak_none", json!({"overlap_seconds": 60})).await).await;
     assert_eq!(status, 404);
 
@@ -383,7 +393,11 @@ async fn a_rotated_key_works_beside_its_replacement_for_the_overlap_then_only_th
     assert_eq!(first["actor"], ROOT_USER);
     assert_eq!(first["detail"]["key_id"], json!(new.key_id));
     assert_eq!(first["detail"]["overlap_seconds"], 600);
-    assert_eq!(log["entries"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        log["entries"].as_array().unwrap().len(),
+        5,
+        "three rotations above, and the two without an overlap"
+    );
     let created = app
         .admin_ok(&t, Method::GET, "/admin/v1/audit?action=key.create", None, 200)
         .await;

@@ -248,28 +248,33 @@ fn key_request(app: &App, v: &Value) -> Result<(KeySettings, Option<OffsetDateTi
     ))
 }
 
-/// `POST /admin/v1/keys/{key_id}/rotate` `{"overlap_seconds"}`.
+/// `POST /admin/v1/keys/{key_id}/rotate` `{"overlap_seconds"}`, the body optional.
 pub async fn rotate_key(
     app: &App,
     ctx: &Ctx,
     req: Request<Incoming>,
     key_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (actor, v): (_, Value) = authorized_json(app, ctx, req, Need::Write).await?;
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
+    let bytes = body::read_json_body(&parts, body, &app.config.http).await?;
+    let v: Value = if bytes.is_empty() {
+        json!({})
+    } else {
+        body::parse_json(&bytes)?
+    };
     let o = v
         .as_object()
         .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
     orders::refuse_unknown(o, &["overlap_seconds"])?;
     let max = resellers::ROTATION_OVERLAP_MAX_SECS;
-    let overlap = o
-        .get("overlap_seconds")
-        .and_then(Value::as_i64)
-        .filter(|s| (0..=max).contains(s))
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "overlap_seconds: required, an integer from 0 to {max} (30 days)"
-            ))
-        })?;
+    let overlap = match o.get("overlap_seconds") {
+        None => resellers::ROTATION_OVERLAP_DEFAULT_SECS,
+        Some(v) => v
+            .as_i64()
+            .filter(|s| (0..=max).contains(s))
+            .ok_or_else(|| ApiError::invalid(format!("overlap_seconds: an integer from 0 to {max} (30 days)")))?,
+    };
     let rotated = resellers::rotate_key(app, &actor, key_id, overlap).await?;
     response::secret_json(StatusCode::CREATED, &rotated)
 }
