@@ -149,6 +149,8 @@ pub struct SupplierView {
     /// Purchases asked of it over the last day, and how many it filled.
     pub purchases_24h: i64,
     pub fulfilled_24h: i64,
+    /// The supplier's circuit, on the supplier itself (docs/api.md §8): `health.circuit`.
+    pub circuit: &'static str,
     /// As this gateway sees it ([`health`]).
     pub health: health::HealthView,
 }
@@ -233,17 +235,21 @@ async fn suppliers(
     let now_ms = app.clock.now_unix_ms();
     Ok(rows
         .iter()
-        .map(|r| SupplierView {
-            health: app.supplier_health.view(r.get(0), now_ms),
-            supplier_id: r.get(0),
-            name: r.get(1),
-            protocol: r.get(2),
-            base_url: r.get(3),
-            key_id: r.get(4),
-            timeout_ms: r.get(5),
-            created_at: crate::http::query::rfc3339(r.get(6)),
-            purchases_24h: r.get(7),
-            fulfilled_24h: r.get(8),
+        .map(|r| {
+            let health = app.supplier_health.view(r.get(0), now_ms);
+            SupplierView {
+                circuit: health.circuit,
+                health,
+                supplier_id: r.get(0),
+                name: r.get(1),
+                protocol: r.get(2),
+                base_url: r.get(3),
+                key_id: r.get(4),
+                timeout_ms: r.get(5),
+                created_at: crate::http::query::rfc3339(r.get(6)),
+                purchases_24h: r.get(7),
+                fulfilled_24h: r.get(8),
+            }
         })
         .collect())
 }

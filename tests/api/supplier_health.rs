@@ -97,6 +97,7 @@ async fn create_supplier(app: &TestApp, token: &str, name: &str, base_url: &str,
         )
         .await;
     assert_eq!(s["health"]["circuit"], "closed", "{s}");
+    assert_eq!(s["circuit"], "closed", "{s}");
     s["supplier_id"].as_str().unwrap().to_string()
 }
 
@@ -198,6 +199,7 @@ async fn an_open_circuit_is_skipped_by_new_purchases_and_waited_for_by_one_that_
     let s = listed(&down, &t, &dead_sp).await;
     let h = &s["health"];
     assert_eq!(h["circuit"], "open", "{s}");
+    assert_eq!(s["circuit"], "open", "the supplier's own field, as §8 names it: {s}");
     assert_eq!(h["calls"], FAILURES);
     assert_eq!(h["success_rate"], 0.0);
     assert!(h["latency_ms"].is_u64(), "{h}");
