@@ -332,6 +332,9 @@ fn budgets(lines: &[Value]) -> String {
             total / allowed
         ));
     }
+    s.push_str(
+        "\nWhat each process spends an order and a read on, and why neither goes down to its allowance on two shared cores: [docs/performance.md](../../docs/performance.md#where-the-goals-stand).\n",
+    );
     s
 }
 
