@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 pub const SCHEME: &str = "CG1-HMAC-SHA256";
 pub const TIMESTAMP_WINDOW_SECS: i64 = 300;
 pub const NONCE_TTL_SECS: u64 = 600;
+/// Longer than any key_id issued (`ak_` and 20 characters), with room for keys of other forms.
+pub const KEY_ID_MAX: usize = 256;
 
 /// The parameters of an `Authorization: CG1-HMAC-SHA256 ...` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +54,10 @@ pub fn parse_header(value: &str) -> Option<AuthHeader<'_>> {
             return None; // a parameter given twice
         }
     }
-    let key_id = key_id.filter(|k| !k.is_empty() && k.len() <= 64)?;
+    // Any key_id of a sane length is a key to look up, and an unknown one is
+    // invalid_signature like every other (docs/api.md §1); only one longer than any key
+    // could be is a malformed header.
+    let key_id = key_id.filter(|k| !k.is_empty() && k.len() <= KEY_ID_MAX)?;
     let timestamp = timestamp?;
     // Canonical decimal only: the server signs the number it parsed, so a leading zero
     // would make the client's string to sign differ from the server's. Any such number is
@@ -249,6 +254,17 @@ mod tests {
             assert!(parse_header(&bad).is_none(), "{bad}");
         }
         assert!(parse_header(&format!("CG1-HMAC-SHA256 {good}")).is_some());
+    }
+
+    #[test]
+    fn a_long_key_id_is_a_key_to_look_up_until_no_key_could_be_that_long() {
+        let sig = "ab".repeat(32);
+        let header = |key: &str| {
+            format!("CG1-HMAC-SHA256 key_id=\"{key}\",timestamp=\"1\",nonce=\"abcdefghijklmnop\",signature=\"{sig}\"")
+        };
+        assert!(parse_header(&header(&"k".repeat(65))).is_some());
+        assert!(parse_header(&header(&"k".repeat(KEY_ID_MAX))).is_some());
+        assert!(parse_header(&header(&"k".repeat(KEY_ID_MAX + 1))).is_none());
     }
 
     #[test]
