@@ -48,6 +48,7 @@ fn bench(c: &mut Criterion) {
         unit_price: 9650,
         amount: 9650,
         created_at: 1_763_870_403,
+        created_ms: 0,
         key_id: "ak_bench".into(),
     };
     // The rules on by default, as a gateway runs them.

@@ -103,9 +103,8 @@ impl<'q> Asked<'q> {
 }
 
 /// Where a movement is kept. At one instant a `balance_ledger` row counts as newer than
-/// an order. Orders are timed to the whole second (the time their API has always shown)
-/// and ledger rows to the microsecond, so within one second every other movement is
-/// listed above that second's orders: a refund above its order, whatever the fraction.
+/// an order. Orders are timed to the millisecond they were placed (their API shows the
+/// second) and ledger rows to the microsecond, so only movements of one millisecond tie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Source {
     Orders = 0,

@@ -570,7 +570,12 @@ async fn commit_once(
     let quantities: Vec<i32> = fs.iter().map(|f| f.quantity).collect();
     let created: Vec<time::OffsetDateTime> = fs
         .iter()
-        .map(|f| time::OffsetDateTime::from_unix_timestamp(f.created_at).unwrap_or(time::OffsetDateTime::UNIX_EPOCH))
+        .map(|f| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(
+                (i128::from(f.created_at) * 1000 + i128::from(f.created_ms)) * 1_000_000,
+            )
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        })
         .collect();
     let stmt = client
         .prepare_cached(

@@ -46,6 +46,11 @@ pub struct Fulfilment {
     pub amount: i64,
     /// Unix seconds: the order's `created_at`, the same in the first answer and in replays.
     pub created_at: i64,
+    /// Milliseconds past that second, which Postgres keeps so that a statement lists an
+    /// order and a balance movement of the same second in the order they happened (an
+    /// entry written before this field reads 0).
+    #[serde(default)]
+    pub created_ms: u16,
     /// The API key that placed it: its spend is counted against the key's limit.
     #[serde(default)]
     pub key_id: String,

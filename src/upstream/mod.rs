@@ -456,7 +456,7 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
                 &f.unit_price,
                 &f.amount,
                 &f.key_id,
-                &(f.created_at as f64),
+                &(f.created_at as f64 + f64::from(f.created_ms) / 1000.0),
                 &lease,
             ],
         )
@@ -973,7 +973,7 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
               WHERE id IN (SELECT id FROM purchases WHERE state = 'open' AND lease_until <= $1
                             ORDER BY lease_until LIMIT 32 FOR UPDATE SKIP LOCKED)
              RETURNING id, order_id, upstream_no, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price,
-                       amount, coalesce(key_id, ''), extract(epoch FROM order_created_at)::int8, source_index,
+                       amount, coalesce(key_id, ''), (extract(epoch FROM order_created_at) * 1000)::int8, source_index,
                        coalesce(outcome LIKE 'unknown%', false), coalesce(outcome LIKE 'waiting:%', false), round",
             &[&now, &lease],
         )
@@ -994,7 +994,8 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
                 unit_price: r.get(8),
                 amount: r.get(9),
                 key_id: r.get(10),
-                created_at: r.get(11),
+                created_at: r.get::<_, i64>(11).div_euclid(1000),
+                created_ms: r.get::<_, i64>(11).rem_euclid(1000) as u16,
             },
             source_index: r.get(12),
             asked: r.get(13),

@@ -220,6 +220,7 @@ async fn codes_given_back_count_as_a_restock_in_every_cell() {
         unit_price: 9800,
         amount: 9800,
         created_at: 0,
+        created_ms: 0,
         key_id: k.key_id.clone(),
     };
     // The outbox entry a writer undoes, at the cell's epoch.

@@ -1191,6 +1191,7 @@ async fn a_reservation_sent_twice_finds_its_own_order_and_not_a_reused_nonce() {
         unit_price: GOLD,
         amount: GOLD,
         created_at: Clock::System.now_unix_secs(),
+        created_ms: 0,
         key_id: k.key_id.clone(),
     };
     let fp = fingerprint(SKU, 1);

@@ -24,24 +24,13 @@ fn movement(e: &Value) -> Movement {
 }
 
 /// `done` (oldest first, each step answered before the next began) in the order a
-/// statement lists it: newest second first; within one second, other movements above
-/// orders (an order's time is a whole second); within each source, newest first.
-/// Each movement's second is read from `statement`, which must hold it.
+/// statement lists it: newest first, whatever their kinds, steps of one second included.
+/// Each must be in `statement`.
 fn in_statement_order(done: &[Movement], statement: &[Value]) -> Vec<Movement> {
-    let second = |m: &Movement| {
-        let e = statement.iter().find(|e| movement(e) == *m);
-        e.unwrap_or_else(|| panic!("{m:?} is in the statement"))["created_at"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let mut keyed: Vec<_> = done
-        .iter()
-        .enumerate()
-        .map(|(i, m)| ((second(m), m.0 != "order", i), m.clone()))
-        .collect();
-    keyed.sort_by(|a, b| b.0.cmp(&a.0));
-    keyed.into_iter().map(|(_, m)| m).collect()
+    for m in done {
+        assert!(statement.iter().any(|e| movement(e) == *m), "{m:?} is in the statement");
+    }
+    done.iter().rev().cloned().collect()
 }
 
 fn ids(entries: &[Value]) -> Vec<String> {
