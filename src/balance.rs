@@ -74,7 +74,9 @@ pub async fn adjust(app: &App, actor: &Actor, reseller_id: &str, a: &Adjustment)
     let earlier = "SELECT amount, balance_after FROM balance_ledger WHERE reseller_id = $1 AND kind = 'adjustment' AND reference = $2";
     let replay = |row: tokio_postgres::Row| {
         if row.get::<_, i64>(0) != amount {
-            return Err(ApiError::IdempotencyConflict);
+            return Err(ApiError::IdempotencyConflict(
+                "reference was already used for an adjustment of a different amount",
+            ));
         }
         Ok(answer(row.get(1), true))
     };

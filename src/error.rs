@@ -46,8 +46,9 @@ pub enum ApiError {
     Conflict(Cow<'static, str>),
     #[error("not enough stock")]
     OutOfStock,
-    #[error("merchant_order_no was already used with a different sku or quantity")]
-    IdempotencyConflict,
+    /// The message names the key and what differs: a merchant_order_no, a reference.
+    #[error("{0}")]
+    IdempotencyConflict(&'static str),
     #[error("the current unit price is above max_unit_price")]
     PriceChanged,
     #[error("an order with this merchant_order_no is still being processed")]
@@ -98,7 +99,7 @@ impl ApiError {
             InsufficientBalance | SpendLimitExceeded => StatusCode::PAYMENT_REQUIRED,
             NotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Conflict(_) | OutOfStock | IdempotencyConflict | PriceChanged | OrderInProgress => StatusCode::CONFLICT,
+            Conflict(_) | OutOfStock | IdempotencyConflict(_) | PriceChanged | OrderInProgress => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -130,7 +131,7 @@ impl ApiError {
             MethodNotAllowed { .. } => "method_not_allowed",
             Conflict(_) => "conflict",
             OutOfStock => "out_of_stock",
-            IdempotencyConflict => "idempotency_conflict",
+            IdempotencyConflict(_) => "idempotency_conflict",
             PriceChanged => "price_changed",
             OrderInProgress => "order_in_progress",
             PayloadTooLarge => "payload_too_large",

@@ -63,6 +63,8 @@ const DRY_RETRIES: usize = 8;
 
 /// Reservations retried after the last guard refused a code, before giving up.
 const LAST_GUARD_RETRIES: usize = 3;
+/// The answer to a merchant_order_no sent again for another order.
+const SAME_NUMBER_OTHER_ORDER: &str = "merchant_order_no was already used with a different sku or quantity";
 
 /// A `POST /v1/orders` body, checked.
 #[derive(Debug, Clone)]
@@ -328,7 +330,7 @@ async fn place_inner(
                 upstream,
             } => {
                 if seen != fingerprint {
-                    return Err(ApiError::IdempotencyConflict);
+                    return Err(ApiError::IdempotencyConflict(SAME_NUMBER_OTHER_ORDER));
                 }
                 // This attempt's own reservation, its answer lost and the script sent again
                 // (a cluster connection does so when a node fails over mid-call): the order
@@ -454,7 +456,7 @@ async fn recorded(
         return Ok(None);
     };
     if reserve::fingerprint(&order.sku, order.quantity) != fingerprint {
-        return Err(ApiError::IdempotencyConflict);
+        return Err(ApiError::IdempotencyConflict(SAME_NUMBER_OTHER_ORDER));
     }
     Ok(Some(Placed::Replayed(order)))
 }

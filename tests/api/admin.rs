@@ -440,7 +440,7 @@ async fn twenty_concurrent_credits_with_one_reference_change_the_balance_once() 
     assert_eq!(hot, 50000);
 
     // Same reference, other amount: a conflict. Debit below zero: refused, nothing changes.
-    let (s, c, _) = error_of(
+    let (s, c, body) = error_of(
         app.admin(
             &t,
             Method::POST,
@@ -451,6 +451,12 @@ async fn twenty_concurrent_credits_with_one_reference_change_the_balance_once() 
     )
     .await;
     assert_eq!((s, c.as_str()), (409, "idempotency_conflict"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reference")),
+        "the message names what was reused: {body}"
+    );
     let (s, c, _) = error_of(
         app.admin(
             &t,
