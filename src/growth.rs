@@ -3,7 +3,7 @@
 //! A reseller's spend is the amount of its fulfilled orders over the `[vip]` window (the
 //! current UTC day and the `window_days - 1` before it), refunds taken out: the
 //! `reseller_daily` rollup plus what commits appended to `sales_pending` since the last
-//! fold, less orders still being bought upstream ([`PROCESSING`]). Every gateway runs
+//! fold (an order bought upstream enters them once fulfilled). Every gateway runs
 //! [`step`] every `EVERY`: it moves a reseller up as soon as its spend reaches a higher
 //! tier's `upgrade_spend`, and down once spend has stayed below its tier's
 //! `upgrade_spend` for `downgrade_grace_days`, never below the `base_tier` an operator
@@ -57,24 +57,12 @@ pub fn window_start(config: &Config, now: OffsetDateTime) -> Date {
     now.date().checked_sub(time::Duration::days(back)).unwrap_or(Date::MIN)
 }
 
-/// Orders still being bought upstream (`processing`, docs/api.md §8) as `reseller_id`,
-/// `day` (UTC, of the order) and `amount`. The rollups count an order from its insert,
-/// but spend is fulfilled orders only (§6), so every reader of spend takes these out.
-/// Each has one open purchase, so this reads the few open ones, never all orders.
-pub const PROCESSING: &str = "SELECT p.reseller_id, (p.order_created_at AT TIME ZONE 'UTC')::date AS day, p.amount
-      FROM purchases p
-     WHERE p.state = 'open'
-       AND EXISTS (SELECT 1 FROM orders o WHERE o.order_id = p.order_id AND o.status = 'processing')";
-
 /// One reseller's spend over the window, as of the last commit.
 pub async fn spend<C: GenericClient>(client: &C, reseller_pk: i64, since: Date) -> Result<i64, ApiError> {
     let row = client
         .query_one(
-            &format!(
-                "SELECT (coalesce((SELECT sum(amount) FROM reseller_daily WHERE reseller_id = $1 AND day >= $2), 0)
-                       + coalesce((SELECT sum(amount) FROM sales_pending WHERE reseller_id = $1 AND day >= $2), 0)
-                       - coalesce((SELECT sum(amount) FROM ({PROCESSING}) u WHERE reseller_id = $1 AND day >= $2), 0))::int8"
-            ),
+            "SELECT (coalesce((SELECT sum(amount) FROM reseller_daily WHERE reseller_id = $1 AND day >= $2), 0)
+                   + coalesce((SELECT sum(amount) FROM sales_pending WHERE reseller_id = $1 AND day >= $2), 0))::int8",
             &[&reseller_pk, &since],
         )
         .await?;
@@ -169,19 +157,15 @@ pub async fn step(app: &App) -> anyhow::Result<Vec<Change>> {
     let since = window_start(config, now);
     let rows = client
         .query(
-            &format!(
-                "SELECT r.id, r.reseller_id, r.tier, r.base_tier, r.below_since,
-                        (coalesce(d.amount, 0) + coalesce(p.amount, 0) - coalesce(u.amount, 0))::int8
-                   FROM resellers r
-                   LEFT JOIN (SELECT reseller_id, sum(amount) AS amount FROM reseller_daily WHERE day >= $1 GROUP BY 1) d
-                          ON d.reseller_id = r.id
-                   LEFT JOIN (SELECT reseller_id, sum(amount) AS amount FROM sales_pending WHERE day >= $1 GROUP BY 1) p
-                          ON p.reseller_id = r.id
-                   LEFT JOIN (SELECT reseller_id, sum(amount) AS amount FROM ({PROCESSING}) x WHERE day >= $1 GROUP BY 1) u
-                          ON u.reseller_id = r.id
-                  WHERE NOT r.tier_locked
-                  ORDER BY r.id"
-            ),
+            "SELECT r.id, r.reseller_id, r.tier, r.base_tier, r.below_since,
+                    (coalesce(d.amount, 0) + coalesce(p.amount, 0))::int8
+               FROM resellers r
+               LEFT JOIN (SELECT reseller_id, sum(amount) AS amount FROM reseller_daily WHERE day >= $1 GROUP BY 1) d
+                      ON d.reseller_id = r.id
+               LEFT JOIN (SELECT reseller_id, sum(amount) AS amount FROM sales_pending WHERE day >= $1 GROUP BY 1) p
+                      ON p.reseller_id = r.id
+              WHERE NOT r.tier_locked
+              ORDER BY r.id",
             &[&since],
         )
         .await?;

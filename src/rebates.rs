@@ -308,22 +308,18 @@ async fn credit(tx: &Audited<'_>, actor: &Actor, month: Month, r: &Rebates) -> R
 }
 
 /// The month's spend per reseller (those with some), from the rollups and what is
-/// pending for them, in one snapshot, less orders still being bought upstream (not
-/// fulfilled, so not spend: a month closed before one is fulfilled does not count it,
-/// as it does not take back a refund made after), and what the brackets make of it.
+/// pending for them, in one snapshot, and what the brackets make of it. An order bought
+/// upstream enters them once fulfilled: a month closed before then does not count it, as
+/// it does not take back a refund made after.
 async fn spend_lines(c: &impl GenericClient, brackets: &[RebateBracket], month: Month) -> Result<Vec<Line>, ApiError> {
     let rows = c
         .query(
-            &format!(
-                "SELECT s.reseller_id, r.reseller_id, sum(s.amount)::int8
-                   FROM (SELECT reseller_id, day, amount FROM reseller_daily
-                         UNION ALL SELECT reseller_id, day, amount FROM sales_pending
-                         UNION ALL SELECT reseller_id, day, -amount FROM ({PROCESSING}) u) s
-                   JOIN resellers r ON r.id = s.reseller_id
-                  WHERE s.day >= $1 AND s.day < $2
-                  GROUP BY s.reseller_id, r.reseller_id HAVING sum(s.amount) > 0",
-                PROCESSING = crate::growth::PROCESSING
-            ),
+            "SELECT s.reseller_id, r.reseller_id, sum(s.amount)::int8
+               FROM (SELECT reseller_id, day, amount FROM reseller_daily
+                     UNION ALL SELECT reseller_id, day, amount FROM sales_pending) s
+               JOIN resellers r ON r.id = s.reseller_id
+              WHERE s.day >= $1 AND s.day < $2
+              GROUP BY s.reseller_id, r.reseller_id HAVING sum(s.amount) > 0",
             &[&month.first_day(), &month.end_day()],
         )
         .await?;

@@ -107,7 +107,7 @@ fn rows(key: &str) -> String {
         format!(
             "SELECT (created_at AT TIME ZONE 'UTC')::date, {key}, count(*), sum(quantity), sum(amount){none}
                FROM orders
-              WHERE status IN ('fulfilled', 'processing') AND created_at >= {from} AND created_at < {to}
+              WHERE status = 'fulfilled' AND created_at >= {from} AND created_at < {to}
               GROUP BY 1, 2"
         )
     };

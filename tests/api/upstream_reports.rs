@@ -276,8 +276,8 @@ async fn processing_and_failed_upstream_orders_are_not_refunded_and_a_fulfilled_
     assert_eq!(order["status"], "processing");
     let id = order["order_id"].as_str().unwrap().to_string();
 
-    // Charged, so counted as a sale; nothing bought yet, so no cost.
-    assert_eq!(report_both_ways(down, t, SKU).await, [1, 1, PRICE, 0, 0, 0, 0]);
+    // Charged, but no code delivered yet: not a sale until it is fulfilled.
+    assert_eq!(report_both_ways(down, t, SKU).await, [0, 0, 0, 0, 0, 0, 0]);
 
     let before = c.refund_traces().await;
     assert_eq!((before.0, before.1), (9 * PRICE, 9 * PRICE));
@@ -387,4 +387,44 @@ async fn purchases_fulfilled_before_the_upgrade_are_counted() {
         [2, 3, 3000, 1, 1800, 200, 2700],
         "orders, codes_sold, amount, upstream_orders, cost, margin, refunded_cost"
     );
+}
+
+/// An order processing when the gateway migrates (migrations/V13) was counted as sold by
+/// the rule before it: it leaves the report, and comes back once it is fulfilled.
+#[tokio::test]
+async fn an_order_processing_at_the_upgrade_counts_once_it_is_fulfilled() {
+    let url = create_database().await;
+    let (mut db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    crate::schema::migrations::migrations::runner()
+        .set_target(refinery::Target::Version(12))
+        .run_async(&mut db)
+        .await
+        .expect("migrate to V12");
+    db.batch_execute(
+        "INSERT INTO resellers (reseller_id, name, tier, base_tier, webhook_secret_enc) VALUES ('rsl_old', 'Old', 'gold', 'gold', '\\x00');
+         INSERT INTO balances (reseller_id) SELECT id FROM resellers;
+         INSERT INTO balance_ledger (reseller_id, amount, kind, reference) SELECT id, 100000, 'adjustment', 'seed' FROM resellers;
+         INSERT INTO products (sku, name, face_value, base_price, max_quantity) VALUES ('old', 'Old', 1000, 1000, 10);
+         INSERT INTO orders (order_id, reseller_id, merchant_order_no, product_id, sku, quantity, unit_price, amount,
+                             currency, created_at, status)
+              SELECT 'ord_old' || g, r.id, 'OLD-' || g, p.id, 'old', g, 1000, 1000 * g, 'CNY', now(),
+                     CASE g WHEN 1 THEN 'fulfilled' ELSE 'processing' END
+                FROM resellers r, products p, generate_series(1, 2) g;",
+    )
+    .await
+    .unwrap();
+
+    let app = start(test_env(&url)).await;
+    let t = app.root_token().await;
+    let sold = |figures: [i64; 7]| [figures[0], figures[1], figures[2]];
+    assert_eq!(
+        sold(report_both_ways(&app, &t, "old").await),
+        [1, 1, 1000],
+        "orders, codes_sold, amount: the fulfilled order only"
+    );
+    db.batch_execute("UPDATE orders SET status = 'fulfilled' WHERE order_id = 'ord_old2'")
+        .await
+        .unwrap();
+    assert_eq!(sold(report_both_ways(&app, &t, "old").await), [2, 3, 3000]);
 }
