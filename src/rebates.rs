@@ -3,9 +3,9 @@
 //! credited once when the month is closed.
 //!
 //! Spend is read from the report rollups (`reseller_daily`: orders by the UTC day they
-//! were placed, refunds of those orders already taken out) and what is pending for them,
-//! less orders still being bought upstream, so a month costs days × resellers rows, not
-//! orders.
+//! were placed, refunds of those orders already taken out, an order bought upstream once
+//! it is fulfilled) and what is pending for them, so a month costs days × resellers rows,
+//! not orders.
 //!
 //! A close is one transaction: the month's row first (`rebate_months`, so of two closes at
 //! once one waits on the other's row and then answers its recorded result), the lines as
