@@ -6,7 +6,6 @@
 //! overloaded` with `Retry-After`. The queue is short on purpose: a longer one would only
 //! hold connections for work that is already too much.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +18,9 @@ use crate::error::ApiError;
 pub struct Bulkhead {
     name: &'static str,
     slots: Arc<Semaphore>,
-    /// Callers waiting for a slot now, and how many may.
-    waiting: AtomicUsize,
-    queue: usize,
+    /// Places to wait for a slot: a permit rather than a counter, so a caller that goes
+    /// away while it waits (its client gone, the gateway stopping) gives its place back.
+    queue: Arc<Semaphore>,
     wait: Duration,
 }
 
@@ -30,8 +29,7 @@ impl Bulkhead {
         Bulkhead {
             name,
             slots: Arc::new(Semaphore::new(slots)),
-            waiting: AtomicUsize::new(0),
-            queue,
+            queue: Arc::new(Semaphore::new(queue)),
             wait,
         }
     }
@@ -42,18 +40,10 @@ impl Bulkhead {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        let queued = self
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.queue).then_some(n + 1)
-            })
-            .is_ok();
-        if !queued {
+        let Ok(_place) = self.queue.clone().try_acquire_owned() else {
             return Err(self.refused());
-        }
-        let got = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        match got {
+        };
+        match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(self.refused()),
         }
@@ -97,7 +87,7 @@ mod tests {
             let b = Arc::clone(&b);
             async move { b.enter().await.map(drop) }
         });
-        while b.waiting.load(Ordering::Acquire) == 0 {
+        while b.queue.available_permits() == 1 {
             tokio::task::yield_now().await;
         }
         assert!(matches!(
@@ -115,6 +105,21 @@ mod tests {
         let waited = std::time::Instant::now();
         assert!(matches!(b.enter().await, Err(ApiError::Overloaded { .. })));
         assert!(waited.elapsed() >= wait, "{:?}", waited.elapsed());
-        assert_eq!(b.waiting.load(Ordering::Acquire), 0);
+        assert_eq!(b.queue.available_permits(), 1);
+        // A caller that goes away while it waits gives its place back.
+        let gone = tokio::spawn({
+            let b = Arc::clone(&b);
+            async move { b.enter().await.map(drop) }
+        });
+        while b.queue.available_permits() == 1 {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(
+            b.queue.available_permits(),
+            1,
+            "the place of a caller gone is free again"
+        );
     }
 }
