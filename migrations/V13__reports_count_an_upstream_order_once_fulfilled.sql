@@ -4,6 +4,10 @@
 -- spend there differed from the spend its balance and the rebates show (fulfilled orders
 -- only, docs/api.md §6).
 
+-- As in V9: no order is inserted, fulfilled or failed while the triggers change and the
+-- processing orders are taken out, or one could be counted twice or not at all.
+LOCK TABLE orders, purchases IN SHARE ROW EXCLUSIVE MODE;
+
 -- As in V2, counting fulfilled orders only.
 CREATE OR REPLACE FUNCTION orders_charge() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE

@@ -4,9 +4,9 @@
 //! Whole UTC days come from the daily rollups (`reseller_daily`, `product_daily` in
 //! migrations/V1__baseline.sql) and only the partial days at the edges from `orders`, so
 //! the cost follows the number of days and resellers, not of orders. Sales are the orders
-//! charged and not given back: fulfilled ones, and processing ones (being bought
-//! upstream) until they fail; refunded and failed orders are left out. The products
-//! report adds what upstream-filled sales cost (migrations/V9__upstream_reports.sql).
+//! fulfilled and not refunded: one being bought upstream counts once it is fulfilled
+//! (migrations/V13), one that fails never. The products report adds what upstream-filled
+//! sales cost (migrations/V9__upstream_reports.sql).
 
 use serde::Serialize;
 use time::{Duration, OffsetDateTime, Time};
@@ -81,7 +81,7 @@ impl Range {
     }
 }
 
-/// Sales (fulfilled and processing orders) in the range as `(day, <key>, orders, codes,
+/// Sales (fulfilled orders) in the range as `(day, <key>, orders, codes,
 /// amount)` rows, from the rollup of `key` (`reseller_id` or `product_id`) and the edges
 /// from `orders`, with parameters `$1`..`$6` as `rows_params` orders them. Each edge is
 /// one scan of a partial day through the BRIN index on `created_at`, which costs the
@@ -198,7 +198,7 @@ pub async fn resellers(app: &App, range: &Range) -> Result<Vec<ResellerLine>, Ap
          SELECT r.reseller_id, r.name, r.tier, coalesce(p.orders, 0), coalesce(p.codes, 0), coalesce(p.amount, 0),
                 coalesce(p.active_days, 0), coalesce(p.repeat_days, 0), coalesce(p.span, 0),
                 (SELECT max(o.created_at) FROM orders o
-                  WHERE o.reseller_id = r.id AND o.created_at < $7 AND o.status IN ('fulfilled', 'processing')),
+                  WHERE o.reseller_id = r.id AND o.created_at < $7 AND o.status = 'fulfilled'),
                 (SELECT coalesce(sum(amount), 0)::int8 FROM reseller_daily d WHERE d.reseller_id = r.id AND d.day >= $8),
                 r.credit_limit, greatest(0, -b.balance),
                 (SELECT coalesce(sum(amount), 0)::int8 FROM reseller_daily d WHERE d.reseller_id = r.id AND d.day >= $9)

@@ -1,7 +1,7 @@
 -- One order's reservation, atomically (docs/design.md, "The shape" step 4): idempotency check,
--- risk hold, stock check, spend limits, balance check, pop the codes, debit the hot
--- balance, count the spend and the risk signals, record the reservation and append the
--- fulfilment to the outbox stream.
+-- risk hold, stock check, spend limits, balance check, the risk rules (one that holds
+-- refuses here), pop the codes, debit the hot balance, count the spend, record the
+-- reservation and append the fulfilment to the outbox stream.
 --
 -- KEYS: 1 idempotency record (hash), 2 stock (list), 3 hot balance, 4 outbox (stream),
 --       5 epoch (the rebuild this state comes from; absent: Redis lost its state),

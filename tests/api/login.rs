@@ -116,7 +116,7 @@ async fn logins_are_limited_per_client_address_before_the_body_is_read_and_a_sig
 }
 
 #[tokio::test]
-async fn argon2_work_past_its_bound_is_503_overloaded_not_queued() {
+async fn argon2_work_past_its_bound_and_its_wait_is_503_overloaded() {
     let app = spawn_app_with(|env| {
         env.insert("CARDGATE_ADMIN__LOGIN_PER_ADDRESS_BURST".into(), "100".into());
         env.insert("CARDGATE_ADMIN__PASSWORD_HASH_CONCURRENCY".into(), "1".into());
