@@ -123,7 +123,7 @@ pub struct KeyView {
 /// The longest a rotated key may keep working beside the key that replaces it.
 pub const ROTATION_OVERLAP_MAX_SECS: i64 = 30 * 86_400;
 /// Without `overlap_seconds`, the old key keeps working a day: long enough to deploy the
-/// new secret everywhere, as API.md's example has it.
+/// new secret everywhere, the example of docs/api.md §7.
 pub const ROTATION_OVERLAP_DEFAULT_SECS: i64 = 86_400;
 
 const RESELLER_COLUMNS: &str = "r.id, r.reseller_id, r.name, r.tier, r.status, r.ip_allowlist, r.callback_url,
