@@ -26,14 +26,8 @@ pub async fn step(app: &App) -> anyhow::Result<()> {
     let products = client
         .query("SELECT id, sku, low_stock_threshold FROM products ORDER BY id", &[])
         .await?;
-    let mut pipe = redis::pipe();
-    for p in &products {
-        for cell in app.keys.all_cells() {
-            pipe.cmd("LLEN").arg(app.keys.stock(cell, p.get(0)));
-        }
-    }
-    let lengths: Vec<i64> = pipe.query_async(&mut app.redis()).await?;
-    let lengths = lengths.chunks(app.keys.cells() as usize).map(|c| c.iter().sum::<i64>());
+    let ids: Vec<i64> = products.iter().map(|p| p.get(0)).collect();
+    let lengths = crate::stock::mover::available(&mut app.redis(), &app.keys, &ids).await?;
     for (p, len) in products.iter().zip(lengths) {
         let sku: String = p.get(1);
         if let Some(t) = p.get::<_, Option<i32>>(2) {

@@ -122,21 +122,11 @@ impl CatalogueCounts {
     }
 
     async fn fetch(&self, app: &App, products: &[i64], began: Instant) -> redis::RedisResult<Arc<Counted>> {
-        let mut pipe = redis::pipe();
-        for &product in products {
-            for cell in app.keys.all_cells() {
-                pipe.cmd("LLEN").arg(app.keys.stock(cell, product));
-            }
-        }
-        let lens: Vec<i64> = pipe.query_async(&mut app.redis()).await?;
-        let cells = app.keys.all_cells().count().max(1);
-        if lens.len() != products.len() * cells {
-            return Err(std::io::Error::other("pool counts that are not what was asked").into());
-        }
+        let sums = crate::stock::mover::available(&mut app.redis(), &app.keys, products).await?;
         let counted = Arc::new(Counted {
             began,
             products: products.to_vec(),
-            sums: lens.chunks(cells).map(|c| c.iter().sum()).collect(),
+            sums,
             answers: Mutex::default(),
         });
         if let Ok(mut latest) = self.latest.lock() {

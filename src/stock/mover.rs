@@ -237,6 +237,22 @@ pub async fn pool_lengths<C: ConnectionLike>(c: &mut C, keys: &Keys, product: i6
     pool_counts(keys, product).query_async(c).await
 }
 
+/// Each product's codes over every cell (the sum of its pools), in one pipeline.
+pub async fn available<C: ConnectionLike>(c: &mut C, keys: &Keys, products: &[i64]) -> redis::RedisResult<Vec<i64>> {
+    let mut pipe = redis::pipe();
+    for &product in products {
+        for cell in keys.all_cells() {
+            pipe.cmd("LLEN").arg(keys.stock(cell, product));
+        }
+    }
+    let lens: Vec<i64> = pipe.query_async(c).await?;
+    let cells = keys.all_cells().count().max(1);
+    if lens.len() != products.len() * cells {
+        return Err(std::io::Error::other("pool counts that are not what was asked").into());
+    }
+    Ok(lens.chunks(cells).map(|c| c.iter().sum()).collect())
+}
+
 /// `LLEN` of each cell's pool of a product, in cell order.
 fn pool_counts(keys: &Keys, product: i64) -> redis::Pipeline {
     let mut pipe = redis::pipe();
