@@ -571,10 +571,8 @@ async fn commit_once(
     let created: Vec<time::OffsetDateTime> = fs
         .iter()
         .map(|f| {
-            time::OffsetDateTime::from_unix_timestamp_nanos(
-                (i128::from(f.created_at) * 1000 + i128::from(f.created_ms)) * 1_000_000,
-            )
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(f.created_unix_ms()) * 1_000_000)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
         })
         .collect();
     let stmt = client

@@ -241,7 +241,7 @@ async fn place_inner(
     let mut other_cells = app.keys.cells() > 1;
     let mut dry = 0;
     for _ in 0..LAST_GUARD_RETRIES {
-        let now_ms = app.clock.now_unix_ms();
+        let (created_at, created_ms) = Fulfilment::placed_at(app.clock.now_unix_ms());
         let f = Fulfilment {
             order_id: crate::ids::order_id(),
             reseller: reseller.pk,
@@ -251,8 +251,8 @@ async fn place_inner(
             quantity: req.quantity.clamp(0, i32::MAX as i64) as i32,
             unit_price,
             amount: amount.unwrap_or(0),
-            created_at: now_ms.div_euclid(1000),
-            created_ms: now_ms.rem_euclid(1000) as u16,
+            created_at,
+            created_ms,
             key_id: caller.key_id.clone(),
         };
         let mut waiter = app.waiters.register(&f.order_id);

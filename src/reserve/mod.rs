@@ -56,6 +56,18 @@ pub struct Fulfilment {
     pub key_id: String,
 }
 
+impl Fulfilment {
+    /// `created_at` and `created_ms` of an order placed at `unix_ms`.
+    pub fn placed_at(unix_ms: i64) -> (i64, u16) {
+        (unix_ms.div_euclid(1000), unix_ms.rem_euclid(1000) as u16)
+    }
+
+    /// When the order was placed, in unix milliseconds.
+    pub fn created_unix_ms(&self) -> i64 {
+        self.created_at * 1000 + i64::from(self.created_ms)
+    }
+}
+
 /// The UTC day of a unix time, as spend is counted (`YYYY-MM-DD`).
 pub fn utc_day(unix_secs: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(unix_secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
@@ -494,6 +506,32 @@ mod tests {
         assert_eq!(ApiError::from(Refusal::RateLimited).status().as_u16(), 429);
         assert_eq!(ApiError::from(Refusal::RateLimited).code(), "rate_limited");
         assert!(ApiError::from(Refusal::RateLimited).retry_after_secs().is_some());
+    }
+
+    #[test]
+    fn an_orders_millisecond_is_kept_beside_its_second() {
+        let (at, ms) = Fulfilment::placed_at(1_764_000_000_999);
+        assert_eq!((at, ms), (1_764_000_000, 999));
+        let f = Fulfilment {
+            order_id: String::new(),
+            reseller: 1,
+            merchant_order_no: String::new(),
+            product: 1,
+            sku: String::new(),
+            quantity: 1,
+            unit_price: 0,
+            amount: 0,
+            created_at: at,
+            created_ms: ms,
+            key_id: String::new(),
+        };
+        assert_eq!(f.created_unix_ms(), 1_764_000_000_999);
+        // An outbox entry written before the field: the second, to the millisecond.
+        let old: Fulfilment = serde_json::from_str(
+            r#"{"order_id":"","reseller":1,"merchant_order_no":"","product":1,"sku":"","quantity":1,"unit_price":0,"amount":0,"created_at":1764000000}"#,
+        )
+        .unwrap();
+        assert_eq!(old.created_unix_ms(), 1_764_000_000_000);
     }
 
     #[test]

@@ -456,7 +456,7 @@ pub async fn begin(app: &App, f: &Fulfilment) -> Result<Placed, ApiError> {
                 &f.unit_price,
                 &f.amount,
                 &f.key_id,
-                &(f.created_at as f64 + f64::from(f.created_ms) / 1000.0),
+                &(f.created_unix_ms() as f64 / 1000.0),
                 &lease,
             ],
         )
@@ -981,6 +981,7 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
     drop(client);
     // Each purchase waits on its own supplier: asked side by side, not one after another.
     let ended = futures_util::future::join_all(rows.iter().map(|r| async move {
+        let (created_at, created_ms) = Fulfilment::placed_at(r.get(11));
         let p = Purchase {
             pk: r.get(0),
             upstream_no: r.get(2),
@@ -994,8 +995,8 @@ pub async fn step(app: &App) -> anyhow::Result<usize> {
                 unit_price: r.get(8),
                 amount: r.get(9),
                 key_id: r.get(10),
-                created_at: r.get::<_, i64>(11).div_euclid(1000),
-                created_ms: r.get::<_, i64>(11).rem_euclid(1000) as u16,
+                created_at,
+                created_ms,
             },
             source_index: r.get(12),
             asked: r.get(13),
