@@ -100,6 +100,24 @@ pub async fn authorized_json<T: DeserializeOwned>(
     Ok((actor, json(app, &parts, body).await?))
 }
 
+/// As [`authorized_json`], for a route whose body may be left out (`None`).
+pub async fn authorized_optional_json<T: DeserializeOwned>(
+    app: &App,
+    ctx: &Ctx,
+    req: hyper::Request<Incoming>,
+    need: Need,
+) -> Result<(Actor, Option<T>), ApiError> {
+    let (parts, body) = req.into_parts();
+    let (_, actor) = authorize(app, ctx, &parts, need).await?;
+    let bytes = body::read_json_body(&parts, body, &app.config.http).await?;
+    let v = if bytes.is_empty() {
+        None
+    } else {
+        Some(body::parse_json(&bytes)?)
+    };
+    Ok((actor, v))
+}
+
 /// Display names of products and resellers.
 pub fn check_name(name: &str) -> Result<(), ApiError> {
     if name.trim().is_empty() || name.chars().count() > 200 {

@@ -7,7 +7,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{authorize, authorized_head};
+use super::{authorized_head, authorized_optional_json};
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::error::ApiError;
@@ -48,15 +48,9 @@ struct RefundBody {
 }
 
 pub async fn refund(app: &App, ctx: &Ctx, req: Request<Incoming>, order_id: &str) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
     // The reason is optional, so the body is too.
-    let bytes = crate::http::body::read_json_body(&parts, body, &app.config.http).await?;
-    let body: RefundBody = if bytes.is_empty() {
-        RefundBody::default()
-    } else {
-        crate::http::body::parse_json(&bytes)?
-    };
+    let (actor, body) = authorized_optional_json::<RefundBody>(app, ctx, req, Need::Write).await?;
+    let body = body.unwrap_or_default();
     if body.reason.as_ref().is_some_and(|r| r.len() > REASON_MAX) {
         return Err(ApiError::invalid(format!("reason: at most {REASON_MAX} bytes")));
     }

@@ -7,7 +7,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use super::{authorize, authorized_head, authorized_json, check_name, json as read_json};
+use super::{authorize, authorized_head, authorized_json, authorized_optional_json, check_name, json as read_json};
 use crate::app::App;
 use crate::auth::admin::Need;
 use crate::auth::keys::KeySettings;
@@ -17,7 +17,7 @@ use crate::callbacks::target;
 use crate::config::parse_cidr;
 use crate::error::ApiError;
 use crate::http::query::{self, rfc3339};
-use crate::http::{body, response, Body, Ctx};
+use crate::http::{response, Body, Ctx};
 use crate::money;
 use crate::orders;
 use crate::resellers::{self, NewReseller, ResellerPatch};
@@ -163,13 +163,10 @@ pub async fn create_key(
     req: Request<Incoming>,
     reseller_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let bytes = body::read_json_body(&parts, body, &app.config.http).await?;
-    let (settings, expires_at) = if bytes.is_empty() {
-        (KeySettings::default(), None)
-    } else {
-        key_request(app, &body::parse_json(&bytes)?)?
+    let (actor, v) = authorized_optional_json::<Value>(app, ctx, req, Need::Write).await?;
+    let (settings, expires_at) = match v {
+        None => (KeySettings::default(), None),
+        Some(v) => key_request(app, &v)?,
     };
     let key = resellers::create_key(app, &actor, reseller_id, &settings, expires_at).await?;
     response::secret_json(StatusCode::CREATED, &key)
@@ -255,14 +252,8 @@ pub async fn rotate_key(
     req: Request<Incoming>,
     key_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (_, actor) = authorize(app, ctx, &parts, Need::Write).await?;
-    let bytes = body::read_json_body(&parts, body, &app.config.http).await?;
-    let v: Value = if bytes.is_empty() {
-        json!({})
-    } else {
-        body::parse_json(&bytes)?
-    };
+    let (actor, v) = authorized_optional_json::<Value>(app, ctx, req, Need::Write).await?;
+    let v = v.unwrap_or_else(|| json!({}));
     let o = v
         .as_object()
         .ok_or_else(|| ApiError::invalid("the body must be a JSON object"))?;
