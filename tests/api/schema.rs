@@ -206,20 +206,28 @@ pub mod migrations {
     refinery::embed_migrations!("migrations");
 }
 
+/// A new database migrated up to `version` only, with `seed` run on it: what a gateway of
+/// that version left behind, for an upgrade test. Its URL, and a connection to it.
+pub async fn database_at(version: i32, seed: &str) -> (String, tokio_postgres::Client) {
+    let url = create_database().await;
+    let (mut db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    migrations::migrations::runner()
+        .set_target(refinery::Target::Version(version))
+        .run_async(&mut db)
+        .await
+        .unwrap_or_else(|e| panic!("migrate to V{version}: {e}"));
+    db.batch_execute(seed).await.unwrap();
+    (url, db)
+}
+
 /// A database with orders recorded under V1 (a debit row in balance_ledger per order)
 /// upgrades to orders that are their own ledger entries with every balance unchanged and
 /// reconciliation clean.
 #[tokio::test]
 async fn orders_recorded_before_v2_become_their_own_ledger_entries_with_balances_unchanged() {
-    let url = create_database().await;
-    let (mut db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    migrations::migrations::runner()
-        .set_target(refinery::Target::Version(1))
-        .run_async(&mut db)
-        .await
-        .expect("migrate to V1");
-    db.batch_execute(
+    let (url, db) = database_at(
+        1,
         "INSERT INTO resellers (reseller_id, name, tier, webhook_secret_enc) VALUES ('rsl_old', 'Old', 'gold', '\\x00');
          INSERT INTO balances (reseller_id) SELECT id FROM resellers;
          INSERT INTO balance_ledger (reseller_id, amount, kind, reference) SELECT id, 10000, 'adjustment', 'seed' FROM resellers;
@@ -227,8 +235,7 @@ async fn orders_recorded_before_v2_become_their_own_ledger_entries_with_balances
          INSERT INTO codes (product_id, code_hash, code_enc) SELECT p.id, decode(md5(g::text), 'hex'), '\\x00'
            FROM products p, generate_series(1, 3) g;",
     )
-    .await
-    .unwrap();
+    .await;
     let committed = db
         .query(
             "SELECT c.outcome FROM resellers r, products p, LATERAL ledger_commit('{0,0}', '{ord_old1,ord_old2}', ARRAY[r.id, r.id], '{OLD-1,OLD-2}',

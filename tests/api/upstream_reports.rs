@@ -351,15 +351,8 @@ async fn processing_and_failed_upstream_orders_are_not_refunded_and_a_fulfilled_
 /// by it once the gateway migrates: an upstream order sold, one refunded, a local one.
 #[tokio::test]
 async fn purchases_fulfilled_before_the_upgrade_are_counted() {
-    let url = create_database().await;
-    let (mut db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    crate::schema::migrations::migrations::runner()
-        .set_target(refinery::Target::Version(8))
-        .run_async(&mut db)
-        .await
-        .expect("migrate to V8");
-    db.batch_execute(
+    let (url, _) = crate::schema::database_at(
+        8,
         "INSERT INTO resellers (reseller_id, name, tier, base_tier, webhook_secret_enc) VALUES ('rsl_old', 'Old', 'gold', 'gold', '\\x00');
          INSERT INTO balances (reseller_id) SELECT id FROM resellers;
          INSERT INTO balance_ledger (reseller_id, amount, kind, reference) SELECT id, 100000, 'adjustment', 'seed' FROM resellers;
@@ -377,8 +370,7 @@ async fn purchases_fulfilled_before_the_upgrade_are_counted() {
                 FROM orders o, suppliers s WHERE o.order_id IN ('ord_old2', 'ord_old3');
          UPDATE orders SET status = 'refunded', refunded_at = now() WHERE order_id = 'ord_old3';",
     )
-    .await
-    .unwrap();
+    .await;
 
     let app = start(test_env(&url)).await;
     let t = app.root_token().await;
@@ -393,15 +385,8 @@ async fn purchases_fulfilled_before_the_upgrade_are_counted() {
 /// the rule before it: it leaves the report, and comes back once it is fulfilled.
 #[tokio::test]
 async fn an_order_processing_at_the_upgrade_counts_once_it_is_fulfilled() {
-    let url = create_database().await;
-    let (mut db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    crate::schema::migrations::migrations::runner()
-        .set_target(refinery::Target::Version(12))
-        .run_async(&mut db)
-        .await
-        .expect("migrate to V12");
-    db.batch_execute(
+    let (url, db) = crate::schema::database_at(
+        12,
         "INSERT INTO resellers (reseller_id, name, tier, base_tier, webhook_secret_enc) VALUES ('rsl_old', 'Old', 'gold', 'gold', '\\x00');
          INSERT INTO balances (reseller_id) SELECT id FROM resellers;
          INSERT INTO balance_ledger (reseller_id, amount, kind, reference) SELECT id, 100000, 'adjustment', 'seed' FROM resellers;
@@ -412,8 +397,7 @@ async fn an_order_processing_at_the_upgrade_counts_once_it_is_fulfilled() {
                      CASE g WHEN 1 THEN 'fulfilled' ELSE 'processing' END
                 FROM resellers r, products p, generate_series(1, 2) g;",
     )
-    .await
-    .unwrap();
+    .await;
 
     let app = start(test_env(&url)).await;
     let t = app.root_token().await;
